@@ -1,0 +1,287 @@
+"""Hybrid linear + sliding-window attention for Hugging Face decoders, through transformers' attention interface.
+
+Conversion attaches a :class:`HybridAttention` (feature maps phi_q, phi_k and the per-head gamma) to every
+attention module as ``self_attn.hybrid`` and switches the model's ``attn_implementation`` to ``"linearize_hybrid"``.
+Projections, RoPE and the KV cache stay Hugging Face's own; only the attention op changes. The math is in
+``kernels/hybrid_attention/README.md`` and DESIGN.md section 3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from linearize.kernels.hybrid_attention import hybrid_attention_naive
+
+IMPLEMENTATION = "linearize_hybrid"
+MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "no_attention")
+KINDS = ("hybrid", "hybrid_overlap", "linear")
+
+
+class FeatureMap(nn.Module):
+    """phi(x) for one projection (q or k) of one layer, a separate map per head.
+
+    z = x W_h (+ b_h), W_h: [D, f] initialised to the identity (first f coordinates);
+    phi = [act(z), act(-z)] when ``signed`` (2f features, Hedgehog) else act(z) (f features).
+    ``softmax`` normalises each half over its f features; ``exp`` subtracts the per-token max first.
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, cfg: DictConfig):
+        super().__init__()
+        self.activation = cfg.activation
+        self.signed = cfg.signed
+        f = head_dim if cfg.match_head_dim or not cfg.projection else cfg.feature_dim
+        self.weight = None
+        if cfg.projection:
+            self.weight = nn.Parameter(torch.empty(n_heads, head_dim, f))
+            for h in range(n_heads):
+                nn.init.eye_(self.weight.data[h])
+        self.bias = nn.Parameter(torch.zeros(n_heads, f)) if cfg.bias else None
+        self.out_features = 2 * f if self.signed else f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, H, D] -> [B, T, H, F] in float32."""
+        z = x.float()
+        if self.weight is not None:
+            z = torch.einsum("bthd,hdf->bthf", z, self.weight.float())
+        if self.bias is not None:
+            z = z + self.bias.float()
+        if self.signed:
+            if self.activation == "softmax":  # two separate softmaxes, not one over 2f features
+                return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)
+            z = torch.cat([z, -z], dim=-1)
+        if self.activation == "softmax":
+            return z.softmax(-1)
+        if self.activation == "exp":
+            return torch.exp(z - z.amax(-1, keepdim=True).detach())
+        if self.activation == "relu":
+            return F.relu(z)
+        if self.activation == "elu":
+            return 1.0 + F.elu(z)
+        return z
+
+
+def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, T, Hkv, D] -> [B, T, H, D]."""
+    groups = n_heads // x.shape[2]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def _softmax_window_only(q, k, v, scale: float, n_keys: int) -> torch.Tensor:
+    """Softmax attention restricted to the first ``n_keys`` keys (attention sinks). [B, T, H, D] layout."""
+    H = q.shape[2]
+    ks = _repeat_kv(k[:, :n_keys], H).float()
+    vs = _repeat_kv(v[:, :n_keys], H).float()
+    s = torch.einsum("bnhd,bjhd->bhnj", q.float(), ks) * scale
+    pos = torch.arange(q.shape[1], device=q.device)
+    s = s.masked_fill(pos[None, :n_keys] > pos[:, None], float("-inf"))
+    return torch.einsum("bhnj,bjhd->bnhd", s.softmax(-1), vs).to(v.dtype)
+
+
+class HybridAttention(nn.Module):
+    """Trainable parts of one converted attention layer and the op that uses them.
+
+    ``kind`` is what the layer was converted to (hybrid, hybrid_overlap, linear); ``mode`` is the inference
+    switch for component ablations (hybrid = as converted). ``drop_swa`` is set by SSD during training: the
+    layer then computes linear attention over the whole prefix.
+    """
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, attn_cfg: DictConfig, fm_cfg: DictConfig):
+        super().__init__()
+        if attn_cfg.kind not in KINDS:
+            raise ValueError(f"attention.kind={attn_cfg.kind!r} cannot be converted; expected one of {KINDS}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.kind = attn_cfg.kind
+        self.window = attn_cfg.window
+        self.sinks = attn_cfg.sinks
+        self.backend = attn_cfg.backend
+        self.q_map = FeatureMap(n_heads, head_dim, fm_cfg)
+        self.k_map = FeatureMap(n_heads, head_dim, fm_cfg)
+        g = attn_cfg.gamma_init
+        self.theta = nn.Parameter(torch.full((n_heads,), math.log(g / (1.0 - g))))
+        self.mode = "hybrid"
+        self.drop_swa = False
+        self.transfer_hook = None  # set by the transfer stage: (module, q, k, v, scale) -> output
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return torch.sigmoid(self.theta)
+
+    def spans(self) -> tuple[bool, str]:
+        """(softmax window on?, keys covered by the linear terms) for the current kind, mode and SSD state."""
+        if self.mode == "swa_only":
+            return True, "none"
+        if self.mode == "la_only" or self.drop_swa or self.kind == "linear":
+            return False, "all"
+        return True, ("outside" if self.kind == "hybrid" else "all")
+
+    def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi(q), phi(k) for q [B, T, H, D], k [B, T, Hkv, D]; the k map runs on GQA-repeated keys."""
+        return self.q_map(q), self.k_map(_repeat_kv(k, self.n_heads))
+
+    def attend(self, q, k, v, scale: float, softmax: bool, linear: str) -> torch.Tensor:
+        """Hybrid attention with explicit spans. q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]."""
+        q_feat = k_feat = None
+        if linear != "none":
+            q_feat, k_feat = self.features(q, k)
+        return hybrid_attention_naive(
+            q, k, v, q_feat, k_feat, self.gamma, window=self.window, softmax=softmax, linear=linear, scale=scale
+        )
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.mode == "no_attention":
+            return torch.zeros_like(q[..., : v.shape[-1]])
+        if self.mode == "sinks_only":
+            return _softmax_window_only(q, k, v, scale, self.sinks)
+        softmax, linear = self.spans()
+        return self.attend(q, k, v, scale, softmax, linear)
+
+
+def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-interface entry. query [B, H, T, D], key/value [B, Hkv, S, D] -> ([B, T, H, D], None).
+
+    Causality and the window come from positions, so ``attention_mask`` is not used: sequences must not hold
+    padding before real tokens (lm-eval and packed training pad on the right, which causal attention ignores).
+    """
+    hyb: HybridAttention = module.hybrid
+    if query.shape[2] != key.shape[2]:
+        raise NotImplementedError(
+            "The hybrid attention op needs queries and keys of the same length; incremental decoding with a KV "
+            "cache needs the hybrid cache. Call the model with use_cache=False."
+        )
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if hyb.transfer_hook is not None:
+        return hyb.transfer_hook(hyb, q, k, v, scale), None
+    return hyb(q, k, v, scale), None
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The softmax attention modules of a HF decoder (modules with q/k/v projections and a layer index)."""
+    found = [
+        m
+        for m in model.modules()
+        if all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(m, "layer_idx")
+    ]
+    if not found:
+        raise ValueError(f"No attention modules with q/k/v/o projections found in {type(model).__name__}")
+    return found
+
+
+def hybrid_layers(model: nn.Module) -> list[HybridAttention]:
+    return [m for m in model.modules() if isinstance(m, HybridAttention)]
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    if IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(IMPLEMENTATION, hybrid_attention_forward)
+
+
+def convert(model: nn.Module, attn_cfg: DictConfig, fm_cfg: DictConfig) -> list[HybridAttention]:
+    """Converts every attention layer of ``model`` in place; returns the new :class:`HybridAttention` modules.
+
+    Only the added modules hold new parameters (``*.hybrid.q_map.weight``, ``*.hybrid.k_map.weight``,
+    ``*.hybrid.theta``); they are created in float32 on the model's device and are frozen here.
+    """
+    _register()
+    config = model.config
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    device = next(model.parameters()).device
+    layers = []
+    for module in attention_modules(model):
+        head_dim = module.head_dim
+        hyb = HybridAttention(n_heads, n_kv, head_dim, attn_cfg, fm_cfg).to(device)
+        hyb.requires_grad_(False)
+        hyb.layer_idx = module.layer_idx
+        module.hybrid = hyb
+        layers.append(hyb)
+    set_implementation(model, IMPLEMENTATION)
+    return layers
+
+
+def set_implementation(model: nn.Module, name: str) -> None:
+    """Switches between the hybrid op and HF's own softmax ("sdpa") without touching any weight."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(name)
+
+
+@contextmanager
+def softmax_attention(model: nn.Module) -> Iterator[None]:
+    """Temporarily run the original softmax attention (the base model, as long as LoRA is disabled too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = base.config._attn_implementation
+    set_implementation(model, "sdpa")
+    try:
+        yield
+    finally:
+        set_implementation(model, previous)
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"attention mode {mode!r} is not one of {', '.join(MODES)}")
+    for layer in hybrid_layers(model):
+        layer.mode = mode
+
+
+@contextmanager
+def attention_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Component ablation switch: ``hybrid`` (as converted), ``swa_only``, ``la_only``, ``sinks_only``,
+    ``no_attention``; no retraining."""
+    layers = hybrid_layers(model)
+    previous = [layer.mode for layer in layers]
+    set_mode(model, mode)
+    try:
+        yield
+    finally:
+        for layer, m in zip(layers, previous):
+            layer.mode = m
+
+
+def hybrid_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The converted layers' own parameters (feature maps and gamma logits), keyed by module path."""
+    return {
+        name: p.detach().cpu().contiguous()
+        for name, p in model.named_parameters()
+        if ".hybrid." in name or name.startswith("hybrid.")
+    }
+
+
+def _canonical(name: str) -> str:
+    """Strips peft's wrapper prefixes so a checkpoint loads into a model with or without LoRA."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def save_hybrid(model: nn.Module, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({_canonical(k): v for k, v in hybrid_state_dict(model).items()}, str(path))
+
+
+def load_hybrid(model: nn.Module, path) -> None:
+    """Loads feature maps and gamma saved by :func:`save_hybrid`; every converted parameter must be present."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    params = {_canonical(n): p for n, p in model.named_parameters() if ".hybrid." in n}
+    missing = sorted(set(params) - set(saved))
+    unexpected = sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match this model's converted layers (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): was it saved with another model, feature map or attention kind?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))

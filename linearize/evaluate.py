@@ -1,0 +1,142 @@
+"""Stage 3, evaluation: lm-eval tasks for the base model and for the converted model under each component
+ablation, with Rec. Perf (mean score / base mean x 100).
+
+    python -m linearize.train stages=[evaluate] eval.limit=100
+
+The converted model is handed to lm-eval in-process (``HFLM(pretrained=model)``); the base row runs the same
+weights with LoRA disabled and Hugging Face's softmax attention. Each (row, task) result is cached as JSON under
+``<run>/eval/`` with the settings that produced it, so a rerun only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from linearize import tasks as task_registry
+from linearize.attention import attention_mode, hybrid_layers, softmax_attention
+from linearize.training import LogFn
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+
+
+@contextmanager
+def base_model(model):
+    """The unconverted model: LoRA disabled (if any) and softmax attention."""
+    with ExitStack() as stack:
+        if hasattr(model, "disable_adapter"):
+            stack.enter_context(model.disable_adapter())
+        if hybrid_layers(model):
+            stack.enter_context(softmax_attention(model))
+        yield
+
+
+@contextmanager
+def _no_kv_cache(model):
+    """lm-eval scores whole sequences; a KV cache would only cost memory."""
+    config = model.config
+    previous = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = previous
+
+
+def _score(results: dict, task: str) -> tuple[float, dict]:
+    """(the paper's metric for ``task``, every numeric metric lm-eval returned for it)."""
+    key, _ = task_registry.primary_metric(task)
+    table = results["results"]
+    name = next((n for n in table if n == task or n.endswith(task)), None)
+    if name is None:
+        raise KeyError(f"lm-eval returned no result for {task}; got {sorted(table)}")
+    metrics = {k: v for k, v in table[name].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if key not in metrics:
+        raise KeyError(f"lm-eval result for {task} has no {key}; got {sorted(metrics)}")
+    return float(metrics[key]), metrics
+
+
+def evaluate_task(lm, task: str, ecfg: DictConfig, data_dir, seed: int) -> tuple[float, dict]:
+    import lm_eval
+
+    names, manager = task_registry.build_tasks([task], data_dir, dict(ecfg.splits))
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=names,
+        task_manager=manager,
+        num_fewshot=task_registry.num_fewshot(task),
+        limit=ecfg.limit,
+        bootstrap_iters=0,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        verbosity="WARNING",
+    )
+    score, metrics = _score(results, names[0])
+    return score, {"metrics": metrics, "lm_eval_task": names[0], "versions": results.get("versions", {})}
+
+
+def summarise(rows: dict[str, dict[str, float]], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Adds ``avg`` (mean over the paper's higher-is-better tasks) and ``rec`` (avg / base avg x 100) per row."""
+    scored = [t for t in tasks if task_registry.primary_metric(t)[1]]
+    out = {}
+    base_avg = None
+    if BASE in rows and scored:
+        base_avg = sum(rows[BASE][t] for t in scored) / len(scored)
+    for row, scores in rows.items():
+        out[row] = dict(scores)
+        if scored:
+            avg = sum(scores[t] for t in scored) / len(scored)
+            out[row]["avg"] = avg
+            if base_avg:
+                out[row]["rec"] = 100.0 * avg / base_avg
+    return out
+
+
+def run(model, tokenizer, cfg: DictConfig, *, out_dir: Path | None = None, log_fn: LogFn = lambda m: None):
+    """Scores ``cfg.eval.tasks`` for the base row (``cfg.eval.base``) and each of ``cfg.eval.modes``.
+
+    Returns ``(table, metrics, details)``: ``table[row][task]`` is the paper's metric for that task (plus ``avg``
+    and ``rec``); ``metrics`` flattens it as ``eval/<row>/<task>``; ``details[row][task]`` holds every metric
+    lm-eval returned, the lm-eval task name and its version.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    ecfg = cfg.eval
+    data_dir = task_registry.resolve_data_dir(ecfg.data_dir)
+    tasks = list(ecfg.tasks)
+    converted = bool(hybrid_layers(model))
+    rows = ([BASE] if ecfg.base else []) + (list(ecfg.modes) if converted else [])
+    settings = {"limit": ecfg.limit, "splits": OmegaConf.to_container(ecfg.splits), "data_dir": str(data_dir)}
+    cache_dir = Path(out_dir) / "eval" if out_dir is not None else None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ecfg.batch_size)
+    table: dict[str, dict[str, float]] = {}
+    details: dict[str, dict] = {}
+    with _no_kv_cache(model):
+        for row in rows:
+            context = base_model(model) if row == BASE else attention_mode(model, row)
+            with context if converted or row == BASE else nullcontext():
+                for task in tasks:
+                    cached = cache_dir / row / f"{task}.json" if cache_dir is not None else None
+                    record = json.loads(cached.read_text()) if cached is not None and cached.is_file() else None
+                    if record is None or record.get("settings") != settings:
+                        log.info("evaluating %s on %s", row, task)
+                        score, info = evaluate_task(lm, task, ecfg, data_dir, cfg.seed)
+                        record = {"score": score, "settings": settings, **info}
+                        if cached is not None:
+                            cached.parent.mkdir(parents=True, exist_ok=True)
+                            cached.write_text(json.dumps(record, indent=2))
+                    table.setdefault(row, {})[task] = record["score"]
+                    details.setdefault(row, {})[task] = record
+    table = summarise(table, tasks)
+    metrics = {f"eval/{row}/{key}": value for row, scores in table.items() for key, value in scores.items()}
+    log_fn(metrics)
+    return table, metrics, details
