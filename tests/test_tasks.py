@@ -1,0 +1,417 @@
+"""Local lm-eval tasks (linearize.tasks) against the real files in ../shared/data and lm-eval's official configs.
+
+    pytest tests/test_tasks.py
+
+The reference for every prompt is the official task YAML installed with lm_eval, turned into a Task whose
+dataset is the same raw record reshaped here, independently of linearize.tasks.utils, into the hub row.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import datasets
+import pytest
+
+pytest.importorskip("lm_eval")
+
+import lm_eval  # noqa: E402
+import lm_eval.tasks  # noqa: E402
+from lm_eval.api.task import ConfigurableTask  # noqa: E402
+from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
+
+from linearize.tasks import (  # noqa: E402
+    EXTRA_TASKS,
+    LOCAL_NAMES,
+    PAPER_TASKS,
+    TASK_METRICS,
+    build_tasks,
+    num_fewshot,
+    primary_metric,
+    resolve_data_dir,
+)
+from linearize.tasks import utils as task_utils  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("LINEARIZE_DATA_DIR") or REPO / ".." / "shared" / "data").resolve()
+OFFICIAL = Path(lm_eval.tasks.__file__).resolve().parent
+ALL_TASKS = [*PAPER_TASKS, *EXTRA_TASKS]
+# ../shared/data has only these splits of ARC and MMLU (the test splits are kept aside).
+DEV_SPLITS = {"arc_easy": "dev", "arc_challenge": "dev", "mmlu": "val"}
+
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR / "piqa" / "valid.jsonl").is_file(),
+    reason=f"no evaluation data at {DATA_DIR} (set LINEARIZE_DATA_DIR to a directory laid out like ../shared/data)",
+)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def local():
+    """All local tasks, loaded once: {"tasks": {name: Task}, "groups": {...}, "group_map": {...}}."""
+    if not (DATA_DIR / "piqa" / "valid.jsonl").is_file():
+        pytest.skip(f"no evaluation data at {DATA_DIR}")
+    names, manager = build_tasks(ALL_TASKS, DATA_DIR, DEV_SPLITS)
+    assert names == [LOCAL_NAMES[t] for t in ALL_TASKS]
+    return manager.load(names)
+
+
+def _task(local, name: str):
+    return local["tasks"][name]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _official_task(yaml_rel: str, splits: dict[str, list[dict]]):
+    """The official task from lm-eval's own YAML, reading `splits` instead of the hub."""
+    cfg = load_yaml(OFFICIAL / yaml_rel, resolve_func=True)
+    for key in ("tag", "group"):
+        cfg.pop(key, None)
+    data = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+    cfg["custom_dataset"] = lambda **_: data
+    return ConfigurableTask(config=cfg)
+
+
+def _assert_same_prompt(local_task, local_doc, official_task, official_doc):
+    assert local_task.doc_to_text(local_doc) == official_task.doc_to_text(official_doc)
+    assert local_task.doc_to_target(local_doc) == official_task.doc_to_target(official_doc)
+    if official_task.OUTPUT_TYPE == "multiple_choice":
+        assert local_task.doc_to_choice(local_doc) == official_task.doc_to_choice(official_doc)
+    assert local_task.OUTPUT_TYPE == official_task.OUTPUT_TYPE
+    assert local_task.config.target_delimiter == official_task.config.target_delimiter
+    assert local_task.config.fewshot_delimiter == official_task.config.fewshot_delimiter
+    assert sorted(local_task._metric_fn_list) == sorted(official_task._metric_fn_list)
+    assert local_task.higher_is_better() == official_task.higher_is_better()
+
+
+# ---------------------------------------------------------------------------------------------- counts and labels
+
+EXPECTED_COUNTS = {
+    "piqa": 1838,
+    "arc_easy": 570,
+    "arc_challenge": 299,
+    "hellaswag": 10042,
+    "winogrande": 1267,
+    "lambada_openai": 5153,
+    "wikitext": 62,  # articles of the wikitext-2-raw-v1 test split, as in lm-eval's document-level dataset
+}
+
+
+@needs_data
+@pytest.mark.parametrize("task", list(EXPECTED_COUNTS))
+def test_document_counts(local, task):
+    assert len(_task(local, LOCAL_NAMES[task]).eval_docs) == EXPECTED_COUNTS[task]
+
+
+@needs_data
+def test_mmlu_counts(local):
+    subjects = local["group_map"]["linearize_mmlu"]
+    assert len(subjects) == 57 and all(s.startswith("linearize_mmlu::") for s in subjects)
+    assert sum(len(local["tasks"][s].eval_docs) for s in subjects) == 1531
+    for s in subjects:
+        task = local["tasks"][s]
+        dev = task.dataset["dev"]
+        assert len(dev) == 5, s
+        assert all(0 <= a <= 3 for a in [*dev["answer"], *task.eval_docs["answer"]]), s
+    assert len(local["tasks"]["linearize_mmlu::professional_law"].eval_docs) == 170
+
+
+@needs_data
+def test_label_ranges(local):
+    piqa = _task(local, "linearize_piqa").eval_docs
+    assert set(piqa["label"]) == {0, 1}
+    for task in ("linearize_arc_easy", "linearize_arc_challenge"):
+        t = _task(local, task)
+        n_choices = set()
+        for doc in t.eval_docs:
+            n_choices.add(len(t.doc_to_choice(doc)))
+            assert 0 <= t.doc_to_target(doc) < len(t.doc_to_choice(doc))
+        assert n_choices >= {4} and n_choices <= {3, 4, 5}
+    arc = _task(local, "linearize_arc_easy").eval_docs
+    assert any(k.isdigit() for k in list(arc["answerKey"])), "ARC-Easy dev has numeric answer keys"
+    hs = _task(local, "linearize_hellaswag").eval_docs
+    assert [list(hs["gold"]).count(i) for i in range(4)] == [2515, 2485, 2584, 2458]
+    assert all(len(c) == 4 for c in hs["choices"])
+    wg = _task(local, "linearize_winogrande")
+    assert {wg.doc_to_text(d) for d in wg.eval_docs} == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------- prompts vs official
+
+
+@needs_data
+def test_piqa_prompt_matches_official(local):
+    i = 1  # "dresser": double spaces and a trailing space in the solutions
+    raw = _read_jsonl(DATA_DIR / "piqa" / "valid.jsonl")[i]
+    label = int((DATA_DIR / "piqa" / "valid-labels.lst").read_text().split()[i])
+    row = {**raw, "label": label}
+    official = _official_task("piqa/piqa.yaml", {"train": [row], "validation": [row]})
+    task = _task(local, "linearize_piqa")
+    _assert_same_prompt(task, task.eval_docs[i], official, official.eval_docs[0])
+    assert task.doc_to_choice(task.eval_docs[i]) == [raw["sol1"], raw["sol2"]]
+
+
+def _arc_row(raw: dict) -> dict:
+    choices = raw["question"]["choices"]
+    return {
+        "id": raw["id"],
+        "question": raw["question"]["stem"],
+        "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
+        "answerKey": raw["answerKey"],
+    }
+
+
+@needs_data
+@pytest.mark.parametrize("task,folder", [("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge")])
+def test_arc_prompt_matches_official(local, task, folder):
+    raws = _read_jsonl(DATA_DIR / "arc" / folder / f"{folder}-Dev.jsonl")
+    numeric = next(i for i, r in enumerate(raws) if r["answerKey"].isdigit())
+    for i in (0, numeric):
+        row = _arc_row(raws[i])
+        official = _official_task(f"arc/{task}.yaml", {s: [row] for s in ("train", "validation", "test")})
+        t = _task(local, LOCAL_NAMES[task])
+        _assert_same_prompt(t, t.eval_docs[i], official, official.eval_docs[0])
+
+
+@needs_data
+def test_hellaswag_prompt_matches_official(local):
+    lines = bz2.open(DATA_DIR / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt", encoding="utf-8").read().split("\n")
+    # An item whose text still holds a bracketed WikiHow artifact, which lm-eval's preprocessing removes.
+    i = next(k for k in range(0, len(lines) - 5, 6) if any("[" in x for x in lines[k : k + 6]))
+    for start in (0, i):
+        head, label, *endings = lines[start : start + 6]
+        activity_label, _, ctx = head.partition(": ")
+        # The derived file has ctx = ctx_a + " " + ctx_b already joined; ctx_b is empty in the rebuilt row.
+        row = {
+            "activity_label": activity_label,
+            "ctx_a": ctx,
+            "ctx_b": "",
+            "ctx": ctx,
+            "endings": endings,
+            "label": label,
+        }
+        official = _official_task("hellaswag/hellaswag.yaml", {"train": [row], "validation": [row]})
+        t = _task(local, "linearize_hellaswag")
+        doc = t.eval_docs[start // 6]
+        _assert_same_prompt(t, doc, official, official.eval_docs[0])
+        assert "[" not in t.doc_to_text(doc) + "".join(t.doc_to_choice(doc))
+    assert _task(local, "linearize_hellaswag").doc_to_text(_task(local, "linearize_hellaswag").eval_docs[0]) == (
+        "Roof shingle removal: A man is sitting on a roof. he"  # lm-eval's hub row gives "... roof. He"
+    )
+
+
+@needs_data
+def test_winogrande_prompt_matches_official(local):
+    raw = _read_jsonl(DATA_DIR / "winogrande" / "winogrande_1.1" / "dev.jsonl")[0]
+    row = {k: raw[k] for k in ("sentence", "option1", "option2", "answer")}
+    official = _official_task("winogrande/default.yaml", {"train": [row], "validation": [row]})
+    t = _task(local, "linearize_winogrande")
+    doc = t.eval_docs[0]
+    _assert_same_prompt(t, doc, official, official.eval_docs[0])
+    # Partial scoring: the prompt is the index of the gold option, the choices are the two contexts.
+    assert t.doc_to_text(doc) == 1
+    assert t.doc_to_choice(doc) == [
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    ]
+    assert t.doc_to_target(doc) == "always got the easier cases."
+
+
+def _mmlu_rows(subject: str, split: str) -> list[dict]:
+    with open(DATA_DIR / "mmlu" / split / f"{subject}_{split}.csv", encoding="utf-8", newline="") as f:
+        return [
+            {"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(y)}
+            for q, a, b, c, d, y in csv.reader(f)
+        ]
+
+
+@needs_data
+def test_mmlu_prompt_matches_official(local):
+    subject = "high_school_us_history"  # long passages with quotes, commas and newlines inside CSV fields
+    rows, dev = _mmlu_rows(subject, "val"), _mmlu_rows(subject, "dev")
+    official = _official_task(f"mmlu/default/mmlu_{subject}.yaml", {"test": rows[:1], "dev": dev})
+    t = _task(local, f"linearize_mmlu::{subject}")
+    doc = t.eval_docs[0]
+    _assert_same_prompt(t, doc, official, official.eval_docs[0])
+    assert t.config.description == official.config.description
+    shots = num_fewshot("mmlu")
+    assert shots == 5
+    local_ctx = t.fewshot_context(doc, num_fewshot=shots)
+    assert local_ctx == official.fewshot_context(official.eval_docs[0], num_fewshot=shots)
+    assert local_ctx.startswith(
+        "The following are multiple choice questions (with answers) about high school us history."
+    )
+    assert local_ctx.count("\nAnswer:") == 6
+
+
+@needs_data
+def test_lambada_prompt_matches_official(local):
+    raw = _read_jsonl(DATA_DIR / "lambada" / "lambada_test.jsonl")[0]
+    official = _official_task("lambada/lambada_openai.yaml", {"test": [raw]})
+    t = _task(local, "linearize_lambada_openai")
+    doc = t.eval_docs[0]
+    _assert_same_prompt(t, doc, official, official.eval_docs[0])
+    assert t.doc_to_target(doc) == " signs"
+
+
+@needs_data
+def test_wikitext_documents(local):
+    t = _task(local, "linearize_wikitext")
+    pages = t.eval_docs["page"]
+    # wikitext-2-raw-v1 test has 4358 lines, 1467 of them blank (" "), restored from wikitext-2/test.txt.
+    lines = task_utils.wikitext_lines(DATA_DIR)
+    assert len(lines) == 4358 and lines.count(" ") == 1467
+    # The pages hold every line but the blank one before the first heading, and end with the file's last newline.
+    assert "\n".join(pages).split("\n") == lines[1:] + [""]
+    assert pages[0].startswith(" = Robert Boulter = \n \n Robert Boulter is an English film")
+    assert all(p.startswith(" = ") and not p.startswith(" = = ") for p in pages)
+    official = _official_task(
+        "wikitext/wikitext.yaml", {s: [{"page": pages[0]}] for s in ("train", "validation", "test")}
+    )
+    _assert_same_prompt(t, t.eval_docs[0], official, official.eval_docs[0])
+    target = t.doc_to_target(t.eval_docs[0])
+    assert target.startswith(" = Robert Boulter =\n\nRobert Boulter is an English film, television and theatre actor.")
+    doc = t.eval_docs[0]
+    assert t.process_results(doc, [-1.0]) == official.process_results(official.eval_docs[0], [-1.0])
+
+
+# ---------------------------------------------------------------------------------------------- errors and API
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "task,missing,fix", [("arc_easy", "ARC-Easy-Test.jsonl", "eval.splits.arc_easy=dev"),
+                         ("arc_challenge", "ARC-Challenge-Test.jsonl", "eval.splits.arc_challenge=dev"),
+                         ("mmlu", "abstract_algebra_test.csv", "eval.splits.mmlu=val")],
+)  # fmt: skip
+def test_missing_split_file_is_named(task, missing, fix):
+    if (DATA_DIR / "arc" / "ARC-Easy" / "ARC-Easy-Test.jsonl").exists():
+        pytest.skip("this data directory holds the test splits")
+    with pytest.raises(FileNotFoundError) as err:
+        build_tasks([task], DATA_DIR)
+    assert missing in str(err.value) and fix in str(err.value)
+    # The reader itself (as lm-eval calls it) fails the same way, never silently on another split.
+    loader = {"arc_easy": task_utils.load_arc_easy, "arc_challenge": task_utils.load_arc_challenge}.get(task)
+    if loader:
+        with pytest.raises(FileNotFoundError, match=missing):
+            loader(data_dir=str(DATA_DIR), splits={})
+
+
+def test_missing_file_in_other_directory(tmp_path):
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text("{}\n")
+    with pytest.raises(FileNotFoundError, match=r"valid-labels\.lst"):
+        build_tasks(["piqa"], tmp_path)
+
+
+def test_unknown_task_lists_known_names():
+    with pytest.raises(ValueError) as err:
+        build_tasks(["piqa", "boolq"], None)
+    assert "boolq" in str(err.value)
+    assert all(name in str(err.value) for name in ALL_TASKS)
+
+
+def test_bad_split_values(tmp_path):
+    with pytest.raises(ValueError, match="eval.splits.arc_easy='validation'"):
+        build_tasks(["arc_easy"], tmp_path, {"arc_easy": "validation"})
+    with pytest.raises(ValueError, match="eval.splits.piqa"):
+        build_tasks(["piqa"], tmp_path, {"piqa": "test"})
+    with pytest.raises(ValueError, match="local data directory"):
+        build_tasks(["mmlu"], None, {"mmlu": "val"})
+
+
+def test_online_uses_official_names():
+    names, manager = build_tasks(["piqa", "mmlu", "linearize_wikitext"], None)
+    assert names == ["piqa", "mmlu", "wikitext"]
+    assert {"piqa", "mmlu", "wikitext"} <= set(manager.all_tasks)
+
+
+def test_metrics_and_fewshot():
+    assert primary_metric("arc_challenge") == ("acc_norm,none", True)
+    assert primary_metric("linearize_mmlu") == ("acc,none", True)
+    assert primary_metric("wikitext") == ("word_perplexity,none", False)
+    assert primary_metric("lambada_openai") == ("acc,none", True)
+    assert {t: num_fewshot(t) for t in ALL_TASKS} == {t: 5 if t == "mmlu" else 0 for t in ALL_TASKS}
+    assert all(m in TASK_METRICS[t] for t, m in {**PAPER_TASKS, **EXTRA_TASKS}.items())
+    with pytest.raises(ValueError, match="known tasks"):
+        primary_metric("boolq")
+
+
+def test_resolve_data_dir(tmp_path, monkeypatch):
+    env_dir = tmp_path / "env"
+    env_dir.mkdir()
+    monkeypatch.setenv("LINEARIZE_DATA_DIR", str(env_dir))
+    assert resolve_data_dir(str(tmp_path)) == tmp_path.resolve()
+    assert resolve_data_dir(None) == env_dir.resolve()
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        resolve_data_dir(str(tmp_path / "absent"))
+    monkeypatch.delenv("LINEARIZE_DATA_DIR")
+    shared = (REPO / ".." / "shared" / "data").resolve()
+    assert resolve_data_dir(None) == (shared if shared.is_dir() else None)
+
+
+@needs_data
+def test_mmlu_group_is_macro_average(local):
+    (group,) = [g for name, g in local["groups"].items() if name == "linearize_mmlu"]
+    (agg,) = group.aggregate_metric_list
+    assert agg.metric == "acc" and agg.weight_by_size is False
+    official = load_yaml(OFFICIAL / "mmlu" / "default" / "_mmlu.yaml", resolve_func=False)
+    assert official["aggregate_metric_list"][0]["weight_by_size"] is True  # lm-eval: mean over all questions
+
+
+# ---------------------------------------------------------------------------------------------- tiny end-to-end run
+
+
+def _tiny_model_and_tokenizer():
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(["Question: What is the answer?\nAnswer: the water bottle and a food dish."], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+@needs_data
+def test_simple_evaluate_tiny_llama(tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = _tiny_model_and_tokenizer()
+    monkeypatch.chdir(tmp_path)  # the tasks must not depend on the working directory
+    names, manager = build_tasks(["piqa", "arc_easy"], DATA_DIR, {"arc_easy": "dev"})
+    results = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tok, batch_size=4),
+        tasks=names,
+        task_manager=manager,
+        limit=4,
+        bootstrap_iters=0,
+    )
+    for name in names:
+        res = results["results"][name]
+        for metric in ("acc,none", "acc_norm,none"):
+            assert 0.0 <= res[metric] <= 1.0, (name, metric, res)
+    key, higher = primary_metric("arc_easy")
+    assert key in results["results"]["linearize_arc_easy"] and higher
+    assert results["configs"]["linearize_arc_easy"]["metadata"]["splits"]["arc_easy"] == "dev"
+    assert not math.isnan(results["results"]["linearize_piqa"]["acc,none"])
