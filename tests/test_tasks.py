@@ -67,6 +67,13 @@ def _task(local, name: str):
     return local["tasks"][name]
 
 
+def _docs(task):
+    """task.eval_docs, computed once per task (lm-eval re-runs process_docs on every access)."""
+    if not hasattr(task, "_cached_eval_docs"):
+        task._cached_eval_docs = task.eval_docs
+    return task._cached_eval_docs
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -109,40 +116,40 @@ EXPECTED_COUNTS = {
 @needs_data
 @pytest.mark.parametrize("task", list(EXPECTED_COUNTS))
 def test_document_counts(local, task):
-    assert len(_task(local, LOCAL_NAMES[task]).eval_docs) == EXPECTED_COUNTS[task]
+    assert len(_docs(_task(local, LOCAL_NAMES[task]))) == EXPECTED_COUNTS[task]
 
 
 @needs_data
 def test_mmlu_counts(local):
     subjects = local["group_map"]["linearize_mmlu"]
     assert len(subjects) == 57 and all(s.startswith("linearize_mmlu::") for s in subjects)
-    assert sum(len(local["tasks"][s].eval_docs) for s in subjects) == 1531
+    assert sum(len(_docs(local["tasks"][s])) for s in subjects) == 1531
     for s in subjects:
         task = local["tasks"][s]
         dev = task.dataset["dev"]
         assert len(dev) == 5, s
-        assert all(0 <= a <= 3 for a in [*dev["answer"], *task.eval_docs["answer"]]), s
-    assert len(local["tasks"]["linearize_mmlu::professional_law"].eval_docs) == 170
+        assert all(0 <= a <= 3 for a in [*dev["answer"], *_docs(task)["answer"]]), s
+    assert len(_docs(local["tasks"]["linearize_mmlu::professional_law"])) == 170
 
 
 @needs_data
 def test_label_ranges(local):
-    piqa = _task(local, "linearize_piqa").eval_docs
+    piqa = _docs(_task(local, "linearize_piqa"))
     assert set(piqa["label"]) == {0, 1}
     for task in ("linearize_arc_easy", "linearize_arc_challenge"):
         t = _task(local, task)
         n_choices = set()
-        for doc in t.eval_docs:
+        for doc in _docs(t):
             n_choices.add(len(t.doc_to_choice(doc)))
             assert 0 <= t.doc_to_target(doc) < len(t.doc_to_choice(doc))
         assert n_choices >= {4} and n_choices <= {3, 4, 5}
-    arc = _task(local, "linearize_arc_easy").eval_docs
+    arc = _docs(_task(local, "linearize_arc_easy"))
     assert any(k.isdigit() for k in list(arc["answerKey"])), "ARC-Easy dev has numeric answer keys"
-    hs = _task(local, "linearize_hellaswag").eval_docs
+    hs = _docs(_task(local, "linearize_hellaswag"))
     assert [list(hs["gold"]).count(i) for i in range(4)] == [2515, 2485, 2584, 2458]
     assert all(len(c) == 4 for c in hs["choices"])
     wg = _task(local, "linearize_winogrande")
-    assert {wg.doc_to_text(d) for d in wg.eval_docs} == {0, 1}
+    assert {wg.doc_to_text(d) for d in _docs(wg)} == {0, 1}
 
 
 # ---------------------------------------------------------------------------------------------- prompts vs official
@@ -156,8 +163,8 @@ def test_piqa_prompt_matches_official(local):
     row = {**raw, "label": label}
     official = _official_task("piqa/piqa.yaml", {"train": [row], "validation": [row]})
     task = _task(local, "linearize_piqa")
-    _assert_same_prompt(task, task.eval_docs[i], official, official.eval_docs[0])
-    assert task.doc_to_choice(task.eval_docs[i]) == [raw["sol1"], raw["sol2"]]
+    _assert_same_prompt(task, _docs(task)[i], official, official.eval_docs[0])
+    assert task.doc_to_choice(_docs(task)[i]) == [raw["sol1"], raw["sol2"]]
 
 
 def _arc_row(raw: dict) -> dict:
@@ -179,7 +186,7 @@ def test_arc_prompt_matches_official(local, task, folder):
         row = _arc_row(raws[i])
         official = _official_task(f"arc/{task}.yaml", {s: [row] for s in ("train", "validation", "test")})
         t = _task(local, LOCAL_NAMES[task])
-        _assert_same_prompt(t, t.eval_docs[i], official, official.eval_docs[0])
+        _assert_same_prompt(t, _docs(t)[i], official, official.eval_docs[0])
 
 
 @needs_data
@@ -201,10 +208,10 @@ def test_hellaswag_prompt_matches_official(local):
         }
         official = _official_task("hellaswag/hellaswag.yaml", {"train": [row], "validation": [row]})
         t = _task(local, "linearize_hellaswag")
-        doc = t.eval_docs[start // 6]
+        doc = _docs(t)[start // 6]
         _assert_same_prompt(t, doc, official, official.eval_docs[0])
         assert "[" not in t.doc_to_text(doc) + "".join(t.doc_to_choice(doc))
-    assert _task(local, "linearize_hellaswag").doc_to_text(_task(local, "linearize_hellaswag").eval_docs[0]) == (
+    assert _task(local, "linearize_hellaswag").doc_to_text(_docs(_task(local, "linearize_hellaswag"))[0]) == (
         "Roof shingle removal: A man is sitting on a roof. he"  # lm-eval's hub row gives "... roof. He"
     )
 
@@ -215,7 +222,7 @@ def test_winogrande_prompt_matches_official(local):
     row = {k: raw[k] for k in ("sentence", "option1", "option2", "answer")}
     official = _official_task("winogrande/default.yaml", {"train": [row], "validation": [row]})
     t = _task(local, "linearize_winogrande")
-    doc = t.eval_docs[0]
+    doc = _docs(t)[0]
     _assert_same_prompt(t, doc, official, official.eval_docs[0])
     # Partial scoring: the prompt is the index of the gold option, the choices are the two contexts.
     assert t.doc_to_text(doc) == 1
@@ -240,7 +247,7 @@ def test_mmlu_prompt_matches_official(local):
     rows, dev = _mmlu_rows(subject, "val"), _mmlu_rows(subject, "dev")
     official = _official_task(f"mmlu/default/mmlu_{subject}.yaml", {"test": rows[:1], "dev": dev})
     t = _task(local, f"linearize_mmlu::{subject}")
-    doc = t.eval_docs[0]
+    doc = _docs(t)[0]
     _assert_same_prompt(t, doc, official, official.eval_docs[0])
     assert t.config.description == official.config.description
     shots = num_fewshot("mmlu")
@@ -258,7 +265,7 @@ def test_lambada_prompt_matches_official(local):
     raw = _read_jsonl(DATA_DIR / "lambada" / "lambada_test.jsonl")[0]
     official = _official_task("lambada/lambada_openai.yaml", {"test": [raw]})
     t = _task(local, "linearize_lambada_openai")
-    doc = t.eval_docs[0]
+    doc = _docs(t)[0]
     _assert_same_prompt(t, doc, official, official.eval_docs[0])
     assert t.doc_to_target(doc) == " signs"
 
@@ -266,7 +273,7 @@ def test_lambada_prompt_matches_official(local):
 @needs_data
 def test_wikitext_documents(local):
     t = _task(local, "linearize_wikitext")
-    pages = t.eval_docs["page"]
+    pages = _docs(t)["page"]
     # wikitext-2-raw-v1 test has 4358 lines, 1467 of them blank (" "), restored from wikitext-2/test.txt.
     lines = task_utils.wikitext_lines(DATA_DIR)
     assert len(lines) == 4358 and lines.count(" ") == 1467
@@ -277,10 +284,10 @@ def test_wikitext_documents(local):
     official = _official_task(
         "wikitext/wikitext.yaml", {s: [{"page": pages[0]}] for s in ("train", "validation", "test")}
     )
-    _assert_same_prompt(t, t.eval_docs[0], official, official.eval_docs[0])
-    target = t.doc_to_target(t.eval_docs[0])
+    _assert_same_prompt(t, _docs(t)[0], official, official.eval_docs[0])
+    target = t.doc_to_target(_docs(t)[0])
     assert target.startswith(" = Robert Boulter =\n\nRobert Boulter is an English film, television and theatre actor.")
-    doc = t.eval_docs[0]
+    doc = _docs(t)[0]
     assert t.process_results(doc, [-1.0]) == official.process_results(official.eval_docs[0], [-1.0])
 
 
@@ -329,10 +336,19 @@ def test_bad_split_values(tmp_path):
         build_tasks(["mmlu"], None, {"mmlu": "val"})
 
 
-def test_online_uses_official_names():
+def test_online_uses_official_names(monkeypatch):
+    created = []
+
+    class RecordingTaskManager:  # the real one indexes lm-eval's thousands of YAMLs (seconds)
+        def __init__(self, **kwargs):
+            created.append(kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", RecordingTaskManager)
     names, manager = build_tasks(["piqa", "mmlu", "linearize_wikitext"], None)
     assert names == ["piqa", "mmlu", "wikitext"]
-    assert {"piqa", "mmlu", "wikitext"} <= set(manager.all_tasks)
+    assert isinstance(manager, RecordingTaskManager) and created == [{}]  # lm-eval's defaults, official tasks
+    for name in names:
+        assert (OFFICIAL / name).is_dir()
 
 
 def test_metrics_and_fewshot():
@@ -415,3 +431,33 @@ def test_simple_evaluate_tiny_llama(tmp_path, monkeypatch):
     assert key in results["results"]["linearize_arc_easy"] and higher
     assert results["configs"]["linearize_arc_easy"]["metadata"]["splits"]["arc_easy"] == "dev"
     assert not math.isnan(results["results"]["linearize_piqa"]["acc,none"])
+
+
+@needs_data
+@pytest.mark.slow
+def test_simple_evaluate_every_task(tmp_path, monkeypatch):
+    """Every local task through lm-eval end to end (2 documents each; MMLU 5-shot, 1 per subject)."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = _tiny_model_and_tokenizer()
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4)
+    monkeypatch.chdir(tmp_path)
+    for task in ALL_TASKS:
+        names, manager = build_tasks([task], DATA_DIR, DEV_SPLITS)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            limit=1 if task == "mmlu" else 2,
+            num_fewshot=num_fewshot(task),
+            bootstrap_iters=0,
+        )["results"]
+        got = results[LOCAL_NAMES[task]]
+        assert all(f"{m},none" in got for m in TASK_METRICS[task]), (task, got)
+        key, higher = primary_metric(task)
+        value = got[key]
+        assert (0.0 <= value <= 1.0) if higher else (value >= 1.0), (task, key, value)
+        if task == "mmlu":
+            subjects = [v["acc,none"] for k, v in results.items() if k.startswith("linearize_mmlu::")]
+            assert len(subjects) == 57
+            assert got["acc,none"] == pytest.approx(sum(subjects) / 57)

@@ -13,6 +13,7 @@ source file and known differences from the official task.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,21 @@ LOCAL_NAMES: dict[str, str] = {name: f"linearize_{name}" for name in (*PAPER_TAS
 KNOWN_TASKS: tuple[str, ...] = tuple(LOCAL_NAMES)
 _OFFICIAL_NAMES = {local: name for name, local in LOCAL_NAMES.items()}
 _FEWSHOT = {"mmlu": 5}
+
+
+class _DropMetadataHint(logging.Filter):
+    """lm-eval logs a hint about passing `--metadata` for every task with a custom_dataset (64 lines for MMLU);
+    build_tasks already passes the metadata these tasks need, so the hint is only noise for them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("linearize_") and "Custom kwargs can be passed" in msg)
+
+
+def _quiet_metadata_hint() -> None:
+    task_logger = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _DropMetadataHint) for f in task_logger.filters):
+        task_logger.addFilter(_DropMetadataHint())
 
 
 def official_name(name: str) -> str:
@@ -115,6 +131,7 @@ def build_tasks(
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
     for task in official:
         check_files(task, data_dir, chosen)
+    _quiet_metadata_hint()
     # Only our folder is indexed: faster than scanning lm-eval's thousands of YAMLs, and no name can clash.
     manager = TaskManager(
         include_path=str(TASK_DIR),
