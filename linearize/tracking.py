@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class WandbTracker(Tracker):
         self.wandb = wandb
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.run = wandb.init(
             project=cfg.project,
