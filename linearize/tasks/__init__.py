@@ -18,8 +18,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from linearize.tasks.utils import SPLIT_CHOICES, check_files, resolve_split
-
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
@@ -110,6 +108,9 @@ def build_tasks(
     where only the default splits exist.
     """
     from lm_eval.tasks import TaskManager
+
+    # Imported here: utils pulls in `datasets` and lm-eval, which resolve_data_dir and the tables do not need.
+    from linearize.tasks.utils import SPLIT_CHOICES, check_files, resolve_split
 
     official = [official_name(n) for n in names]
     splits = dict(splits or {})
