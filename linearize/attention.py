@@ -107,6 +107,8 @@ class HybridAttention(nn.Module):
         self.theta = nn.Parameter(torch.full((n_heads,), math.log(g / (1.0 - g))))
         self.mode = "hybrid"
         self.drop_swa = False
+        # SSD at sequence granularity: [B] bool, True where that sequence's SWA branch is dropped (mode hybrid only)
+        self.drop_mask: torch.Tensor | None = None
         self.transfer_hook = None  # set by the transfer stage: (module, q, k, v, scale) -> output
 
     @property
@@ -134,13 +136,34 @@ class HybridAttention(nn.Module):
             q, k, v, q_feat, k_feat, self.gamma, window=self.window, softmax=softmax, linear=linear, scale=scale
         )
 
+    def converted(self, q, k, v, scale: float) -> torch.Tensor:
+        """The converted output under the current kind, mode and SSD state, [B, T, H, D].
+
+        With a per-sequence ``drop_mask`` (SSD, granularity ``sequence``) the batch is split: dropped sequences
+        get linear attention over the whole prefix, the others the layer's own spans; each sequence is computed
+        once and the outputs are put back in batch order.
+        """
+        mask = self.drop_mask
+        if mask is None or self.mode != "hybrid" or self.drop_swa or self.kind == "linear":
+            return self.attend(q, k, v, scale, *self.spans())
+        if mask.shape != (q.shape[0],):
+            raise ValueError(f"drop_mask has shape {tuple(mask.shape)}, expected [{q.shape[0]}] (one per sequence)")
+        mask = mask.to(q.device)
+        drop, keep = mask.nonzero().flatten(), (~mask).nonzero().flatten()
+        parts = []
+        if drop.numel():
+            parts.append(self.attend(q[drop], k[drop], v[drop], scale, False, "all"))
+        if keep.numel():
+            parts.append(self.attend(q[keep], k[keep], v[keep], scale, *self.spans()))
+        order = torch.cat([drop, keep]).argsort()
+        return torch.cat(parts)[order]
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if self.mode == "no_attention":
             return torch.zeros_like(q[..., : v.shape[-1]])
         if self.mode == "sinks_only":
             return _softmax_window_only(q, k, v, scale, self.sinks)
-        softmax, linear = self.spans()
-        return self.attend(q, k, v, scale, softmax, linear)
+        return self.converted(q, k, v, scale)
 
 
 def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -244,6 +267,23 @@ def attention_mode(model: nn.Module, mode: str) -> Iterator[None]:
     finally:
         for layer, m in zip(layers, previous):
             layer.mode = m
+
+
+@contextmanager
+def attention_kind(model: nn.Module, kind: str) -> Iterator[None]:
+    """Temporarily evaluates every converted layer as another kind (inference-time hybridisation: a linear-only
+    conversion run as ``hybrid`` or ``hybrid_overlap`` adds a sliding window it was never trained with)."""
+    if kind not in KINDS:
+        raise ValueError(f"attention kind {kind!r} is not one of {', '.join(KINDS)}")
+    layers = hybrid_layers(model)
+    previous = [layer.kind for layer in layers]
+    for layer in layers:
+        layer.kind = kind
+    try:
+        yield
+    finally:
+        for layer, k in zip(layers, previous):
+            layer.kind = k
 
 
 def hybrid_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -67,7 +67,7 @@ class FeatureMapConfig:
 
 @dataclass
 class SSDConfig:
-    """Scheduled Sliding-window Dropout. The mechanism lands with the methods issue; the schedule lives here."""
+    """Scheduled Sliding-window Dropout (``linearize.ssd``): drop the SWA branch with probability p(t)."""
 
     enabled: bool = False
     probs: list[float] = field(default_factory=lambda: [0.9, 0.75, 0.5])
@@ -83,7 +83,8 @@ class SSDConfig:
 class TransferConfig:
     enabled: bool = True
     mse_weight: float = 1000.0  # LoLCATs: 1000 x MSE of head outputs
-    xent_weight: float = 0.0  # attention-weight cross-entropy (HedgeCATs), lands with the methods issue
+    xent_weight: float = 0.0  # attention-weight KL, softmax rows vs linear-attention rows (Hedgehog / HedgeCATs)
+    xent_chunk: int = 256  # query rows per chunk of the attention-weight loss (memory: B x H x chunk x T)
     lr: float = 1e-2
     weight_decay: float = 0.0
     epochs: int = 2
@@ -130,6 +131,8 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy"])
     modes: list[str] = field(default_factory=lambda: ["hybrid", "swa_only", "la_only"])
     base: bool = True  # also evaluate the unconverted softmax model
+    # extra attention kinds to run the converted model as, no retraining: one row "<kind>@<trained kind>" each
+    kinds: list[str] = field(default_factory=list)
     limit: int | None = None  # documents per task (None = all)
     batch_size: int = 8
     data_dir: str | None = None  # None: $LINEARIZE_DATA_DIR, else ../shared/data, else the hub
@@ -229,6 +232,17 @@ def validate(cfg: Any) -> None:
         _one_of(stage, STAGES, "stages[]")
     for mode in cfg.eval.modes:
         _one_of(mode, MODES, "eval.modes[]")
+    for kind in cfg.eval.kinds:
+        _one_of(kind, ("hybrid", "hybrid_overlap", "linear"), "eval.kinds[]")
+    if cfg.transfer.mse_weight < 0 or cfg.transfer.xent_weight < 0:
+        raise ValueError(
+            f"transfer.mse_weight={cfg.transfer.mse_weight} and transfer.xent_weight={cfg.transfer.xent_weight} "
+            "must be >= 0"
+        )
+    if cfg.transfer.mse_weight == 0 and cfg.transfer.xent_weight == 0 and cfg.transfer.enabled:
+        raise ValueError("transfer.mse_weight=0 and transfer.xent_weight=0 leave the transfer stage nothing to train")
+    if cfg.transfer.xent_chunk < 1:
+        raise ValueError(f"transfer.xent_chunk must be >= 1, got {cfg.transfer.xent_chunk}")
     ssd = cfg.ssd
     _one_of(ssd.granularity, SSD_GRANULARITIES, "ssd.granularity")
     if any(not 0.0 <= p <= 1.0 for p in ssd.probs):

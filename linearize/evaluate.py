@@ -6,6 +6,12 @@ ablation, with Rec. Perf (mean score / base mean x 100).
 The converted model is handed to lm-eval in-process (``HFLM(pretrained=model)``); the base row runs the same
 weights with LoRA disabled and Hugging Face's softmax attention. Each (row, task) result is cached as JSON under
 ``<run>/eval/`` with the settings that produced it, so a rerun only computes what is missing.
+
+Rows: ``base``; one per ``eval.modes`` entry (component ablations of the model as converted); and one per
+``eval.kinds`` entry other than the converted kind, named ``<kind>@<trained kind>`` (e.g. ``hybrid@linear``: a
+linear-only conversion run with the sliding window added at inference, no retraining). Only the full model
+differs between kinds (``swa_only``, ``la_only``, ``sinks_only``, ``no_attention`` do not depend on the kind),
+so an extra kind adds a single row, in mode ``hybrid``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from linearize import tasks as task_registry
-from linearize.attention import attention_mode, hybrid_layers, softmax_attention
+from linearize.attention import attention_kind, attention_mode, hybrid_layers, softmax_attention
 from linearize.training import LogFn
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,29 @@ def base_model(model):
         if hybrid_layers(model):
             stack.enter_context(softmax_attention(model))
         yield
+
+
+def kind_rows(model, kinds) -> dict[str, str]:
+    """``{"<kind>@<trained kind>": kind}`` for each requested kind other than the one the layers were converted to."""
+    trained = {layer.kind for layer in hybrid_layers(model)}
+    if len(trained) != 1:
+        return {}
+    (trained_kind,) = trained
+    return {f"{kind}@{trained_kind}": kind for kind in kinds if kind != trained_kind}
+
+
+@contextmanager
+def _row(model, row: str, kinds: dict[str, str]):
+    """The model as scored for ``row``: base, a component ablation, or another attention kind."""
+    if row == BASE:
+        with base_model(model):
+            yield
+    elif row in kinds:
+        with attention_kind(model, kinds[row]), attention_mode(model, "hybrid"):
+            yield
+    else:
+        with attention_mode(model, row):
+            yield
 
 
 @contextmanager
@@ -102,7 +131,8 @@ def summarise(rows: dict[str, dict[str, float]], tasks: list[str]) -> dict[str, 
 
 
 def run(model, tokenizer, cfg: DictConfig, *, out_dir: Path | None = None, log_fn: LogFn = lambda m: None):
-    """Scores ``cfg.eval.tasks`` for the base row (``cfg.eval.base``) and each of ``cfg.eval.modes``.
+    """Scores ``cfg.eval.tasks`` for the base row (``cfg.eval.base``), each of ``cfg.eval.modes`` and each extra
+    kind of ``cfg.eval.kinds`` (rows ``<kind>@<trained kind>``).
 
     Returns ``(table, metrics, details)``: ``table[row][task]`` is the paper's metric for that task (plus ``avg``
     and ``rec``); ``metrics`` flattens it as ``eval/<row>/<task>``; ``details[row][task]`` holds every metric
@@ -114,7 +144,10 @@ def run(model, tokenizer, cfg: DictConfig, *, out_dir: Path | None = None, log_f
     data_dir = task_registry.resolve_data_dir(ecfg.data_dir)
     tasks = list(ecfg.tasks)
     converted = bool(hybrid_layers(model))
-    rows = ([BASE] if ecfg.base else []) + (list(ecfg.modes) if converted else [])
+    for layer in hybrid_layers(model):  # SSD state belongs to training; evaluating with it would mislabel rows
+        assert not layer.drop_swa and layer.drop_mask is None, "SSD's dropped window leaked out of a training stage"
+    kinds = kind_rows(model, ecfg.kinds) if converted else {}
+    rows = ([BASE] if ecfg.base else []) + (list(ecfg.modes) + list(kinds) if converted else [])
     settings = {"limit": ecfg.limit, "splits": OmegaConf.to_container(ecfg.splits), "data_dir": str(data_dir)}
     cache_dir = Path(out_dir) / "eval" if out_dir is not None else None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ecfg.batch_size)
@@ -122,8 +155,7 @@ def run(model, tokenizer, cfg: DictConfig, *, out_dir: Path | None = None, log_f
     details: dict[str, dict] = {}
     with _no_kv_cache(model):
         for row in rows:
-            context = base_model(model) if row == BASE else attention_mode(model, row)
-            with context if converted or row == BASE else nullcontext():
+            with _row(model, row, kinds) if converted or row == BASE else nullcontext():
                 for task in tasks:
                     cached = cache_dir / row / f"{task}.json" if cache_dir is not None else None
                     record = json.loads(cached.read_text()) if cached is not None and cached.is_file() else None

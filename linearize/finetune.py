@@ -4,17 +4,20 @@
 
 Trainable: the LoRA matrices of ``finetune.lora.target_modules`` (optionally only ``finetune.lora.layers``),
 plus the feature maps and gamma when ``finetune.train_feature_maps``. Early stopping on the held-out loss;
-the best adapter is kept.
+the best adapter is kept. SSD (``cfg.ssd.stages`` holding ``finetune``) drops sliding windows during training
+steps; held-out evaluations run the plain converted model.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from linearize import ssd as ssd_lib
 from linearize.attention import hybrid_layers, load_hybrid, save_hybrid
 from linearize.data import PackedData
 from linearize.training import LogFn, mean_over_val, train
@@ -84,7 +87,8 @@ def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None
 
     def validate() -> float:
         peft_model.eval()
-        value = mean_over_val(data, fcfg, device, lambda b: _next_token_loss(peft_model, b).item())
+        with ssd.suspended() if ssd is not None else nullcontext():
+            value = mean_over_val(data, fcfg, device, lambda b: _next_token_loss(peft_model, b).item())
         peft_model.train()
         return value
 
@@ -96,19 +100,21 @@ def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None
 
     peft_model.train()
     try:
-        result = train(
-            params=params,
-            data=data,
-            cfg=fcfg,
-            device=device,
-            forward_backward=forward_backward,
-            validate=validate,
-            on_improve=on_improve,
-            log=log_fn,
-            prefix="finetune",
-            seed=cfg.seed,
-            patience=fcfg.patience,
-        )
+        with ssd_lib.schedule(cfg, hybrid_layers(peft_model), "finetune") as ssd:
+            result = train(
+                params=params,
+                data=data,
+                cfg=fcfg,
+                device=device,
+                forward_backward=ssd.wrap(forward_backward) if ssd is not None else forward_backward,
+                validate=validate,
+                on_improve=on_improve,
+                log=log_fn,
+                prefix="finetune",
+                seed=cfg.seed,
+                patience=fcfg.patience,
+                before_step=ssd.before_step if ssd is not None else None,
+            )
     finally:
         peft_model.eval()
         for p in params:

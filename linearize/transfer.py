@@ -6,19 +6,27 @@ layer, teacher-forced.
 Every layer sees the *softmax* model's hidden states: in one forward pass each attention call computes the
 softmax output (teacher, which the model continues with) and the converted output from the same q, k, v
 (student); the layer's loss is backpropagated on the spot into that layer's feature maps and gamma, so no
-graph spans layers and memory stays that of one layer. Objective: ``mse_weight`` x MSE of head outputs
-(LoLCATs ``output_mse``).
+graph spans layers and memory stays that of one layer. Objective, combinable:
+
+- ``mse_weight`` x MSE of head outputs (LoLCATs ``output_mse``); the student output follows ``attention.kind``
+  (the hybrid output for a hybrid, the linear-only output for ``linear``) and the SSD state;
+- ``xent_weight`` x KL(softmax row || linear-attention row) over the full causal prefix (Hedgehog / HedgeCATs
+  ``weight_xent``): the cross-entropy minus the softmax rows' entropy, so a perfect match scores 0. Only phi
+  gets its gradient (q, k are detached; gamma plays no part), and it is computed and backpropagated a chunk of
+  query rows at a time (:func:`attention_weight_kl`), so memory is B x H x chunk x T for one layer.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from linearize import ssd as ssd_lib
 from linearize.attention import HybridAttention, hybrid_layers, load_hybrid, save_hybrid
 from linearize.data import PackedData
 from linearize.training import LogFn, mean_over_val, train
@@ -36,32 +44,122 @@ def softmax_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return out.transpose(1, 2)
 
 
+def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    groups = n_heads // x.shape[2]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def attention_weight_kl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    scale: float,
+    *,
+    chunk: int = 256,
+    backward_scale: float | None = None,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Mean over rows (b, h, n) of KL(P_n || A_n), P_n = causal softmax(q_n . k_j * scale), A_nj = phi(q_n) .
+    phi(k_j) / sum_{j' <= n} phi(q_n) . phi(k_j'), j <= n.
+
+    Args:
+        q: [B, T, H, D] and k: [B, T, Hkv, D] post-RoPE queries / keys (the targets; no gradient is taken).
+        q_feat, k_feat: [B, T, H, F] phi(q), phi(k) (phi(k) after the GQA repeat).
+        chunk: query rows per chunk; no tensor larger than [B, H, chunk, T] is built.
+        backward_scale: if given, backpropagates ``backward_scale x loss`` into q_feat / k_feat one chunk at a time
+            (each chunk's graph is freed before the next) and returns the detached loss.
+
+    Returns:
+        the scalar loss, >= 0, 0 when every linear-attention row equals its softmax row.
+    """
+    B, T, H, _ = q.shape
+    qs = q.detach().float().transpose(1, 2)  # [B, H, T, D]
+    ks = _repeat_kv(k.detach(), H).float().transpose(1, 2)
+    qf, kf = q_feat, k_feat
+    if backward_scale is not None:  # leaves that collect the chunks' gradients; one backward into phi at the end
+        qf, kf = q_feat.detach().requires_grad_(True), k_feat.detach().requires_grad_(True)
+    qf_t, kf_t = qf.float().transpose(1, 2), kf.float().transpose(1, 2)  # [B, H, T, F]
+    n_rows = B * H * T
+    total = q.new_zeros((), dtype=torch.float32)
+    for n0 in range(0, T, chunk):
+        n1 = min(n0 + chunk, T)
+        rows = torch.arange(n0, n1, device=q.device)[:, None]
+        causal = torch.arange(n1, device=q.device)[None, :] <= rows  # [C, n1]: keys past n1 are never seen
+        with torch.no_grad():
+            s = torch.einsum("bhnd,bhjd->bhnj", qs[:, :, n0:n1], ks[:, :, :n1]) * scale
+            log_p = s.masked_fill(~causal, float("-inf")).log_softmax(-1)
+            p = log_p.exp()
+            entropy_term = torch.where(causal, p * log_p, torch.zeros_like(p)).sum()
+        a = torch.einsum("bhnf,bhjf->bhnj", qf_t[:, :, n0:n1], kf_t[:, :, :n1]) * causal
+        log_a = torch.log(a + eps) - torch.log(a.sum(-1, keepdim=True) + eps)
+        cross = -(p * torch.where(causal, log_a, torch.zeros_like(log_a))).sum()
+        part = (entropy_term + cross) / n_rows
+        if backward_scale is not None:
+            (backward_scale * part).backward()
+            part = part.detach()
+        total = total + part
+    if backward_scale is not None:
+        grads = [
+            (t, leaf.grad) for t, leaf in ((q_feat, qf), (k_feat, kf)) if t.requires_grad and leaf.grad is not None
+        ]
+        if grads:
+            torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
+    return total
+
+
 class TeacherForcing:
     """The transfer hook installed on every :class:`HybridAttention` during the stage."""
 
     def __init__(self, cfg: DictConfig):
         self.mse_weight = cfg.mse_weight
+        self.xent_weight = cfg.xent_weight
+        self.xent_chunk = cfg.xent_chunk
         self.backward = False
         self.loss_scale = 1.0
-        self.losses: dict[int, torch.Tensor] = {}
+        self.losses: dict[str, dict[int, torch.Tensor]] = {"mse": {}, "xent": {}}
 
     def __call__(self, hyb: HybridAttention, q, k, v, scale: float) -> torch.Tensor:
         with torch.no_grad():
             teacher = softmax_heads(q, k, v, scale)
-        with torch.enable_grad():
-            softmax, linear = hyb.spans()
-            student = hyb.attend(q.detach(), k.detach(), v.detach(), scale, softmax, linear)
+        q, k, v = q.detach(), k.detach(), v.detach()
+        train_mse = self.backward and self.mse_weight > 0
+        with torch.set_grad_enabled(train_mse):  # the MSE is always logged, trained only with a weight
+            student = hyb.converted(q, k, v, scale)
             mse = F.mse_loss(student.float(), teacher.float())
-            if self.backward:
+            if train_mse:
                 (self.mse_weight * self.loss_scale * mse).backward()
-        self.losses[hyb.layer_idx] = mse.detach()
+        self.losses["mse"][hyb.layer_idx] = mse.detach()
+        if self.xent_weight > 0:
+            train_xent = self.backward
+            with torch.set_grad_enabled(train_xent):
+                q_feat, k_feat = hyb.features(q, k)
+                xent = attention_weight_kl(
+                    q,
+                    k,
+                    q_feat,
+                    k_feat,
+                    scale,
+                    chunk=self.xent_chunk,
+                    backward_scale=self.xent_weight * self.loss_scale if train_xent else None,
+                )
+            self.losses["xent"][hyb.layer_idx] = xent.detach()
         return teacher
 
-    def collect(self) -> torch.Tensor:
-        """Per-layer MSE of the last forward, [L], and clears it."""
-        values = torch.stack([self.losses[i] for i in sorted(self.losses)])
-        self.losses.clear()
-        return values
+    def collect(self) -> dict[str, torch.Tensor]:
+        """Per-layer losses of the last forward, ``{"mse": [L], "xent": [L]}`` (xent only when weighted), and
+        clears them."""
+        out = {name: torch.stack([values[i] for i in sorted(values)]) for name, values in self.losses.items() if values}
+        for values in self.losses.values():
+            values.clear()
+        return out
+
+    def loss(self, per_layer: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted objective, per layer [L]."""
+        total = self.mse_weight * per_layer["mse"]
+        if "xent" in per_layer:
+            total = total + self.xent_weight * per_layer["xent"]
+        return total
 
 
 def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None, log_fn: LogFn = lambda m: None):
@@ -74,7 +172,9 @@ def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None
         out_dir: where the best checkpoint (``feature_maps.safetensors``) goes; loaded back at the end.
 
     Returns:
-        metrics: ``transfer/best_val_loss``, ``transfer/steps``, per-layer validation MSE, timings.
+        metrics: ``transfer/best_val_loss``, ``transfer/steps``, per-layer validation MSE (and KL with
+        ``xent_weight``), timings. SSD (``cfg.ssd.stages`` holding ``transfer``) drops windows during training
+        steps only; validation always runs the plain converted layers.
     """
     tcfg = cfg.transfer
     layers = hybrid_layers(model)
@@ -89,28 +189,40 @@ def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None
     for layer in layers:
         layer.transfer_hook = hook
     best_state: dict[str, torch.Tensor] = {}
-    last_val: list[float] = []  # per-layer held-out MSE of the latest evaluation
-    best_val_layers: list[float] = []
+    last_val: dict[str, list[float]] = {}  # per-layer held-out losses of the latest evaluation
+    best_val_layers: dict[str, list[float]] = {}
 
     def forward_backward(batch: torch.Tensor, loss_scale: float):
         hook.backward, hook.loss_scale = True, loss_scale
         with torch.no_grad():
             model(input_ids=batch, use_cache=False)
         per_layer = hook.collect()
-        return {"transfer/loss": tcfg.mse_weight * per_layer.mean().item()}
+        metrics = {"transfer/loss": hook.loss(per_layer).mean().item()}
+        metrics.update({f"transfer/{name}": values.mean().item() for name, values in per_layer.items()})
+        return metrics
 
     def val_batch(batch: torch.Tensor) -> torch.Tensor:
         hook.backward = False
         model(input_ids=batch, use_cache=False)
-        return hook.collect()
+        per_layer = hook.collect()
+        return torch.stack([per_layer["mse"], per_layer.get("xent", torch.zeros_like(per_layer["mse"]))])
 
     def validate() -> float:
-        per_layer = mean_over_val(data, tcfg, device, val_batch)
-        last_val[:] = per_layer.tolist()
-        return tcfg.mse_weight * per_layer.mean().item()
+        with ssd.suspended() if ssd is not None else nullcontext():
+            mse, xent = mean_over_val(data, tcfg, device, val_batch)
+        last_val["mse"] = mse.tolist()
+        metrics = {"transfer/val_mse": mse.mean().item()}
+        per_layer = {"mse": mse}
+        if tcfg.xent_weight > 0:
+            last_val["xent"] = xent.tolist()
+            metrics["transfer/val_xent"] = xent.mean().item()
+            per_layer["xent"] = xent
+        log_fn(metrics)
+        return hook.loss(per_layer).mean().item()
 
     def on_improve(step: int, loss: float) -> None:
-        best_val_layers[:] = last_val
+        best_val_layers.clear()
+        best_val_layers.update(last_val)
         best_state.clear()
         best_state.update({n: p.detach().clone() for n, p in model.named_parameters() if ".hybrid." in n})
         if out_dir is not None:
@@ -118,19 +230,21 @@ def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None
 
     model.train(False)
     try:
-        result = train(
-            params=params,
-            data=data,
-            cfg=tcfg,
-            device=device,
-            forward_backward=forward_backward,
-            validate=validate,
-            on_improve=on_improve,
-            log=log_fn,
-            prefix="transfer",
-            seed=cfg.seed,
-            plateau=True,
-        )
+        with ssd_lib.schedule(cfg, layers, "transfer") as ssd:
+            result = train(
+                params=params,
+                data=data,
+                cfg=tcfg,
+                device=device,
+                forward_backward=ssd.wrap(forward_backward) if ssd is not None else forward_backward,
+                validate=validate,
+                on_improve=on_improve,
+                log=log_fn,
+                prefix="transfer",
+                seed=cfg.seed,
+                plateau=True,
+                before_step=ssd.before_step if ssd is not None else None,
+            )
     finally:
         for layer in layers:
             layer.transfer_hook = None
@@ -140,7 +254,11 @@ def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None
         for name, p in model.named_parameters():
             if name in best_state:
                 p.copy_(best_state[name])
-    best_layers = {f"transfer/val_mse/layer_{i:02d}": v for i, v in enumerate(best_val_layers)}
+    best_layers = {
+        f"transfer/val_{name}/layer_{i:02d}": v
+        for name, values in best_val_layers.items()
+        for i, v in enumerate(values)
+    }
     log.info("transfer: best held-out loss %.4g at step %d of %d", result.best_val, result.best_step, result.steps)
     return {
         "transfer/best_val_loss": result.best_val,
