@@ -123,8 +123,9 @@ def build_tasks(
         custom = {t: s for t, s in chosen.items() if s != SPLIT_CHOICES[t][0] and t in official}
         if custom:
             raise ValueError(
-                f"splits {custom} need a local data directory (eval.data_dir or $LINEARIZE_DATA_DIR); "
-                "the official hub tasks evaluate the test split only"
+                f"eval.splits {custom} pick files of a local data directory, but none was found. Set eval.data_dir "
+                "(or $LINEARIZE_DATA_DIR), or drop these overrides (eval.splits={}) to run the official hub tasks, "
+                "which evaluate the test split"
             )
         return official, TaskManager()
     data_dir = Path(data_dir).expanduser().resolve()
