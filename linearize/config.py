@@ -15,7 +15,7 @@ from omegaconf import MISSING
 ATTENTION_KINDS = ("hybrid", "hybrid_overlap", "linear", "softmax")
 ACTIVATIONS = ("softmax", "exp", "relu", "elu", "identity")
 MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "no_attention")
-STAGES = ("transfer", "finetune", "evaluate")
+STAGES = ("transfer", "finetune", "evaluate", "diagnose")
 SSD_GRANULARITIES = ("step", "layer", "sequence")
 
 
@@ -160,6 +160,36 @@ class LoggerConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Stage ``diagnose`` (linearize/diagnostics.py): component usage, reach, long-context probes, verdict."""
+
+    enabled: bool = True
+    source: str = "train"  # usage sample: train (held-out chunks of cfg.data) | an eval task name (its requests)
+    num_sequences: int = 4  # usage sequences (0 = skip the usage metrics)
+    seq_len: int = 256  # tokens per usage sequence; must exceed attention.window to see the LA branch
+    mode: str = "hybrid"  # ablation mode the layers run in while usage is measured (hybrid = as converted)
+    batch_size: int = 1
+    chunk_size: int = 128  # query positions per block when splitting the op into its SWA and LA parts
+    bin_size: int | None = None  # positions per bin of the share-vs-position profile; None = window / 4
+    reach_tasks: list[str] = field(default_factory=list)  # conf/diagnostics/default.yaml: ${eval.tasks}
+    reach_limit: int | None = None  # documents per task, as eval.limit (default.yaml: ${eval.limit})
+    reach_bins: int = 20
+    max_length: int | None = None  # lm-eval's truncation length; None = HFLM's default for the model
+    probe_rows: list[str] = field(default_factory=lambda: ["base", "hybrid", "swa_only"])
+    passkey_lengths: list[int] = field(default_factory=lambda: [128, 256])  # empty = no passkey probe
+    passkey_trials: int = 4
+    passkey_distractors: int = 4
+    ppl_file: str = "wikitext-2-raw/wiki.test.raw"  # relative to the data directory
+    ppl_seq_len: int = 256
+    ppl_num_sequences: int = 2  # 0 = no perplexity-by-position probe
+    # verdict thresholds (docs/diagnostics.md): LA output share at n >= window, eval avg delta, NLL gain (nats)
+    share_threshold: float = 0.05
+    min_score_delta: float = 0.01
+    min_nll_gain: float = 0.02
+    plots: bool = True
+
+
+@dataclass
 class MethodConfig:
     name: str = "lolcats"
     description: str = ""
@@ -176,6 +206,7 @@ class TrainConfig:
     eval: EvalConfig = MISSING
     data: DataConfig = MISSING
     logger: LoggerConfig = MISSING
+    diagnostics: DiagnosticsConfig = MISSING
     method: MethodConfig = field(default_factory=MethodConfig)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seed: int = 0
@@ -193,6 +224,7 @@ SCHEMAS: dict[str, Any] = {
     "data": DataConfig,
     "logger": LoggerConfig,
     "method": MethodConfig,
+    "diagnostics": DiagnosticsConfig,
 }
 
 
@@ -265,3 +297,37 @@ def validate(cfg: Any) -> None:
         if cfg.transfer.enabled and "transfer" in cfg.stages:
             raise ValueError("attention.kind=softmax has no feature maps to transfer: drop 'transfer' from stages")
     _one_of(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
+    if "diagnose" in cfg.stages and cfg.diagnostics.enabled:
+        validate_diagnostics(cfg)
+
+
+def validate_diagnostics(cfg: Any) -> None:
+    """Cross-field checks of ``cfg.diagnostics`` (also used by ``python -m linearize.diagnose``)."""
+    from linearize.tasks import KNOWN_TASKS
+
+    d = cfg.diagnostics
+    _one_of(d.source, ("train", *KNOWN_TASKS), "diagnostics.source")
+    _one_of(d.mode, ("hybrid", "swa_only", "la_only"), "diagnostics.mode")
+    for row in d.probe_rows:
+        _one_of(row, ("base", *MODES), "diagnostics.probe_rows[]")
+    for task in d.reach_tasks:
+        _one_of(task, KNOWN_TASKS, "diagnostics.reach_tasks[]")
+    for key in ("num_sequences", "passkey_trials", "passkey_distractors", "ppl_num_sequences"):
+        if d[key] < 0:
+            raise ValueError(f"diagnostics.{key} must be >= 0, got {d[key]}")
+    for key in ("seq_len", "batch_size", "chunk_size", "reach_bins", "ppl_seq_len"):
+        if d[key] < 1:
+            raise ValueError(f"diagnostics.{key} must be >= 1, got {d[key]}")
+    if d.bin_size is not None and d.bin_size < 1:
+        raise ValueError(f"diagnostics.bin_size must be >= 1 or null, got {d.bin_size}")
+    if d.num_sequences and d.seq_len <= cfg.attention.window:
+        raise ValueError(
+            f"diagnostics.seq_len={d.seq_len} <= attention.window={cfg.attention.window}: no position reaches "
+            "the linear branch; raise diagnostics.seq_len"
+        )
+    if d.passkey_lengths and (d.passkey_trials < 1 or d.passkey_distractors < 1):
+        raise ValueError("diagnostics.passkey_lengths needs passkey_trials >= 1 and passkey_distractors >= 1")
+    if d.ppl_num_sequences and d.ppl_seq_len < 2:
+        raise ValueError(f"diagnostics.ppl_seq_len must be >= 2, got {d.ppl_seq_len}")
+    if not 0.0 <= d.share_threshold <= 1.0:
+        raise ValueError(f"diagnostics.share_threshold must lie in [0, 1], got {d.share_threshold}")

@@ -7,7 +7,9 @@ Layout of ``outputs/<run_name>/<time>/`` (or wherever ``hydra.run.dir`` points):
     stages/<stage>.json         written when a stage finishes: its metrics; a rerun skips that stage
     eval/<row>/<task>.json      cached lm-eval results per (row, task)
     metrics.json                everything below, schema METRICS_SCHEMA_VERSION
-    report.md                   the summary table
+    diagnostics.json            component usage, reach, probes, verdict (schema: linearize/diagnostics.py)
+    *.png                       diagnostics plots (linearize/plots.py)
+    report.md                   the summary table and the diagnostics section
     wandb/                      the offline W&B run
 
 ``metrics.json`` schema (version 1)::
@@ -19,6 +21,7 @@ Layout of ``outputs/<run_name>/<time>/`` (or wherever ``hydra.run.dir`` points):
     stages: {stage: {metric: value}}            e.g. transfer/best_val_loss, finetune/steps
     results: {row: {task: score, avg, rec}}     rows: base, hybrid, swa_only, la_only, sinks_only, no_attention
     eval_details: {row: {task: {score, metrics{}, lm_eval_task, versions, settings}}}
+    diagnostics: the content of diagnostics.json, or null when the diagnose stage did not run
 """
 
 from __future__ import annotations
@@ -144,13 +147,15 @@ def write_report(run: RunDir, payload: dict[str, Any], tasks: list[str]) -> Path
         "",
     ]
     for stage, metrics in stages.items():
-        if stage == "evaluate":  # the table below shows it
+        if stage in ("evaluate", "diagnose"):  # the sections below show them
             continue
         keys = [k for k in metrics if not k.split("/")[-1].startswith("layer_")]
         summary = ", ".join(f"{k.split('/', 1)[-1]}={_fmt(metrics[k])}" for k in keys)
         lines.append(f"- **{stage}**: {summary}")
     if payload.get("results"):
         lines += ["", "## Scores (%; Rec = AVG / base AVG x 100)", "", results_table(payload["results"], tasks)]
+    if payload.get("diagnostics"):
+        lines += ["", *diagnostics_section(payload["diagnostics"])]
     path = run.path / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -158,3 +163,77 @@ def write_report(run: RunDir, payload: dict[str, Any], tasks: list[str]) -> Path
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _opt(value: Any, fmt: str = "{:.3f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def diagnostics_section(diag: dict[str, Any]) -> list[str]:
+    """Markdown lines for report.md from a ``diagnostics.json`` dict (schema in linearize/diagnostics.py)."""
+    w = diag["window"]
+    verdict = diag["verdict"]
+    lines = ["## Is the linear branch used?", "", f"**{verdict['text']}**", "", f"Rule: {verdict['rule']}"]
+    u = diag.get("usage")
+    if u:
+        lines += [
+            "",
+            f"### Component usage ({u['num_sequences']} sequences of <= {u['seq_len']} tokens from {u['source']}, "
+            f"mode {u['mode']}; mean over {len(u['layers'])} layers x {u['heads']} heads)",
+            "",
+            f"| share | n < {w} | n >= {w} | all |",
+            "|---|---|---|---|",
+        ]
+        for metric in ("la_mass_share", "la_output_share"):
+            o = u["overall"][metric]
+            lines.append(f"| {metric} | {_opt(o['lt_window'])} | {_opt(o['ge_window'])} | {_opt(o['all'])} |")
+    if diag.get("reach"):
+        lines += [
+            "",
+            f"### Reach of the eval tasks (window {w})",
+            "",
+            f"| task | requests | items | scored tokens at n >= {w} | items never reaching LA | length p50 / p90 / max |",
+            "|---|---|---|---|---|---|",
+        ]
+        for task, r in diag["reach"].items():
+            n = r["length"]
+            lines.append(
+                f"| {task} | {r['requests']} | {r['items']} | {100 * r['share_scored_ge_window']:.1f}% | "
+                f"{100 * r['share_items_never_reach']:.1f}% | {n['p50']} / {n['p90']} / {n['max']} |"
+            )
+    pk = diag.get("passkey")
+    if pk:
+        lengths = [str(n) for n in pk["lengths"]]
+        lines += [
+            "",
+            f"### Passkey retrieval (accuracy over {pk['trials']} trials, {pk['distractors']} distractor keys, "
+            f"chance {pk['chance']:.2f})",
+            "",
+            "| row | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+            "|---|" + "---|" * len(lengths),
+        ]
+        for row, by_len in pk["rows"].items():
+            lines.append(f"| {row} | " + " | ".join(f"{by_len[n]['accuracy']:.2f}" for n in lengths) + " |")
+    ppl = diag.get("perplexity")
+    if ppl:
+        first = next(iter(ppl["rows"].values()))["buckets"]
+        heads = [f"[{b['start']}, {b['end']})" for b in first]
+        lines += [
+            "",
+            f"### Perplexity by query position ({ppl['file']}, {ppl['num_sequences']} x {ppl['seq_len']} tokens)",
+            "",
+            "| row | " + " | ".join(heads) + " | all |",
+            "|---|" + "---|" * (len(heads) + 1),
+        ]
+        for row, r in ppl["rows"].items():
+            lines.append(f"| {row} | " + " | ".join(f"{b['ppl']:.2f}" for b in r["buckets"]) + f" | {r['ppl']:.2f} |")
+    if diag.get("ablation"):
+        keys = list(next(iter(diag["ablation"].values())))
+        lines += ["", "### Ablation deltas (points)", "", "| delta | " + " | ".join(keys) + " |",
+                  "|---|" + "---|" * len(keys)]  # fmt: skip
+        for name, deltas in diag["ablation"].items():
+            cells = ["-" if deltas.get(k) is None else f"{100 * deltas[k]:+.2f}" for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if diag.get("plots"):
+        lines += ["", "### Plots", ""] + [f"![{name}]({file})" for name, file in diag["plots"].items()]
+    return lines

@@ -1,4 +1,4 @@
-"""The entrypoint: load a model, convert its attention, then run transfer -> finetune -> evaluate.
+"""The entrypoint: load a model, convert its attention, then run transfer -> finetune -> evaluate -> diagnose.
 
     python -m linearize.train                                   # embedded SmolLM2-135M, small budgets
     python -m linearize.train model=mistral7b ssd=default       # SSD on a 7B model
@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from linearize import evaluate, finetune, transfer
+from linearize import diagnostics, evaluate, finetune, transfer
 from linearize.config import register_configs, validate
 from linearize.outputs import RunDir, device_name, provenance, results_table, write_report
 from linearize.tracking import Tracker, make_tracker
@@ -92,6 +92,18 @@ def pipeline(cfg: DictConfig, run: RunDir, tracker: Tracker) -> dict[str, Any]:
         results, stages["evaluate"], details = evaluate.run(model, tokenizer, cfg, out_dir=run.path, log_fn=tracker.log)
         run.finish("evaluate", stages["evaluate"])
 
+    diagnosis = None
+    if "diagnose" in cfg.stages and cfg.diagnostics.enabled:
+        if converted:
+            # ablation deltas come from this run's evaluate stage, or from an earlier one in the same run dir
+            table = results or (diagnostics.results_from_metrics(run.stage_metrics("evaluate")) if run.done("evaluate") else {})
+            diagnosis, stages["diagnose"] = diagnostics.run(
+                model, tokenizer, cfg, results=table, out_dir=run.path, tracker=tracker
+            )
+            run.finish("diagnose", stages["diagnose"])
+        else:
+            log.info("diagnose: skipped, attention.kind=softmax has no linear branch")
+
     return {
         "run_name": cfg.run_name,
         "method": cfg.method.name,
@@ -101,6 +113,7 @@ def pipeline(cfg: DictConfig, run: RunDir, tracker: Tracker) -> dict[str, Any]:
         "stages": stages,
         "results": results,
         "eval_details": details,
+        "diagnostics": diagnosis,
     }
 
 
