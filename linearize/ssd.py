@@ -102,11 +102,13 @@ class SSD:
         if self.granularity == "sequence":
             coins = torch.rand(self.micro_batches, self.batch_size, generator=self.generator) < p
             self._masks = list(coins)
+            for layer in self.layers:
+                layer.drop_swa = False
         else:
             n = 1 if self.granularity == "step" else len(self.layers)
             coins = torch.rand(n, generator=self.generator) < p
             for layer, drop in zip(self.layers, coins.expand(len(self.layers))):
-                layer.drop_swa = bool(drop)
+                layer.drop_swa, layer.drop_mask = bool(drop), None
         metrics = {"ssd/p": p, "ssd/drop_rate": coins.float().mean().item()}
         if window is not None:
             metrics["ssd/window"] = float(window)
