@@ -17,6 +17,7 @@ GQA: k/v are read through the kv head h // G; dk/dv are produced per query head 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -24,6 +25,9 @@ import triton.language as tl
 
 from .naive import LINEAR_SPANS
 
+# Triton turns @triton.jit into its CPU interpreter when TRITON_INTERPRET=1 at the time this module is imported;
+# the kernels then also accept CPU tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BT = 64  # chunk size: the kernel needs window <= BT when softmax terms are on
 _LINEAR_CODE = {"none": 0, "outside": 1, "all": 2}
 
@@ -446,8 +450,8 @@ def supported(q, k, v, q_feat, k_feat, *, window: int, softmax: bool, linear: st
         return "inputs are not on a CUDA device"
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {q.dtype} is not supported"
-    if len({q.dtype, k.dtype, v.dtype} | ({q_feat.dtype, k_feat.dtype} if linear != "none" else set())) != 1:
-        return "q, k, v and the features must share one dtype"
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        return f"q, k, v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
     if softmax and window > BT:
         return f"window {window} > chunk size {BT}"
     D, Dv = q.shape[-1], v.shape[-1]
@@ -458,9 +462,7 @@ def supported(q, k, v, q_feat, k_feat, *, window: int, softmax: bool, linear: st
 
 
 def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRETED
 
 
 def _c(x):
@@ -601,7 +603,8 @@ def hybrid_attention_chunk(
     """Triton hybrid attention, forward and backward. Arguments and result as ``hybrid_attention_naive``.
 
     q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, Dv]; q_feat, k_feat: [B, T, H, F]; gamma: [H] -> [B, T, H, Dv].
-    Raises ValueError for inputs the kernel does not handle (see ``supported``).
+    q_feat / k_feat are cast to the dtype of q. Raises ValueError for inputs the kernel does not handle
+    (see ``supported``).
     """
     if linear not in LINEAR_SPANS:
         raise ValueError(f"linear must be one of {LINEAR_SPANS}, got {linear!r}")
@@ -615,4 +618,6 @@ def hybrid_attention_chunk(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if linear == "none":
         q_feat = k_feat = None
+    else:  # feature maps often run in fp32; the dots take them in the dtype of q (bf16 tensor cores)
+        q_feat, k_feat = q_feat.to(q.dtype), k_feat.to(q.dtype)
     return HybridAttentionFunction.apply(q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps)

@@ -1,0 +1,309 @@
+"""Benchmark of the fused hybrid attention op against its peers, at Mistral-7B attention shapes.
+
+    python -m linearize.kernels.bench [--T 2048 8192 32768] [--out kernels/bench_results.json]
+
+B=1, 32 query heads, 8 kv heads, d=128, 128 features, w=64, bf16 (DESIGN.md section 8). Prints a machine header,
+checks the Triton op against the naive reference first (forward and every gradient, at --check-T), then times
+forward and forward+backward with CUDA events (median of --reps after warm-up) for:
+  hybrid (ours)   linearize.kernels.hybrid_attention.chunk, LoLCATs hybrid (sliding-window softmax + linear)
+  sdpa            torch scaled_dot_product_attention, full causal (GQA)
+  flex_swa        torch flex_attention with a sliding-window block mask, compiled
+  fla_chunk_la    flash-linear-attention chunk_linear_attn on the 128 features (skipped if fla is absent)
+  naive           the quadratic reference, where it fits in memory
+Peak GiB is the peak of memory allocated during one forward+backward beyond what the inputs already held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+B, H, HKV, D, FEAT, WINDOW = 1, 32, 8, 128, 128, 64
+
+
+def header() -> dict:
+    import triton
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(),
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import fla
+
+        info["fla"] = getattr(fla, "__version__", "unknown")
+    except ImportError:
+        info["fla"] = None
+    return info
+
+
+def make_inputs(T: int, dtype=torch.bfloat16, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(B, T, HKV, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(B, T, HKV, D, device="cuda", dtype=dtype, generator=g)
+    # Hedgehog-like features: positive, each row sums to 1 (softmax over the features)
+    qf = torch.randn(B, T, H, FEAT, device="cuda", generator=g).softmax(-1).to(dtype)
+    kf = torch.randn(B, T, H, FEAT, device="cuda", generator=g).softmax(-1).to(dtype)
+    gamma = torch.sigmoid(torch.randn(H, device="cuda", generator=g))
+    do = torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=g)
+    return q, k, v, qf, kf, gamma, do
+
+
+def cuda_time(fn, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() over reps, timed with CUDA events after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_gib(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def fwd_bwd(fwd, leaves, do):
+    def step():
+        out = fwd()
+        torch.autograd.grad(out, leaves, do)
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the contenders: each returns (forward closure, forward+backward closure) over fresh inputs of length T
+
+
+def ours(T):
+    from .hybrid_attention.chunk import hybrid_attention_chunk
+
+    q, k, v, qf, kf, gamma, do = make_inputs(T)
+    leaves = [x.requires_grad_() for x in (q, k, v, qf, kf, gamma)]
+
+    def fwd():
+        return hybrid_attention_chunk(q, k, v, qf, kf, gamma, window=WINDOW, softmax=True, linear="outside")
+
+    return fwd, fwd_bwd(fwd, leaves, do)
+
+
+def naive(T):
+    from .hybrid_attention.naive import hybrid_attention_naive
+
+    q, k, v, qf, kf, gamma, do = make_inputs(T)
+    leaves = [x.requires_grad_() for x in (q, k, v, qf, kf, gamma)]
+
+    def fwd():
+        return hybrid_attention_naive(q, k, v, qf, kf, gamma, window=WINDOW, softmax=True, linear="outside")
+
+    return fwd, fwd_bwd(fwd, leaves, do)
+
+
+def _bhtd(T):
+    q, k, v, _, _, _, do = make_inputs(T)
+    return [x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)], do.transpose(1, 2).contiguous()
+
+
+def sdpa(T):
+    (q, k, v), do = _bhtd(T)
+
+    def fwd():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    return fwd, fwd_bwd(fwd, [q, k, v], do)
+
+
+def flex_swa(T):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    (q, k, v), do = _bhtd(T)
+
+    def sliding_window_causal(b, h, qi, kv):
+        return (qi >= kv) & (qi - kv < WINDOW)
+
+    mask = create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def fwd():
+        return flex(q, k, v, block_mask=mask, enable_gqa=True)
+
+    return fwd, fwd_bwd(fwd, [q, k, v], do)
+
+
+def fla_chunk_la(T):
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    _, _, v, qf, kf, _, do = make_inputs(T)
+    v = v.repeat_interleave(H // HKV, dim=2).contiguous()  # fla has no GQA: one value head per feature head
+    leaves = [x.requires_grad_() for x in (qf, kf, v)]
+
+    def fwd():
+        return chunk_linear_attn(qf, kf, v, scale=1.0, normalize=True)[0]
+
+    return fwd, fwd_bwd(fwd, leaves, do)
+
+
+PEERS = {"sdpa": sdpa, "flex_swa": flex_swa, "fla_chunk_la": fla_chunk_la}
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def check(T: int) -> dict:
+    """Triton op vs the naive reference (inputs upcast to fp32) on bf16 Mistral shapes: output and gradients."""
+    from .hybrid_attention.chunk import hybrid_attention_chunk
+    from .hybrid_attention.naive import hybrid_attention_naive
+
+    q, k, v, qf, kf, gamma, do = make_inputs(T, seed=1)
+    names = ("out", "dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma")
+    res = {}
+    for mode, (sm, lin) in {"hybrid": (True, "outside"), "overlap": (True, "all"), "la_only": (False, "all"),
+                            "swa_only": (True, "none")}.items():
+        ins = [x.detach().clone().requires_grad_() for x in (q, k, v, qf, kf, gamma)]
+        ref_ins = [x.detach().float().requires_grad_() for x in ins]
+        kw = dict(window=WINDOW, softmax=sm, linear=lin)
+        out = hybrid_attention_chunk(*ins, **kw)
+        ref = hybrid_attention_naive(*ref_ins, **kw)
+        grads = torch.autograd.grad(out, ins, do, allow_unused=True)
+        ref_grads = torch.autograd.grad(ref, ref_ins, do.float(), allow_unused=True)
+        errs = {}
+        for name, a, b in zip(names, (out, *grads), (ref, *ref_grads)):
+            if a is None or b is None or (name == "dgamma" and lin == "none"):
+                continue  # unused input, or gamma cancelling exactly (swa only)
+            errs[name] = ((a.float() - b).norm() / b.norm()).item()
+        res[mode] = errs
+        del ins, ref_ins, out, ref, grads, ref_grads
+        torch.cuda.empty_cache()
+    return res
+
+
+def measure(name, build, T, reps, do_bwd=True):
+    row = {"op": name, "T": T}
+    try:
+        fwd, step = build(T)
+        with torch.no_grad():
+            row["fwd_ms"] = cuda_time(fwd, reps)
+        if do_bwd:
+            row["fwd_bwd_ms"] = cuda_time(step, reps)
+            row["peak_gib"] = peak_gib(step)
+        else:
+            row["peak_gib"] = peak_gib(lambda: fwd())
+    except ImportError as err:
+        row["skipped"] = f"not installed: {err}"
+    except torch.OutOfMemoryError:
+        row["skipped"] = "out of memory"
+    except Exception as err:  # a peer failing must not hide the others' numbers
+        row["skipped"] = f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+    finally:
+        torch.cuda.empty_cache()
+    return row
+
+
+def naive_fits(T: int, bwd: bool) -> bool:
+    """The naive reference holds ~6 fp32 [B, H, T, T] tensors in the forward (about twice that with backward)."""
+    need = (12 if bwd else 6) * B * H * T * T * 4
+    return need < 0.8 * torch.cuda.get_device_properties(0).total_memory
+
+
+def fmt(x, nd=3):
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--check-T", type=int, default=1000)
+    ap.add_argument("--out", default="kernels/bench_results.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("the benchmark needs a CUDA device")
+
+    info = header()
+    print("# " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    print(f"# shapes: B={B} H={H} Hkv={HKV} d={D} features={FEAT} w={WINDOW} bf16", flush=True)
+    checks = check(args.check_T)
+    worst = max(e for errs in checks.values() for e in errs.values())
+    for mode, errs in checks.items():
+        print(f"# check T={args.check_T} {mode}: rel RMS err " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    ok = worst < 2e-2
+    print(f"# correctness vs naive: {'OK' if ok else 'FAILED'} (worst rel RMS err {worst:.2e}, bf16 tol 2e-2)",
+          flush=True)
+
+    rows = []
+    for T in args.T:
+        rows.append(measure("hybrid (ours)", ours, T, args.reps))
+        for name, build in PEERS.items():
+            rows.append(measure(name, build, T, args.reps))
+        if naive_fits(T, bwd=False):
+            rows.append(measure("naive", naive, T, max(3, args.reps // 5), do_bwd=naive_fits(T, bwd=True)))
+        else:
+            rows.append({"op": "naive", "T": T, "skipped": "does not fit in memory"})
+        for r in rows[-5:]:
+            print("# " + json.dumps(r), flush=True)
+
+    # ratios: ours over the best peer and over flex SWA + fla LA (the two halves of a hybrid) summed
+    for T in args.T:
+        at = {r["op"]: r for r in rows if r["T"] == T}
+        o = at["hybrid (ours)"]
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            peers = [at[p].get(key) for p in PEERS if at[p].get(key) is not None]
+            if o.get(key) is None:
+                continue
+            if peers:
+                o[f"{key}_vs_best_peer"] = o[key] / min(peers)
+            if at["flex_swa"].get(key) is not None and at["fla_chunk_la"].get(key) is not None:
+                o[f"{key}_vs_swa_plus_la"] = o[key] / (at["flex_swa"][key] + at["fla_chunk_la"][key])
+            if at["sdpa"].get(key) is not None:
+                o[f"{key}_vs_sdpa"] = o[key] / at["sdpa"][key]
+
+    result = {"header": info, "shapes": dict(B=B, H=H, Hkv=HKV, d=D, features=FEAT, window=WINDOW, dtype="bf16"),
+              "check": {"T": args.check_T, "rel_rms_err": checks, "ok": ok}, "reps": args.reps, "rows": rows}
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+    print(f"\n{info['gpu']} | torch {info['torch']} | triton {info['triton']} | fla {info['fla']} | {info['date']}")
+    print("| T | op | fwd ms | fwd+bwd ms | peak GiB | fwd / best peer | fwd+bwd / best peer | fwd / (SWA+LA) "
+          "| fwd+bwd / (SWA+LA) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['T']} | {r['op']} | skipped: {r['skipped'][:60]} | | | | | | |")
+            continue
+        print(f"| {r['T']} | {r['op']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
+              f"{fmt(r.get('peak_gib'), 2)} | {fmt(r.get('fwd_ms_vs_best_peer'), 2)} | "
+              f"{fmt(r.get('fwd_bwd_ms_vs_best_peer'), 2)} | {fmt(r.get('fwd_ms_vs_swa_plus_la'), 2)} | "
+              f"{fmt(r.get('fwd_bwd_ms_vs_swa_plus_la'), 2)} |")
+    if not math.isfinite(worst) or not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Hybrid attention: chunked PyTorch reference and Triton kernels against the quadratic naive reference.
+
+Outputs and every gradient (q, k, v, q_feat, k_feat, gamma) on random non-zero inputs. Three tiers:
+- chunked torch vs naive on CPU (fast);
+- Triton under TRITON_INTERPRET=1 on CPU at small shapes (the env var is set before this module imports the
+  kernels; on a machine with CUDA these skip, the GPU tier covers the same code compiled);
+- Triton on CUDA (``-m gpu``), bf16 and fp32, T in {63, 500, 1000, 4096}.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import pytest
+import torch
+
+from linearize.kernels.hybrid_attention import hybrid_attention, hybrid_attention_chunked, hybrid_attention_naive
+
+from ._testing import assert_close
+
+CUDA = torch.cuda.is_available()
+MODES = {  # name -> (softmax, linear)
+    "hybrid": (True, "outside"),
+    "overlap": (True, "all"),
+    "la_only": (False, "all"),
+    "swa_only": (True, "none"),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GRAD_NAMES = ("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma")
+
+
+def _load_chunk(interpret: bool):
+    """The Triton module, imported (or re-imported) under the wanted interpreter setting; None without triton."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        mod = importlib.import_module("linearize.kernels.hybrid_attention.chunk")
+        if mod.INTERPRETED != interpret:
+            mod = importlib.reload(mod)
+        return mod
+    except ImportError:
+        return None
+    finally:
+        if interpret:  # the kernels are already built as interpreted functions; do not leak the switch
+            if previous is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+
+
+chunk = _load_chunk(interpret=not CUDA)
+
+
+def make_inputs(B, T, H, KV, D, F, dtype, device="cpu", seed=0, gamma=True):
+    """Random q, k, v (normal), Hedgehog-like features (positive, rows sum to 1), gamma in (0.1, 0.9), do."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    q, k, v = rand(B, T, H, D), rand(B, T, KV, D), rand(B, T, KV, D)
+    qf, kf = rand(B, T, H, F).softmax(-1), rand(B, T, H, F).softmax(-1)
+    gam = 0.1 + 0.8 * torch.rand(H, generator=g) if gamma else None
+    do = rand(B, T, H, D)
+    inputs = [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v, qf, kf)]
+    inputs.append(None if gam is None else gam.to(device).requires_grad_())
+    return inputs, do.to(device=device, dtype=dtype)
+
+
+def run(fn, inputs, do, **kw):
+    out = fn(*inputs, **kw)
+    leaves = [x for x in inputs if x is not None]
+    grads = iter(torch.autograd.grad(out, leaves, do, allow_unused=True))
+    return out, [None if x is None else next(grads) for x in inputs]
+
+
+def check_against_naive(fn, inputs, do, dtype, label, **kw):
+    ref_inputs = [None if x is None else x.detach().float().requires_grad_() for x in inputs]
+    ref_out, ref_grads = run(hybrid_attention_naive, ref_inputs, do.float(), **kw)
+    out, grads = run(fn, inputs, do, **kw)
+    assert out.dtype == inputs[2].dtype
+    assert_close(f"{label} out", ref_out, out, dtype)
+    for name, r, o in zip(GRAD_NAMES, ref_grads, grads):
+        scale = None
+        T = inputs[0].shape[1]
+        gamma_cancels = kw.get("linear") == "none" or (kw.get("linear") == "outside" and T <= kw["window"])
+        if name == "dgamma" and gamma_cancels and r is not None:
+            # softmax alone (swa only, or T <= w in the hybrid): gamma cancels between numerator and normaliser,
+            # so dgamma is 0 up to rounding of terms of size |do . o| / gamma
+            scale = ((do.float() * ref_out).sum(-1).abs().sum() / inputs[5].detach().min()).item()
+        assert_close(f"{label} {name}", r, o, dtype, scale=scale)
+
+
+def case_id(B, T, H, KV, D, w, dtype, mode):
+    return f"B{B}-T{T}-H{H}-KV{KV}-D{D}-w{w}-{dtype}-{mode}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chunked torch reference vs naive (CPU)
+
+CHUNKED_CASES = [(2, T, 3 * G, 3, 16, w, m) for T in (63, 500) for w in (1, 16, 64) for G in (1, 3) for m in MODES]
+CHUNKED_CASES += [(1, 1000, 2 * G, 2, 16, 64, m) for G in (1, 3) for m in MODES]
+CHUNKED_CASES += [(2, 10, 6, 2, 16, 64, m) for m in MODES]  # T < window
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,w,mode", CHUNKED_CASES, ids=[case_id(*c[:6], "fp32", c[6]) for c in CHUNKED_CASES])
+def test_chunked_matches_naive(B, T, H, KV, D, w, mode):
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(B, T, H, KV, D, 8, torch.float32, seed=T + w + H)
+    check_against_naive(hybrid_attention_chunked, inputs, do, torch.float32, "chunked",
+                        window=w, softmax=softmax, linear=linear)
+
+
+def test_chunked_chunk_size_and_no_gamma():
+    inputs, do = make_inputs(1, 200, 4, 2, 16, 8, torch.float32, seed=3, gamma=False)
+    kw = dict(window=20, softmax=True, linear="outside")
+    check_against_naive(lambda *a, **k: hybrid_attention_chunked(*a, chunk_size=32, **k), inputs, do,
+                        torch.float32, "chunked C=32", **kw)
+    with pytest.raises(ValueError, match="chunk_size"):
+        hybrid_attention_chunked(*inputs, chunk_size=16, **kw)
+
+
+def test_short_sequence_is_softmax_attention():
+    """T <= w: the linear terms are empty and gamma cancels, so the layer is causal softmax attention."""
+    (q, k, v, qf, kf, gam), _ = make_inputs(2, 40, 6, 2, 16, 8, torch.float32, seed=5)
+    out = hybrid_attention_chunked(q, k, v, qf, kf, gam, window=64)
+    rep = lambda x: x.repeat_interleave(3, dim=2).transpose(1, 2)  # noqa: E731
+    ref = torch.nn.functional.scaled_dot_product_attention(rep(q), rep(k), rep(v), is_causal=True).transpose(1, 2)
+    assert_close("T<w vs SDPA", ref, out, torch.float32)
+
+
+def test_dispatcher_backends_and_errors():
+    inputs, _ = make_inputs(1, 70, 4, 2, 16, 8, torch.float32, seed=7)
+    kw = dict(window=16, softmax=True, linear="outside")
+    ref = hybrid_attention_naive(*inputs, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CPU tensors use the chunked path silently
+        assert_close("auto", ref, hybrid_attention(*inputs, **kw), torch.float32)
+    assert_close("naive", ref, hybrid_attention(*inputs, backend="naive", **kw), torch.float32)
+    assert_close("chunked", ref, hybrid_attention(*inputs, backend="chunked", **kw), torch.float32)
+    with pytest.raises(ValueError, match="backend"):
+        hybrid_attention(*inputs, backend="flash", **kw)
+    with pytest.raises(ValueError, match="linear"):
+        hybrid_attention(*inputs, window=16, linear="inside")
+    with pytest.raises(ValueError, match="no attention terms"):
+        hybrid_attention(*inputs, window=16, softmax=False, linear="none")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton under the CPU interpreter
+
+needs_interpreter = pytest.mark.skipif(
+    CUDA or chunk is None,
+    reason="CUDA present: the gpu tests cover the compiled kernels" if CUDA else "triton is not installed",
+)
+# (B, T, H, KV, D, F, w, mode, segment_chunks)
+INTERP_CASES = [
+    (1, 130, 6, 2, 32, 16, 64, "hybrid", None),
+    (2, 63, 2, 2, 16, 16, 16, "hybrid", None),
+    (1, 100, 3, 3, 16, 16, 1, "hybrid", None),
+    (1, 130, 6, 2, 16, 16, 16, "overlap", None),
+    (1, 130, 2, 1, 32, 16, 64, "la_only", None),
+    (1, 130, 6, 2, 16, 16, 64, "swa_only", None),
+    (2, 10, 6, 2, 16, 16, 64, "hybrid", None),  # T < window
+    (1, 200, 6, 2, 16, 16, 64, "hybrid", 1),  # one chunk per segment: state handed between programs
+    (1, 260, 3, 1, 16, 32, 16, "overlap", 2),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "B,T,H,KV,D,F,w,mode,seg", INTERP_CASES,
+    ids=[case_id(*c[:5], c[6], "fp32", c[7]) + ("" if c[8] is None else f"-seg{c[8]}") for c in INTERP_CASES],
+)
+def test_triton_interpreter_matches_naive(B, T, H, KV, D, F, w, mode, seg, monkeypatch):
+    monkeypatch.setattr(chunk, "SEGMENT_CHUNKS", seg)
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(B, T, H, KV, D, F, torch.float32, seed=T + H)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=w, softmax=softmax, linear=linear)
+
+
+@needs_interpreter
+def test_triton_interpreter_no_gamma_custom_scale():
+    inputs, do = make_inputs(1, 90, 2, 1, 16, 16, torch.float32, seed=11, gamma=False)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=32, softmax=True, linear="outside", scale=0.3, eps=1e-6)
+
+
+@needs_interpreter
+def test_triton_rejects_unsupported():
+    inputs, _ = make_inputs(1, 20, 2, 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="window"):
+        chunk.hybrid_attention_chunk(*inputs, window=65)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton on the GPU
+
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")]
+# (B, T, H, KV, D, F, w)
+GPU_SHAPES = [(2, 63, 4, 2, 64, 128, 64), (2, 500, 4, 2, 64, 128, 64), (1, 1000, 9, 3, 64, 128, 64),
+              (1, 4096, 4, 1, 128, 128, 64)]
+GPU_CASES = [(*s, dt, m) for s in GPU_SHAPES for dt in DTYPES for m in MODES]
+GPU_CASES += [(1, 777, 6, 2, 128, 128, 16, dt, "hybrid") for dt in DTYPES]
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,F,w,dt,mode", GPU_CASES,
+                         ids=[case_id(*c[:5], c[6], c[7], c[8]) + f"-F{c[5]}" for c in GPU_CASES])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+def test_triton_gpu_matches_naive(B, T, H, KV, D, F, w, dt, mode):
+    softmax, linear = MODES[mode]
+    dtype = DTYPES[dt]
+    inputs, do = make_inputs(B, T, H, KV, D, F, dtype, device="cuda", seed=T + H + D)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, dtype, f"triton-gpu-{dt}",
+                        window=w, softmax=softmax, linear=linear)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+def test_gpu_dispatcher_uses_triton_and_warns_once_on_fallback(monkeypatch):
+    import linearize.kernels.hybrid_attention as ha
+
+    inputs, _ = make_inputs(1, 300, 4, 2, 64, 64, torch.bfloat16, device="cuda")
+    calls = []
+    real = chunk.hybrid_attention_chunk
+    monkeypatch.setattr(chunk, "hybrid_attention_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hybrid_attention(*inputs, window=64)
+    assert calls, "auto backend on CUDA did not take the Triton path"
+    monkeypatch.setattr(ha, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="window 128"):
+        hybrid_attention(*inputs, window=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hybrid_attention(*inputs, window=128)  # second fallback for the same reason: silent
