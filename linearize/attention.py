@@ -166,23 +166,57 @@ class HybridAttention(nn.Module):
         return self.converted(q, k, v, scale)
 
 
+def hybrid_padding_mask(
+    batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
+):
+    """transformers AttentionMaskInterface entry for ``"linearize_hybrid"``: the 2D padding mask [B, S] (bool) when
+    some token is padding, else None. No 4D mask is built: the op derives causality and the window from positions."""
+    if attention_mask is None or attention_mask.ndim != 2 or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    """True when every row of a [B, S] bool mask is real tokens followed by padding (causal attention ignores it)."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention-interface entry. query [B, H, T, D], key/value [B, Hkv, S, D] -> ([B, T, H, D], None).
 
-    Causality and the window come from positions, so ``attention_mask`` is not used: sequences must not hold
-    padding before real tokens (lm-eval and packed training pad on the right, which causal attention ignores).
+    ``attention_mask`` is what :func:`hybrid_padding_mask` made of the 2D padding mask: None without padding, else
+    [B, S_total] bool (a 4D mask passed by the caller is ignored). Paths:
+
+    - hybrid cache (``linearize.cache``; its layer hands itself over in ``cache.update``): prefill or decode against
+      the cached window and linear-attention state, padded keys entering neither;
+    - no cache: the converted op (``HybridAttention``); padding before real tokens (left padding) takes the
+      recurrent path with a temporary state instead, so padded keys are ignored (right padding needs nothing);
+    - keys longer than queries without a hybrid cache (e.g. a DynamicCache passed explicitly): the recurrent path
+      over all cached keys, exact, with a warning that memory grows.
     """
     hyb: HybridAttention = module.hybrid
-    if query.shape[2] != key.shape[2]:
-        raise NotImplementedError(
-            "The hybrid attention op needs queries and keys of the same length; incremental decoding with a KV "
-            "cache needs the hybrid cache. Call the model with use_cache=False."
-        )
+    cache_layer = hyb.__dict__.pop("cache_layer", None)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+    if cache_layer is not None:
+        return cache_layer.attend(q, k, v, None if mask is None else mask[:, -q.shape[1] :], scale), None
     if hyb.transfer_hook is not None:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError("the transfer stage runs without a KV cache (use_cache=False)")
         return hyb.transfer_hook(hyb, q, k, v, scale), None
-    return hyb(q, k, v, scale), None
+    if q.shape[1] == k.shape[1] and (mask is None or _right_padded(mask)):
+        return hyb(q, k, v, scale), None
+    from linearize.cache import attend_recurrent, warn_growing_cache
+
+    if q.shape[1] != k.shape[1]:
+        warn_growing_cache()
+    B, H, Dv = q.shape[0], hyb.n_heads, v.shape[-1]
+    F = hyb.k_map.out_features
+    S = torch.zeros(B, H, F, Dv, device=q.device, dtype=torch.float32)
+    z = torch.zeros(B, H, F, device=q.device, dtype=torch.float32)
+    out, _ = attend_recurrent(hyb, q, k, v, None if mask is None else mask[:, -k.shape[1] :], S, z, scale)
+    return out, None
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -203,9 +237,12 @@ def hybrid_layers(model: nn.Module) -> list[HybridAttention]:
 
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     if IMPLEMENTATION not in AttentionInterface._global_mapping:
         AttentionInterface.register(IMPLEMENTATION, hybrid_attention_forward)
+    if IMPLEMENTATION not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(IMPLEMENTATION, hybrid_padding_mask)
 
 
 def convert(model: nn.Module, attn_cfg: DictConfig, fm_cfg: DictConfig) -> list[HybridAttention]:
@@ -227,6 +264,9 @@ def convert(model: nn.Module, attn_cfg: DictConfig, fm_cfg: DictConfig) -> list[
         module.hybrid = hyb
         layers.append(hyb)
     set_implementation(model, IMPLEMENTATION)
+    from linearize.cache import use_hybrid_cache  # generate() then decodes with the constant-size hybrid cache
+
+    use_hybrid_cache(model)
     return layers
 
 
