@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from linearize.kernels.hybrid_attention import hybrid_attention_naive
+from linearize.kernels.hybrid_attention import hybrid_attention
 
 IMPLEMENTATION = "linearize_hybrid"
 MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "no_attention")
@@ -132,8 +132,9 @@ class HybridAttention(nn.Module):
         q_feat = k_feat = None
         if linear != "none":
             q_feat, k_feat = self.features(q, k)
-        return hybrid_attention_naive(
-            q, k, v, q_feat, k_feat, self.gamma, window=self.window, softmax=softmax, linear=linear, scale=scale
+        return hybrid_attention(
+            q, k, v, q_feat, k_feat, self.gamma, window=self.window, softmax=softmax, linear=linear, scale=scale,
+            backend=self.backend,
         )
 
     def converted(self, q, k, v, scale: float) -> torch.Tensor:

@@ -32,7 +32,7 @@ def compose(overrides: list[str] | None = None):
 
 
 def attn_cfg(kind: str = "hybrid", window: int = 8, **kw):
-    return OmegaConf.create(dict(kind=kind, window=window, sinks=4, backend="naive", gamma_init=0.1, **kw))
+    return OmegaConf.create(dict(kind=kind, window=window, sinks=4, backend="auto", gamma_init=0.1, **kw))
 
 
 def fm_cfg(activation: str = "softmax", feature_dim: int = 8, **kw):
