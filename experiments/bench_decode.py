@@ -298,7 +298,7 @@ def run_config(model, method, B, ctx, warmup, steps, graphs):
     start = ctx
     if method.endswith("graph"):
 
-        def warm():
+        def warm(step=step):
             for i in range(warmup):
                 step(1, ctx + i)
 
