@@ -94,7 +94,11 @@ def convert_model(model, window=WINDOW):
 
 def kv_shape(model):
     c = model.config
-    return c.num_hidden_layers, c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return (
+        c.num_hidden_layers,
+        c.num_key_value_heads,
+        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+    )
 
 
 def nbytes(tensors) -> int:
@@ -351,7 +355,9 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "git_sha": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "git_sha": subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
         "window": WINDOW,
         "features": 2 * FEATURE_DIM,
         "dtype": "bfloat16" if device.type == "cuda" else "float32",
@@ -383,7 +389,7 @@ def main(argv=None):
                         row["status"] = "skipped: time budget"
                     else:
                         try:
-                            with torch.no_grad(), (softmax_attention(model) if method.startswith("softmax") else _null()):
+                            with torch.no_grad(), softmax_attention(model) if method.startswith("softmax") else _null():
                                 row.update(run_config(model, method, B, ctx, args.warmup, args.steps, graphs))
                         except torch.cuda.OutOfMemoryError as err:
                             row["status"] = f"OOM: {str(err).splitlines()[0][:120]}"
@@ -408,7 +414,11 @@ def table(rows) -> str:
         by.setdefault((r["model"], r["batch"], r["ctx"]), {})[r["method"]] = r
 
     def ms(r):
-        return f"{r['ms_per_step']:.2f}" if r and r.get("status") == "ok" else ("OOM" if r and "OOM" in r.get("status", "") or r and "fit" in r.get("status", "") else "—")
+        return (
+            f"{r['ms_per_step']:.2f}"
+            if r and r.get("status") == "ok"
+            else ("OOM" if r and "OOM" in r.get("status", "") or r and "fit" in r.get("status", "") else "—")
+        )
 
     def mib(r):
         return f"{r['cache_bytes'] / 2**20:.0f}" if r and r.get("status") == "ok" else "—"
