@@ -431,3 +431,46 @@ def test_schema_rejects_broken_files():
     typed["window"] = "64"
     with pytest.raises(ValueError, match="diagnostics.window"):
         D.validate_schema(typed)
+
+
+@requires_data
+def test_standalone_command_reloads_a_saved_run(tmp_path):
+    """A run directory saved before the diagnose stage existed: diagnose reloads its feature maps and eval table."""
+    from omegaconf import OmegaConf
+
+    from linearize import diagnose
+    from linearize.models import load_model
+    from linearize.outputs import RunDir
+
+    cfg = small_cfg()
+    run = RunDir(tmp_path)
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["diagnostics"]
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
+    model, tok = load_model(cfg.model)
+    A.convert(model, cfg.attention, cfg.feature_map)
+    for layer in A.hybrid_layers(model):  # trained-looking maps that differ from the initial ones
+        for p in layer.parameters():
+            p.data = p.data + 0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7))
+    A.save_hybrid(model, run.checkpoints / "feature_maps.safetensors")
+    run.finish("transfer", {"transfer/steps": 1})
+    run.finish("evaluate", {"eval/hybrid/piqa": 0.5, "eval/hybrid/avg": 0.5, "eval/swa_only/piqa": 0.25,
+                            "eval/swa_only/avg": 0.25})  # fmt: skip
+    overrides = ["logger.wandb=false", "diagnostics.num_sequences=2", "diagnostics.seq_len=48",
+                 "diagnostics.reach_tasks=[]", "diagnostics.passkey_lengths=[]", "diagnostics.ppl_num_sequences=0"]  # fmt: skip
+    diag = diagnose.diagnose(tmp_path, overrides)
+
+    expected = D.usage(model, D.usage_sequences(diagnose.load_config(tmp_path, overrides), tok), window=16)
+    for side in D.SIDES:
+        torch.testing.assert_close(torch.tensor(diag["usage"]["la_output_share"][side]),
+                                   torch.tensor(expected["la_output_share"][side]))  # fmt: skip
+    assert diag["ablation"]["hybrid_minus_swa_only"]["avg"] == pytest.approx(0.25)
+    assert diag["reach"] is None and diag["passkey"] is None and diag["perplexity"] is None
+    D.validate_schema(json.loads((tmp_path / D.FILE).read_text()))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["diagnostics"]["verdict"] == diag["verdict"] and "diagnose" in metrics["stages"]
+    assert "## Is the linear branch used?" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="diagnostics.seq_len"):
+        diagnose.load_config(tmp_path, ["diagnostics.seq_len=8"])
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        diagnose.diagnose(tmp_path / "checkpoints", [])
