@@ -35,8 +35,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the project must be installed (pip install -e .): kernels/ is linearize.kernels
 
 SHAPES = {
     # SmolLM2-135M (Llama): the embedded default model of the project
