@@ -474,3 +474,18 @@ def test_standalone_command_reloads_a_saved_run(tmp_path):
         diagnose.load_config(tmp_path, ["diagnostics.seq_len=8"])
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         diagnose.diagnose(tmp_path / "checkpoints", [])
+
+
+@requires_data
+def test_usage_sample_from_an_eval_task(hflm):
+    """source=<task>: the first request of each document, as lm-eval tokenises it, cut at seq_len."""
+    cfg = small_cfg(**{"diagnostics.source": "arc_easy", "diagnostics.num_sequences": 3, "diagnostics.seq_len": 40,
+                       "eval.splits": "{arc_easy: dev}"})  # fmt: skip
+    seqs = D.usage_sequences(cfg, hflm.tokenizer, hflm)
+    requests = D.task_requests(hflm, "arc_easy", SHARED_DATA, {"arc_easy": "dev"}, limit=3)
+    firsts = {}
+    for r in requests:
+        firsts.setdefault(r.doc_id, r.tokens)
+    assert len(seqs) == 3
+    for seq, tokens in zip(seqs, firsts.values()):
+        assert seq.tolist() == tokens[:40]
