@@ -28,7 +28,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
