@@ -186,10 +186,12 @@ class UsageRecorder:
         self.mode = layers[0].mode
         self._handles: list = []
 
-    def _hook(self, module: HybridAttention, args, output) -> None:
-        q, k, v, scale = args[:4]
+    def _hook(self, module: HybridAttention, args, kwargs, output) -> None:
+        q, k, v, scale = (*args, *(kwargs[name] for name in ("q", "k", "v", "scale")[len(args) :]))
         if module.mode in ("sinks_only", "no_attention"):
             raise ValueError(f"usage metrics need an LA or SWA branch; the layers run in mode {module.mode!r}")
+        if module.drop_swa or getattr(module, "drop_mask", None) is not None:
+            raise ValueError("usage metrics are measured at inference: SSD's sliding-window dropout is active")
         softmax, linear = module.spans()
         q_feat = k_feat = None
         if linear != "none":
@@ -222,7 +224,7 @@ class UsageRecorder:
             self.counts[:n] += 1
 
     def __enter__(self) -> UsageRecorder:
-        self._handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+        self._handles = [layer.register_forward_hook(self._hook, with_kwargs=True) for layer in self.layers]
         return self
 
     def __exit__(self, *exc) -> None:
