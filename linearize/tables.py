@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from linearize import paper_numbers
-from linearize.sweep import RESULTS_ROOT, RUNS_ROOT, TABLES, experiment_rows, status
+from linearize.sweep import EXPERIMENTS, RESULTS_ROOT, RUNS_ROOT, TABLES, experiment_rows, status
 
 TASKS = paper_numbers.TASKS
 HEADERS = ("PIQA", "ARC-E", "ARC-C", "HS", "WG", "MMLU", "AVG", "Rec")
@@ -270,7 +270,9 @@ def listing(model: str, root: Path = RESULTS_ROOT, runs: Path = RUNS_ROOT) -> st
 
 
 def _models(root: Path, runs: Path) -> list[str]:
-    found = {p.name for base in (root, runs) if Path(base).is_dir() for p in Path(base).iterdir() if p.is_dir()}
+    """The conf/model options that have result files or run directories (default: smollm2_135m)."""
+    options = {p.stem for p in (EXPERIMENTS.parent / "model").glob("*.yaml")}
+    found = {p.name for base in (root, runs) if Path(base).is_dir() for p in Path(base).iterdir() if p.name in options}
     return sorted(found) or ["smollm2_135m"]
 
 

@@ -104,7 +104,7 @@ def test_paper_numbers_are_self_consistent():
     known = {("llama3_8b", "swa_only"): 92.65}
     checked = 0
     for model, by_table in paper_numbers.PAPER.items():
-        for table, rows in by_table.items():
+        for rows in by_table.values():
             for key, ref in rows.items():
                 if all(t in ref for t in SIX):
                     assert sum(ref[t] for t in SIX) / 6 == pytest.approx(ref["avg"], abs=0.011), (model, key)
@@ -136,8 +136,13 @@ def _result(results, *, limit=100, tasks=SIX, stages=("transfer", "finetune", "e
         },
         "stages": {"transfer": {"transfer/steps": 24}},
         "usage": usage,
-        "provenance": {"git_sha": "0123456789abcdef", "git_dirty": False, "device": "cpu", "seed": 0,
-                       "created": "2026-11-27T00:00:00+00:00"},  # fmt: skip
+        "provenance": {
+            "git_sha": "0123456789abcdef",
+            "git_dirty": False,
+            "device": "cpu",
+            "seed": 0,
+            "created": "2026-11-27T00:00:00+00:00",
+        },
     }
 
 
@@ -229,7 +234,9 @@ def test_status_collect_and_skip(tmp_path, monkeypatch):
             _write(root, "m", "table4", row, _result({}))
 
     calls = []
-    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(
+        sweep.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0)
+    )
     states = sweep.sweep("table4", "m", ["eval.limit=2"], root=root, runs=runs, render=False)
     assert states == {**dict.fromkeys(rows, "done"), "exp": "failed"}  # the fake multirun did not fix exp
     assert len(calls) == 1 and "+experiment=table4/exp" in calls[0]  # only the unfinished row runs
