@@ -126,6 +126,8 @@ def report(cfg: DictConfig, run: RunDir, payload: dict[str, Any], tracker: Track
         rows = [[row] + [scores.get(k) for k in [*tasks, "avg", "rec"]] for row, scores in payload["results"].items()]
         tracker.table("eval/table", ["row", *tasks, "avg", "rec"], rows)
         print("\n" + results_table(payload["results"], tasks))
+    if payload.get("diagnostics"):
+        print("\n" + payload["diagnostics"]["verdict"]["text"])
     print(f"\nrun directory: {run.path}\nreport: {path}")
 
 
