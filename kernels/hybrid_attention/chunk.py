@@ -134,7 +134,7 @@ def _segment_state_kernel(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, QF, KF, GAMMA, O, M, ZD, S0, Z0,
+    Q, K, V, QF, KF, GAMMA, OUT, M, ZD, S0, Z0,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh,
     T, H, G, NT, CPS, NSEG, window, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -155,7 +155,7 @@ def _fwd_kernel(
     vp = V + b.to(tl.int64) * svb + hk * svh
     qfp = QF + b.to(tl.int64) * sfb + h * sfh
     kfp = KF + b.to(tl.int64) * sfb + h * sfh
-    op = O + b.to(tl.int64) * sob + h * soh
+    op = OUT + b.to(tl.int64) * sob + h * soh
     rowp = pid_bh.to(tl.int64) * T
     gamma = tl.load(GAMMA + h).to(tl.float32)
     if LINEAR != 0:
@@ -202,7 +202,7 @@ def _fwd_kernel(
         zd = zacc + eps
         o = acc / zd[:, None]
         omask = (n[:, None] < T) & (vv[None, :] < DV)
-        tl.store(op + n[:, None].to(tl.int64) * sot + vv[None, :], o.to(O.dtype.element_ty), mask=omask)
+        tl.store(op + n[:, None].to(tl.int64) * sot + vv[None, :], o.to(OUT.dtype.element_ty), mask=omask)
         tl.store(M + rowp + n, m, mask=n < T)
         tl.store(ZD + rowp + n, zd, mask=n < T)
 
@@ -233,7 +233,6 @@ def _bwd_q_kernel(
     qp = Q + b.to(tl.int64) * sqb + h * sqh
     kp = K + b.to(tl.int64) * skb + hk * skh
     vp = V + b.to(tl.int64) * svb + hk * svh
-    qfp = QF + b.to(tl.int64) * sfb + h * sfh
     kfp = KF + b.to(tl.int64) * sfb + h * sfh
     dop = DO + b.to(tl.int64) * sdb + h * sdh
     dqp = DQ + b.to(tl.int64) * sqb + h * sqh
@@ -284,7 +283,6 @@ def _bwd_q_kernel(
             tl.store(R + rowp + n, rsum, mask=n < T)
             tl.store(IDX + rowp + n, idx.to(tl.int32), mask=n < T)
         if LINEAR != 0:
-            qf = _load_tile(qfp, n, ff, T, F, sft)
             kf_prev = _load_tile(kfp, jp, ff, T, F, sft)
             kf_cur = _load_tile(kfp, n, ff, T, F, sft)
             da_p = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0)
