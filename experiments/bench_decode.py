@@ -25,6 +25,7 @@ git sha) and prints the table last.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -34,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]  # the project must be installed (pip install -e .): kernels/ is linearize.kernels
+# The project must be installed (pip install -e .): kernels/ is importable only as linearize.kernels.
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     # SmolLM2-135M (Llama): the embedded default model of the project
@@ -400,6 +402,7 @@ def main(argv=None):
                     print(json.dumps(brief), flush=True)
                     out.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
         del model
+        gc.collect()  # convert() hooks generate with a bound method: a reference cycle that only gc frees
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(table(rows))
