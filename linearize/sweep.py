@@ -61,6 +61,12 @@ def run_dir(model: str, table: str, row: str, runs: Path = RUNS_ROOT) -> Path:
     return Path(runs) / model / table / row
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it, so result files name no machine-specific location."""
+    path = Path(path).absolute()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def status(model: str, table: str, row: str, root: Path = RESULTS_ROOT, runs: Path = RUNS_ROOT) -> str:
     """``done`` (result file), ``failed`` (the last attempt wrote failed.json) or ``missing``."""
     if result_path(model, table, row, root).is_file():
@@ -90,7 +96,7 @@ def row_command(table: str, row: str, model: str, overrides: list[str], runs: Pa
         f"+experiment={table}/{row}",
         f"model={model}",
         *overrides,
-        f"hydra.run.dir={run_dir(model, table, row, runs)}",
+        f"hydra.run.dir={_shown(run_dir(model, table, row, runs))}",
     ]
     return "python -m linearize.train " + " ".join(args)
 
@@ -131,7 +137,7 @@ def result_record(metrics: dict[str, Any], table: str, row: str, command: str, r
         "model": metrics["model"],
         "method": metrics["method"],
         "command": command,
-        "run_dir": str(run),
+        "run_dir": _shown(run),
         "results": metrics["results"],
         "budgets": {
             "stages": cfg["stages"],
