@@ -366,3 +366,14 @@ def test_load_run_errors(tmp_path):
     (tmp_path / "r").mkdir()
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         load_run(tmp_path / "r")
+
+
+def test_beam_search_matches_uncached_beam_search():
+    """Beam search reorders the hybrid cache between steps: same beams as beam search without any cache."""
+    model, _ = _converted(kind="hybrid", window=4)
+    ids = _ids(2, 7)
+    kw = dict(max_new_tokens=10, num_beams=3, do_sample=False, pad_token_id=0, early_stopping=False)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, **kw)
+        uncached = model.generate(input_ids=ids, use_cache=False, **kw)
+    assert cached.tolist() == uncached.tolist()
