@@ -165,7 +165,9 @@ def table_lines(model: str, table: str, results: dict[str, dict[str, Any]]) -> t
         if ref:
             lines.append(Line(f"{row.label} (paper)", {k: ref.get(k) for k in [*TASKS, "avg", "rec"]}, paper=True))
     if any(line.partial for line in lines):
-        notes.append("* AVG over the tasks evaluated (fewer than six); Rec compares the same tasks of the base row.")
+        notes.append(
+            "AVG marked * is over the tasks evaluated (fewer than six); Rec compares the same tasks of the base row."
+        )
     if any(line.paper for line in lines):
         notes.append(f"(paper): {paper_numbers.SOURCE}, {paper_numbers.MODEL_NAMES[model]}.")
     return lines, notes
@@ -216,7 +218,8 @@ def markdown(model: str, table: str, results: dict[str, dict[str, Any]]) -> str:
     for line in lines:
         label = f"*{line.label}*" if line.paper else line.label
         out.append("| " + " | ".join([label, *_cells(line), *([line.note] if extra else [])]) + " |")
-    out += [""] + notes
+    for note in notes:
+        out += ["", note]
     if results:
         out += ["", "Runs:", *_runs_section(results)]
     return "\n".join(out) + "\n"

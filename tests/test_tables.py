@@ -195,7 +195,7 @@ def test_separate_base_row_partial_tasks_and_no_paper_for_other_models(tmp_path)
     out = _md_row(md, "attention outputs (MSE), square")
     assert out[6:] == ["50.00", "-", "eval settings differ from the base row: no Rec"]  # limit 7 vs 100
     assert _md_row(md, "no attention")[-1] == "not run"
-    assert "(paper)" not in md and "* AVG over the tasks evaluated" in md
+    assert "(paper)" not in md and "\nAVG marked * is over the tasks evaluated" in md
 
 
 def test_remedies_show_the_la_output_share(tmp_path):
