@@ -197,6 +197,8 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=
     """
     hyb: HybridAttention = module.hybrid
     cache_layer = hyb.__dict__.pop("cache_layer", None)
+    if cache_layer is not None and key.shape[2] != cache_layer.window + query.shape[2]:
+        cache_layer = None  # a link left by an update whose forward failed: these keys are not its context
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from linearize.kernels.hybrid_attention.decode import hybrid_attention_decode, hybrid_state_update
-from linearize.kernels.hybrid_attention.naive import hybrid_attention_naive
 from omegaconf import OmegaConf
 
 from linearize.attention import attention_mode, convert, hybrid_layers
 from linearize.cache import HybridCache
+from linearize.kernels.hybrid_attention.decode import hybrid_attention_decode, hybrid_state_update
+from linearize.kernels.hybrid_attention.naive import hybrid_attention_naive
 from linearize.models import byte_tokenizer, tiny_model
 
 ATOL, RTOL = 2e-5, 2e-5  # float32 throughout; the cached path only reorders sums
@@ -305,7 +305,7 @@ def test_cache_memory_does_not_grow():
 # --- a saved run directory round-trips ------------------------------------------------------------------------------
 
 
-def test_generate_from_saved_run_dir(tmp_path):
+def test_generate_from_saved_run_dir(tmp_path, capsys):
     from peft import get_peft_model
 
     from linearize import finetune
@@ -356,6 +356,13 @@ def test_generate_from_saved_run_dir(tmp_path):
         # the loaded model is the trained one, not a fresh conversion
         _assert_close(loaded(input_ids=ids).logits, peft_model(input_ids=ids).logits, "loaded run")
     assert got.tolist() == expected.tolist()
+
+    from linearize.generate import main
+
+    main([f"run_dir={run}", "prompt=The run directory", "max_new_tokens=12", "temperature=0", "chat=false"])
+    streamed = capsys.readouterr().out
+    text = tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert len(text) >= 5 and text in streamed
 
 
 def test_load_run_errors(tmp_path):
