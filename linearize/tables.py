@@ -157,7 +157,8 @@ def table_lines(model: str, table: str, results: dict[str, dict[str, Any]]) -> t
                 elif all(base_scores.get(t) is not None for t in present):
                     base_avg = _mean([100.0 * base_scores[t] for t in present])
                     cells["rec"] = 100.0 * cells["avg"] / base_avg if base_avg else None
-            if layout.usage and result.get("usage") and row.eval_row != "base":
+            first = row is next(r for r in layout.rows if r.experiment == row.experiment)  # once per run
+            if layout.usage and result.get("usage") and row.eval_row != "base" and first:
                 share = (result["usage"].get("la_output_share") or {}).get("ge_window")
                 note = "" if share is None else f"LA output share (n >= window, as trained): {share:.3f}"
         lines.append(Line(row.label, cells, partial, note))

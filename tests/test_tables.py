@@ -206,6 +206,7 @@ def test_remedies_show_the_la_output_share(tmp_path):
     md = tables.write("mistral7b", "remedies", tmp_path)[0].read_text()
     assert _md_row(md, "SSD: hybrid") == ["45.00"] * 7 + ["90.00", "LA output share (n >= window, as trained): 0.123"]
     assert _md_row(md, "*SSD: hybrid (paper)*")[6:8] == ["-", "95.20"]
+    assert _md_row(md, "SSD: SWA only")[-1] == ""  # the share belongs to the run: shown on its first row only
     assert _md_row(md, "SSD: LA only")[-1] == "no la_only row in the result"
 
 
