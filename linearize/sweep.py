@@ -187,6 +187,14 @@ def sweep(
     Returns ``{row: status}`` after the sweep.
     """
     overrides = list(overrides or [])
+    for override in overrides:
+        if override.lstrip("+~").split("=")[0] == "stages":
+            # rows differ in their stages (no LoRA in Tables 2-4, evaluation only for base rows): one value for all
+            # would change what the rows mean
+            raise ValueError(
+                f"{override!r}: each row sets its own stages; skip a stage with diagnostics.enabled=false, "
+                "finetune.enabled=false or transfer.enabled=false instead"
+            )
     every = experiment_rows(table)
     rows = list(rows or every)
     unknown = sorted(set(rows) - set(every))

@@ -250,6 +250,8 @@ def test_status_collect_and_skip(tmp_path, monkeypatch):
     assert "table4/exp" in tables.listing("m", root, runs) and "failed" in tables.listing("m", root, runs)
     with pytest.raises(ValueError, match="not in conf/experiment/table4"):
         sweep.sweep("table4", "m", rows=["sigmoid"], root=root, runs=runs)
+    with pytest.raises(ValueError, match="diagnostics.enabled=false"):
+        sweep.sweep("table4", "m", ["stages=[transfer,evaluate]"], root=root, runs=runs)
 
 
 # ---- smoke: a real multirun on a tiny model ---------------------------------------------------------------------
