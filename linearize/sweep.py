@@ -187,6 +187,7 @@ def sweep(
     Returns ``{row: status}`` after the sweep.
     """
     overrides = list(overrides or [])
+    root, runs = Path(root).absolute(), Path(runs).absolute()  # the multirun's working directory is ROOT
     for override in overrides:
         if override.lstrip("+~").split("=")[0] == "stages":
             # rows differ in their stages (no LoRA in Tables 2-4, evaluation only for base rows): one value for all
