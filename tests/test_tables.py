@@ -299,3 +299,24 @@ def test_smoke_sweep_on_a_tiny_model(tmp_path):
     assert third.returncode == 0 and "running" not in third.stdout
     assert third.stdout.count(": done, skipped") == 3
     assert (results / "table2_3" / "base.json").stat().st_mtime_ns == stamp
+
+
+@requires_data
+@pytest.mark.slow
+def test_smoke_table1_one_job_six_rows(tmp_path):
+    """Table 1 is one LoLCATs job (transfer, LoRA) whose base and five ablation rows fill the whole table."""
+    env = {**os.environ, "LINEARIZE_DATA_DIR": str(SHARED_DATA), "WANDB_MODE": "disabled"}
+    lora = ["finetune.max_steps=2", "finetune.seq_len=64", "finetune.grad_accum=1", "finetune.eval_every=1",
+            "finetune.val_batches=1", "diagnostics.enabled=false"]  # fmt: skip
+    cmd = [sys.executable, "-m", "linearize.sweep", "table1", "--model", "tiny_llama",
+           "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), *TINY, *lora]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results" / "tiny_llama" / "table1" / "lolcats.json").read_text())
+    assert set(record["results"]) == {"base", "hybrid", "swa_only", "la_only", "sinks_only", "no_attention"}
+    assert record["stages"]["finetune"]["finetune/steps"] == 2 and record["usage"] is None
+    md = (tmp_path / "results" / "tiny_llama" / "table1.md").read_text()
+    for label, row in [("base", "base"), ("SWA+LA", "hybrid"), ("no attention", "no_attention")]:
+        cells = _md_row(md, label)
+        scores = record["results"][row]
+        assert cells[0] == f"{100 * scores['piqa']:.2f}" and cells[7] == f"{scores['rec']:.2f}"
