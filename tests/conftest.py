@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
-SHARED_DATA = Path(os.environ.get("LINEARIZE_DATA_DIR", ROOT.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("LINEARIZE_DATA_DIR") or ROOT.parent / "shared" / "data")
 
 requires_data = pytest.mark.skipif(
     not (SHARED_DATA / "alpaca" / "alpaca_data_1k.json").is_file(),
