@@ -6,7 +6,9 @@
 - ``"chunked"``: chunked PyTorch reference (``chunked.py``), memory linear in T, any device.
 - ``"naive"``: quadratic float32 reference (``naive.py``), the definition of correctness.
 - ``"auto"`` (default): Triton on CUDA when it imports and supports the inputs, else chunked; falling back on a
-  CUDA tensor warns once per reason.
+  CUDA tensor warns once per reason. On the CPU, short sequences whose T x T scores fit in ``NAIVE_CPU_BYTES``
+  take the naive path, which is faster there than the chunked one (measured: 27 s vs 70 s per teacher-forced
+  transfer micro-batch of SmolLM2-135M at T=256 on 2 shared cores); longer ones take the chunked path.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .naive import LINEAR_SPANS, hybrid_attention_naive
 __all__ = ["BACKENDS", "LINEAR_SPANS", "hybrid_attention", "hybrid_attention_chunked", "hybrid_attention_naive"]
 
 BACKENDS = ("auto", "triton", "chunked", "naive")
+NAIVE_CPU_BYTES = 256 * 2**20  # largest float32 [B, H, T, T] score tensor the CPU "auto" path materialises
 _warned: set[str] = set()
 
 
@@ -66,7 +69,8 @@ def hybrid_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     kwargs = dict(window=window, softmax=softmax, linear=linear, scale=scale, eps=eps)
-    if backend == "naive":
+    B, T, H, _ = q.shape
+    if backend == "naive" or (backend == "auto" and not q.is_cuda and 4 * B * H * T * T <= NAIVE_CPU_BYTES):
         return hybrid_attention_naive(q, k, v, q_feat, k_feat, gamma, **kwargs)
     if backend == "chunked":
         return hybrid_attention_chunked(q, k, v, q_feat, k_feat, gamma, **kwargs)

@@ -160,12 +160,25 @@ def test_short_sequence_is_softmax_attention():
     assert_close("T<w vs SDPA", ref, out, torch.float32)
 
 
+def test_dispatcher_auto_on_cpu_picks_naive_for_short_and_chunked_for_long(monkeypatch):
+    import linearize.kernels.hybrid_attention as ops
+
+    calls = []
+    monkeypatch.setattr(ops, "hybrid_attention_naive", lambda *a, **k: calls.append("naive"))
+    monkeypatch.setattr(ops, "hybrid_attention_chunked", lambda *a, **k: calls.append("chunked"))
+    inputs, _ = make_inputs(1, 70, 4, 2, 16, 8, torch.float32, seed=7)
+    ops.hybrid_attention(*inputs, window=16)
+    monkeypatch.setattr(ops, "NAIVE_CPU_BYTES", 4 * 4 * 70 * 70 - 1)  # one byte short of the score tensor
+    ops.hybrid_attention(*inputs, window=16)
+    assert calls == ["naive", "chunked"]
+
+
 def test_dispatcher_backends_and_errors():
     inputs, _ = make_inputs(1, 70, 4, 2, 16, 8, torch.float32, seed=7)
     kw = dict(window=16, softmax=True, linear="outside")
     ref = hybrid_attention_naive(*inputs, **kw)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # CPU tensors use the chunked path silently
+        warnings.simplefilter("error")  # CPU tensors take a PyTorch path silently
         assert_close("auto", ref, hybrid_attention(*inputs, **kw), torch.float32)
     assert_close("naive", ref, hybrid_attention(*inputs, backend="naive", **kw), torch.float32)
     assert_close("chunked", ref, hybrid_attention(*inputs, backend="chunked", **kw), torch.float32)
