@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from linearize.kernels.hybrid_attention import hybrid_attention
+from linearize.kernels.hybrid_attention.naive import repeat_kv
 
 IMPLEMENTATION = "linearize_hybrid"
 MODES = ("hybrid", "swa_only", "la_only", "sinks_only", "no_attention")
@@ -67,17 +68,13 @@ class FeatureMap(nn.Module):
         return z
 
 
-def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[B, T, Hkv, D] -> [B, T, H, D]."""
-    groups = n_heads // x.shape[2]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
 def _softmax_window_only(q, k, v, scale: float, n_keys: int) -> torch.Tensor:
     """Softmax attention restricted to the first ``n_keys`` keys (attention sinks). [B, T, H, D] layout."""
     H = q.shape[2]
-    ks = _repeat_kv(k[:, :n_keys], H).float()
-    vs = _repeat_kv(v[:, :n_keys], H).float()
+    ks = repeat_kv(k[:, :n_keys], H).float()
+    vs = repeat_kv(v[:, :n_keys], H).float()
     s = torch.einsum("bnhd,bjhd->bhnj", q.float(), ks) * scale
     pos = torch.arange(q.shape[1], device=q.device)
     s = s.masked_fill(pos[None, :n_keys] > pos[:, None], float("-inf"))
@@ -125,7 +122,7 @@ class HybridAttention(nn.Module):
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """phi(q), phi(k) for q [B, T, H, D], k [B, T, Hkv, D]; the k map runs on GQA-repeated keys."""
-        return self.q_map(q), self.k_map(_repeat_kv(k, self.n_heads))
+        return self.q_map(q), self.k_map(repeat_kv(k, self.n_heads))
 
     def attend(self, q, k, v, scale: float, softmax: bool, linear: str) -> torch.Tensor:
         """Hybrid attention with explicit spans. q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]."""

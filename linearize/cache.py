@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from linearize.attention import HybridAttention, _repeat_kv, hybrid_layers
+from linearize.attention import HybridAttention, hybrid_layers
 from linearize.kernels.hybrid_attention.decode import hybrid_attention_decode, hybrid_state_update
+from linearize.kernels.hybrid_attention.naive import repeat_kv
 
 PREFILL_CHUNK = 1024  # queries per step of the chunked prefill: memory O(chunk * (chunk + w)) per layer
 
@@ -69,7 +70,7 @@ def attend_recurrent(
 
     def commit(a: int, b: int) -> None:
         if b > a:
-            kf = hyb.k_map(_repeat_kv(k[:, a:b], hyb.n_heads))
+            kf = hyb.k_map(repeat_kv(k[:, a:b], hyb.n_heads))
             hybrid_state_update(S, z, kf, v[:, a:b], None if key_valid is None else key_valid[:, a:b])
 
     outs, committed = [], 0
@@ -85,7 +86,7 @@ def attend_recurrent(
         q_feat = k_feat = None
         if linear != "none":
             q_feat = hyb.q_map(q[:, c0:c1])
-            k_feat = hyb.k_map(_repeat_kv(kc, hyb.n_heads))
+            k_feat = hyb.k_map(repeat_kv(kc, hyb.n_heads))
         valid = None if key_valid is None else key_valid[:, start : n_before + c1]
         outs.append(
             hybrid_attention_decode(

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from linearize.attention import HybridAttention, attention_mode, hybrid_layers
+from linearize.kernels.hybrid_attention.naive import repeat_kv
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,6 @@ BASE = "base"
 # usage: the two parts of the hybrid op
 
 
-def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    groups = n_heads // x.shape[2]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
 def attention_parts(
@@ -115,7 +113,7 @@ def attention_parts(
     B, T, H, D = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     scale = D**-0.5 if scale is None else scale
-    qf, kf, vf = q.to(dtype), _repeat_kv(k, H).to(dtype), _repeat_kv(v, H).to(dtype)
+    qf, kf, vf = q.to(dtype), repeat_kv(k, H).to(dtype), repeat_kv(v, H).to(dtype)
     Dv = vf.shape[-1]
     a_swa = torch.zeros(B, T, H, Dv, dtype=dtype, device=q.device)
     a_la = torch.zeros_like(a_swa)

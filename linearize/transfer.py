@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from linearize import ssd as ssd_lib
 from linearize.attention import HybridAttention, hybrid_layers, load_hybrid, save_hybrid
 from linearize.data import PackedData
+from linearize.kernels.hybrid_attention.naive import repeat_kv
 from linearize.training import LogFn, mean_over_val, train
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,6 @@ def softmax_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return out.transpose(1, 2)
 
 
-def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    groups = n_heads // x.shape[2]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
 def attention_weight_kl(
@@ -75,7 +73,7 @@ def attention_weight_kl(
     """
     B, T, H, _ = q.shape
     qs = q.detach().float().transpose(1, 2)  # [B, H, T, D]
-    ks = _repeat_kv(k.detach(), H).float().transpose(1, 2)
+    ks = repeat_kv(k.detach(), H).float().transpose(1, 2)
     qf, kf = q_feat, k_feat
     if backward_scale is not None:  # leaves that collect the chunks' gradients; one backward into phi at the end
         qf, kf = q_feat.detach().requires_grad_(True), k_feat.detach().requires_grad_(True)

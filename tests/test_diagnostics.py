@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA, attn_cfg, compose, fm_cfg, requires_data, tiny
-from linearize.kernels.hybrid_attention import hybrid_attention_naive
 
 from linearize import attention as A
 from linearize import diagnostics as D
+from linearize.kernels.hybrid_attention import hybrid_attention_naive
 
 
 def converted(window: int, kind: str = "hybrid", seed: int = 0):

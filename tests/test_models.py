@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import compose, tiny
+from conftest import compose
 
 from linearize import models
 

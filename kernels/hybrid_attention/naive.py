@@ -17,7 +17,7 @@ import torch
 LINEAR_SPANS = ("outside", "all", "none")
 
 
-def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[B, T, Hkv, D] -> [B, T, H, D] by repeating each kv head for its query group."""
     groups = n_heads // x.shape[2]
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
@@ -61,8 +61,8 @@ def hybrid_attention_naive(
         raise ValueError("softmax=False with linear='none' leaves no attention terms")
     B, T, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
-    kf = _repeat_kv(k, H).float()
-    vf = _repeat_kv(v, H).float()
+    kf = repeat_kv(k, H).float()
+    vf = repeat_kv(v, H).float()
     pos = torch.arange(T, device=q.device)
     offset = pos[:, None] - pos[None, :]  # n - j
     causal = offset >= 0

@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+
 from linearize.kernels.hybrid_attention import hybrid_attention, hybrid_attention_chunked, hybrid_attention_naive
 
 from ._testing import assert_close
