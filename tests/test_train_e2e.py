@@ -41,7 +41,7 @@ def test_entrypoint_writes_metrics_and_resumes(tmp_path):
     assert {"git_sha", "git_dirty", "packages", "device", "seed", "created", "command"} <= set(prov)
     assert prov["packages"]["torch"] and prov["packages"]["transformers"]
     assert set(metrics["stages"]) >= {"transfer", "finetune", "evaluate"}
-    assert set(metrics["results"]) == {"base", "hybrid", "swa_only", "la_only"}
+    assert set(metrics["results"]) == {"base", "hybrid", "swa_only", "la_only", "sinks_only", "no_attention"}
     for row in metrics["results"].values():
         assert {"piqa", "arc_easy", "avg", "rec"} <= set(row)
         assert 0.0 <= row["piqa"] <= 1.0
