@@ -337,10 +337,7 @@ def hybrid_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _canonical(name: str) -> str:
     """Strips peft's wrapper prefixes so a checkpoint loads into a model with or without LoRA."""
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name
+    return name.removeprefix("base_model.model.")
 
 
 def save_hybrid(model: nn.Module, path) -> None:

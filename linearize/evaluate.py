@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -155,7 +155,7 @@ def run(model, tokenizer, cfg: DictConfig, *, out_dir: Path | None = None, log_f
     details: dict[str, dict] = {}
     with _no_kv_cache(model):
         for row in rows:
-            with _row(model, row, kinds) if converted or row == BASE else nullcontext():
+            with _row(model, row, kinds):  # rows other than base exist only for a converted model
                 for task in tasks:
                     cached = cache_dir / row / f"{task}.json" if cache_dir is not None else None
                     record = json.loads(cached.read_text()) if cached is not None and cached.is_file() else None
