@@ -133,7 +133,9 @@ class EvalConfig:
     base: bool = True  # also evaluate the unconverted softmax model
     # extra attention kinds to run the converted model as, no retraining: one row "<kind>@<trained kind>" each
     kinds: list[str] = field(default_factory=list)
-    limit: int | None = None  # documents per task (None = all)
+    limit: int | None = None  # documents per task (None = all); for MMLU per subject
+    # per-task limits instead of `limit` (null = every document), e.g. +eval.task_limits.mmlu=10 (10 per subject)
+    task_limits: dict[str, int | None] = field(default_factory=dict)
     batch_size: int = 8
     data_dir: str | None = None  # None: $LINEARIZE_DATA_DIR, else ../shared/data, else the hub
     splits: dict[str, str] = field(default_factory=dict)  # e.g. {arc_easy: dev, mmlu: val}
@@ -266,6 +268,11 @@ def validate(cfg: Any) -> None:
         _one_of(mode, MODES, "eval.modes[]")
     for kind in cfg.eval.kinds:
         _one_of(kind, ("hybrid", "hybrid_overlap", "linear"), "eval.kinds[]")
+    for task, limit in (cfg.eval.get("task_limits") or {}).items():
+        if task not in cfg.eval.tasks:
+            raise ValueError(f"eval.task_limits.{task}: {task} is not in eval.tasks {list(cfg.eval.tasks)}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"eval.task_limits.{task}={limit} must be >= 1 (or null for every document)")
     if cfg.transfer.mse_weight < 0 or cfg.transfer.xent_weight < 0:
         raise ValueError(
             f"transfer.mse_weight={cfg.transfer.mse_weight} and transfer.xent_weight={cfg.transfer.xent_weight} "

@@ -91,6 +91,12 @@ def _score(results: dict, task: str) -> tuple[float, dict]:
     return float(metrics[key]), metrics
 
 
+def task_limit(ecfg: DictConfig, task: str) -> int | None:
+    """Documents scored for ``task`` (per subject for MMLU): ``eval.task_limits[task]`` if set, else ``eval.limit``."""
+    limits = ecfg.get("task_limits") or {}
+    return limits[task] if task in limits else ecfg.limit
+
+
 def evaluate_task(lm, task: str, ecfg: DictConfig, data_dir, seed: int) -> tuple[float, dict]:
     import lm_eval
 
@@ -100,7 +106,7 @@ def evaluate_task(lm, task: str, ecfg: DictConfig, data_dir, seed: int) -> tuple
         tasks=names,
         task_manager=manager,
         num_fewshot=task_registry.num_fewshot(task),
-        limit=ecfg.limit,
+        limit=task_limit(ecfg, task),
         bootstrap_iters=0,
         log_samples=False,
         random_seed=seed,
@@ -148,7 +154,7 @@ def run(model, tokenizer, cfg: DictConfig, *, out_dir: Path | None = None, log_f
         assert not layer.drop_swa and layer.drop_mask is None, "SSD's dropped window leaked out of a training stage"
     kinds = kind_rows(model, ecfg.kinds) if converted else {}
     rows = ([BASE] if ecfg.base else []) + (list(ecfg.modes) + list(kinds) if converted else [])
-    settings = {"limit": ecfg.limit, "splits": OmegaConf.to_container(ecfg.splits), "data_dir": str(data_dir)}
+    splits = OmegaConf.to_container(ecfg.splits)
     cache_dir = Path(out_dir) / "eval" if out_dir is not None else None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ecfg.batch_size)
     table: dict[str, dict[str, float]] = {}
@@ -157,6 +163,7 @@ def run(model, tokenizer, cfg: DictConfig, *, out_dir: Path | None = None, log_f
         for row in rows:
             with _row(model, row, kinds):  # rows other than base exist only for a converted model
                 for task in tasks:
+                    settings = {"limit": task_limit(ecfg, task), "splits": splits, "data_dir": str(data_dir)}
                     cached = cache_dir / row / f"{task}.json" if cache_dir is not None else None
                     record = json.loads(cached.read_text()) if cached is not None and cached.is_file() else None
                     if record is None or record.get("settings") != settings:

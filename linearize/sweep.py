@@ -143,7 +143,7 @@ def result_record(metrics: dict[str, Any], table: str, row: str, command: str, r
             "stages": cfg["stages"],
             "transfer": cfg["transfer"],
             "finetune": cfg["finetune"],
-            "eval": {k: ev[k] for k in ("tasks", "modes", "kinds", "base", "limit", "splits", "batch_size")},
+            "eval": {k: ev.get(k) for k in ("tasks", "modes", "kinds", "base", "limit", "task_limits", "splits", "batch_size")},
             "data": cfg["data"],
         },
         "setup": {k: cfg[k] for k in ("attention", "feature_map", "ssd", "method", "seed")},

@@ -114,6 +114,7 @@ def _eval_settings(result: dict[str, Any]) -> tuple:
     ev = result["budgets"]["eval"]
     return (
         ev.get("limit"),
+        json.dumps(ev.get("task_limits") or {}, sort_keys=True),
         json.dumps(ev.get("splits") or {}, sort_keys=True),
         result["budgets"]["data"].get("data_dir"),
     )
@@ -200,7 +201,8 @@ def _runs_section(results: dict[str, dict[str, Any]]) -> list[str]:
                     f"{stage} {done} steps (max_steps {c['max_steps']}, epochs {c['epochs']}) of "
                     f"{c['batch_size']} x {c['grad_accum']} x {c['seq_len']} tokens"
                 )
-        parts.append(f"eval limit {e['limit'] if e['limit'] is not None else 'all'}")
+        limits = ", ".join(f"{t} {n if n is not None else 'all'}" for t, n in (e.get("task_limits") or {}).items())
+        parts.append(f"eval limit {e['limit'] if e['limit'] is not None else 'all'}" + (f" ({limits})" if limits else ""))
         dirty = " (dirty)" if p.get("git_dirty") else ""
         out.append(
             f"- `{name}`: {', '.join(parts)}; git `{str(p.get('git_sha'))[:10]}`{dirty}, {p.get('device')}, "

@@ -101,3 +101,15 @@ def test_cli_cfg_job_prints_composed_config():
     )
     assert proc.returncode == 0, proc.stderr
     assert "mistralai/Mistral-7B-v0.1" in proc.stdout and "enabled: true" in proc.stdout
+
+
+def test_task_limits_compose_and_must_name_evaluated_tasks():
+    cfg = compose(["eval.tasks=[piqa,mmlu]", "+eval.task_limits.mmlu=10", "+eval.task_limits.piqa=null"])
+    validate(cfg)
+    assert cfg.eval.task_limits == {"mmlu": 10, "piqa": None}
+    with pytest.raises(ValueError, match="eval.task_limits.hellaswag"):
+        validate(compose(["+eval.task_limits.hellaswag=10"]))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        validate(compose(["eval.tasks=[piqa]", "+eval.task_limits.piqa=0"]))
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        compose(["+eval.task_limits.piqa=many"])

@@ -461,3 +461,28 @@ def test_simple_evaluate_every_task(tmp_path, monkeypatch):
             subjects = [v["acc,none"] for k, v in results.items() if k.startswith("linearize_mmlu::")]
             assert len(subjects) == 57
             assert got["acc,none"] == pytest.approx(sum(subjects) / 57)
+
+
+@needs_data
+def test_task_limits_override_limit_per_task(tmp_path, monkeypatch):
+    """eval.task_limits sets one task's document count; the others keep eval.limit; the cache records each."""
+    from omegaconf import OmegaConf
+
+    from linearize import evaluate
+
+    model, tok = _tiny_model_and_tokenizer()
+    monkeypatch.chdir(tmp_path)
+    ecfg = {"tasks": ["piqa", "arc_easy"], "modes": [], "base": True, "kinds": [], "limit": 5, "batch_size": 4,
+            "task_limits": {"arc_easy": 3}, "data_dir": str(DATA_DIR), "splits": {"arc_easy": "dev"}}  # fmt: skip
+    cfg = OmegaConf.create({"eval": ecfg, "seed": 0})
+    _, _, details = evaluate.run(model, tok, cfg, out_dir=tmp_path)
+    assert details["base"]["piqa"]["metrics"]["sample_len"] == 5
+    assert details["base"]["arc_easy"]["metrics"]["sample_len"] == 3
+    cached = json.loads((tmp_path / "eval" / "base" / "arc_easy.json").read_text())
+    assert cached["settings"]["limit"] == 3
+    # a changed task limit is a different setting: the cached score is not reused
+    cfg.eval.task_limits.arc_easy = 2
+    _, _, details = evaluate.run(model, tok, cfg, out_dir=tmp_path)
+    assert details["base"]["arc_easy"]["metrics"]["sample_len"] == 2
+    assert details["base"]["piqa"]["metrics"]["sample_len"] == 5
+
