@@ -3,20 +3,24 @@
 Semantics are those of ``naive.hybrid_attention_naive``; README.md beside this file has the math and the scheme.
 In short: chunks of BT = 64 >= w tokens. For query chunk i the softmax window and the "local" linear terms live
 in key chunks i-1 and i (exact [BT, BT] blocks); all older keys (chunks <= i-2, outside any window) enter through
-the state S = sum phi(k) v^T, z = sum phi(k). The sequence of chunks is cut into segments; a first kernel sums
-each segment's state contribution, torch takes the exclusive prefix over segments, and the main kernels then run
-in parallel over (segment, batch * head), carrying S in registers through the segment's chunks.
+the state S = sum phi(k) v^T, z = sum phi(k). As in flash-linear-attention's chunk kernels the work is split in two:
 
-Backward (FlashAttention-style recomputation; o, the row max m and the normaliser Zd are saved):
+  * a state pass (``_chunk_state_kernel``, grid (F blocks, Dv blocks, B*H), a short sequential loop over chunks
+    holding one [BK, BV] fp32 state tile) writes the state every chunk needs, h[i] = S_{i-2} `[F, Dv]` in the dtype
+    of the dots and z[i] `[F]` in fp32, to memory;
+  * the output / gradient kernels are then fully parallel over (chunk, [Dv block,] batch*head) and carry no state:
+    each reads the one h[i] it needs right before its dot.
+
+Backward (FlashAttention-style recomputation; o, the row max m and the normaliser Zd are saved, h is recomputed):
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
-  Query side (_bwd_q_kernel, forward over chunks, state S): dq, dq_feat, dgamma and the row term of the max.
-  Key side (_bwd_k_kernel, backward over chunks, state dS = sum phi(q) dA^T, dz = sum phi(q) dZ): dk, dv, dk_feat.
+  The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i].
+  Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h).
+  Key side (_bwd_k_kernel): dk, dv, dk_feat (from dh).
 GQA: k/v are read through the kv head h // G; dk/dv are produced per query head in fp32 and summed over the group.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -31,9 +35,24 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BT = 64  # chunk size: the kernel needs window <= BT when softmax terms are on
 _LINEAR_CODE = {"none": 0, "outside": 1, "all": 2}
 
+# Block sizes (capped by the padded head dims). The state pass holds one [STATE_BF, STATE_BV] fp32 tile; the forward
+# output kernel splits Dv into OUT_BV-wide programs (each recomputes the cheap [BT, BT] weights and the normaliser).
+# `python -m linearize.kernels.spills` shows their register use; the tests set them small to exercise the splits.
+STATE_BF = 64
+STATE_BV = 64
+OUT_BV = 64
+# (num_warps, num_stages) per kernel, for D = F = Dv = 128 (smaller head dims take 4 warps everywhere)
+LAUNCH = {"state": (4, 2), "fwd": (4, 2), "bwd_q": (8, 1), "bwd_k": (8, 1)}
+
 
 # --------------------------------------------------------------------------------------------------------------
-# helpers (inlined by Triton)
+# helpers (inlined by Triton): tile loads, the [BT, BT] blocks of scores and weights, the row gradients
+
+
+@triton.jit
+def _head(ptr, b, h, sb, sh):
+    """Base pointer of batch b, head h of a [B, T, H, ...] tensor."""
+    return ptr + b.to(tl.int64) * sb + h.to(tl.int64) * sh
 
 
 @triton.jit
@@ -44,18 +63,31 @@ def _load_tile(ptr, rows, cols, T, NC, stride_t):
 
 
 @triton.jit
+def _store_tile(ptr, x, rows, cols, T, NC, stride_t):
+    mask = (rows[:, None] < T) & (cols[None, :] < NC)
+    tl.store(ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _load_row(ptr, rows, T, other):
     return tl.load(ptr + rows, mask=(rows >= 0) & (rows < T), other=other)
 
 
 @triton.jit
-def _scores(q, k, n, j, T, window, scale, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
-    """Scaled scores of one [BT query, BT key] block, -inf outside the window W(n) = {n-w < j <= n}."""
-    off = n[:, None] - j[None, :]
-    win = (j[None, :] >= 0) & (j[None, :] < T) & (n[:, None] < T) & (off >= 0) & (off < window)
+def _state_ptr(HS, bh, i, NT, BF: tl.constexpr, BDV: tl.constexpr, ff, vv):
+    """[len(ff), len(vv)] pointers into chunk i's state of a [B*H, NT, BF, BDV] tensor."""
+    return HS + (bh.to(tl.int64) * NT + i) * (BF * BDV) + ff[:, None] * BDV + vv[None, :]
+
+
+@triton.jit
+def _scores(q, kp, n, j, T, window, scale, skt,
+            D: tl.constexpr, BD: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+    """Scaled scores of query rows n (tile q) against key rows j (loaded here), -inf outside W(n) = {n-w < j <= n}."""
     if SOFTMAX:
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        s = tl.where(win, s, float("-inf"))
+        k = _load_tile(kp, j, tl.arange(0, BD), T, D, skt)
+        off = n[:, None] - j[None, :]
+        win = (j[None, :] >= 0) & (j[None, :] < T) & (n[:, None] < T) & (off >= 0) & (off < window)
+        s = tl.where(win, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
     else:
         s = tl.full([n.shape[0], j.shape[0]], float("-inf"), dtype=tl.float32)
     return s
@@ -72,139 +104,131 @@ def _lin_mask(n, j, T, window, LINEAR: tl.constexpr):
 
 
 @triton.jit
-def _weights(s, qf, kf, m, n, j, gamma, T, window,
-             SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr):
-    """p0 = exp(s - m) (zero outside the window) and W = gamma * p0 + phi(q).phi(k) on the local linear span."""
+def _weights(s, m, gamma, qf, kfp, n, j, T, window, sft,
+             F: tl.constexpr, BF: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr):
+    """p0 = exp(s - m) (zero outside the window) and W = gamma p0 + phi(q).phi(k) on L(n); phi(k) rows j loaded here."""
     if SOFTMAX:
         p0 = tl.exp(s - m[:, None])
     else:
         p0 = tl.zeros([n.shape[0], j.shape[0]], dtype=tl.float32)
     w = gamma * p0
     if LINEAR != 0:
+        kf = _load_tile(kfp, j, tl.arange(0, BF), T, F, sft)
         a = tl.dot(qf, tl.trans(kf), input_precision=PREC)
         w += tl.where(_lin_mask(n, j, T, window, LINEAR), a, 0.0)
     return p0, w
 
 
+@triton.jit
+def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.constexpr):
+    """dA_n = do_n / Zd_n `[BT, BDV]` fp32 and dZ_n = -(do_n . o_n) / Zd_n `[BT]` of query rows n."""
+    inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
+    dA = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(tl.float32) * inv[:, None]
+    dZ = -_load_row(DELTA + rowp, n, T, 0.0) * inv
+    return dA, dZ
+
+
 # --------------------------------------------------------------------------------------------------------------
-# segment state sums: out_S[bh, seg] = sum_{chunks c in seg, shifted} X_c^T (ra * Y_c), out_z = sum X_c^T rb
+# state pass: HS[bh, c] = sum_{chunks c' before c, skipping one} X_c'^T (ra * Y_c'), ZS[bh, c] = sum X_c'^T rb,
+# "before" in time (forward: c' <= c-2) or reversed (backward: c' >= c+2)
 
 
 @triton.jit
-def _segment_state_kernel(
-    X, Y, RA, RB, OS, OZ,
+def _chunk_state_kernel(
+    X, Y, RA, RB, HS, ZS,
     sxb, sxt, sxh, syb, syt, syh,
-    T, H, GY, NT, CPS, SHIFT, NSEG,
-    F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr,
-    HAS_RA: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    T, H, GY, NT,
+    F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_RA: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_k = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     r = tl.arange(0, BT)
-    ff = tl.arange(0, BF)
-    vv = tl.arange(0, BDV)
-    xp = X + b.to(tl.int64) * sxb + h * sxh
-    yp = Y + b.to(tl.int64) * syb + (h // GY) * syh
+    ff = pid_k * BK + tl.arange(0, BK)
+    vv = pid_v * BV + tl.arange(0, BV)
+    xp = _head(X, b, h, sxb, sxh)
+    yp = _head(Y, b, h // GY, syb, syh)
     rowp = pid_bh.to(tl.int64) * T
-    S = tl.zeros([BF, BDV], dtype=tl.float32)
-    z = tl.zeros([BF], dtype=tl.float32)
-    lo = tl.maximum(pid_s * CPS + SHIFT, 0)
-    hi = tl.minimum((pid_s + 1) * CPS + SHIFT, NT)
-    for c in range(lo, hi):
-        n = c * BT + r
-        x = _load_tile(xp, n, ff, T, F, sxt)
-        y = _load_tile(yp, n, vv, T, DV, syt).to(tl.float32)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    for t in range(0, NT):
+        if REVERSE:
+            c = NT - 1 - t
+            nb = c + 1  # joins the state of chunk c-1
+        else:
+            c = t
+            nb = c - 1  # joins the state of chunk c+1
+        tl.store(_state_ptr(HS, pid_bh, c, NT, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
+        # z does not depend on the Dv block: block 0 writes it (the mask is false for pid_v > 0)
+        tl.store(ZS + (pid_bh.to(tl.int64) * NT + c) * BF + ff, z, mask=ff + pid_v * BF < BF)
+        rows = nb * BT + r
+        x = _load_tile(xp, rows, ff, T, F, sxt)
+        y = _load_tile(yp, rows, vv, T, DV, syt)
         if HAS_RA:
-            y = y * _load_row(RA + rowp, n, T, 0.0)[:, None]
+            y = y.to(tl.float32) * _load_row(RA + rowp, rows, T, 0.0)[:, None]
         if HAS_RB:
-            z += tl.sum(x.to(tl.float32) * _load_row(RB + rowp, n, T, 0.0)[:, None], axis=0)
+            z += tl.sum(x.to(tl.float32) * _load_row(RB + rowp, rows, T, 0.0)[:, None], axis=0)
         else:
             z += tl.sum(x.to(tl.float32), axis=0)
-        S += tl.dot(tl.trans(x), y.to(DT), input_precision=PREC)
-    base = (pid_bh.to(tl.int64) * NSEG + pid_s)
-    tl.store(OS + base * BF * BDV + ff[:, None] * BDV + vv[None, :], S)
-    tl.store(OZ + base * BF + ff, z)
+        S = tl.dot(tl.trans(x), y.to(DT), S, input_precision=PREC)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# forward
+# forward: one program per (query chunk, Dv block, batch * head)
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, QF, KF, GAMMA, OUT, M, ZD, S0, Z0,
+    Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh,
-    T, H, G, NT, CPS, NSEG, window, scale, eps,
+    T, H, G, NT, window, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    i = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
-    hk = h // G
-    r = tl.arange(0, BT)
-    dd = tl.arange(0, BD)
-    vv = tl.arange(0, BDV)
+    n = i * BT + tl.arange(0, BT)
+    jp = n - BT
+    vv = pid_v * BV + tl.arange(0, BV)
     ff = tl.arange(0, BF)
-    qp = Q + b.to(tl.int64) * sqb + h * sqh
-    kp = K + b.to(tl.int64) * skb + hk * skh
-    vp = V + b.to(tl.int64) * svb + hk * svh
-    qfp = QF + b.to(tl.int64) * sfb + h * sfh
-    kfp = KF + b.to(tl.int64) * sfb + h * sfh
-    op = OUT + b.to(tl.int64) * sob + h * soh
+    kp = _head(K, b, h // G, skb, skh)
+    vp = _head(V, b, h // G, svb, svh)
+    kfp = _head(KF, b, h, sfb, sfh)
     rowp = pid_bh.to(tl.int64) * T
     gamma = tl.load(GAMMA + h).to(tl.float32)
+    q = tl.zeros([BT, BD], dtype=DT)
+    qf = tl.zeros([BT, BF], dtype=DT)
+    if SOFTMAX:
+        q = _load_tile(_head(Q, b, h, sqb, sqh), n, tl.arange(0, BD), T, D, sqt)
     if LINEAR != 0:
-        base = pid_bh.to(tl.int64) * NSEG + pid_s
-        S = tl.load(S0 + base * BF * BDV + ff[:, None] * BDV + vv[None, :])
-        z = tl.load(Z0 + base * BF + ff)
-    c0 = pid_s * CPS
-    c1 = tl.minimum(c0 + CPS, NT)
-    for i in range(c0, c1):
-        n = i * BT + r
-        jp = n - BT
-        v_prev = _load_tile(vp, jp, vv, T, DV, svt)
-        v_cur = _load_tile(vp, n, vv, T, DV, svt)
-        q = tl.zeros([BT, BD], dtype=DT)
-        k_prev = q
-        k_cur = q
-        qf = tl.zeros([BT, BF], dtype=DT)
-        kf_prev = qf
-        kf_cur = qf
-        if SOFTMAX:
-            q = _load_tile(qp, n, dd, T, D, sqt)
-            k_prev = _load_tile(kp, jp, dd, T, D, skt)
-            k_cur = _load_tile(kp, n, dd, T, D, skt)
-        s_prev = _scores(q, k_prev, n, jp, T, window, scale, SOFTMAX, PREC)
-        s_cur = _scores(q, k_cur, n, n, T, window, scale, SOFTMAX, PREC)
-        # the row max runs over the window only; rows past T (all -inf) get 0
-        m = tl.maximum(tl.max(s_prev, axis=1), tl.max(s_cur, axis=1))
-        m = tl.where(n < T, m, 0.0)
-        if LINEAR != 0:
-            qf = _load_tile(qfp, n, ff, T, F, sft)
-            kf_prev = _load_tile(kfp, jp, ff, T, F, sft)
-            kf_cur = _load_tile(kfp, n, ff, T, F, sft)
-        _, w_prev = _weights(s_prev, qf, kf_prev, m, n, jp, gamma, T, window, SOFTMAX, LINEAR, PREC)
-        _, w_cur = _weights(s_cur, qf, kf_cur, m, n, n, gamma, T, window, SOFTMAX, LINEAR, PREC)
-        acc = tl.dot(w_prev.to(DT), v_prev, input_precision=PREC)
-        acc = tl.dot(w_cur.to(DT), v_cur, acc, input_precision=PREC)
-        zacc = tl.sum(w_prev, axis=1) + tl.sum(w_cur, axis=1)
-        if LINEAR != 0:
-            # keys of chunks <= i-2, then chunk i-1 joins the state for chunk i+1
-            acc = tl.dot(qf, S.to(DT), acc, input_precision=PREC)
-            zacc += tl.sum(qf.to(tl.float32) * z[None, :], axis=1)
-            S = tl.dot(tl.trans(kf_prev), v_prev, S, input_precision=PREC)
-            z += tl.sum(kf_prev.to(tl.float32), axis=0)
-        zd = zacc + eps
-        o = acc / zd[:, None]
-        omask = (n[:, None] < T) & (vv[None, :] < DV)
-        tl.store(op + n[:, None].to(tl.int64) * sot + vv[None, :], o.to(OUT.dtype.element_ty), mask=omask)
-        tl.store(M + rowp + n, m, mask=n < T)
-        tl.store(ZD + rowp + n, zd, mask=n < T)
+        qf = _load_tile(_head(QF, b, h, sfb, sfh), n, ff, T, F, sft)
+    s_p = _scores(q, kp, n, jp, T, window, scale, skt, D, BD, SOFTMAX, PREC)
+    s_c = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
+    # the row max runs over the window only; rows past T (all -inf) get 0
+    m = tl.where(n < T, tl.maximum(tl.max(s_p, axis=1), tl.max(s_c, axis=1)), 0.0)
+    _, w = _weights(s_p, m, gamma, qf, kfp, n, jp, T, window, sft, F, BF, SOFTMAX, LINEAR, PREC)
+    acc = tl.dot(w.to(DT), _load_tile(vp, jp, vv, T, DV, svt), input_precision=PREC)
+    zacc = tl.sum(w, axis=1)
+    _, w = _weights(s_c, m, gamma, qf, kfp, n, n, T, window, sft, F, BF, SOFTMAX, LINEAR, PREC)
+    acc = tl.dot(w.to(DT), _load_tile(vp, n, vv, T, DV, svt), acc, input_precision=PREC)
+    zacc += tl.sum(w, axis=1)
+    if LINEAR != 0:  # keys of chunks <= i-2 through the state
+        acc = tl.dot(qf, tl.load(_state_ptr(HS, pid_bh, i, NT, BF, BDV, ff, vv)), acc, input_precision=PREC)
+        z = tl.load(ZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)
+        zacc += tl.sum(qf.to(tl.float32) * z[None, :], axis=1)
+    zd = zacc + eps
+    _store_tile(_head(OUT, b, h, sob, soh), acc / zd[:, None], n, vv, T, DV, sot)
+    first = n + pid_v * T < T  # n < T in Dv block 0: every Dv block has the same row statistics, one writes them
+    tl.store(M + rowp + n, m, mask=first)
+    tl.store(ZD + rowp + n, zd, mask=first)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -213,89 +237,67 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_q_kernel(
-    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, S0, Z0,
+    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, HS, ZS,
     DQ, DQF, R, IDX, DG,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
-    T, H, G, NT, CPS, NSEG, window, scale,
+    T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
+    i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    hk = h // G
-    r = tl.arange(0, BT)
+    n = i * BT + tl.arange(0, BT)
+    jp = n - BT
     dd = tl.arange(0, BD)
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
-    qp = Q + b.to(tl.int64) * sqb + h * sqh
-    kp = K + b.to(tl.int64) * skb + hk * skh
-    vp = V + b.to(tl.int64) * svb + hk * svh
-    kfp = KF + b.to(tl.int64) * sfb + h * sfh
-    dop = DO + b.to(tl.int64) * sdb + h * sdh
-    dqp = DQ + b.to(tl.int64) * sqb + h * sqh
-    dqfp = DQF + b.to(tl.int64) * sfb + h * sfh
+    kp = _head(K, b, h // G, skb, skh)
+    vp = _head(V, b, h // G, svb, svh)
+    kfp = _head(KF, b, h, sfb, sfh)
     rowp = pid_bh.to(tl.int64) * T
-    gamma = tl.load(GAMMA + h).to(tl.float32)
+    dA, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV)
+    dA = dA.to(DT)
+    # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
+    dW_p = tl.dot(dA, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) + dZ[:, None]
+    dW_c = tl.dot(dA, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) + dZ[:, None]
+    if SOFTMAX:
+        gamma = tl.load(GAMMA + h).to(tl.float32)
+        m = _load_row(M + rowp, n, T, 0.0)
+        q = _load_tile(_head(Q, b, h, sqb, sqh), n, dd, T, D, sqt)
+        s_p = _scores(q, kp, n, jp, T, window, scale, skt, D, BD, SOFTMAX, PREC)
+        s_c = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
+        # c_n = max_j s_nj is differentiated too (the linear terms do not rescale with it): its gradient
+        # -sum_j p_nj dW_nj goes to the arg max (first one on ties)
+        mp = tl.max(s_p, axis=1)
+        mc = tl.max(s_c, axis=1)
+        idx = tl.where(mp >= mc, (i - 1) * BT + tl.argmax(s_p, axis=1), i * BT + tl.argmax(s_c, axis=1))
+        pw0_p = tl.exp(s_p - m[:, None]) * dW_p
+        pw0_c = tl.exp(s_c - m[:, None]) * dW_c
+        row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
+        rsum = gamma * row
+        ds_p = gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)
+        ds_c = gamma * pw0_c - tl.where(n[None, :] == idx[:, None], rsum[:, None], 0.0)
+        # the key tiles are reloaded (L2) rather than kept live across the score / softmax work
+        dq = tl.dot(ds_p.to(DT), _load_tile(kp, jp, dd, T, D, skt), input_precision=PREC)
+        dq = tl.dot(ds_c.to(DT), _load_tile(kp, n, dd, T, D, skt), dq, input_precision=PREC)
+        _store_tile(_head(DQ, b, h, sqb, sqh), dq * scale, n, dd, T, D, sqt)
+        tl.store(R + rowp + n, rsum, mask=n < T)
+        tl.store(IDX + rowp + n, idx.to(tl.int32), mask=n < T)
+        tl.store(DG + pid_bh.to(tl.int64) * NT + i, tl.sum(row, axis=0))
     if LINEAR != 0:
-        base = pid_bh.to(tl.int64) * NSEG + pid_s
-        S = tl.load(S0 + base * BF * BDV + ff[:, None] * BDV + vv[None, :])
-        z = tl.load(Z0 + base * BF + ff)
-    dg = tl.zeros([BT], dtype=tl.float32)
-    c0 = pid_s * CPS
-    c1 = tl.minimum(c0 + CPS, NT)
-    for i in range(c0, c1):
-        n = i * BT + r
-        jp = n - BT
-        inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
-        dA = _load_tile(dop, n, vv, T, DV, sdt).to(tl.float32) * inv[:, None]
-        dZ = -_load_row(DELTA + rowp, n, T, 0.0) * inv
-        v_prev = _load_tile(vp, jp, vv, T, DV, svt)
-        v_cur = _load_tile(vp, n, vv, T, DV, svt)
-        # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
-        dW_p = tl.dot(dA.to(DT), tl.trans(v_prev), input_precision=PREC) + dZ[:, None]
-        dW_c = tl.dot(dA.to(DT), tl.trans(v_cur), input_precision=PREC) + dZ[:, None]
-        if SOFTMAX:
-            m = _load_row(M + rowp, n, T, 0.0)
-            q = _load_tile(qp, n, dd, T, D, sqt)
-            k_prev = _load_tile(kp, jp, dd, T, D, skt)
-            k_cur = _load_tile(kp, n, dd, T, D, skt)
-            s_p = _scores(q, k_prev, n, jp, T, window, scale, SOFTMAX, PREC)
-            s_c = _scores(q, k_cur, n, n, T, window, scale, SOFTMAX, PREC)
-            pw0_p = tl.exp(s_p - m[:, None]) * dW_p
-            pw0_c = tl.exp(s_c - m[:, None]) * dW_c
-            row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
-            dg += row
-            rsum = gamma * row
-            # c_n = max_j s_nj is differentiated too (the linear terms do not rescale with it): its gradient
-            # -sum_j p_nj dW_nj goes to the arg max (first one on ties)
-            mp = tl.max(s_p, axis=1)
-            mc = tl.max(s_c, axis=1)
-            idx = tl.where(mp >= mc, (i - 1) * BT + tl.argmax(s_p, axis=1), i * BT + tl.argmax(s_c, axis=1))
-            ds_p = gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)
-            ds_c = gamma * pw0_c - tl.where(n[None, :] == idx[:, None], rsum[:, None], 0.0)
-            dq = tl.dot(ds_p.to(DT), k_prev, input_precision=PREC)
-            dq = tl.dot(ds_c.to(DT), k_cur, dq, input_precision=PREC) * scale
-            tl.store(dqp + n[:, None].to(tl.int64) * sqt + dd[None, :], dq.to(DQ.dtype.element_ty),
-                     mask=(n[:, None] < T) & (dd[None, :] < D))
-            tl.store(R + rowp + n, rsum, mask=n < T)
-            tl.store(IDX + rowp + n, idx.to(tl.int32), mask=n < T)
-        if LINEAR != 0:
-            kf_prev = _load_tile(kfp, jp, ff, T, F, sft)
-            kf_cur = _load_tile(kfp, n, ff, T, F, sft)
-            da_p = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0)
-            da_c = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0)
-            dqf = tl.dot(da_p.to(DT), kf_prev, input_precision=PREC)
-            dqf = tl.dot(da_c.to(DT), kf_cur, dqf, input_precision=PREC)
-            dqf = tl.dot(dA.to(DT), tl.trans(S.to(DT)), dqf, input_precision=PREC)
-            dqf += dZ[:, None] * z[None, :]
-            tl.store(dqfp + n[:, None].to(tl.int64) * sft + ff[None, :], dqf.to(DQF.dtype.element_ty),
-                     mask=(n[:, None] < T) & (ff[None, :] < F))
-            S = tl.dot(tl.trans(kf_prev), v_prev, S, input_precision=PREC)
-            z += tl.sum(kf_prev.to(tl.float32), axis=0)
-    tl.store(DG + pid_bh.to(tl.int64) * NSEG + pid_s, tl.sum(dg, axis=0))
+        da_p = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0)
+        da_c = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0)
+        dqf = tl.dot(da_p.to(DT), _load_tile(kfp, jp, ff, T, F, sft), input_precision=PREC)
+        dqf = tl.dot(da_c.to(DT), _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
+        # keys of chunks <= i-2: S_{i-2} dA_n + z_{i-2} dZ_n
+        hs = tl.load(_state_ptr(HS, pid_bh, i, NT, BF, BDV, ff, vv))
+        dqf = tl.dot(dA, tl.trans(hs), dqf, input_precision=PREC)
+        z = tl.load(ZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)
+        dqf += dZ[:, None] * z[None, :]
+        _store_tile(_head(DQF, b, h, sfb, sfh), dqf, n, ff, T, F, sft)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,117 +307,95 @@ def _bwd_q_kernel(
 @triton.jit
 def _bwd_k_block(
     qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, DELTA, R, IDX,
-    k, v, kf, n, j, gamma, T, window, scale,
+    kp, skt, v, kf, n, j, gamma, T, window, scale, dk, dkf, dv,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Contributions of query rows n to the gradients of key chunk j: (ds^T q, da^T phi(q), W^T dA)."""
+    """Adds the contributions of query rows n to the gradients of key rows j: dk += ds^T q, dkf += da^T phi(q),
+    dv += W^T dA."""
     dd = tl.arange(0, BD)
-    vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
-    inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
-    dA = (_load_tile(dop, n, vv, T, DV, sdt).to(tl.float32) * inv[:, None]).to(DT)
-    dZ = -_load_row(DELTA + rowp, n, T, 0.0) * inv
-    q = tl.zeros([BT, BD], dtype=DT)
-    qf = tl.zeros([BT, BF], dtype=DT)
-    m = tl.zeros([BT], dtype=tl.float32)
+    dA, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV)
+    dA = dA.to(DT)
+    q = tl.zeros([n.shape[0], BD], dtype=DT)
+    qf = tl.zeros([n.shape[0], BF], dtype=DT)
+    m = tl.zeros([n.shape[0]], dtype=tl.float32)
     if SOFTMAX:
         q = _load_tile(qp, n, dd, T, D, sqt)
         m = _load_row(M + rowp, n, T, 0.0)
     if LINEAR != 0:
         qf = _load_tile(qfp, n, ff, T, F, sft)
-    s = _scores(q, k, n, j, T, window, scale, SOFTMAX, PREC)
-    p0, w = _weights(s, qf, kf, m, n, j, gamma, T, window, SOFTMAX, LINEAR, PREC)
+    s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, SOFTMAX, PREC)
+    # the local linear weights a = phi(q) . phi(k) on L(n), from the phi(k) tile held by the caller
+    if SOFTMAX:
+        p0 = tl.exp(s - m[:, None])
+    else:
+        p0 = tl.zeros([n.shape[0], j.shape[0]], dtype=tl.float32)
+    w = gamma * p0
+    if LINEAR != 0:
+        w += tl.where(_lin_mask(n, j, T, window, LINEAR), tl.dot(qf, tl.trans(kf), input_precision=PREC), 0.0)
+    dv = tl.dot(tl.trans(w.to(DT)), dA, dv, input_precision=PREC)
     dW = tl.dot(dA, tl.trans(v), input_precision=PREC) + dZ[:, None]
-    dv = tl.dot(tl.trans(w.to(DT)), dA, input_precision=PREC)
-    dk = tl.zeros([BT, BD], dtype=tl.float32)
-    dkf = tl.zeros([BT, BF], dtype=tl.float32)
     if SOFTMAX:
         rsum = _load_row(R + rowp, n, T, 0.0)
         idx = _load_row(IDX + rowp, n, T, -1)
         ds = gamma * p0 * dW - tl.where(j[None, :] == idx[:, None], rsum[:, None], 0.0)
-        dk = tl.dot(tl.trans(ds.to(DT)), q, input_precision=PREC)
+        dk = tl.dot(tl.trans(ds.to(DT)), q, dk, input_precision=PREC)
     if LINEAR != 0:
         da = tl.where(_lin_mask(n, j, T, window, LINEAR), dW, 0.0)
-        dkf = tl.dot(tl.trans(da.to(DT)), qf, input_precision=PREC)
+        dkf = tl.dot(tl.trans(da.to(DT)), qf, dkf, input_precision=PREC)
     return dk, dkf, dv
 
 
 @triton.jit
 def _bwd_k_kernel(
-    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, R, IDX, DS0, DZ0,
+    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, R, IDX, DHS, DZS,
     DK, DV_, DKF,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     spb, spt, sph, svpb, svpt, svph,
-    T, H, G, NT, CPS, NSEG, window, scale,
+    T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
+    i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    hk = h // G
-    r = tl.arange(0, BT)
+    j = i * BT + tl.arange(0, BT)
     dd = tl.arange(0, BD)
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
-    qp = Q + b.to(tl.int64) * sqb + h * sqh
-    kp = K + b.to(tl.int64) * skb + hk * skh
-    vp = V + b.to(tl.int64) * svb + hk * svh
-    qfp = QF + b.to(tl.int64) * sfb + h * sfh
-    kfp = KF + b.to(tl.int64) * sfb + h * sfh
-    dop = DO + b.to(tl.int64) * sdb + h * sdh
-    dkp = DK + b.to(tl.int64) * spb + h * sph
-    dvp = DV_ + b.to(tl.int64) * svpb + h * svph
-    dkfp = DKF + b.to(tl.int64) * sfb + h * sfh
+    qp = _head(Q, b, h, sqb, sqh)
+    qfp = _head(QF, b, h, sfb, sfh)
+    dop = _head(DO, b, h, sdb, sdh)
+    kp = _head(K, b, h // G, skb, skh)
     rowp = pid_bh.to(tl.int64) * T
     gamma = tl.load(GAMMA + h).to(tl.float32)
+    v = _load_tile(_head(V, b, h // G, svb, svh), j, vv, T, DV, svt)
+    kf = tl.zeros([BT, BF], dtype=DT)
     if LINEAR != 0:
-        base = pid_bh.to(tl.int64) * NSEG + pid_s
-        dS = tl.load(DS0 + base * BF * BDV + ff[:, None] * BDV + vv[None, :])
-        dz = tl.load(DZ0 + base * BF + ff)
-    c0 = pid_s * CPS
-    c1 = tl.minimum(c0 + CPS, NT)
-    for ii in range(c0, c1):
-        i = c1 - 1 - ii + c0  # key chunks in reverse order
-        j = i * BT + r
-        nn = j + BT
-        v = _load_tile(vp, j, vv, T, DV, svt)
-        k = tl.zeros([BT, BD], dtype=DT)
-        kf = tl.zeros([BT, BF], dtype=DT)
-        if SOFTMAX:
-            k = _load_tile(kp, j, dd, T, D, skt)
-        if LINEAR != 0:
-            kf = _load_tile(kfp, j, ff, T, F, sft)
-        # queries of the same chunk and of the next one see these keys exactly
-        dk, dkf, dv = _bwd_k_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, DELTA, R, IDX,
-                                   k, v, kf, j, j, gamma, T, window, scale, D, DV, F, BT, BD, BDV, BF,
-                                   SOFTMAX, LINEAR, DT, PREC)
-        dk2, dkf2, dv2 = _bwd_k_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, DELTA, R, IDX,
-                                      k, v, kf, nn, j, gamma, T, window, scale, D, DV, F, BT, BD, BDV, BF,
-                                      SOFTMAX, LINEAR, DT, PREC)
-        dk += dk2
-        dkf += dkf2
-        dv += dv2
-        if LINEAR != 0:
-            # queries of chunks >= i+2 through dS, dz; then chunk i+1 joins them for key chunk i-1
-            dkf = tl.dot(v, tl.trans(dS.to(DT)), dkf, input_precision=PREC)
-            dkf += dz[None, :]
-            dv = tl.dot(kf, dS.to(DT), dv, input_precision=PREC)
-            inv = 1.0 / _load_row(ZD + rowp, nn, T, 1.0)
-            dA = (_load_tile(dop, nn, vv, T, DV, sdt).to(tl.float32) * inv[:, None]).to(DT)
-            dZ = -_load_row(DELTA + rowp, nn, T, 0.0) * inv
-            qf1 = _load_tile(qfp, nn, ff, T, F, sft)
-            dS = tl.dot(tl.trans(qf1), dA, dS, input_precision=PREC)
-            dz += tl.sum(qf1.to(tl.float32) * dZ[:, None], axis=0)
-            tl.store(dkfp + j[:, None].to(tl.int64) * sft + ff[None, :], dkf.to(DKF.dtype.element_ty),
-                     mask=(j[:, None] < T) & (ff[None, :] < F))
-        jm = j[:, None] < T
-        tl.store(dkp + j[:, None].to(tl.int64) * spt + dd[None, :], dk * scale, mask=jm & (dd[None, :] < D))
-        tl.store(dvp + j[:, None].to(tl.int64) * svpt + vv[None, :], dv, mask=jm & (vv[None, :] < DV))
+        kf = _load_tile(_head(KF, b, h, sfb, sfh), j, ff, T, F, sft)
+    dk = tl.zeros([BT, BD], dtype=tl.float32)
+    dkf = tl.zeros([BT, BF], dtype=tl.float32)
+    dv = tl.zeros([BT, BDV], dtype=tl.float32)
+    # queries of the same chunk and of the next one see these keys exactly
+    dk, dkf, dv = _bwd_k_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, DELTA, R, IDX,
+                               kp, skt, v, kf, j, j, gamma, T, window, scale, dk, dkf, dv,
+                               D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR, DT, PREC)
+    dk, dkf, dv = _bwd_k_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, DELTA, R, IDX,
+                               kp, skt, v, kf, j + BT, j, gamma, T, window, scale, dk, dkf, dv,
+                               D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR, DT, PREC)
+    if LINEAR != 0:
+        # queries of chunks >= i+2 through dh = sum phi(q) dA^T, dz = sum phi(q) dZ
+        dhs = tl.load(_state_ptr(DHS, pid_bh, i, NT, BF, BDV, ff, vv))
+        dkf = tl.dot(v, tl.trans(dhs), dkf, input_precision=PREC)
+        dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)[None, :]
+        dv = tl.dot(kf, dhs, dv, input_precision=PREC)
+        _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
+    _store_tile(_head(DK, b, h, spb, sph), dk * scale, j, dd, T, D, spt)
+    _store_tile(_head(DV_, b, h, svpb, svph), dv, j, vv, T, DV, svpt)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,16 +410,9 @@ def _dot_dtype(dtype: torch.dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
-# Chunks per segment; None picks it from the shape. Tests set it small to exercise the state hand-over.
-SEGMENT_CHUNKS: int | None = None
-
-
-def _num_segments(NT: int, BH: int) -> int:
-    """Segments per (batch, head): enough programs to fill the GPU (~1024), at least 4 chunks each."""
-    if SEGMENT_CHUNKS is not None:
-        return triton.cdiv(NT, SEGMENT_CHUNKS)
-    want = max(1, math.ceil(1024 / BH))
-    return max(1, min(want, NT // 4 if NT >= 4 else 1))
+def _launch(name: str, big: bool) -> dict:
+    warps, stages = LAUNCH[name] if big else (4, 1)
+    return dict(num_warps=warps, num_stages=stages)
 
 
 def supported(q, k, v, q_feat, k_feat, *, window: int, softmax: bool, linear: str) -> str | None:
@@ -467,6 +440,33 @@ def _c(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def chunk_states(x, y, ra, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool):
+    """Per-chunk states of the linear terms, from the state pass.
+
+    x: [B, T, H, F]; y: [B, T, H / heads_per_y, Dv]; ra, rb: [B*H, T] fp32 row weights or None (= 1).
+    Forward (reverse=False): hs[bh, i] = sum_{t in chunks <= i-2} x_t^T (ra_t y_t), zs[bh, i] = sum x_t rb_t;
+    reverse: the same over chunks >= i+2.
+    Returns hs [B*H, NT, BF, BDV] in ``dtype`` (zero padded to powers of two) and zs [B*H, NT, BF] fp32.
+    """
+    B, T, H, F = x.shape
+    Dv = y.shape[-1]
+    NT = triton.cdiv(T, BT)
+    BF, BDV = _p2(F), _p2(Dv)
+    BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
+    hs = torch.empty(B * H, NT, BF, BDV, device=x.device, dtype=dtype)
+    zs = torch.empty(B * H, NT, BF, device=x.device, dtype=torch.float32)
+    dummy = zs
+    _chunk_state_kernel[(BF // BK, BDV // BV, B * H)](
+        x, y, dummy if ra is None else ra, dummy if rb is None else rb, hs, zs,
+        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        T, H, heads_per_y, NT,
+        F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RA=ra is not None,
+        HAS_RB=rb is not None, DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32",
+        **_launch("state", big),
+    )
+    return hs, zs
+
+
 class HybridAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps):
@@ -483,53 +483,43 @@ class HybridAttentionFunction(torch.autograd.Function):
         gam = gamma if gamma is not None else torch.ones(H, device=q.device, dtype=torch.float32)
         gam = gam.float().contiguous()
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
+        big = max(BD, BDV, BF) >= 128
         NT = triton.cdiv(T, BT)
-        NSEG = _num_segments(NT, B * H)
-        CPS = triton.cdiv(NT, NSEG)
-        NSEG = triton.cdiv(NT, CPS)
         DT = _dot_dtype(q.dtype)
         PREC = "ieee" if q.dtype == torch.float32 else "tf32"
         dev = q.device
         o = torch.empty(B, T, H, Dv, device=dev, dtype=v.dtype)
         M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
-        S0 = Z0 = M  # dummies when there is no linear term
+        hs = zs = M  # dummies when there is no linear term
         if lin:
-            Sseg = torch.empty(B * H, NSEG, BF, BDV, device=dev, dtype=torch.float32)
-            zseg = torch.empty(B * H, NSEG, BF, device=dev, dtype=torch.float32)
-            _segment_state_kernel[(NSEG, B * H)](
-                k_feat_t, v, M, M, Sseg, zseg,
-                k_feat_t.stride(0), k_feat_t.stride(1), k_feat_t.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                T, H, G, NT, CPS, -1, NSEG,
-                F=F, DV=Dv, BF=BF, BDV=BDV, BT=BT, HAS_RA=False, HAS_RB=False, DT=DT, PREC=PREC,
-                num_warps=8 if BF * BDV >= 128 * 128 else 4,
-            )
-            S0 = (torch.cumsum(Sseg, 1) - Sseg).contiguous()  # keys of chunks <= first chunk - 2
-            Z0 = (torch.cumsum(zseg, 1) - zseg).contiguous()
-        warps = 8 if max(BD, BDV, BF) >= 128 else 4
-        _fwd_kernel[(NSEG, B * H)](
-            q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD, S0, Z0,
+            hs, zs = chunk_states(k_feat_t, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
+        BV = min(OUT_BV, BDV)
+        _fwd_kernel[(NT, BDV // BV, B * H)](
+            q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
-            T, H, G, NT, CPS, NSEG, window, scale, eps,
-            D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT,
-            SOFTMAX=softmax, LINEAR=lin, DT=DT, PREC=PREC, num_warps=warps, num_stages=1,
+            T, H, G, NT, window, scale, eps,
+            D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT,
+            SOFTMAX=softmax, LINEAR=lin, DT=DT, PREC=PREC, **_launch("fwd", big),
         )
-        ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD, S0, Z0)
-        ctx.cfg = (window, softmax, lin, scale, NT, NSEG, CPS, F, gamma is not None)
+        # the states are recomputed in the backward: [NT, F, Dv] per head is twice the size of q
+        ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD)
+        ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None)
         ctx.gamma_dtype = None if gamma is None else gamma.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, q_feat, k_feat, gam, o, M, ZD, S0, Z0 = ctx.saved_tensors
-        window, softmax, lin, scale, NT, NSEG, CPS, F, has_gamma = ctx.cfg
+        q, k, v, q_feat, k_feat, gam, o, M, ZD = ctx.saved_tensors
+        window, softmax, lin, scale, NT, F, has_gamma = ctx.cfg
         B, T, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
         G = H // Hkv
         do = _c(do)
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
+        big = max(BD, BDV, BF) >= 128
         DT = _dot_dtype(q.dtype)
         PREC = "ieee" if q.dtype == torch.float32 else "tf32"
         dev = q.device
@@ -541,43 +531,34 @@ class HybridAttentionFunction(torch.autograd.Function):
         dv_h = torch.empty(B, T, H, Dv, device=dev, dtype=torch.float32)
         rsum = torch.zeros(B * H, T, device=dev, dtype=torch.float32)
         idx = torch.full((B * H, T), -1, device=dev, dtype=torch.int32)
-        dg = torch.zeros(B * H, NSEG, device=dev, dtype=torch.float32)
-        dS0 = dz0 = M
+        dg = torch.zeros(B * H, NT, device=dev, dtype=torch.float32)
+        hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin:
-            dSseg = torch.empty(B * H, NSEG, BF, BDV, device=dev, dtype=torch.float32)
-            dzseg = torch.empty(B * H, NSEG, BF, device=dev, dtype=torch.float32)
+            hs, zs = chunk_states(k_feat, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
             inv = 1.0 / ZD
-            _segment_state_kernel[(NSEG, B * H)](
-                q_feat, do, inv, -delta * inv, dSseg, dzseg,
-                q_feat.stride(0), q_feat.stride(1), q_feat.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                T, H, 1, NT, CPS, 1, NSEG,
-                F=F, DV=Dv, BF=BF, BDV=BDV, BT=BT, HAS_RA=True, HAS_RB=True, DT=DT, PREC=PREC,
-                num_warps=8 if BF * BDV >= 128 * 128 else 4,
-            )
-            # queries of chunks >= last chunk + 2: exclusive suffix sums over segments
-            dS0 = (dSseg.sum(1, keepdim=True) - torch.cumsum(dSseg, 1)).contiguous()
-            dz0 = (dzseg.sum(1, keepdim=True) - torch.cumsum(dzseg, 1)).contiguous()
-        warps = 8 if max(BD, BDV, BF) >= 128 else 4
+            # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
+            dhs, dzs = chunk_states(q_feat, do, inv, -delta * inv, heads_per_y=1, reverse=True, dtype=q.dtype,
+                                    big=big)
         strides = (
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
         )
-        meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, DT=DT, PREC=PREC,
-                    num_warps=warps, num_stages=1)
-        _bwd_q_kernel[(NSEG, B * H)](
-            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, S0, Z0, dq, dqf, rsum, idx, dg,
-            *strides, T, H, G, NT, CPS, NSEG, window, scale, **meta,
+        meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, DT=DT, PREC=PREC)
+        _bwd_q_kernel[(NT, B * H)](
+            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg,
+            *strides, T, H, G, NT, window, scale, **meta, **_launch("bwd_q", big),
         )
-        _bwd_k_kernel[(NSEG, B * H)](
-            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dS0, dz0, dk_h, dv_h, dkf,
+        del hs, zs
+        _bwd_k_kernel[(NT, B * H)](
+            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dzs, dk_h, dv_h, dkf,
             *strides, dk_h.stride(0), dk_h.stride(1), dk_h.stride(2), dv_h.stride(0), dv_h.stride(1), dv_h.stride(2),
-            T, H, G, NT, CPS, NSEG, window, scale, **meta,
+            T, H, G, NT, window, scale, **meta, **_launch("bwd_k", big),
         )
         dk = dk_h.view(B, T, Hkv, G, D).sum(3).to(k.dtype)
         dv = dv_h.view(B, T, Hkv, G, Dv).sum(3).to(v.dtype)
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
-        dgamma = dg.view(B, H, NSEG).sum((0, 2)).to(ctx.gamma_dtype) if has_gamma and softmax else None
+        dgamma = dg.view(B, H, NT).sum((0, 2)).to(ctx.gamma_dtype) if has_gamma and softmax else None
         if not softmax:
             dq = dk = None
         dqf_out, dkf_out = (dqf, dkf) if lin else (None, None)

@@ -204,7 +204,9 @@ needs_interpreter = pytest.mark.skipif(
 def interpret(monkeypatch):
     """Triton reads TRITON_INTERPRET again when a launch first imports its gluon modules: keep it set meanwhile."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-# (B, T, H, KV, D, F, w, mode, segment_chunks)
+# (B, T, H, KV, D, F, w, mode, blocks): blocks = 16 sets the state pass's F and Dv blocks and the forward's Dv
+# block to 16, so that several programs share one head's state and output (the default blocks cover these head
+# dims in one program)
 INTERP_CASES = [
     (1, 130, 6, 2, 32, 16, 64, "hybrid", None),
     (2, 63, 2, 2, 16, 16, 16, "hybrid", None),
@@ -213,18 +215,28 @@ INTERP_CASES = [
     (1, 130, 2, 1, 32, 16, 64, "la_only", None),
     (1, 130, 6, 2, 16, 16, 64, "swa_only", None),
     (2, 10, 6, 2, 16, 16, 64, "hybrid", None),  # T < window
-    (1, 200, 6, 2, 16, 16, 64, "hybrid", 1),  # one chunk per segment: state handed between programs
-    (1, 260, 3, 1, 16, 32, 16, "overlap", 2),
+    (1, 200, 6, 2, 16, 16, 64, "hybrid", 16),
+    (1, 260, 3, 1, 16, 32, 16, "overlap", 16),
+    (1, 500, 4, 2, 32, 32, 64, "hybrid", 16),  # 8 chunks: states of chunks far from the start, F and Dv split
+    (2, 63, 4, 1, 32, 48, 32, "la_only", 16),  # GQA 4, F padded (48 -> 64), one chunk: empty states
+    (1, 191, 2, 2, 48, 16, 33, "overlap", None),  # D padded (48 -> 64), odd window
 ]
+
+
+def _set_blocks(monkeypatch, blocks):
+    if blocks is not None:
+        for name in ("STATE_BF", "STATE_BV", "OUT_BV"):
+            monkeypatch.setattr(chunk, name, blocks)
 
 
 @needs_interpreter
 @pytest.mark.parametrize(
-    "B,T,H,KV,D,F,w,mode,seg", INTERP_CASES,
-    ids=[case_id(*c[:5], c[6], "fp32", c[7]) + ("" if c[8] is None else f"-seg{c[8]}") for c in INTERP_CASES],
+    "B,T,H,KV,D,F,w,mode,blocks", INTERP_CASES,
+    ids=[case_id(*c[:5], c[6], "fp32", c[7]) + f"-F{c[5]}" + ("" if c[8] is None else f"-blk{c[8]}")
+         for c in INTERP_CASES],
 )
-def test_triton_interpreter_matches_naive(B, T, H, KV, D, F, w, mode, seg, monkeypatch, interpret):
-    monkeypatch.setattr(chunk, "SEGMENT_CHUNKS", seg)
+def test_triton_interpreter_matches_naive(B, T, H, KV, D, F, w, mode, blocks, monkeypatch, interpret):
+    _set_blocks(monkeypatch, blocks)
     softmax, linear = MODES[mode]
     inputs, do = make_inputs(B, T, H, KV, D, F, torch.float32, seed=T + H)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",

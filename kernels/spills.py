@@ -1,0 +1,149 @@
+"""Registers, spills and shared memory of the Triton kernels, compiled ahead of time for an H100 (sm_90a): no GPU needed.
+
+    python -m linearize.kernels.spills [--modes hybrid overlap la_only swa_only] [--dtype bf16] [--warps 4 8]
+                                       [--stages 1 2] [--out-bv 64 128] [--state-blocks 64 128]
+
+Each kernel of ``hybrid_attention/chunk.py`` is compiled by Triton for the benchmark shapes (D = F = Dv = 128,
+DESIGN.md section 8; 64-token chunks) with the launch settings the host code uses (``chunk.LAUNCH``, block sizes
+``chunk.STATE_BF``/``STATE_BV``/``OUT_BV``) or the ones given on the command line, and the bundled ``ptxas -v``
+reports per thread: registers, spill stores / loads (bytes of local memory traffic per thread), and the static
+shared memory of the compiled kernel. Any spill means registers ran out: the goal is zero everywhere.
+
+Compiling needs no driver: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``. The kernel
+arguments follow one convention in chunk.py (pointers first, then strides, then scalars, then constexprs), from
+which the signature is built here: pointers get the data dtype (fp32 for row statistics and z, int32 for IDX),
+pointers and strides divisibility 16 as a real launch on aligned, contiguous tensors gives them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # the interpreter does not compile: these must be real JIT functions
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from .hybrid_attention import chunk  # noqa: E402
+
+D = DV = F = 128  # Mistral-7B attention shapes, 128 features
+MODES = {"hybrid": (True, 1), "overlap": (True, 2), "la_only": (False, 2), "swa_only": (True, 0)}
+DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (tl.float32, "ieee")}
+# pointers holding the data dtype (q, k, v, features, do, outputs in the input dtype, the per-chunk states);
+# all other pointers are fp32 (row statistics, z, fp32 gradient buffers) except IDX (int32)
+DATA_PTRS = {"X", "Y", "HS", "DHS", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF"}
+FLOAT_SCALARS = {"scale", "eps"}
+
+
+def _signature(fn, constexprs: dict, dtype: str):
+    """Signature and divisibility attributes of ``fn`` under the chunk.py argument convention."""
+    sig, attrs, in_pointers = {}, {}, True
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        is_stride = name.startswith("s") and name.islower()
+        in_pointers = in_pointers and not is_stride
+        if in_pointers:
+            sig[name] = "*" + ("i32" if name == "IDX" else dtype if name in DATA_PTRS else "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+            if is_stride:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_stats(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int) -> dict:
+    """Compile ``fn`` for sm_90a and read ``ptxas -v``: registers, spill bytes, stack and shared memory."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    sig, attrs = _signature(fn, constexprs, dtype)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as fh:
+            fh.write(compiled.asm["ptx"])
+        res = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    log = res.stdout + res.stderr
+
+    def grab(pattern):
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "stack": grab(r"(\d+) bytes stack frame"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        "shared": compiled.metadata.shared,
+    }
+
+
+def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
+    """(name, kernel, constexprs) of every kernel one forward + backward of ``mode`` launches."""
+    softmax, lin = MODES[mode]
+    dt, prec = DTYPES[dtype]
+    heads = dict(D=D, DV=DV, F=F, BD=D, BDV=DV, BF=F, BT=chunk.BT, SOFTMAX=softmax, LINEAR=lin, DT=dt, PREC=prec)
+    state = dict(F=F, DV=DV, BF=F, BDV=DV, BK=state_blocks, BV=state_blocks, BT=chunk.BT, DT=dt, PREC=prec)
+    out = []
+    if lin:
+        out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
+                    dict(state, REVERSE=False, HAS_RA=False, HAS_RB=False)))
+        out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
+                    dict(state, REVERSE=True, HAS_RA=True, HAS_RB=True, GY=1)))
+    out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
+    out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", heads))
+    out.append(("bwd_k", chunk._bwd_k_kernel, "bwd_k", heads))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", nargs="+", default=["hybrid"], choices=list(MODES))
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--warps", type=int, nargs="*", help="num_warps to try (default: chunk.LAUNCH)")
+    ap.add_argument("--stages", type=int, nargs="*", help="num_stages to try (default: chunk.LAUNCH)")
+    ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
+    ap.add_argument("--state-blocks", type=int, nargs="+", default=[chunk.STATE_BF],
+                    help="state pass F and Dv block (square)")
+    ap.add_argument("--kernels", nargs="*", help="only kernels whose name starts with one of these")
+    args = ap.parse_args(argv)
+
+    print(f"# triton {triton.__version__}, sm_90a, D=F=Dv={D}, BT={chunk.BT}, {args.dtype}; bytes per thread")
+    print("| mode | kernel | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    seen = set()
+    for mode, out_bv, sb in itertools.product(args.modes, args.out_bv, args.state_blocks):
+        for name, fn, launch, constexprs in kernel_configs(mode, args.dtype, out_bv, sb):
+            if args.kernels and not any(name.startswith(k) for k in args.kernels):
+                continue
+            if (name, mode) in seen:  # the state pass does not depend on the forward's block
+                continue
+            seen.add((name, mode))
+            if name.startswith("state"):
+                name = f"{name} ({sb}x{sb})"
+            warps0, stages0 = chunk.LAUNCH[launch]
+            for warps, stages in itertools.product(args.warps or [warps0], args.stages or [stages0]):
+                try:
+                    st = compile_stats(fn, constexprs, args.dtype, warps, stages)
+                except Exception as err:  # one configuration that does not compile must not hide the others
+                    print(f"| {mode} | {name} | {warps} | {stages} | failed: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:80]} | | | | |", flush=True)
+                    continue
+                print(f"| {mode} | {name} | {warps} | {stages} | {st['registers']} | {st['spill_stores']} | "
+                      f"{st['spill_loads']} | {st['stack']} | {st['shared'] / 1024:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
