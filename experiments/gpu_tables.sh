@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# bash experiments/gpu_tables.sh        (on the GPU machine: `source .device/setup.sh` first)
+#
+# Every table of the paper (table1, table2_3, table4, remedies) for one model on one GPU, as concurrent sweeps:
+# a 135M model leaves an H100 mostly idle, so the rows run in GROUPS of `python -m linearize.sweep <table> --rows
+# ...` processes side by side (each a Hydra multirun with the usual resume: a rerun skips finished rows and resumes
+# unfinished ones from their stage markers and cached eval results). What the result files record is what
+# `make table1 MODEL=... ARGS="..."` would record; only the scheduling differs.
+#
+# Budget (the LoLCATs recipe on the bundled 800-example Alpaca subset; see docs/tables.md): chunks of 4 x 512
+# tokens, lr as the paper; transfer and LoRA 2 epochs for table1 and the remedies, transfer 1 epoch (the rows' own
+# transfer.epochs) for tables 2-4; evaluation on the six tasks with LIMIT documents each and MMLU (5-shot, val)
+# limited to MMLU_LIMIT per subject. Knobs (environment): MODEL, STEPS, LIMIT, MMLU_LIMIT, BS, SEQ, EVAL_BS, DEADLINE
+# (seconds before the script stops its jobs and packs what is done; a rerun continues), OUT (where the packed
+# results and logs go; $OUT on the device machine), EXTRA (more overrides for every row).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+MODEL=${MODEL:-smollm2_135m}
+LIMIT=${LIMIT:-500}
+MMLU_LIMIT=${MMLU_LIMIT:-10}
+BS=${BS:-4}
+SEQ=${SEQ:-512}
+EVAL_BS=${EVAL_BS:-32}
+STEPS=${STEPS:--1}  # optimizer steps per stage; -1 = the epochs above
+DEADLINE=${DEADLINE:-540}
+OUT=${OUT:-outputs/gpu_tables}
+EXTRA=${EXTRA:-}
+mkdir -p "$OUT/logs"
+
+common=(
+  logger=none attention.backend=naive
+  ${SMOLLM2_GGUF:+model.gguf_path=$SMOLLM2_GGUF}
+  transfer.max_steps="$STEPS" transfer.batch_size="$BS" transfer.grad_accum=1 transfer.seq_len="$SEQ"
+  transfer.eval_every=20 transfer.val_batches=4
+  finetune.max_steps="$STEPS" finetune.batch_size="$BS" finetune.grad_accum=1 finetune.seq_len="$SEQ"
+  finetune.eval_every=20 finetune.val_batches=4
+  eval.limit="$LIMIT" +eval.task_limits.mmlu="$MMLU_LIMIT" eval.batch_size="$EVAL_BS"
+  diagnostics.seq_len="$SEQ" diagnostics.num_sequences=8
+  $EXTRA
+)
+two_epochs=(transfer.epochs=2 finetune.epochs=2)
+# SmolLM2 has head_dim 64: the "halved" LoLCATs projection is d x 32 there (docs/tables.md, Projections).
+halved=()
+[[ $MODEL == smollm2_135m ]] && halved=(feature_map.feature_dim=32)
+
+# one line per process: table, rows, extra overrides
+GROUPS_=(
+  "table1|lolcats|${two_epochs[*]}"
+  "table2_3|base,no_attention|${halved[*]}"
+  "table2_3|weights_square,weights_halved|${halved[*]}"
+  "table2_3|outputs_square,outputs_halved|${halved[*]}"
+  "table2_3|hybrid_outputs_square,hybrid_outputs_halved|${halved[*]}"
+  "table4|base,softmax|"
+  "table4|exp,relu|"
+  "table4|elu,identity|"
+  "remedies|base,inference_hybrid|${two_epochs[*]}"
+  "remedies|hedgecats|${two_epochs[*]}"
+  "remedies|ssd|${two_epochs[*]}"
+)
+
+pack() {  # everything small that a result or a report needs, without checkpoints
+  tar czf "$OUT/results.tgz.tmp" \
+    --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='wandb' \
+    experiments/results/"$MODEL" outputs/tables/"$MODEL" 2>/dev/null
+  mv -f "$OUT/results.tgz.tmp" "$OUT/results.tgz"
+}
+
+start=$(date +%s)
+pids=()
+for g in "${GROUPS_[@]}"; do
+  IFS='|' read -r table rows extra <<<"$g"
+  log="$OUT/logs/${table}_${rows//,/_}.log"
+  # shellcheck disable=SC2086
+  python -m linearize.sweep "$table" --model "$MODEL" --rows "$rows" "${common[@]}" $extra >>"$log" 2>&1 &
+  pids+=($!)
+  echo "started $table [$rows] (pid $!), log $log"
+done
+
+while true; do
+  alive=0
+  for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+  elapsed=$(($(date +%s) - start))
+  done_rows=$(find experiments/results/"$MODEL" -name '*.json' 2>/dev/null | wc -l)
+  echo "[$elapsed s] running $alive / ${#pids[@]} sweeps, $done_rows result files; $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
+  pack
+  ((alive == 0)) && break
+  if ((elapsed > DEADLINE)); then
+    echo "deadline ${DEADLINE}s reached: stopping the sweeps (a rerun resumes them)"
+    for p in "${pids[@]}"; do pkill -TERM -P "$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null; done
+    sleep 5
+    break
+  fi
+  sleep 30
+done
+pack
+for t in table1 table2_3 table4 remedies; do python -m linearize.tables render --model "$MODEL" "$t" >/dev/null 2>&1; done
+python -m linearize.tables list --model "$MODEL" 2>&1 | tee "$OUT/status.txt"
+for f in "$OUT"/logs/*.log; do echo "== $f"; grep -E "Error|error:|Traceback|failed" "$f" | tail -5; done
