@@ -15,8 +15,14 @@ How it plugs into transformers: the attention module calls ``cache.update(k, v, 
 context (window + new keys) and hands itself to the layer's :class:`~linearize.attention.HybridAttention`, whose
 attention-interface function (``linearize.attention.hybrid_attention_forward``) then calls :meth:`attend`: the new
 queries are processed in chunks against the context and the state (``kernels/hybrid_attention/decode.py``), keys
-leaving the window enter the state, and the window is overwritten in place. A prompt is therefore prefilled in
-chunks, exactly and with memory linear in its length. ``generate`` uses the cache automatically once
+leaving the window enter the state, and the last w keys are written into their ring slots in place. A prompt is
+therefore prefilled in chunks, exactly and with memory linear in its length.
+
+Single-token decode steps on CUDA take one fused Triton kernel per layer instead
+(``kernels/hybrid_attention/decode_fused.py``: window softmax, feature maps, state read and update, ring write and
+counter advance in one launch); ``update`` then returns the ring buffer itself as the context (w + 1 slots, the shape
+the attention op expects) and keeps a reference to the new key/value for the kernel. The PyTorch path above stays the
+reference and serves prefill, multi-token steps, the CPU and shapes the kernel does not take. ``generate`` uses the cache automatically once
 :func:`use_hybrid_cache` has hooked the model (``linearize.attention.convert`` does it); ``HybridCache(model)`` can also
 be passed explicitly as ``past_key_values``.
 """
@@ -100,51 +106,119 @@ def attend_recurrent(
 
 
 class HybridCacheLayer(CacheLayerMixin):
-    """One layer's cache: window keys/values [B, Hkv, w, D] (+ validity [B, w]) and the state S, z of older keys."""
+    """One layer's cache: a ring buffer of the last w keys/values and the state S, z of older keys.
 
+    Ring: keys [B, Hkv, w + 1, D], values [B, Hkv, w + 1, Dv], valid [B, w + 1] bool; the key of position p (tokens
+    counted from the start, padding included) lives in slot p % (w + 1), so a step writes its key at a slot given by
+    a device counter (``pos`` [B, H] int64, one copy per query head: the fused kernel's programs each advance their
+    own) and no tensor ever moves: static shapes and addresses for CUDA graphs. The extra slot is the free one the
+    fused step writes while its other programs still read the key leaving the window.
+
+    ``fused``: None (default) runs single-token steps on CUDA through the fused Triton kernel
+    (``kernels/hybrid_attention/decode_fused.py``) and everything else (prefill, T > 1, CPU) through the PyTorch
+    reference; True requires the fused kernel for every single-token step (CPU too, when it is interpreted:
+    TRITON_INTERPRET=1; raises when it cannot run); False always takes the reference.
+    """
+
+    # generate()'s automatic torch.compile stays off: the layer keeps Python-side state (``seen``, the hand-over to
+    # the attention op through ``hybrid.cache_layer``) that a compiled graph would freeze. A decode step is CUDA-graph
+    # capturable as is (experiments/bench_decode.py captures one).
     is_compileable = False
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, hybrid: HybridAttention):
+    def __init__(self, hybrid: HybridAttention, fused: bool | None = None):
         super().__init__()
         self.hybrid = hybrid
         self.window = hybrid.window
-        self.valid = self.S = self.z = None
+        self.fused = fused
+        self.valid = self.S = self.z = self.pos = None
         self.seen = 0
+        self._step = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, Hkv, _, D = key_states.shape
-        w, H, F = self.window, self.hybrid.n_heads, self.hybrid.k_map.out_features
+        R, H, F = self.window + 1, self.hybrid.n_heads, self.hybrid.k_map.out_features
         self.device, self.batch_size = key_states.device, B
-        self.keys = key_states.new_zeros(B, Hkv, w, D)
-        self.values = value_states.new_zeros(B, Hkv, w, value_states.shape[-1])
-        self.valid = torch.zeros(B, w, dtype=torch.bool, device=self.device)  # empty slots count as padding
+        self.keys = key_states.new_zeros(B, Hkv, R, D)
+        self.values = value_states.new_zeros(B, Hkv, R, value_states.shape[-1])
+        self.valid = torch.zeros(B, R, dtype=torch.bool, device=self.device)  # empty slots count as padding
+        self.pos = torch.zeros(B, H, dtype=torch.int64, device=self.device)
         self.S = torch.zeros(B, H, F, value_states.shape[-1], dtype=torch.float32, device=self.device)
         self.z = torch.zeros(B, H, F, dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
+    def _slots(self, start: int, stop: int) -> torch.Tensor:
+        """Ring slots of the positions pos + start .. pos + stop - 1 (device arithmetic: no host sync)."""
+        return (self.pos[0, :1] + torch.arange(start, stop, device=self.device)) % (self.window + 1)
+
+    def _fused_kernel(self, key_states: torch.Tensor):
+        """The fused-step module when this update is a single-token step it should take, else None."""
+        if self.fused is False or key_states.shape[-2] != 1 or (self.fused is None and not key_states.is_cuda):
+            return None
+        hyb = self.hybrid
+        if hyb.mode == "sinks_only":
+            return None  # the reference path raises the explanation
+        mod, why = _fused_module()
+        if mod is not None:
+            q_map = (hyb.q_map.weight, hyb.q_map.bias)
+            why = mod.supported(key_states, self.keys, self.window, q_map, hyb.q_map.activation)
+            if why is None:
+                return mod
+        if self.fused:
+            raise ValueError(f"HybridCacheLayer(fused=True): the fused decode step cannot run: {why}")
+        _warn_once(why)
+        return None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """key/value_states [B, Hkv, T, D] -> the context (window + new) [B, Hkv, w + T, D], for :meth:`attend`."""
+        """key/value_states [B, Hkv, T, D] -> the context for :meth:`attend`, [B, Hkv, w + T, D].
+
+        T = 1 on the fused path: the ring buffer itself (w + 1 slots; the kernel writes the new key into its free
+        slot); otherwise the window in order (oldest first) followed by the new keys.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.seen += key_states.shape[-2]
         # The attention op that follows in the same module forward picks this layer up (and clears the link).
         self.hybrid.cache_layer = self
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+        mod = self._fused_kernel(key_states)
+        if mod is not None:
+            self._step = (mod, key_states.transpose(1, 2), value_states.transpose(1, 2))
+            return self.keys, self.values
+        self._step = None
+        idx = self._slots(-self.window, 0)
+        return (
+            torch.cat([self.keys.index_select(2, idx), key_states], dim=-2),
+            torch.cat([self.values.index_select(2, idx), value_states], dim=-2),
+        )
 
     def attend(self, q, k, v, new_valid: torch.Tensor | None, scale: float) -> torch.Tensor:
         """q [B, T, H, D], context k/v [B, w + T, Hkv, D] (from :meth:`update`), new_valid [B, T] bool or None."""
+        hyb, w = self.hybrid, self.window
+        if self._step is not None:
+            mod, k_new, v_new = self._step
+            self._step = None
+            softmax, linear = hyb.spans()
+            return mod.hybrid_decode_step(
+                q, k_new, v_new, None if new_valid is None else new_valid[:, 0].to(torch.bool),
+                (self.keys, self.values, self.valid, self.pos), (self.S, self.z),
+                (hyb.q_map.weight, hyb.q_map.bias), (hyb.k_map.weight, hyb.k_map.bias), hyb.theta,
+                window=w, activation=hyb.q_map.activation, signed=hyb.q_map.signed, softmax=softmax, linear=linear,
+                attend=hyb.mode != "no_attention", scale=scale,
+            )  # fmt: skip
         B, T = q.shape[:2]
         if new_valid is None:
             new_valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
-        valid = torch.cat([self.valid, new_valid.to(self.valid.device, torch.bool)], dim=1)
-        out, moved = attend_recurrent(self.hybrid, q, k, v, valid, self.S, self.z, scale)
+        old_valid = self.valid.index_select(1, self._slots(-w, 0))
+        valid = torch.cat([old_valid, new_valid.to(self.valid.device, torch.bool)], dim=1)
+        out, moved = attend_recurrent(hyb, q, k, v, valid, self.S, self.z, scale)
         assert moved == T, (moved, T)
-        # In place, so that the tensors keep their addresses (CUDA graphs) and the size stays constant.
-        self.keys.copy_(k[:, moved:].transpose(1, 2))
-        self.values.copy_(v[:, moved:].transpose(1, 2))
-        self.valid.copy_(valid[:, moved:])
+        # The last w context keys go to their ring slots, in place (fixed addresses, constant size).
+        idx = self._slots(T - w, T)
+        self.keys.index_copy_(2, idx, k[:, moved:].transpose(1, 2))
+        self.values.index_copy_(2, idx, v[:, moved:].transpose(1, 2))
+        self.valid.index_copy_(1, idx, valid[:, moved:])
+        self.pos.add_(T)
         return out
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -158,12 +232,13 @@ class HybridCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.S = self.z = None
+        self.keys = self.values = self.valid = self.pos = self.S = self.z = None
+        self._step = None
         self.is_initialized = False
         self.seen = 0
 
     def _tensors(self) -> list[str]:
-        return ["keys", "values", "valid", "S", "z"]
+        return ["keys", "values", "valid", "pos", "S", "z"]
 
     def _apply(self, fn) -> None:
         if self.is_initialized:
@@ -193,16 +268,16 @@ class HybridCache(Cache):
     """Cache of a converted model: one :class:`HybridCacheLayer` per decoder layer. Size independent of length.
 
     Usage: ``model.generate(**inputs, past_key_values=HybridCache(model))``, or just ``model.generate(**inputs)``
-    once the model is hooked by :func:`use_hybrid_cache`.
+    once the model is hooked by :func:`use_hybrid_cache`. ``fused``: see :class:`HybridCacheLayer`.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fused: bool | None = None):
         by_idx = {getattr(h, "layer_idx", None): h for h in hybrid_layers(model)}
         if not by_idx:
             raise ValueError(f"{type(model).__name__} has no converted attention layers (linearize.attention.convert)")
         if None in by_idx or sorted(by_idx) != list(range(len(by_idx))):
             raise ValueError(f"converted layers have unexpected layer indices {sorted(by_idx, key=str)}")
-        super().__init__(layers=[HybridCacheLayer(by_idx[i]) for i in range(len(by_idx))])
+        super().__init__(layers=[HybridCacheLayer(by_idx[i], fused) for i in range(len(by_idx))])
 
     def nbytes(self) -> int:
         """Bytes held by all cache tensors."""
@@ -241,6 +316,27 @@ def use_hybrid_cache(model: nn.Module) -> nn.Module:
 
 
 _warned = False
+_warned_fused: set[str] = set()
+
+
+def _fused_module():
+    """(the fused decode-step module, None) or (None, the reason it does not import)."""
+    try:
+        from linearize.kernels.hybrid_attention import decode_fused
+    except Exception as err:  # triton missing or broken: the reference path serves
+        return None, f"the fused decode kernel failed to import ({type(err).__name__}: {err})"
+    return decode_fused, None
+
+
+def _warn_once(why: str) -> None:
+    if why not in _warned_fused:
+        _warned_fused.add(why)
+        warnings.warn(
+            f"hybrid cache: single-token decode steps take the unfused PyTorch path because {why}; "
+            "it launches ~100 kernels per layer and step instead of one.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def warn_growing_cache() -> None:
