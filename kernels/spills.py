@@ -104,7 +104,10 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
                     dict(state, REVERSE=True, HAS_RA=True, HAS_RB=True, GY=1)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", heads))
-    out.append(("bwd_k", chunk._bwd_k_kernel, "bwd_k", heads))
+    out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", heads))
+    if lin:
+        out.append(("bwd_kf", chunk._bwd_kf_kernel, "bwd_kf",
+                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, DT=dt, PREC=prec)))
     return out
 
 

@@ -15,7 +15,7 @@ Backward (FlashAttention-style recomputation; o, the row max m and the normalise
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
   The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i].
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h).
-  Key side (_bwd_k_kernel): dk, dv, dk_feat (from dh).
+  Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh.
 GQA: k/v are read through the kv head h // G; dk/dv are produced per query head in fp32 and summed over the group.
 """
 
@@ -42,7 +42,7 @@ STATE_BF = 64
 STATE_BV = 64
 OUT_BV = 64
 # (num_warps, num_stages) per kernel, for D = F = Dv = 128 (smaller head dims take 4 warps everywhere)
-LAUNCH = {"state": (4, 2), "fwd": (4, 2), "bwd_q": (8, 1), "bwd_k": (8, 1)}
+LAUNCH = {"state": (4, 2), "fwd": (8, 2), "bwd_q": (8, 1), "bwd_kv": (8, 1), "bwd_kf": (8, 1)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -263,6 +263,18 @@ def _bwd_q_kernel(
     # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
     dW_p = tl.dot(dA, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) + dZ[:, None]
     dW_c = tl.dot(dA, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) + dZ[:, None]
+    # the linear side first: dA and its accumulator die before the softmax side's score blocks are live
+    if LINEAR != 0:
+        # keys of chunks <= i-2: S_{i-2} dA_n + z_{i-2} dZ_n
+        hs = tl.load(_state_ptr(HS, pid_bh, i, NT, BF, BDV, ff, vv))
+        dqf = tl.dot(dA, tl.trans(hs), input_precision=PREC)
+        z = tl.load(ZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)
+        dqf += dZ[:, None] * z[None, :]
+        da = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0)
+        dqf = tl.dot(da.to(DT), _load_tile(kfp, jp, ff, T, F, sft), dqf, input_precision=PREC)
+        da = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0)
+        dqf = tl.dot(da.to(DT), _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
+        _store_tile(_head(DQF, b, h, sfb, sfh), dqf, n, ff, T, F, sft)
     if SOFTMAX:
         gamma = tl.load(GAMMA + h).to(tl.float32)
         m = _load_row(M + rowp, n, T, 0.0)
@@ -278,80 +290,66 @@ def _bwd_q_kernel(
         pw0_c = tl.exp(s_c - m[:, None]) * dW_c
         row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
         rsum = gamma * row
-        ds_p = gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)
-        ds_c = gamma * pw0_c - tl.where(n[None, :] == idx[:, None], rsum[:, None], 0.0)
+        ds = gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)
         # the key tiles are reloaded (L2) rather than kept live across the score / softmax work
-        dq = tl.dot(ds_p.to(DT), _load_tile(kp, jp, dd, T, D, skt), input_precision=PREC)
-        dq = tl.dot(ds_c.to(DT), _load_tile(kp, n, dd, T, D, skt), dq, input_precision=PREC)
+        dq = tl.dot(ds.to(DT), _load_tile(kp, jp, dd, T, D, skt), input_precision=PREC)
+        ds = gamma * pw0_c - tl.where(n[None, :] == idx[:, None], rsum[:, None], 0.0)
+        dq = tl.dot(ds.to(DT), _load_tile(kp, n, dd, T, D, skt), dq, input_precision=PREC)
         _store_tile(_head(DQ, b, h, sqb, sqh), dq * scale, n, dd, T, D, sqt)
         tl.store(R + rowp + n, rsum, mask=n < T)
         tl.store(IDX + rowp + n, idx.to(tl.int32), mask=n < T)
         tl.store(DG + pid_bh.to(tl.int64) * NT + i, tl.sum(row, axis=0))
-    if LINEAR != 0:
-        da_p = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0)
-        da_c = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0)
-        dqf = tl.dot(da_p.to(DT), _load_tile(kfp, jp, ff, T, F, sft), input_precision=PREC)
-        dqf = tl.dot(da_c.to(DT), _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
-        # keys of chunks <= i-2: S_{i-2} dA_n + z_{i-2} dZ_n
-        hs = tl.load(_state_ptr(HS, pid_bh, i, NT, BF, BDV, ff, vv))
-        dqf = tl.dot(dA, tl.trans(hs), dqf, input_precision=PREC)
-        z = tl.load(ZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)
-        dqf += dZ[:, None] * z[None, :]
-        _store_tile(_head(DQF, b, h, sfb, sfh), dqf, n, ff, T, F, sft)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# backward, key side: dk, dv (per query head, fp32), dk_feat
+# backward, key side, one program per (key chunk, batch * head): queries of the same chunk and of the next one see
+# these keys exactly, those of chunks >= i+2 through dh. Two kernels, so that each holds two accumulators at most:
+# dk and dv (per query head, fp32) from the softmax and linear weights; dk_feat from the linear terms alone.
 
 
 @triton.jit
-def _bwd_k_block(
-    qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, DELTA, R, IDX,
-    kp, skt, v, kf, n, j, gamma, T, window, scale, dk, dkf, dv,
+def _bwd_dv_block(
+    qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, n, j, gamma, T, window, scale, dv,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Adds the contributions of query rows n to the gradients of key rows j: dk += ds^T q, dkf += da^T phi(q),
-    dv += W^T dA."""
-    dd = tl.arange(0, BD)
-    ff = tl.arange(0, BF)
-    dA, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV)
-    dA = dA.to(DT)
+    """dv_j += sum_n W_nj dA_n over query rows n."""
     q = tl.zeros([n.shape[0], BD], dtype=DT)
     qf = tl.zeros([n.shape[0], BF], dtype=DT)
     m = tl.zeros([n.shape[0]], dtype=tl.float32)
     if SOFTMAX:
-        q = _load_tile(qp, n, dd, T, D, sqt)
+        q = _load_tile(qp, n, tl.arange(0, BD), T, D, sqt)
         m = _load_row(M + rowp, n, T, 0.0)
     if LINEAR != 0:
-        qf = _load_tile(qfp, n, ff, T, F, sft)
+        qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
     s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, SOFTMAX, PREC)
-    # the local linear weights a = phi(q) . phi(k) on L(n), from the phi(k) tile held by the caller
-    if SOFTMAX:
-        p0 = tl.exp(s - m[:, None])
-    else:
-        p0 = tl.zeros([n.shape[0], j.shape[0]], dtype=tl.float32)
-    w = gamma * p0
-    if LINEAR != 0:
-        w += tl.where(_lin_mask(n, j, T, window, LINEAR), tl.dot(qf, tl.trans(kf), input_precision=PREC), 0.0)
-    dv = tl.dot(tl.trans(w.to(DT)), dA, dv, input_precision=PREC)
-    dW = tl.dot(dA, tl.trans(v), input_precision=PREC) + dZ[:, None]
-    if SOFTMAX:
-        rsum = _load_row(R + rowp, n, T, 0.0)
-        idx = _load_row(IDX + rowp, n, T, -1)
-        ds = gamma * p0 * dW - tl.where(j[None, :] == idx[:, None], rsum[:, None], 0.0)
-        dk = tl.dot(tl.trans(ds.to(DT)), q, dk, input_precision=PREC)
-    if LINEAR != 0:
-        da = tl.where(_lin_mask(n, j, T, window, LINEAR), dW, 0.0)
-        dkf = tl.dot(tl.trans(da.to(DT)), qf, dkf, input_precision=PREC)
-    return dk, dkf, dv
+    _, w = _weights(s, m, gamma, qf, kfp, n, j, T, window, sft, F, BF, SOFTMAX, LINEAR, PREC)
+    inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
+    dA = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(tl.float32) * inv[:, None]
+    return tl.dot(tl.trans(w.to(DT)), dA.to(DT), dv, input_precision=PREC)
 
 
 @triton.jit
-def _bwd_k_kernel(
-    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, R, IDX, DHS, DZS,
-    DK, DV_, DKF,
+def _bwd_dk_block(
+    qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, n, j, gamma, T, window, scale, dk,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """dk_j += sum_n ds_nj q_n (unscaled) over query rows n, ds = gamma p0 dW - [j = argmax_n] r_n."""
+    q = _load_tile(qp, n, tl.arange(0, BD), T, D, sqt)
+    s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, True, PREC)
+    p0 = tl.exp(s - _load_row(M + rowp, n, T, 0.0)[:, None])
+    dA, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV)
+    dW = tl.dot(dA.to(DT), tl.trans(v), input_precision=PREC) + dZ[:, None]
+    idx = _load_row(IDX + rowp, n, T, -1)
+    ds = gamma * p0 * dW - tl.where(j[None, :] == idx[:, None], _load_row(R + rowp, n, T, 0.0)[:, None], 0.0)
+    return tl.dot(tl.trans(ds.to(DT)), q, dk, input_precision=PREC)
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, R, IDX, DHS,
+    DK, DV_,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     spb, spt, sph, svpb, svpt, svph,
     T, H, G, NT, window, scale,
@@ -359,43 +357,69 @@ def _bwd_k_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
+    """dv, then dk, of key chunk i: two passes over the query blocks, so that one fp32 accumulator is live at a
+    time (the scores are computed twice; registers, not the tensor cores, are the scarce resource here)."""
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     j = i * BT + tl.arange(0, BT)
-    dd = tl.arange(0, BD)
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
     qp = _head(Q, b, h, sqb, sqh)
     qfp = _head(QF, b, h, sfb, sfh)
     dop = _head(DO, b, h, sdb, sdh)
     kp = _head(K, b, h // G, skb, skh)
+    vp = _head(V, b, h // G, svb, svh)
+    kfp = _head(KF, b, h, sfb, sfh)
     rowp = pid_bh.to(tl.int64) * T
     gamma = tl.load(GAMMA + h).to(tl.float32)
-    v = _load_tile(_head(V, b, h // G, svb, svh), j, vv, T, DV, svt)
-    kf = tl.zeros([BT, BF], dtype=DT)
-    if LINEAR != 0:
-        kf = _load_tile(_head(KF, b, h, sfb, sfh), j, ff, T, F, sft)
-    dk = tl.zeros([BT, BD], dtype=tl.float32)
-    dkf = tl.zeros([BT, BF], dtype=tl.float32)
     dv = tl.zeros([BT, BDV], dtype=tl.float32)
-    # queries of the same chunk and of the next one see these keys exactly
-    dk, dkf, dv = _bwd_k_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, DELTA, R, IDX,
-                               kp, skt, v, kf, j, j, gamma, T, window, scale, dk, dkf, dv,
-                               D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR, DT, PREC)
-    dk, dkf, dv = _bwd_k_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, DELTA, R, IDX,
-                               kp, skt, v, kf, j + BT, j, gamma, T, window, scale, dk, dkf, dv,
-                               D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR, DT, PREC)
-    if LINEAR != 0:
-        # queries of chunks >= i+2 through dh = sum phi(q) dA^T, dz = sum phi(q) dZ
-        dhs = tl.load(_state_ptr(DHS, pid_bh, i, NT, BF, BDV, ff, vv))
-        dkf = tl.dot(v, tl.trans(dhs), dkf, input_precision=PREC)
-        dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)[None, :]
-        dv = tl.dot(kf, dhs, dv, input_precision=PREC)
-        _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
-    _store_tile(_head(DK, b, h, spb, sph), dk * scale, j, dd, T, D, spt)
+    if LINEAR != 0:  # queries of chunks >= i+2: dv_j = dh_j^T phi(k_j)
+        kf = _load_tile(kfp, j, ff, T, F, sft)
+        dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, i, NT, BF, BDV, ff, vv)), dv, input_precision=PREC)
+    for t in range(2):  # queries of the same chunk and of the next one see these keys exactly
+        dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, j + t * BT, j, gamma, T,
+                           window, scale, dv, D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR, DT, PREC)
     _store_tile(_head(DV_, b, h, svpb, svph), dv, j, vv, T, DV, svpt)
+    if SOFTMAX:
+        v = _load_tile(vp, j, vv, T, DV, svt)
+        dk = tl.zeros([BT, BD], dtype=tl.float32)
+        for t in range(2):
+            dk = _bwd_dk_block(qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, j + t * BT, j, gamma, T,
+                               window, scale, dk, D, DV, BD, BDV, DT, PREC)
+        _store_tile(_head(DK, b, h, spb, sph), dk * scale, j, tl.arange(0, BD), T, D, spt)
+
+
+@triton.jit
+def _bwd_kf_kernel(
+    QF, V, DO, ZD, DELTA, DHS, DZS, DKF,
+    svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
+    T, H, G, NT, window,
+    DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+    LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """dphi(k_j) = sum_n da_nj phi(q_n) (queries of chunks i, i+1 on L(n)) + v_j dh_j^T + dz_j."""
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    j = i * BT + tl.arange(0, BT)
+    vv = tl.arange(0, BDV)
+    ff = tl.arange(0, BF)
+    qfp = _head(QF, b, h, sfb, sfh)
+    dop = _head(DO, b, h, sdb, sdh)
+    rowp = pid_bh.to(tl.int64) * T
+    v = _load_tile(_head(V, b, h // G, svb, svh), j, vv, T, DV, svt)
+    dkf = tl.dot(v, tl.trans(tl.load(_state_ptr(DHS, pid_bh, i, NT, BF, BDV, ff, vv))), input_precision=PREC)
+    dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)[None, :]
+    for t in range(2):
+        n = j + t * BT
+        dA, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV)
+        dW = tl.dot(dA.to(DT), tl.trans(v), input_precision=PREC) + dZ[:, None]
+        da = tl.where(_lin_mask(n, j, T, window, LINEAR), dW, 0.0)
+        dkf = tl.dot(tl.trans(da.to(DT)), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
+    _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -550,11 +574,16 @@ class HybridAttentionFunction(torch.autograd.Function):
             *strides, T, H, G, NT, window, scale, **meta, **_launch("bwd_q", big),
         )
         del hs, zs
-        _bwd_k_kernel[(NT, B * H)](
-            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dzs, dk_h, dv_h, dkf,
+        _bwd_kv_kernel[(NT, B * H)](
+            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk_h, dv_h,
             *strides, dk_h.stride(0), dk_h.stride(1), dk_h.stride(2), dv_h.stride(0), dv_h.stride(1), dv_h.stride(2),
-            T, H, G, NT, window, scale, **meta, **_launch("bwd_k", big),
+            T, H, G, NT, window, scale, **meta, **_launch("bwd_kv", big),
         )
+        if lin:
+            _bwd_kf_kernel[(NT, B * H)](
+                q_feat, v, do, ZD, delta, dhs, dzs, dkf, *strides[6:], T, H, G, NT, window,
+                DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, DT=DT, PREC=PREC, **_launch("bwd_kf", big),
+            )
         dk = dk_h.view(B, T, Hkv, G, D).sum(3).to(k.dtype)
         dv = dv_h.view(B, T, Hkv, G, Dv).sum(3).to(v.dtype)
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
