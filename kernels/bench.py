@@ -11,12 +11,19 @@ forward and forward+backward with CUDA events (median of --reps after warm-up) f
   fla_chunk_la    flash-linear-attention chunk_linear_attn on the 128 features (skipped if fla is absent)
   naive           the quadratic reference, where it fits in memory
 Peak GiB is the peak of memory allocated during one forward+backward beyond what the inputs already held.
+
+    python -m linearize.kernels.bench --T 8192 32768 --tune --profile --out $OUT/bench_tune.json
+
+--tune also times the hybrid op under variants of its launch settings (block sizes, warps, stages: ``TUNE``;
+the JSON's "tune" rows); --profile records the CUDA time of each kernel of one forward+backward ("profile").
+The settings the timed op ran with are in the JSON's "kernel_config".
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import platform
@@ -171,6 +178,75 @@ def fla_chunk_la(T):
 
 PEERS = {"sdpa": sdpa, "flex_swa": flex_swa, "fla_chunk_la": fla_chunk_la}
 
+# variants of the hybrid op's launch settings for --tune: name -> overrides of chunk's module attributes
+# (LAUNCH entries are (num_warps, num_stages) per kernel)
+TUNE = {
+    "default": {},
+    "fwd Dv block 128": {"OUT_BV": 128},
+    "fwd 4 warps": {"LAUNCH": {"fwd": (4, 2)}},
+    "fwd 1 stage": {"LAUNCH": {"fwd": (8, 1)}},
+    "state blocks 32x32": {"STATE_BF": 32, "STATE_BV": 32},
+    "state blocks 128x64": {"STATE_BF": 128},
+    "state 3 stages": {"LAUNCH": {"state": (4, 3)}},
+    "bwd 2 stages": {"LAUNCH": {"bwd_q": (8, 2), "bwd_kv": (8, 2), "bwd_kf": (8, 2)}},
+}
+
+
+def kernel_config() -> dict:
+    from .hybrid_attention import chunk
+
+    return {"BT": chunk.BT, "STATE_BF": chunk.STATE_BF, "STATE_BV": chunk.STATE_BV, "OUT_BV": chunk.OUT_BV,
+            "LAUNCH": {k: list(v) for k, v in chunk.LAUNCH.items()}}
+
+
+def with_settings(overrides: dict, fn):
+    """Run fn() with chunk's launch settings overridden, restoring them afterwards."""
+    from .hybrid_attention import chunk
+
+    saved = {name: getattr(chunk, name) for name in overrides}
+    try:
+        for name, value in overrides.items():
+            setattr(chunk, name, {**saved[name], **value} if isinstance(value, dict) else value)
+        return fn()
+    finally:
+        for name, value in saved.items():
+            setattr(chunk, name, value)
+
+
+def tune(Ts, reps) -> list[dict]:
+    rows = []
+    for T in Ts:
+        for name, overrides in TUNE.items():
+            row = with_settings(overrides, functools.partial(measure, "hybrid (ours)", ours, T, reps))
+            row.update(variant=name, overrides={k: str(v) for k, v in overrides.items()})
+            rows.append(row)
+            print("# tune " + json.dumps(row), flush=True)
+    return rows
+
+
+def profile(T: int, iters: int = 5) -> list[dict]:
+    """CUDA time per kernel (ms per forward+backward) of the hybrid op, from torch.profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    _, step = ours(T)
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        total = getattr(ev, "device_time_total", None)
+        total = getattr(ev, "cuda_time_total", 0) if total is None else total
+        if total > 0:
+            rows.append({"T": T, "kernel": ev.key, "ms": total / 1000 / iters, "calls": ev.count / iters})
+    rows.sort(key=lambda r: -r["ms"])
+    for r in rows[:15]:
+        print(f"# profile T={T} {r['ms']:8.3f} ms  x{r['calls']:.0f}  {r['kernel'][:90]}", flush=True)
+    return rows
+
 
 # ------------------------------------------------------------------------------------------------------------
 
@@ -242,6 +318,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--check-T", type=int, default=1000)
     ap.add_argument("--out", default="kernels/bench_results.json")
+    ap.add_argument("--tune", action="store_true", help="also time the hybrid op under the TUNE variants")
+    ap.add_argument("--profile", action="store_true", help="also record CUDA time per kernel of the hybrid op")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA device")
@@ -285,7 +363,12 @@ def main(argv=None):
                 o[f"{key}_vs_sdpa"] = o[key] / at["sdpa"][key]
 
     result = {"header": info, "shapes": dict(B=B, H=H, Hkv=HKV, d=D, features=FEAT, window=WINDOW, dtype="bf16"),
-              "check": {"T": args.check_T, "rel_rms_err": checks, "ok": ok}, "reps": args.reps, "rows": rows}
+              "check": {"T": args.check_T, "rel_rms_err": checks, "ok": ok}, "reps": args.reps, "rows": rows,
+              "kernel_config": kernel_config()}
+    if args.tune:
+        result["tune"] = tune(args.T, args.reps)
+    if args.profile:
+        result["profile"] = [r for T in args.T for r in profile(T)]
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
 

@@ -279,15 +279,15 @@ def _bwd_q_kernel(
         gamma = tl.load(GAMMA + h).to(tl.float32)
         m = _load_row(M + rowp, n, T, 0.0)
         q = _load_tile(_head(Q, b, h, sqb, sqh), n, dd, T, D, sqt)
-        s_p = _scores(q, kp, n, jp, T, window, scale, skt, D, BD, SOFTMAX, PREC)
-        s_c = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
         # c_n = max_j s_nj is differentiated too (the linear terms do not rescale with it): its gradient
-        # -sum_j p_nj dW_nj goes to the arg max (first one on ties)
-        mp = tl.max(s_p, axis=1)
-        mc = tl.max(s_c, axis=1)
-        idx = tl.where(mp >= mc, (i - 1) * BT + tl.argmax(s_p, axis=1), i * BT + tl.argmax(s_c, axis=1))
-        pw0_p = tl.exp(s_p - m[:, None]) * dW_p
-        pw0_c = tl.exp(s_c - m[:, None]) * dW_c
+        # -sum_j p_nj dW_nj goes to the arg max (first one on ties). Each score block is reduced right away.
+        s = _scores(q, kp, n, jp, T, window, scale, skt, D, BD, SOFTMAX, PREC)
+        mp = tl.max(s, axis=1)
+        ap = (i - 1) * BT + tl.argmax(s, axis=1)
+        pw0_p = tl.exp(s - m[:, None]) * dW_p
+        s = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
+        idx = tl.where(mp >= tl.max(s, axis=1), ap, i * BT + tl.argmax(s, axis=1))
+        pw0_c = tl.exp(s - m[:, None]) * dW_c
         row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
         rsum = gamma * row
         ds = gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)

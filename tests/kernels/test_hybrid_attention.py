@@ -243,6 +243,55 @@ def test_triton_interpreter_matches_naive(B, T, H, KV, D, F, w, mode, blocks, mo
                         window=w, softmax=softmax, linear=linear)
 
 
+def chunk_states_reference(x, y, ra, rb, heads_per_y, reverse, chunk_size=64):
+    """float64 per-chunk states: hs[bh, i] = sum over chunks <= i-2 (reverse: >= i+2) of x^T (ra y), zs = x^T rb."""
+    B, T, H, F = x.shape
+    y = y.double().repeat_interleave(heads_per_y, dim=2)
+    x = x.double().permute(0, 2, 1, 3).reshape(B * H, T, F)
+    y = y.permute(0, 2, 1, 3).reshape(B * H, T, -1)
+    ra = torch.ones(B * H, T, dtype=torch.float64) if ra is None else ra.double()
+    rb = torch.ones(B * H, T, dtype=torch.float64) if rb is None else rb.double()
+    NT = -(-T // chunk_size)
+    chunk = torch.arange(T) // chunk_size
+    hs = torch.zeros(B * H, NT, F, y.shape[-1], dtype=torch.float64)
+    zs = torch.zeros(B * H, NT, F, dtype=torch.float64)
+    for i in range(NT):
+        keep = chunk >= i + 2 if reverse else chunk <= i - 2
+        hs[:, i] = torch.einsum("btf,btv->bfv", x[:, keep], ra[:, keep, None] * y[:, keep])
+        zs[:, i] = torch.einsum("btf,bt->bf", x[:, keep], rb[:, keep])
+    return hs, zs
+
+
+# (B, T, H, heads_per_y, F, Dv, reverse, row weights, block): several F / Dv blocks, padded F / Dv, T < one chunk
+STATE_CASES = [
+    (1, 500, 2, 2, 32, 48, False, False, 16),
+    (2, 300, 3, 1, 16, 32, True, True, 16),
+    (1, 63, 2, 1, 16, 16, True, True, 64),
+    (1, 257, 4, 4, 48, 16, False, True, 32),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,H,GY,F,DV,reverse,weights,blk", STATE_CASES,
+                         ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-G{c[3]}-F{c[4]}-Dv{c[5]}-{'rev' if c[6] else 'fwd'}"
+                              f"{'-ra-rb' if c[7] else ''}-blk{c[8]}" for c in STATE_CASES])
+def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weights, blk, monkeypatch, interpret):
+    """The per-chunk states the output and gradient kernels read: exact prefix (suffix) sums, two chunks apart."""
+    monkeypatch.setattr(chunk, "STATE_BF", blk)
+    monkeypatch.setattr(chunk, "STATE_BV", blk)
+    g = torch.Generator().manual_seed(T + F)
+    x = torch.randn(B, T, H, F, generator=g).softmax(-1)
+    y = torch.randn(B, T, H // GY, DV, generator=g)
+    ra = rb = None
+    if weights:
+        ra, rb = torch.rand(B * H, T, generator=g) + 0.5, torch.randn(B * H, T, generator=g)
+    hs, zs = chunk.chunk_states(x, y, ra, rb, heads_per_y=GY, reverse=reverse, dtype=torch.float32, big=False)
+    ref_hs, ref_zs = chunk_states_reference(x, y, ra, rb, GY, reverse)
+    assert_close("state h", ref_hs, hs[:, :, :F, :DV], torch.float32)
+    assert_close("state z", ref_zs, zs[:, :, :F], torch.float32)
+    assert (hs[:, :, F:] == 0).all() and (hs[:, :, :, DV:] == 0).all(), "padding of the states must be zero"
+
+
 @needs_interpreter
 def test_triton_interpreter_no_gamma_custom_scale(interpret):
     inputs, do = make_inputs(1, 90, 2, 1, 16, 16, torch.float32, seed=11, gamma=False)
