@@ -310,7 +310,7 @@ def test_triton_rejects_unsupported(interpret):
 # Triton on the GPU
 
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")]
-# (B, T, H, KV, D, F, w). Compiling dominates (five kernels per dtype x mode x shape specialisation, ~30 s per
+# (B, T, H, KV, D, F, w). Compiling dominates (up to six kernels per dtype x mode x shape specialisation, ~30 s per
 # new combination on an H100), so the hybrid runs at every length, the other modes at 63 (T < w) and 1000.
 GPU_SHAPES = {63: (2, 63, 4, 2, 64, 128, 64), 500: (2, 500, 4, 2, 64, 128, 64), 1000: (1, 1000, 9, 3, 64, 128, 64),
               4096: (1, 4096, 4, 1, 128, 128, 64)}
