@@ -43,50 +43,48 @@ from .naive import LINEAR_SPANS
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACTIVATIONS = {"softmax": 0, "exp": 1, "relu": 2, "elu": 3}  # anything else: identity (as FeatureMap.forward)
 _LINEAR_CODE = {"none": 0, "outside": 1, "all": 2}
-MAX_TILE = 128 * 128  # largest [rows, cols] fp32 tile held at once (window x D, D x f): no register spills
+MAX_TILE = 128 * 64  # largest [window, f] fp32 tile (phi of the window keys, overlap layout) held at once
 
 
 @triton.jit
-def _phi(z, fmask, ACT: tl.constexpr, SIGNED: tl.constexpr):
-    """(act(z), act(-z)) on the valid lanes of z [M, BF] (zero elsewhere); the second only means something when SIGNED.
-
-    softmax: each half normalised over its own f lanes; exp: minus the max over both halves (FeatureMap's max over the
-    concatenated 2f features); relu / elu (1 + elu) / identity: elementwise."""
-    neg = -z
+def _phi(z, fmask, ACT: tl.constexpr, SIGNED: tl.constexpr, NEG: tl.constexpr):
+    """act(z) (NEG False) or act(-z) (NEG True, the second half of a signed map) on the valid lanes of z [M, BF],
+    zero elsewhere. softmax: normalised over the half's own f lanes; exp: minus the max over both halves when SIGNED
+    (FeatureMap's max over the concatenated 2f features); relu / elu (1 + elu) / identity: elementwise."""
+    x = -z if NEG else z
     if ACT == 0:
-        a = tl.where(fmask, z, float("-inf"))
+        a = tl.where(fmask, x, float("-inf"))
         a = tl.exp(a - tl.max(a, axis=1)[:, None])
         a = a / tl.sum(a, axis=1)[:, None]
-        b = tl.where(fmask, neg, float("-inf"))
-        b = tl.exp(b - tl.max(b, axis=1)[:, None])
-        b = b / tl.sum(b, axis=1)[:, None]
     elif ACT == 1:
-        m = tl.max(tl.where(fmask, z, float("-inf")), axis=1)
+        m = tl.max(tl.where(fmask, x, float("-inf")), axis=1)
         if SIGNED:
-            m = tl.maximum(m, tl.max(tl.where(fmask, neg, float("-inf")), axis=1))
-        a = tl.exp(z - m[:, None])
-        b = tl.exp(neg - m[:, None])
+            m = tl.maximum(m, tl.max(tl.where(fmask, -x, float("-inf")), axis=1))
+        a = tl.exp(x - m[:, None])
     elif ACT == 2:
-        a = tl.maximum(z, 0.0)
-        b = tl.maximum(neg, 0.0)
+        a = tl.maximum(x, 0.0)
     elif ACT == 3:
-        a = tl.where(z > 0, 1.0 + z, tl.exp(z))
-        b = tl.where(neg > 0, 1.0 + neg, tl.exp(neg))
+        a = tl.where(x > 0, 1.0 + x, tl.exp(x))
     else:
-        a = z
-        b = neg
-    return tl.where(fmask, a, 0.0), tl.where(fmask, b, 0.0)
+        a = x
+    return tl.where(fmask, a, 0.0)
 
 
 @triton.jit
-def _project_vec(x, w_ptr, b_ptr, h, D, FH, rd, rf, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """z = x W_h + b_h for one vector x [BD] -> [1, BF] (without W: z = x, FH == D)."""
+def _project(x_ptr, w_ptr, b_ptr, h, D, FH, rc, rf,
+             BC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """z = x W_h + b_h [1, BF] for one vector x read from x_ptr (D contiguous values; without W: z = x, FH = D).
+    D is walked in chunks of BC so that no [D, f] tile is ever live."""
     if HAS_W:
-        wm = (rd[:, None] < D) & (rf[None, :] < FH)
-        W = tl.load(w_ptr + h * D * FH + rd[:, None] * FH + rf[None, :], mask=wm, other=0.0).to(tl.float32)
-        z = tl.sum(x[:, None] * W, axis=0)
+        z = tl.zeros([rf.shape[0]], dtype=tl.float32)
+        for d0 in range(0, D, BC):
+            cd = d0 + rc
+            x = tl.load(x_ptr + cd, mask=cd < D, other=0.0).to(tl.float32)
+            Wc = tl.load(w_ptr + h * D * FH + cd[:, None] * FH + rf[None, :],
+                         mask=(cd[:, None] < D) & (rf[None, :] < FH), other=0.0)  # fmt: skip
+            z += tl.sum(x[:, None] * Wc, axis=0)
     else:
-        z = x
+        z = tl.load(x_ptr + rf, mask=rf < D, other=0.0).to(tl.float32)
     if HAS_B:
         z += tl.load(b_ptr + h * FH + rf, mask=rf < FH, other=0.0).to(tl.float32)
     return z[None, :]
@@ -99,7 +97,7 @@ def _decode_step_kernel(
     S, Z, THETA, QW, QB, KW, KB, O,
     snv, sqb, sqh, sknb, sknh, svnb, svnh, skb, skh, skr, svb, svh, svr,
     H, G, D, DV, FH, W, R, scale, eps,
-    BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
+    BW: tl.constexpr, BC: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, ZERO: tl.constexpr, HAS_NVALID: tl.constexpr,
     HAS_GAMMA: tl.constexpr, ACT: tl.constexpr, SIGNED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
@@ -110,33 +108,38 @@ def _decode_step_kernel(
     n = tl.load(POS + b * H + h)
 
     i = tl.arange(0, BW)
-    rd = tl.arange(0, BD)
+    rc = tl.arange(0, BC)
     rf = tl.arange(0, BF)
     rv = tl.arange(0, BDV)
     wmask = i < W
-    dmask = rd < D
     fmask = (rf < FH)[None, :]
     slot = (n + 1 + i) % R  # i = 0: the key leaving the window; i >= 1: the rest of the window
     kbase = K + b * skb + kvh * skh
     vbase = V + b * svb + kvh * svh
-    kt = tl.load(kbase + slot[:, None] * skr + rd[None, :], mask=wmask[:, None] & dmask[None, :], other=0.0)
-    kt = kt.to(tl.float32)
+    qp = Q + b * sqb + h * sqh
+    knp = KN + b * sknb + kvh * sknh
     valid = (tl.load(VALID + b * R + slot, mask=wmask, other=0) != 0) & wmask
     in_win = valid & (i >= 1)
-    kn_raw = tl.load(KN + b * sknb + kvh * sknh + rd, mask=dmask, other=0.0)
-    kn = kn_raw.to(tl.float32)
     if HAS_NVALID:
         new_valid = tl.load(NVALID + b * snv) != 0
     else:
         new_valid = n >= 0  # always true, but a tensor (stored below)
 
-    # weights of the window rows (wt, [BW]) and of the new key (wt_n)
+    # weights of the window rows (wt [BW]) and of the new key (wt_n); D in chunks of BC
     wt = tl.zeros([BW], dtype=tl.float32)
     wt_n = 0.0
     if SOFTMAX:
-        q = tl.load(Q + b * sqb + h * sqh + rd, mask=dmask, other=0.0).to(tl.float32)
-        s = tl.where(in_win, tl.sum(q[None, :] * kt, axis=1) * scale, float("-inf"))
-        s_n = tl.where(new_valid, tl.sum(q * kn, axis=0) * scale, float("-inf"))
+        s = tl.zeros([BW], dtype=tl.float32)
+        s_n = 0.0
+        for d0 in range(0, D, BC):
+            cd = d0 + rc
+            dm = cd < D
+            qc = tl.load(qp + cd, mask=dm, other=0.0).to(tl.float32)
+            kc = tl.load(kbase + slot[:, None] * skr + cd[None, :], mask=wmask[:, None] & dm[None, :], other=0.0)
+            s += tl.sum(qc[None, :] * kc.to(tl.float32), axis=1)
+            s_n += tl.sum(qc * tl.load(knp + cd, mask=dm, other=0.0).to(tl.float32), axis=0)
+        s = tl.where(in_win, s * scale, float("-inf"))
+        s_n = tl.where(new_valid, s_n * scale, float("-inf"))
         c = tl.maximum(tl.max(s, axis=0), s_n)
         c = tl.where(c == float("-inf"), 0.0, c)  # every key is padding: exp(-inf) = 0, not NaN
         gamma = 1.0
@@ -146,42 +149,48 @@ def _decode_step_kernel(
         wt_n += gamma * tl.exp(s_n - c)
 
     # the key leaving the window enters the state (every mode: the mode may change between steps)
-    first = (i == 0) & valid
-    k_old = tl.sum(tl.where(first[:, None], kt, 0.0), axis=0)
-    old_valid = tl.sum(first.to(tl.float32), axis=0)  # 1.0 or 0.0
-    po_a, po_b = _phi(_project_vec(k_old, KW, KB, h, D, FH, rd, rf, HAS_W, HAS_B), fmask, ACT, SIGNED)
-    po_a = po_a * old_valid
-    po_b = po_b * old_valid
+    slot0 = (n + 1) % R
+    old_valid = (tl.load(VALID + b * R + slot0) != 0).to(tl.float32)
+    zo = _project(kbase + slot0 * skr, KW, KB, h, D, FH, rc, rf, BC, HAS_W, HAS_B)
+    po_a = _phi(zo, fmask, ACT, SIGNED, False) * old_valid
     zbase = Z + (b * H + h) * F
     za = tl.load(zbase + rf[None, :], mask=fmask, other=0.0) + po_a
     tl.store(zbase + rf[None, :], za, mask=fmask)
     if SIGNED:
+        po_b = _phi(zo, fmask, ACT, SIGNED, True) * old_valid
         zb = tl.load(zbase + FH + rf[None, :], mask=fmask, other=0.0) + po_b
         tl.store(zbase + FH + rf[None, :], zb, mask=fmask)
 
     den = eps
     if LINEAR != 0:
-        qr = tl.load(Q + b * sqb + h * sqh + rd, mask=dmask, other=0.0).to(tl.float32)
-        pq_a, pq_b = _phi(_project_vec(qr, QW, QB, h, D, FH, rd, rf, HAS_W, HAS_B), fmask, ACT, SIGNED)
+        zq = _project(qp, QW, QB, h, D, FH, rc, rf, BC, HAS_W, HAS_B)
+        pq_a = _phi(zq, fmask, ACT, SIGNED, False)
         den += tl.sum(tl.sum(pq_a * za, axis=1), axis=0)
         if SIGNED:
+            pq_b = _phi(zq, fmask, ACT, SIGNED, True)
             den += tl.sum(tl.sum(pq_b * zb, axis=1), axis=0)
         if LINEAR == 2:  # the window keys and the new key also enter through their features
             if HAS_W:
-                wkm = dmask[:, None] & fmask
-                Wk = tl.load(KW + h * D * FH + rd[:, None] * FH + rf[None, :], mask=wkm, other=0.0)
-                zk = tl.dot(kt, Wk.to(tl.float32), input_precision="ieee")
+                zk = tl.zeros([BW, BF], dtype=tl.float32)
+                for d0 in range(0, D, BC):
+                    cd = d0 + rc
+                    dm = cd < D
+                    kc = tl.load(kbase + slot[:, None] * skr + cd[None, :], mask=wmask[:, None] & dm[None, :],
+                                 other=0.0)  # fmt: skip
+                    Wc = tl.load(KW + h * D * FH + cd[:, None] * FH + rf[None, :], mask=dm[:, None] & fmask,
+                                 other=0.0)  # fmt: skip
+                    zk = tl.dot(kc.to(tl.float32), Wc, zk, input_precision="ieee")
             else:
-                zk = kt
+                zk = tl.load(kbase + slot[:, None] * skr + rf[None, :], mask=wmask[:, None] & fmask, other=0.0)
+                zk = zk.to(tl.float32)
             if HAS_B:
                 zk += tl.load(KB + h * FH + rf[None, :], mask=fmask, other=0.0).to(tl.float32)
-            pk_a, pk_b = _phi(zk, fmask, ACT, SIGNED)
-            a = tl.sum(pk_a * pq_a, axis=1)
-            pn_a, pn_b = _phi(_project_vec(kn, KW, KB, h, D, FH, rd, rf, HAS_W, HAS_B), fmask, ACT, SIGNED)
-            a_n = tl.sum(tl.sum(pn_a * pq_a, axis=1), axis=0)
+            zn = _project(knp, KW, KB, h, D, FH, rc, rf, BC, HAS_W, HAS_B)
+            a = tl.sum(_phi(zk, fmask, ACT, SIGNED, False) * pq_a, axis=1)
+            a_n = tl.sum(tl.sum(_phi(zn, fmask, ACT, SIGNED, False) * pq_a, axis=1), axis=0)
             if SIGNED:
-                a += tl.sum(pk_b * pq_b, axis=1)
-                a_n += tl.sum(tl.sum(pn_b * pq_b, axis=1), axis=0)
+                a += tl.sum(_phi(zk, fmask, ACT, SIGNED, True) * pq_b, axis=1)
+                a_n += tl.sum(tl.sum(_phi(zn, fmask, ACT, SIGNED, True) * pq_b, axis=1), axis=0)
             wt += tl.where(in_win, a, 0.0)
             wt_n += tl.where(new_valid, a_n, 0.0)
     den += tl.sum(wt, axis=0) + wt_n
@@ -191,36 +200,43 @@ def _decode_step_kernel(
     wslot = n % R
     sbase = S + (b * H + h) * F * DV
     ob = O + (b * H + h) * DV
-    pos_a = po_a.reshape(BF)
-    pos_b = po_b.reshape(BF)
+    fcol = (rf < FH)[:, None]
+    po_a = tl.reshape(po_a, [BF])
+    if SIGNED:
+        po_b = tl.reshape(po_b, [BF])
+    if LINEAR != 0:
+        pq_a = tl.reshape(pq_a, [BF])
+        if SIGNED:
+            pq_b = tl.reshape(pq_b, [BF])
     for v0 in range(0, DV, BDV):
         cv = v0 + rv
         vm = cv < DV
         vt = tl.load(vbase + slot[:, None] * svr + cv[None, :], mask=wmask[:, None] & vm[None, :], other=0.0)
-        vt = vt.to(tl.float32)
         vn_raw = tl.load(VN + b * svnb + kvh * svnh + cv, mask=vm, other=0.0)
-        v_old = tl.sum(tl.where((i == 0)[:, None], vt, 0.0), axis=0)
-        sm = fmask.reshape(BF)[:, None] & vm[None, :]
+        v_old = tl.load(vbase + slot0 * svr + cv, mask=vm, other=0.0).to(tl.float32)
+        sm = fcol & vm[None, :]
         sp = sbase + rf[:, None] * DV + cv[None, :]
-        Sa = tl.load(sp, mask=sm, other=0.0) + pos_a[:, None] * v_old[None, :]
+        Sa = tl.load(sp, mask=sm, other=0.0) + po_a[:, None] * v_old[None, :]
         tl.store(sp, Sa, mask=sm)
         if SIGNED:
-            Sb = tl.load(sp + FH * DV, mask=sm, other=0.0) + pos_b[:, None] * v_old[None, :]
+            Sb = tl.load(sp + FH * DV, mask=sm, other=0.0) + po_b[:, None] * v_old[None, :]
             tl.store(sp + FH * DV, Sb, mask=sm)
         if ZERO:
             y = tl.zeros([BDV], dtype=tl.float32)
         else:
-            num = tl.sum(wt[:, None] * vt, axis=0) + wt_n * vn_raw.to(tl.float32)
+            num = tl.sum(wt[:, None] * vt.to(tl.float32), axis=0) + wt_n * vn_raw.to(tl.float32)
             if LINEAR != 0:
-                num += tl.sum(pq_a.reshape(BF)[:, None] * Sa, axis=0)
+                num += tl.sum(pq_a[:, None] * Sa, axis=0)
                 if SIGNED:
-                    num += tl.sum(pq_b.reshape(BF)[:, None] * Sb, axis=0)
+                    num += tl.sum(pq_b[:, None] * Sb, axis=0)
             y = num / den
         tl.store(ob + cv, y.to(O.dtype.element_ty), mask=vm)
         if writer:
             tl.store(vbase + wslot * svr + cv, vn_raw, mask=vm)
     if writer:
-        tl.store(kbase + wslot * skr + rd, kn_raw, mask=dmask)
+        for d0 in range(0, D, BC):
+            cd = d0 + rc
+            tl.store(kbase + wslot * skr + cd, tl.load(knp + cd, mask=cd < D), mask=cd < D)
     if h == 0:
         tl.store(VALID + b * R + wslot, new_valid.to(tl.uint8))
     tl.store(POS + b * H + h, n + 1)
@@ -239,7 +255,7 @@ def supported(q: torch.Tensor, ring_keys: torch.Tensor, window: int, q_map, acti
     D = q.shape[-1]
     weight, _ = q_map
     FH = D if weight is None else weight.shape[-1]
-    if _block(window) * _block(D) > MAX_TILE or _block(D) * _block(FH) > MAX_TILE:
+    if _block(window) * _block(FH) > MAX_TILE:
         return f"window {window}, head dim {D}, features {FH} exceed the register tiles of the fused step"
     if ring_keys.shape[2] != window + 1:
         return f"the ring buffer has {ring_keys.shape[2]} slots, expected window + 1 = {window + 1}"
@@ -310,10 +326,10 @@ def hybrid_decode_step(
         nvalid.stride(0), q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         H, H // Hkv, D, Dv, FH, window, R, scale, eps,
-        BW=_block(window), BD=_block(D), BF=_block(FH), BDV=min(_block(Dv), 32),
+        BW=_block(window), BC=min(_block(D), 32), BF=_block(FH), BDV=min(_block(Dv), 32),
         SOFTMAX=attend and softmax, LINEAR=_LINEAR_CODE[linear] if attend else 0, ZERO=not attend,
         HAS_NVALID=key_valid is not None, HAS_GAMMA=theta is not None,
         ACT=ACTIVATIONS.get(activation, 4), SIGNED=signed, HAS_W=qw is not None, HAS_B=qb is not None,
-        num_warps=4,
+        num_warps=8,  # ptxas (sm_90a, bf16, w=64, f=64, D=64 or 128): 4 warps spill, 8 warps use 166-172 registers
     )  # fmt: skip
     return out
