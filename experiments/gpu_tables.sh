@@ -12,20 +12,57 @@
 # transfer.epochs) for tables 2-4; evaluation on the six tasks with LIMIT documents each and MMLU (5-shot, val)
 # limited to MMLU_LIMIT per subject. Knobs (environment): MODEL, STEPS, LIMIT, MMLU_LIMIT, BS, SEQ, EVAL_BS, DEADLINE
 # (seconds before the script stops its jobs and packs what is done; a rerun continues), OUT (where the packed
-# results and logs go; $OUT on the device machine), EXTRA (more overrides for every row).
+# results and logs go; $OUT on the device machine), EXTRA (more overrides for every row), RESUME (a results.tgz of
+# an earlier run, e.g. on a machine since lost: its finished rows are kept; unfinished rows keep only their base-row
+# eval results, which do not depend on training, since their checkpoints are not in the archive), TRIES (sweeps
+# per group: a row that failed, e.g. out of GPU memory beside the other jobs, is resumed by the next try).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 MODEL=${MODEL:-smollm2_135m}
 LIMIT=${LIMIT:-500}
 MMLU_LIMIT=${MMLU_LIMIT:-10}
 BS=${BS:-4}
 SEQ=${SEQ:-512}
-EVAL_BS=${EVAL_BS:-32}
+EVAL_BS=${EVAL_BS:-8}  # MMLU 5-shot prompts reach ~3K tokens: at 32 the [B, T, vocab] logits alone take ~9 GiB
 STEPS=${STEPS:--1}  # optimizer steps per stage; -1 = the epochs above
 DEADLINE=${DEADLINE:-540}
 OUT=${OUT:-outputs/gpu_tables}
 EXTRA=${EXTRA:-}
+RESUME=${RESUME:-}
+TRIES=${TRIES:-3}
 mkdir -p "$OUT/logs"
+
+if [[ -n $RESUME ]]; then
+  tar xzf "$RESUME"
+  python - "$MODEL" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+runs = Path("outputs/tables") / sys.argv[1]
+base_evals = {}  # task -> a finished base-row result (the unconverted model: the same in every run)
+for run in sorted(p for p in runs.glob("*/*") if p.is_dir()):
+    for f in (run / "eval" / "base").glob("*.json"):
+        base_evals.setdefault(f.name, f.read_text())
+for run in sorted(p for p in runs.glob("*/*") if p.is_dir()):
+    if (run / "metrics.json").is_file():
+        print(f"resume: {run} finished, kept")
+        continue
+    kept = sorted(f.name for f in (run / "eval" / "base").glob("*.json"))
+    for item in list(run.iterdir()):
+        if item.name != "eval":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    for item in (run / "eval").iterdir() if (run / "eval").is_dir() else []:
+        if item.name != "base":
+            shutil.rmtree(item)
+    print(f"resume: {run} unfinished: restarts; base-row results kept: {kept or 'none'}")
+for run in sorted(p for p in runs.glob("*/*") if p.is_dir()):  # base rows of other runs, same settings key
+    if (run / "eval" / "base").is_dir() or run.name == "base":
+        (run / "eval" / "base").mkdir(parents=True, exist_ok=True)
+        for name, text in base_evals.items():
+            if not (run / "eval" / "base" / name).exists():
+                (run / "eval" / "base" / name).write_text(text)
+PY
+fi
 
 common=(
   logger=none attention.backend=naive
@@ -65,13 +102,24 @@ pack() {  # everything small that a result or a report needs, without checkpoint
   mv -f "$OUT/results.tgz.tmp" "$OUT/results.tgz"
 }
 
+kill_tree() {  # a group's subshell, its sweep and the sweep's training process
+  local c
+  for c in $(pgrep -P "$1"); do kill_tree "$c"; done
+  kill -TERM "$1" 2>/dev/null
+}
+
 start=$(date +%s)
 pids=()
 for g in "${GROUPS_[@]}"; do
   IFS='|' read -r table rows extra <<<"$g"
   log="$OUT/logs/${table}_${rows//,/_}.log"
-  # shellcheck disable=SC2086
-  python -m linearize.sweep "$table" --model "$MODEL" --rows "$rows" "${common[@]}" $extra >>"$log" 2>&1 &
+  (
+    for ((try = 1; try <= TRIES; try++)); do
+      # shellcheck disable=SC2086
+      python -m linearize.sweep "$table" --model "$MODEL" --rows "$rows" "${common[@]}" $extra >>"$log" 2>&1 && break
+      echo "sweep $table [$rows]: try $try ended with failed rows" >>"$log"
+    done
+  ) &
   pids+=($!)
   echo "started $table [$rows] (pid $!), log $log"
 done
@@ -86,7 +134,7 @@ while true; do
   ((alive == 0)) && break
   if ((elapsed > DEADLINE)); then
     echo "deadline ${DEADLINE}s reached: stopping the sweeps (a rerun resumes them)"
-    for p in "${pids[@]}"; do pkill -TERM -P "$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null; done
+    for p in "${pids[@]}"; do kill_tree "$p"; done
     sleep 5
     break
   fi
