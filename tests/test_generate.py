@@ -58,9 +58,9 @@ def _assert_close(actual, expected, what=""):
     assert torch.allclose(actual, expected, atol=ATOL, rtol=RTOL), f"{what}: max abs err {err:.3g}, rel rms {rel:.3g}"
 
 
-def _cached_logits(model, ids, prefill, step=1, attention_mask=None):
+def _cached_logits(model, ids, prefill, step=1, attention_mask=None, fused=None):
     """Prefill ``prefill`` tokens, then feed the rest ``step`` tokens at a time through a HybridCache."""
-    cache = HybridCache(model)
+    cache = HybridCache(model, fused=fused)
     outs = []
     T = ids.shape[1]
     bounds = [0, prefill, *range(prefill + step, T, step), T] if prefill < T else [0, T]
@@ -291,14 +291,15 @@ def test_cache_memory_does_not_grow():
                            past_key_values=cache)  # fmt: skip
         assert cache.get_seq_length() == 9 + n - 1
         sizes[n] = cache.nbytes()
-        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values, layer.valid, layer.S, layer.z)]
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values, layer.valid, layer.pos, layer.S,
+                                                         layer.z)]  # fmt: skip
         assert sizes[n] == sum(t.numel() * t.element_size() for t in tensors)
     assert sizes[10] == sizes[50] > 0
-    # window keys/values of 2 layers + validity + state: nothing of size T
+    # ring of w + 1 keys/values of 2 rows + validity + position counters + state: nothing of size T
     cfg = model.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
+    hd, H = cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads
     F = hybrid_layers(model)[0].k_map.out_features
-    per_layer = 2 * 2 * cfg.num_key_value_heads * 6 * hd * 4 + 2 * 6 + 2 * cfg.num_attention_heads * F * (hd + 1) * 4
+    per_layer = 2 * 2 * cfg.num_key_value_heads * 7 * hd * 4 + 2 * 7 + 2 * H * 8 + 2 * H * F * (hd + 1) * 4
     assert sizes[10] == cfg.num_hidden_layers * per_layer
 
 
@@ -384,3 +385,137 @@ def test_beam_search_matches_uncached_beam_search():
         cached = model.generate(input_ids=ids, **kw)
         uncached = model.generate(input_ids=ids, use_cache=False, **kw)
     assert cached.tolist() == uncached.tolist()
+
+
+# --- the fused single-token step (kernels/hybrid_attention/decode_fused.py) in the model ----------------------------
+
+
+def _load_fused():
+    """decode_fused under the CPU interpreter (CUDA absent), else compiled; None without triton."""
+    import importlib
+    import os
+
+    interpret = not torch.cuda.is_available()
+    previous = os.environ.get("TRITON_INTERPRET")
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        mod = importlib.import_module("linearize.kernels.hybrid_attention.decode_fused")
+        return mod if mod.INTERPRETED == interpret else importlib.reload(mod)
+    except ImportError:
+        return None
+    finally:
+        if interpret:
+            if previous is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+
+
+# Imported at collection, before any test can import triton without the interpreter switch (triton's own @jit
+# library functions are built interpreted or compiled when triton is first imported).
+_FUSED = _load_fused()
+
+
+@pytest.fixture
+def fused_kernel(monkeypatch):
+    """The fused kernel module (interpreted on CPU); counts its launches in ``fused_kernel.calls``."""
+    mod = _FUSED
+    if mod is None:
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available():
+        # Triton reads TRITON_INTERPRET again when a launch first imports its gluon modules: keep it set meanwhile
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mod.calls = 0
+    step = mod.hybrid_decode_step
+
+    def counted(*a, **kw):
+        mod.calls += 1
+        return step(*a, **kw)
+
+    monkeypatch.setattr(mod, "hybrid_decode_step", counted)
+    return mod
+
+
+@pytest.mark.parametrize("kind", list(KIND_SPANS))
+@pytest.mark.parametrize("prefill", [1, 9])
+def test_fused_decode_equals_full_forward(fused_kernel, kind, prefill):
+    """Prefill, then single-token fused steps well past the window (w = 4, 30 tokens: the ring of 5 slots wraps 4-6
+    times); GQA; fp32. Every decode step goes through the kernel (its launches are counted)."""
+    model, _ = _converted(kind=kind, window=4)
+    ids = _ids(2, 30)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        cached, _ = _cached_logits(model, ids, prefill, fused=True)
+    single_token_forwards = 30 - prefill + (prefill == 1)  # a one-token prompt is a single-token step too
+    assert fused_kernel.calls == single_token_forwards * model.config.num_hidden_layers
+    _assert_close(cached, full, f"fused {kind} prefill={prefill}")
+
+
+@pytest.mark.parametrize("mode", ["swa_only", "la_only", "no_attention"])
+def test_fused_decode_ablation_modes(fused_kernel, mode):
+    model, _ = _converted(kind="hybrid", window=4)
+    ids = _ids(1, 16)
+    with torch.no_grad(), attention_mode(model, mode):
+        full = model(input_ids=ids, use_cache=False).logits
+        cached, _ = _cached_logits(model, ids, 3, fused=True)
+    assert fused_kernel.calls == 13 * model.config.num_hidden_layers
+    _assert_close(cached, full, f"fused {mode}")
+
+
+def test_fused_decode_mixed_with_multi_token_steps(fused_kernel):
+    """Fused single-token steps, then a 3-token step (reference path, reading the ring the kernel wrote), then fused
+    steps again: the ring and the position counter are shared by both paths."""
+    model, _ = _converted(kind="hybrid", window=4)
+    ids = _ids(2, 24)
+    cache = HybridCache(model, fused=True)
+    bounds = [0, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 19, 20, 21, 22, 23, 24]
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        outs = [model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True).logits
+                for a, b in zip(bounds[:-1], bounds[1:])]  # fmt: skip
+    assert fused_kernel.calls == 13 * model.config.num_hidden_layers
+    _assert_close(torch.cat(outs, 1), full, "fused + multi-token steps")
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "linear"])
+def test_fused_decode_left_padded_batch(fused_kernel, kind):
+    """Left-padded batch (lengths 19 and 7, window 5), decoded through the kernel: each row's own logits."""
+    model, _ = _converted(kind=kind, window=5)
+    long, short = _ids(1, 19, seed=1), _ids(1, 7, seed=2)
+    pad = 19 - 7
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
+    mask = torch.ones(2, 19, dtype=torch.long)
+    mask[1, :pad] = 0
+    extra = _ids(2, 12, seed=3)
+    ids_all = torch.cat([ids, extra], 1)
+    mask_all = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1)
+    with torch.no_grad():
+        ref_long = model(input_ids=torch.cat([long, extra[:1]], 1), use_cache=False).logits
+        ref_short = model(input_ids=torch.cat([short, extra[1:]], 1), use_cache=False).logits
+        cached, _ = _cached_logits(model, ids_all, 4, attention_mask=mask_all, fused=True)
+    assert fused_kernel.calls == (31 - 4) * model.config.num_hidden_layers
+    _assert_close(cached[0], ref_long[0], f"fused {kind} row 0")
+    _assert_close(cached[1, pad:], ref_short[0], f"fused {kind} row 1")
+
+
+def test_fused_generate_matches_reference_generate(fused_kernel):
+    """generate() (greedy, a left-padded batch) with the fused step gives the reference path's tokens."""
+    model, tok = _converted(kind="hybrid", window=4)
+    tok.padding_side = "left"
+    batch = tok(["hello there, a longer prompt", "hi"], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        ref = model.generate(**batch, past_key_values=HybridCache(model, fused=False), **kw)
+        assert fused_kernel.calls == 0
+        got = model.generate(**batch, past_key_values=HybridCache(model, fused=True), **kw)
+    assert fused_kernel.calls == 11 * model.config.num_hidden_layers
+    assert got.tolist() == ref.tolist()
+
+
+def test_fused_true_raises_when_the_kernel_cannot_run(fused_kernel):
+    model, _ = _converted(kind="hybrid", window=4)
+    with torch.no_grad():
+        model.to(torch.float64)
+        with pytest.raises(ValueError, match="fused decode step cannot run"):
+            _cached_logits(model, _ids(1, 6), 3, fused=True)
