@@ -1,8 +1,8 @@
 """Decode speed and memory vs context length: converted (hybrid cache) vs softmax + KV cache.
 
     python experiments/bench_decode.py [--models mistral7b smollm2_135m] [--contexts 1024 4096 8192 16384 32768]
-        [--batches 1 16] [--budget-s 220] [--out bench_decode.json]
-    python experiments/bench_decode.py --smoke        # CPU, tiny shapes: checks the script end to end
+        [--batches 1 16] [--compile] [--budget-s 220] [--out bench_decode.json]
+    python experiments/bench_decode.py --smoke [--compile]   # CPU, tiny shapes: checks the script end to end
 
 Random weights in bf16 at the real shapes (SmolLM2-135M: 30 layers, 9 heads, 3 kv heads, d=64; Mistral-7B:
 32 layers, 32 heads, 8 kv heads, d=128, all layers). The converted model is hybrid, window 64, Hedgehog feature map
@@ -12,13 +12,19 @@ with 2 x 64 features (DESIGN.md section 8). Methods, per (model, batch, context)
 - ``softmax_static_graph``: HF SDPA, StaticCache sized to the context, one decode step captured in a CUDA graph
   and replayed (what ``generate(cache_implementation="static")`` + ``torch.compile(mode="reduce-overhead")`` does,
   without Inductor's kernel fusion);
-- ``hybrid_eager``: the converted model with ``linearize.cache.HybridCache``, one Python forward per token;
-- ``hybrid_graph``: the same decode step captured in a CUDA graph (the cache updates in place).
+- ``softmax_static_compile`` (with ``--compile``): the same StaticCache step through ``torch.compile(model.forward)``
+  (Inductor's fused kernels), captured in a CUDA graph after the compiling warm-up steps: the
+  ``generate(cache_implementation="static")`` + ``torch.compile(mode="reduce-overhead")`` recipe, timed like the others;
+- ``hybrid_eager``: the converted model with ``linearize.cache.HybridCache``, one Python forward per token (on CUDA the
+  single-token step is the fused Triton kernel, ``kernels/hybrid_attention/decode_fused.py``);
+- ``hybrid_graph``: the same decode step captured in a CUDA graph (the cache updates in place);
+- ``hybrid_ref_graph``: the unfused PyTorch reference step (``HybridCache(model, fused=False)``) in a CUDA graph.
 
 The caches are filled with random keys/values (and a random state) as if ``ctx`` tokens had been prefilled, so
 that prefill is not timed; per-step latency is the median over the timed steps (CUDA events). Before timing, a
 correctness check on a small float32 model compares prefill + eager decode + graph-replayed decode with one full
-forward without cache, for both the hybrid cache and the static softmax cache. Writes JSON (with versions, GPU,
+forward without cache, for the hybrid cache (fused step and reference step), the static softmax cache (and the
+compiled one with ``--compile``). Writes JSON (with versions, GPU,
 git sha) and prints the table last.
 """
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -55,6 +62,22 @@ SHAPES = {
     ),
 }  # fmt: skip
 WINDOW, FEATURE_DIM = 64, 64
+METHODS = ("softmax_eager", "softmax_static_graph", "softmax_static_compile", "hybrid_eager", "hybrid_ref_graph",
+           "hybrid_graph")  # fmt: skip
+
+
+# None: the hybrid cache picks its step (fused Triton on CUDA); --smoke sets True so that the CPU check runs the fused
+# kernel too, under Triton's interpreter.
+FUSED: bool | None = None
+
+
+def _version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
 
 
 def build(shape: dict, dtype, device, max_pos: int, layers: int | None = None):
@@ -137,12 +160,12 @@ def static_cache(model, B, ctx, max_len):
     return cache, mask, lambda: nbytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
 
 
-def hybrid_cache(model, B, ctx):
+def hybrid_cache(model, B, ctx, fused=None):
     from linearize.cache import HybridCache
 
     _, Hkv, D = kv_shape(model)
     p = next(model.parameters())
-    cache = HybridCache(model)
+    cache = HybridCache(model, fused=fused)
     empty = torch.empty(B, Hkv, 0, D, device=p.device, dtype=p.dtype)
     for layer in cache.layers:
         layer.lazy_initialization(empty, empty)
@@ -154,6 +177,7 @@ def refill_hybrid_layer(layer, ctx):
     layer.keys.normal_()
     layer.values.normal_()
     layer.valid.fill_(True)
+    layer.pos.fill_(ctx)  # the ring's write position (slot ctx % (w + 1) is the free one)
     n_old = max(ctx - layer.window, 0)
     layer.S.normal_().mul_(n_old**0.5 / layer.S.shape[2])  # a sum of n_old rank-one terms phi(k) v^T, sum(phi) = 2
     layer.z.uniform_(0, 4 * n_old / layer.z.shape[-1])
@@ -166,15 +190,16 @@ def refill_hybrid_layer(layer, ctx):
 class Step:
     """A decode step with static input buffers; ``capture`` records it in a CUDA graph, ``__call__`` runs it."""
 
-    def __init__(self, model, cache, B, mask=None):
+    def __init__(self, model, cache, B, mask=None, forward=None):
         p = next(model.parameters())
         self.model, self.cache, self.mask = model, cache, mask
+        self.forward = forward or model  # e.g. torch.compile(model.forward)
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=p.device)
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=p.device)
         self.graph = self.out = None
 
     def eager(self):
-        return self.model(
+        return self.forward(
             input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, past_key_values=self.cache,
             use_cache=True,
         ).logits  # fmt: skip
@@ -226,23 +251,27 @@ def time_steps(step: Step, start_pos: int, warmup: int, steps: int) -> list[floa
 # --- correctness first ----------------------------------------------------------------------------------------------
 
 
-def check_correctness(device) -> dict:
-    """Small fp32 model: prefill + eager decode + graph-replayed decode == one full forward without cache."""
+def check_correctness(device, compile_: bool = False) -> dict:
+    """Small fp32 model: prefill + eager decode + graph-replayed decode == one full forward without cache.
+
+    Variants: the hybrid cache with the fused step (on CUDA; the reference elsewhere) and with the reference step,
+    the static softmax cache, and (``compile_``) the static cache through ``torch.compile``. 32 decoded tokens with
+    window 16: the hybrid ring buffer wraps twice."""
     from linearize.attention import softmax_attention
+    from linearize.cache import HybridCache
 
     model = convert_model(build(SHAPES["smollm2_135m"], torch.float32, device, 4096, layers=4), window=16)
     T, P = 72, 40
     ids = torch.randint(0, 1000, (2, T), generator=torch.Generator().manual_seed(0)).to(device)
+    variants = ["hybrid", "hybrid_ref", "softmax_static"] + (["softmax_static_compile"] if compile_ else [])
     res = {}
     with torch.no_grad():
-        for name in ("hybrid", "softmax_static"):
-            ctx = softmax_attention(model) if name == "softmax_static" else _null()
-            with ctx:
+        for name in variants:
+            with softmax_attention(model) if name.startswith("softmax") else _null():
                 full = model(input_ids=ids, use_cache=False).logits
-                if name == "hybrid":
-                    from linearize.cache import HybridCache
-
-                    cache, mask = HybridCache(model), None
+                forward = None
+                if name.startswith("hybrid"):
+                    cache, mask = HybridCache(model, fused=False if name == "hybrid_ref" else FUSED), None
                     pre = model(input_ids=ids[:, :P], past_key_values=cache, use_cache=True).logits
                 else:
                     from transformers import StaticCache
@@ -251,7 +280,10 @@ def check_correctness(device) -> dict:
                     pre = model(input_ids=ids[:, :P], past_key_values=cache, use_cache=True).logits
                     mask = torch.zeros(2, 1, 1, T + 8, dtype=torch.bool, device=device)
                     mask[..., :P] = True
-                step = Step(model, cache, 2, mask)
+                    if name == "softmax_static_compile":
+                        torch._dynamo.reset()
+                        forward = torch.compile(model.forward)
+                step = Step(model, cache, 2, mask, forward)
                 outs = [pre]
                 n_eager = 3
                 for t in range(P, P + n_eager):
@@ -289,18 +321,22 @@ def run_config(model, method, B, ctx, warmup, steps, graphs):
             return {"status": f"skipped: KV cache {kv / 2**30:.1f} GiB does not fit"}
     if method.endswith("graph") and not graphs:
         return {"status": "skipped: CUDA graphs need a GPU"}
+    captured = method.endswith("graph") or (method == "softmax_static_compile" and graphs)
     if cuda:
         torch.cuda.empty_cache()
-    mask = None
+    mask = forward = None
     if method == "softmax_eager":
         cache, size = dynamic_cache(model, B, ctx)
-    elif method == "softmax_static_graph":
+    elif method.startswith("softmax_static"):
         cache, mask, size = static_cache(model, B, ctx, ctx + 2 * warmup + steps + 8)
+        if method == "softmax_static_compile":
+            torch._dynamo.reset()  # a fresh compile per shape, not a pile of recompiles
+            forward = torch.compile(model.forward)
     else:
-        cache, size = hybrid_cache(model, B, ctx)
-    step = Step(model, cache, B, mask)
+        cache, size = hybrid_cache(model, B, ctx, fused=False if method == "hybrid_ref_graph" else FUSED)
+    step = Step(model, cache, B, mask, forward)
     start = ctx
-    if method.endswith("graph"):
+    if captured:
 
         def warm(step=step):
             for i in range(warmup):
@@ -308,7 +344,7 @@ def run_config(model, method, B, ctx, warmup, steps, graphs):
 
         step.capture(warm)
         start = ctx + warmup
-        if method == "softmax_static_graph":  # the warm-up steps advanced the write position
+        if method.startswith("softmax_static"):  # the warm-up steps advanced the write position
             for layer in cache.layers:
                 layer.cumulative_length.fill_(start)
     if cuda:
@@ -336,8 +372,12 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=["mistral7b", "smollm2_135m"])
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 8192, 16384, 32768])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    ap.add_argument("--methods", nargs="+",
-                    default=["softmax_eager", "softmax_static_graph", "hybrid_eager", "hybrid_graph"])  # fmt: skip
+    ap.add_argument("--methods", nargs="+", choices=METHODS,
+                    default=["softmax_eager", "softmax_static_graph", "hybrid_eager", "hybrid_ref_graph",
+                             "hybrid_graph"])  # fmt: skip
+    ap.add_argument("--compile", action="store_true",
+                    help="also time softmax_static_compile (torch.compile of the static-cache step; compiles once per "
+                         "batch and context, about a minute each for SmolLM2)")  # fmt: skip
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=220.0, help="skip what is left after this many seconds")
@@ -348,6 +388,13 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
         args.models, args.contexts, args.batches, args.steps = ["tiny"], [64, 256], [1, 2], 3
+        args.budget_s = max(args.budget_s, 3600.0)  # every row runs: the point is to exercise each code path
+        global FUSED
+        FUSED = True
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported: the fused kernel runs on the CPU
+    if args.compile and "softmax_static_compile" not in args.methods:
+        args.methods.insert(args.methods.index("softmax_static_graph") + 1 if "softmax_static_graph" in args.methods
+                            else 0, "softmax_static_compile")  # fmt: skip
     import transformers
 
     header = {
@@ -355,6 +402,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "triton": _version("triton"),
         "git_sha": subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
@@ -366,7 +414,7 @@ def main(argv=None):
     }
     print(json.dumps(header), flush=True)
     try:
-        header["correctness_max_abs_err"] = check_correctness(device)
+        header["correctness_max_abs_err"] = check_correctness(device, args.compile)
     except Exception as err:  # reported, and the timings below are then not to be trusted
         header["correctness_error"] = f"{type(err).__name__}: {err}"
     print("correctness (max abs logit error vs full forward):",
@@ -409,38 +457,43 @@ def main(argv=None):
 
 
 def table(rows) -> str:
-    """Markdown table: ms/step and tokens/s per method, cache memory, and hybrid-graph vs static-graph ratios."""
+    """Markdown table: ms/step per method, tokens/s of the fused hybrid graph, its speed-up against each softmax
+    baseline (ratio of ms at equal batch = ratio of tokens/s), cache memory and peak memory."""
     by = {}
     for r in rows:
         by.setdefault((r["model"], r["batch"], r["ctx"]), {})[r["method"]] = r
 
+    def ok(r):
+        return r is not None and r.get("status") == "ok"
+
     def ms(r):
-        return (
-            f"{r['ms_per_step']:.2f}"
-            if r and r.get("status") == "ok"
-            else ("OOM" if r and "OOM" in r.get("status", "") or r and "fit" in r.get("status", "") else "—")
-        )
+        if ok(r):
+            return f"{r['ms_per_step']:.2f}"
+        return "OOM" if r and ("OOM" in r.get("status", "") or "fit" in r.get("status", "")) else "—"
 
     def mib(r):
-        return f"{r['cache_bytes'] / 2**20:.0f}" if r and r.get("status") == "ok" else "—"
+        return f"{r['cache_bytes'] / 2**20:.0f}" if ok(r) else "—"
+
+    def speedup(base, hyb):
+        return f"{base['ms_per_step'] / hyb['ms_per_step']:.2f}x" if ok(base) and ok(hyb) else "—"
 
     lines = [
-        "| model | B | ctx | softmax eager ms | softmax static+graph ms | hybrid eager ms | hybrid graph ms "
-        "| hybrid graph tok/s | speed-up vs static+graph | vs eager | softmax KV MiB | hybrid cache MiB | cache ratio | peak GiB softmax static / hybrid graph |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+        "| model | B | ctx | softmax eager ms | softmax static+graph ms | softmax static+compile+graph ms "
+        "| hybrid eager ms | hybrid ref graph ms | hybrid graph ms | hybrid graph tok/s | speed-up vs static+graph "
+        "| vs static+compile | vs eager | softmax KV MiB | hybrid cache MiB | cache ratio "
+        "| peak GiB softmax static / hybrid graph |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (model, B, ctx), m in by.items():
-        se, ss, he, hg = (m.get(k) for k in ("softmax_eager", "softmax_static_graph", "hybrid_eager", "hybrid_graph"))
-        ok = lambda r: r is not None and r.get("status") == "ok"  # noqa: E731
-        sp_static = f"{ss['ms_per_step'] / hg['ms_per_step']:.2f}x" if ok(ss) and ok(hg) else "—"
-        sp_eager = f"{se['ms_per_step'] / hg['ms_per_step']:.2f}x" if ok(se) and ok(hg) else "—"
-        soft = ss if ok(ss) else se
+        se, ss, sc, he, hr, hg = (m.get(k) for k in ("softmax_eager", "softmax_static_graph", "softmax_static_compile",
+                                                      "hybrid_eager", "hybrid_ref_graph", "hybrid_graph"))  # fmt: skip
+        soft = ss if ok(ss) else sc if ok(sc) else se
         ratio = f"{100 * hg['cache_bytes'] / soft['cache_bytes']:.2f}%" if ok(soft) and ok(hg) else "—"
         tps = f"{hg['tokens_per_s']:.0f}" if ok(hg) else "—"
         peak = " / ".join(f"{r['peak_bytes'] / 2**30:.1f}" if ok(r) and r.get("peak_bytes") else "—" for r in (ss, hg))
         lines.append(
-            f"| {model} | {B} | {ctx} | {ms(se)} | {ms(ss)} | {ms(he)} | {ms(hg)} | {tps} | {sp_static} | {sp_eager} "
-            f"| {mib(soft)} | {mib(hg)} | {ratio} | {peak} |"
+            f"| {model} | {B} | {ctx} | {ms(se)} | {ms(ss)} | {ms(sc)} | {ms(he)} | {ms(hr)} | {ms(hg)} | {tps} "
+            f"| {speedup(ss, hg)} | {speedup(sc, hg)} | {speedup(se, hg)} | {mib(soft)} | {mib(hg)} | {ratio} | {peak} |"
         )
     return "\n".join(lines)
 

@@ -71,8 +71,7 @@ def _phi(z, fmask, ACT: tl.constexpr, SIGNED: tl.constexpr, NEG: tl.constexpr):
 
 
 @triton.jit
-def _project(x_ptr, w_ptr, b_ptr, h, D, FH, rc, rf,
-             BC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+def _project(x_ptr, w_ptr, b_ptr, h, D, FH, rc, rf, BC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """z = x W_h + b_h [1, BF] for one vector x read from x_ptr (D contiguous values; without W: z = x, FH = D).
     D is walked in chunks of BC so that no [D, f] tile is ever live."""
     if HAS_W:
@@ -90,17 +89,19 @@ def _project(x_ptr, w_ptr, b_ptr, h, D, FH, rc, rf,
     return z[None, :]
 
 
+# fmt: off
 @triton.jit
 def _decode_step_kernel(
     Q, KN, VN, NVALID,  # new token: q [B, 1, H, D], k/v [B, 1, Hkv, D(v)], valid [B] (uint8, stride snv)
     K, V, VALID, POS,  # ring: [B, Hkv, R, D], [B, Hkv, R, Dv], [B, R] uint8, [B, H] int64
-    S, Z, THETA, QW, QB, KW, KB, O,
+    S, Z, THETA, QW, QB, KW, KB, OUT,
     snv, sqb, sqh, sknb, sknh, svnb, svnh, skb, skh, skr, svb, svh, svr,
     H, G, D, DV, FH, W, R, scale, eps,
     BW: tl.constexpr, BC: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, ZERO: tl.constexpr, HAS_NVALID: tl.constexpr,
     HAS_GAMMA: tl.constexpr, ACT: tl.constexpr, SIGNED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
+    # fmt: on
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     kvh = h // G
@@ -199,7 +200,7 @@ def _decode_step_kernel(
     writer = (h % G) == 0  # one program per kv head writes the new key/value into the free slot
     wslot = n % R
     sbase = S + (b * H + h) * F * DV
-    ob = O + (b * H + h) * DV
+    ob = OUT + (b * H + h) * DV
     fcol = (rf < FH)[:, None]
     po_a = tl.reshape(po_a, [BF])
     if SIGNED:
@@ -230,7 +231,7 @@ def _decode_step_kernel(
                 if SIGNED:
                     num += tl.sum(pq_b[:, None] * Sb, axis=0)
             y = num / den
-        tl.store(ob + cv, y.to(O.dtype.element_ty), mask=vm)
+        tl.store(ob + cv, y.to(OUT.dtype.element_ty), mask=vm)
         if writer:
             tl.store(vbase + wslot * svr + cv, vn_raw, mask=vm)
     if writer:

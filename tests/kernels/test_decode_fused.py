@@ -111,7 +111,10 @@ def run_steps(B, H, Hkv, D, w, n_steps, mode, fmap, dtype, pad=(0, 3), seed=0, g
     S = torch.zeros(B, H, F, D, device=DEVICE)
     z = torch.zeros(B, H, F, device=DEVICE)
     # reference: the window as a list (oldest first), padded with invalid zero keys to w entries
-    rk, rv = torch.zeros(B, w, Hkv, D, dtype=dtype, device=DEVICE), torch.zeros(B, w, Hkv, D, dtype=dtype, device=DEVICE)
+    rk, rv = (
+        torch.zeros(B, w, Hkv, D, dtype=dtype, device=DEVICE),
+        torch.zeros(B, w, Hkv, D, dtype=dtype, device=DEVICE),
+    )
     rvalid = torch.zeros(B, w, dtype=torch.bool, device=DEVICE)
     rS, rz = S.clone(), z.clone()
     scale = D**-0.5
