@@ -13,8 +13,9 @@
 # limited to MMLU_LIMIT per subject. Knobs (environment): MODEL, STEPS, LIMIT, MMLU_LIMIT, BS, SEQ, EVAL_BS, DEADLINE
 # (seconds before the script stops its jobs and packs what is done; a rerun continues), OUT (where the packed
 # results and logs go; $OUT on the device machine), EXTRA (more overrides for every row), RESUME (a results.tgz of
-# an earlier run, e.g. on a machine since lost: its finished rows are kept; unfinished rows keep only their base-row
-# eval results, which do not depend on training, since their checkpoints are not in the archive), TRIES (sweeps
+# an earlier run, e.g. on a machine since lost, with its checkpoints.tgz beside it when there is one: finished rows
+# are kept, unfinished rows with their checkpoints resume where they stopped, unfinished rows without them restart,
+# keeping only their base-row eval results, which do not depend on training), TRIES (sweeps
 # per group: a row that failed, e.g. out of GPU memory beside the other jobs, is resumed by the next try).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
@@ -35,6 +36,7 @@ mkdir -p "$OUT/logs"
 
 if [[ -n $RESUME ]]; then
   tar xzf "$RESUME"
+  [[ -f $(dirname "$RESUME")/checkpoints.tgz ]] && tar xzf "$(dirname "$RESUME")/checkpoints.tgz"
   python - "$MODEL" <<'PY'
 import json, shutil, sys
 from pathlib import Path
@@ -46,6 +48,9 @@ for run in sorted(p for p in runs.glob("*/*") if p.is_dir()):
 for run in sorted(p for p in runs.glob("*/*") if p.is_dir()):
     if (run / "metrics.json").is_file():
         print(f"resume: {run} finished, kept")
+        continue
+    if any(run.glob("checkpoints/**/*.safetensors")):
+        print(f"resume: {run} unfinished, resumes from its checkpoints")
         continue
     kept = sorted(f.name for f in (run / "eval" / "base").glob("*.json"))
     for item in list(run.iterdir()):
@@ -95,11 +100,13 @@ GROUPS_=(
   "remedies|ssd|${two_epochs[*]}"
 )
 
-pack() {  # everything small that a result or a report needs, without checkpoints
+pack() {  # results.tgz: everything a result or a report needs; checkpoints.tgz: the trained weights, for RESUME
   tar czf "$OUT/results.tgz.tmp" \
     --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='wandb' \
     experiments/results/"$MODEL" outputs/tables/"$MODEL" 2>/dev/null
   mv -f "$OUT/results.tgz.tmp" "$OUT/results.tgz"
+  find outputs/tables/"$MODEL" -name '*.safetensors' -print0 2>/dev/null | tar czf "$OUT/checkpoints.tgz.tmp" --null -T -
+  mv -f "$OUT/checkpoints.tgz.tmp" "$OUT/checkpoints.tgz"
 }
 
 kill_tree() {  # a group's subshell, its sweep and the sweep's training process

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# bash experiments/gpu_perf.sh      (on the GPU machine, one call; carry .device/whl and .device/fla)
+#
+# The performance measurements of the kernels and generation issues in one run, most important first, each phase
+# with its own time limit so that a late phase running out of time still leaves the earlier results:
+#   1. python -m linearize.kernels.bench            training op vs SDPA / flex SWA / fla chunk LA (checks first)
+#   2. experiments/bench_decode.py                  decode step: fused hybrid vs softmax + KV cache
+#   3. pytest tests/kernels -m gpu                  the GPU test tier (Triton vs the naive reference)
+# Logs and JSON go to $OUT (the device tool brings them back). Knobs: OUT, T_BENCH, DECODE_CONTEXTS, BUDGET_*.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-outputs/gpu_perf}
+T_BENCH=${T_BENCH:-2048 8192 32768}
+DECODE_CONTEXTS=${DECODE_CONTEXTS:-1024 8192 32768}
+BUDGET_BENCH=${BUDGET_BENCH:-170}
+BUDGET_DECODE=${BUDGET_DECODE:-170}
+BUDGET_TESTS=${BUDGET_TESTS:-150}
+mkdir -p "$OUT"
+
+if compgen -G ".device/whl/*.whl" >/dev/null || compgen -G ".device/fla/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl .device/fla/*.whl 2>/dev/null
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+echo "== 1. kernels bench"
+# shellcheck disable=SC2086
+timeout "$BUDGET_BENCH" python -m linearize.kernels.bench --T $T_BENCH --profile --out "$OUT/bench.json" 2>&1 |
+  tee "$OUT/bench.log" | grep -v Warning | tail -30
+
+echo "== 2. decode bench"
+# shellcheck disable=SC2086
+timeout "$BUDGET_DECODE" python experiments/bench_decode.py --models smollm2_135m mistral7b \
+  --contexts $DECODE_CONTEXTS --batches 1 16 --budget-s $((BUDGET_DECODE - 25)) --out "$OUT/decode.json" 2>&1 |
+  tee "$OUT/decode.log" | tail -40
+
+echo "== 3. GPU test tier"
+timeout "$BUDGET_TESTS" python -m pytest tests/kernels -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
