@@ -415,6 +415,7 @@ def _load_fused():
 # Imported at collection, before any test can import triton without the interpreter switch (triton's own @jit
 # library functions are built interpreted or compiled when triton is first imported).
 _FUSED = _load_fused()
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the fused step runs compiled on a GPU, interpreted on the CPU
 
 
 @pytest.fixture
@@ -443,7 +444,7 @@ def test_fused_decode_equals_full_forward(fused_kernel, kind, prefill):
     """Prefill, then single-token fused steps well past the window (w = 4, 30 tokens: the ring of 5 slots wraps 4-6
     times); GQA; fp32. Every decode step goes through the kernel (its launches are counted)."""
     model, _ = _converted(kind=kind, window=4)
-    ids = _ids(2, 30)
+    model, ids = model.to(DEV), _ids(2, 30).to(DEV)
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
         cached, _ = _cached_logits(model, ids, prefill, fused=True)
@@ -455,7 +456,7 @@ def test_fused_decode_equals_full_forward(fused_kernel, kind, prefill):
 @pytest.mark.parametrize("mode", ["swa_only", "la_only", "no_attention"])
 def test_fused_decode_ablation_modes(fused_kernel, mode):
     model, _ = _converted(kind="hybrid", window=4)
-    ids = _ids(1, 16)
+    model, ids = model.to(DEV), _ids(1, 16).to(DEV)
     with torch.no_grad(), attention_mode(model, mode):
         full = model(input_ids=ids, use_cache=False).logits
         cached, _ = _cached_logits(model, ids, 3, fused=True)
@@ -467,7 +468,7 @@ def test_fused_decode_mixed_with_multi_token_steps(fused_kernel):
     """Fused single-token steps, then a 3-token step (reference path, reading the ring the kernel wrote), then fused
     steps again: the ring and the position counter are shared by both paths."""
     model, _ = _converted(kind="hybrid", window=4)
-    ids = _ids(2, 24)
+    model, ids = model.to(DEV), _ids(2, 24).to(DEV)
     cache = HybridCache(model, fused=True)
     bounds = [0, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 19, 20, 21, 22, 23, 24]
     with torch.no_grad():
@@ -482,14 +483,15 @@ def test_fused_decode_mixed_with_multi_token_steps(fused_kernel):
 def test_fused_decode_left_padded_batch(fused_kernel, kind):
     """Left-padded batch (lengths 19 and 7, window 5), decoded through the kernel: each row's own logits."""
     model, _ = _converted(kind=kind, window=5)
-    long, short = _ids(1, 19, seed=1), _ids(1, 7, seed=2)
+    model = model.to(DEV)
+    long, short = _ids(1, 19, seed=1).to(DEV), _ids(1, 7, seed=2).to(DEV)
     pad = 19 - 7
-    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
-    mask = torch.ones(2, 19, dtype=torch.long)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long, device=DEV), short], 1)])
+    mask = torch.ones(2, 19, dtype=torch.long, device=DEV)
     mask[1, :pad] = 0
-    extra = _ids(2, 12, seed=3)
+    extra = _ids(2, 12, seed=3).to(DEV)
     ids_all = torch.cat([ids, extra], 1)
-    mask_all = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1)
+    mask_all = torch.cat([mask, torch.ones(2, 12, dtype=torch.long, device=DEV)], 1)
     with torch.no_grad():
         ref_long = model(input_ids=torch.cat([long, extra[:1]], 1), use_cache=False).logits
         ref_short = model(input_ids=torch.cat([short, extra[1:]], 1), use_cache=False).logits
@@ -503,7 +505,8 @@ def test_fused_generate_matches_reference_generate(fused_kernel):
     """generate() (greedy, a left-padded batch) with the fused step gives the reference path's tokens."""
     model, tok = _converted(kind="hybrid", window=4)
     tok.padding_side = "left"
-    batch = tok(["hello there, a longer prompt", "hi"], return_tensors="pt", padding=True)
+    batch = tok(["hello there, a longer prompt", "hi"], return_tensors="pt", padding=True).to(DEV)
+    model = model.to(DEV)
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
         ref = model.generate(**batch, past_key_values=HybridCache(model, fused=False), **kw)
@@ -516,6 +519,6 @@ def test_fused_generate_matches_reference_generate(fused_kernel):
 def test_fused_true_raises_when_the_kernel_cannot_run(fused_kernel):
     model, _ = _converted(kind="hybrid", window=4)
     with torch.no_grad():
-        model.to(torch.float64)
+        model.to(DEV, torch.float64)
         with pytest.raises(ValueError, match="fused decode step cannot run"):
-            _cached_logits(model, _ids(1, 6), 3, fused=True)
+            _cached_logits(model, _ids(1, 6).to(DEV), 3, fused=True)

@@ -81,7 +81,7 @@ def _project(x_ptr, w_ptr, b_ptr, h, D, FH, rc, rf, BC: tl.constexpr, HAS_W: tl.
             x = tl.load(x_ptr + cd, mask=cd < D, other=0.0).to(tl.float32)
             Wc = tl.load(w_ptr + h * D * FH + cd[:, None] * FH + rf[None, :],
                          mask=(cd[:, None] < D) & (rf[None, :] < FH), other=0.0)  # fmt: skip
-            z += tl.sum(x[:, None] * Wc, axis=0)
+            z += tl.sum(x[:, None] * Wc.to(tl.float32), axis=0)
     else:
         z = tl.load(x_ptr + rf, mask=rf < D, other=0.0).to(tl.float32)
     if HAS_B:
@@ -180,7 +180,7 @@ def _decode_step_kernel(
                                  other=0.0)  # fmt: skip
                     Wc = tl.load(KW + h * D * FH + cd[:, None] * FH + rf[None, :], mask=dm[:, None] & fmask,
                                  other=0.0)  # fmt: skip
-                    zk = tl.dot(kc.to(tl.float32), Wc, zk, input_precision="ieee")
+                    zk = tl.dot(kc.to(tl.float32), Wc.to(tl.float32), zk, input_precision="ieee")
             else:
                 zk = tl.load(kbase + slot[:, None] * skr + rf[None, :], mask=wmask[:, None] & fmask, other=0.0)
                 zk = zk.to(tl.float32)
