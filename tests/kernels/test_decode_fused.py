@@ -6,7 +6,8 @@ that leaves the window; the reference keeps its window as an ordinary list, the 
 many steps from an empty cache, so the ring wraps several times, early steps have fewer than w keys, and padded
 tokens (left padding: the first tokens of one row) must enter neither the window nor the state. Compared every step:
 the output, S, z, the ring contents and the position counter. On CPU the kernel runs under TRITON_INTERPRET=1 (set
-before the module is imported); on a machine with CUDA these run compiled on the GPU.
+before the module is imported); on a machine with CUDA these run compiled on the GPU, and the ``gpu`` tier adds the
+benchmark's real shapes.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def _one_cpu_thread():
     torch.set_num_threads(previous)
 
 
-def feature_maps(H, D, fmap, seed):
-    cfg = OmegaConf.create(dict(name=fmap["activation"], feature_dim=8, match_head_dim=False, **fmap))
+def feature_maps(H, D, fmap, seed, feature_dim=8):
+    cfg = OmegaConf.create(dict(name=fmap["activation"], feature_dim=feature_dim, match_head_dim=False, **fmap))
     g = torch.Generator().manual_seed(seed)
     maps = []
     for _ in range(2):
@@ -96,10 +97,10 @@ def feature_maps(H, D, fmap, seed):
     return maps
 
 
-def run_steps(B, H, Hkv, D, w, n_steps, mode, fmap, dtype, pad=(0, 3), seed=0, gamma=True, ring_state=None):
+def run_steps(B, H, Hkv, D, w, n_steps, mode, fmap, dtype, pad=(0, 3), seed=0, gamma=True, feature_dim=8):
     """n_steps fused steps vs the reference from an empty cache; row b's first pad[b] tokens are padding."""
     softmax, linear, attend = MODES[mode]
-    q_map, k_map = feature_maps(H, D, FEATURE_MAPS[fmap], seed)
+    q_map, k_map = feature_maps(H, D, FEATURE_MAPS[fmap], seed, feature_dim)
     F = k_map.out_features
     g = torch.Generator().manual_seed(seed + 1)
     theta = torch.randn(H, generator=g).to(DEVICE) if gamma else None
@@ -184,3 +185,14 @@ def test_all_padding_row_gives_zero_softmax_output():
     """A row whose every key so far is padding: swa_only output is exactly 0 (no NaN), as in the reference."""
     run_steps(B=2, H=2, Hkv=1, D=16, w=4, n_steps=6, mode="swa_only", fmap="hedgehog", dtype=torch.float32,
               pad=(0, 5))  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+@pytest.mark.parametrize("mode", ["hybrid", "overlap"])
+@pytest.mark.parametrize("shape", ["smollm2", "mistral"])
+def test_fused_step_real_shapes_gpu(shape, mode):
+    """The benchmark's shapes compiled on the GPU, bf16: w = 64, Hedgehog 2 x 64 features, 140 steps (two wraps)."""
+    H, Hkv, D = {"smollm2": (9, 3, 64), "mistral": (32, 8, 128)}[shape]
+    run_steps(B=2, H=H, Hkv=Hkv, D=D, w=64, n_steps=140, mode=mode, fmap="hedgehog", dtype=torch.bfloat16,
+              feature_dim=64)  # fmt: skip
