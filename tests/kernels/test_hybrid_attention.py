@@ -107,7 +107,7 @@ def dgamma_term_magnitude(inputs, do, *, window, softmax=True, linear="outside",
     G = H // k.shape[2]
     k, v = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
     q, k, v, qf, kf, dy = [x.transpose(1, 2) for x in (q, k, v, qf, kf, do.double())]
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=q.device)
     off = pos[:, None] - pos[None, :]
     causal, win = off >= 0, (off >= 0) & (off < window)
     s = (q @ k.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
