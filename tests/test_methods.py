@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from linearize.kernels.hybrid_attention import hybrid_attention_naive
 from omegaconf import OmegaConf
 
 from linearize import finetune, ssd, transfer
 from linearize.attention import HybridAttention, attention_kind, convert, hybrid_layers
 from linearize.data import PackedData
+from linearize.kernels.hybrid_attention import hybrid_attention_naive
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 METHODS = ("lolcats", "hedgecats", "ssd", "inference_hybrid")
