@@ -37,6 +37,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from linearize.attention import HybridAttention, hybrid_layers
+from linearize.kernels.hybrid_attention import triton_module
 from linearize.kernels.hybrid_attention.decode import hybrid_attention_decode, hybrid_state_update
 from linearize.kernels.hybrid_attention.naive import repeat_kv
 
@@ -159,7 +160,7 @@ class HybridCacheLayer(CacheLayerMixin):
         hyb = self.hybrid
         if hyb.mode == "sinks_only":
             return None  # the reference path raises the explanation
-        mod, why = _fused_module()
+        mod, why = triton_module("decode_fused")
         if mod is not None:
             q_map = (hyb.q_map.weight, hyb.q_map.bias)
             why = mod.supported(key_states, self.keys, self.window, q_map, hyb.q_map.activation)
@@ -317,15 +318,6 @@ def use_hybrid_cache(model: nn.Module) -> nn.Module:
 
 _warned = False
 _warned_fused: set[str] = set()
-
-
-def _fused_module():
-    """(the fused decode-step module, None) or (None, the reason it does not import)."""
-    try:
-        from linearize.kernels.hybrid_attention import decode_fused
-    except Exception as err:  # triton missing or broken: the reference path serves
-        return None, f"the fused decode kernel failed to import ({type(err).__name__}: {err})"
-    return decode_fused, None
 
 
 def _warn_once(why: str) -> None:

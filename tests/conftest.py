@@ -19,6 +19,27 @@ requires_data = pytest.mark.skipif(
 )
 
 
+def load_triton_module(name: str, interpret: bool):
+    """``linearize.kernels.hybrid_attention.<name>`` imported (or re-imported) with Triton's CPU interpreter on or
+    off; None without triton. The switch is read when the module builds its @jit functions, and is not leaked."""
+    import importlib
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        mod = importlib.import_module(f"linearize.kernels.hybrid_attention.{name}")
+        return mod if mod.INTERPRETED == interpret else importlib.reload(mod)
+    except ImportError:
+        return None
+    finally:
+        if interpret:
+            if previous is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+
+
 def compose(overrides: list[str] | None = None):
     """The project's config as ``python -m linearize.train <overrides>`` would see it."""
     from hydra import compose as hydra_compose

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_triton_module
 from omegaconf import OmegaConf
 
 from linearize.attention import attention_mode, convert, hybrid_layers
@@ -390,31 +391,12 @@ def test_beam_search_matches_uncached_beam_search():
 # --- the fused single-token step (kernels/hybrid_attention/decode_fused.py) in the model ----------------------------
 
 
-def _load_fused():
-    """decode_fused under the CPU interpreter (CUDA absent), else compiled; None without triton."""
-    import importlib
-    import os
 
-    interpret = not torch.cuda.is_available()
-    previous = os.environ.get("TRITON_INTERPRET")
-    if interpret:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        mod = importlib.import_module("linearize.kernels.hybrid_attention.decode_fused")
-        return mod if mod.INTERPRETED == interpret else importlib.reload(mod)
-    except ImportError:
-        return None
-    finally:
-        if interpret:
-            if previous is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
 
 
 # Imported at collection, before any test can import triton without the interpreter switch (triton's own @jit
 # library functions are built interpreted or compiled when triton is first imported).
-_FUSED = _load_fused()
+_FUSED = load_triton_module("decode_fused", interpret=not torch.cuda.is_available())
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the fused step runs compiled on a GPU, interpreted on the CPU
 
 

@@ -27,13 +27,17 @@ NAIVE_CPU_BYTES = 256 * 2**20  # largest float32 [B, H, T, T] score tensor the C
 _warned: set[str] = set()
 
 
-def _triton_module():
-    """The Triton implementation module, or the reason it cannot be imported."""
+def triton_module(name: str):
+    """(the Triton implementation module ``name`` of this package, None), or (None, the reason it cannot be imported).
+
+    Used for the training op (``chunk``) here and the fused decode step (``decode_fused``) in ``linearize.cache``.
+    """
+    import importlib
+
     try:
-        from . import chunk
+        return importlib.import_module(f"{__name__}.{name}"), None
     except Exception as err:  # triton missing or broken: any import error means "no fast path"
-        return None, f"the Triton kernels failed to import ({type(err).__name__}: {err})"
-    return chunk, None
+        return None, f"the Triton module {name} failed to import ({type(err).__name__}: {err})"
 
 
 def hybrid_attention(
@@ -75,7 +79,7 @@ def hybrid_attention(
     if backend == "chunked":
         return hybrid_attention_chunked(q, k, v, q_feat, k_feat, gamma, **kwargs)
     if backend == "triton" or q.is_cuda:
-        chunk, why = _triton_module()
+        chunk, why = triton_module("chunk")
         if chunk is not None:
             why = chunk.supported(q, k, v, q_feat, k_feat, window=window, softmax=softmax, linear=linear)
             if why is None:

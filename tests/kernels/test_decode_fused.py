@@ -12,11 +12,9 @@ benchmark's real shapes.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from conftest import load_triton_module
 from omegaconf import OmegaConf
 
 from linearize.attention import FeatureMap
@@ -28,27 +26,10 @@ from ._testing import assert_close
 CUDA = torch.cuda.is_available()
 
 
-def load_fused(interpret: bool):
-    """decode_fused imported (or re-imported) under the wanted interpreter setting; None without triton."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    if interpret:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        mod = importlib.import_module("linearize.kernels.hybrid_attention.decode_fused")
-        if mod.INTERPRETED != interpret:
-            mod = importlib.reload(mod)
-        return mod
-    except ImportError:
-        return None
-    finally:
-        if interpret:
-            if previous is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
 
 
-fused = load_fused(interpret=not CUDA)
+
+fused = load_triton_module("decode_fused", interpret=not CUDA)
 pytestmark = pytest.mark.skipif(fused is None, reason="triton is not installed")
 DEVICE = "cuda" if CUDA else "cpu"
 

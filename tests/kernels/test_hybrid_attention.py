@@ -9,12 +9,11 @@ Outputs and every gradient (q, k, v, q_feat, k_feat, gamma) on random non-zero i
 
 from __future__ import annotations
 
-import importlib
-import os
 import warnings
 
 import pytest
 import torch
+from conftest import load_triton_module
 
 from linearize.kernels.hybrid_attention import hybrid_attention, hybrid_attention_chunked, hybrid_attention_naive
 
@@ -31,27 +30,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GRAD_NAMES = ("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma")
 
 
-def _load_chunk(interpret: bool):
-    """The Triton module, imported (or re-imported) under the wanted interpreter setting; None without triton."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    if interpret:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        mod = importlib.import_module("linearize.kernels.hybrid_attention.chunk")
-        if mod.INTERPRETED != interpret:
-            mod = importlib.reload(mod)
-        return mod
-    except ImportError:
-        return None
-    finally:
-        if interpret:  # the kernels are already built as interpreted functions; do not leak the switch
-            if previous is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
 
 
-chunk = _load_chunk(interpret=not CUDA)
+
+chunk = load_triton_module("chunk", interpret=not CUDA)
 
 
 @pytest.fixture(autouse=True, scope="module")
