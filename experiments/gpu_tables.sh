@@ -16,7 +16,8 @@
 # an earlier run, e.g. on a machine since lost, with its checkpoints.tgz beside it when there is one: finished rows
 # are kept, unfinished rows with their checkpoints resume where they stopped, unfinished rows without them restart,
 # keeping only their base-row eval results, which do not depend on training), TRIES (sweeps
-# per group: a row that failed, e.g. out of GPU memory beside the other jobs, is resumed by the next try).
+# per group: a row that failed, e.g. out of GPU memory beside the other jobs, is resumed by the next try), ONLY (an
+# extended regex over "table|rows" that picks the groups to start, e.g. ONLY='table1|remedies|table4\|elu').
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -32,6 +33,7 @@ OUT=${OUT:-outputs/gpu_tables}
 EXTRA=${EXTRA:-}
 RESUME=${RESUME:-}
 TRIES=${TRIES:-3}
+ONLY=${ONLY:-}
 mkdir -p "$OUT/logs"
 
 if [[ -n $RESUME ]]; then
@@ -119,6 +121,7 @@ start=$(date +%s)
 pids=()
 for g in "${GROUPS_[@]}"; do
   IFS='|' read -r table rows extra <<<"$g"
+  [[ -n $ONLY ]] && ! grep -Eq "$ONLY" <<<"$table|$rows" && continue
   log="$OUT/logs/${table}_${rows//,/_}.log"
   (
     for ((try = 1; try <= TRIES; try++)); do
