@@ -6,7 +6,9 @@
 #   1. python -m linearize.kernels.bench            training op vs SDPA / flex SWA / fla chunk LA (checks first)
 #   2. experiments/bench_decode.py                  decode step: fused hybrid vs softmax + KV cache
 #   3. pytest tests/kernels -m gpu                  the GPU test tier (Triton vs the naive reference)
-# Logs and JSON go to $OUT (the device tool brings them back). Knobs: OUT, T_BENCH, DECODE_CONTEXTS, BUDGET_*.
+#   4. python -m linearize.kernels.bench --tune     launch-setting variants of the training op (not by default)
+# Logs and JSON go to $OUT (the device tool brings them back). Knobs: OUT, PHASES (default "bench decode tests"),
+# T_BENCH, T_TUNE, DECODE_CONTEXTS, TESTS_K (a pytest -k filter for the GPU tier), BUDGET_*.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/gpu_perf}
@@ -15,6 +17,10 @@ DECODE_CONTEXTS=${DECODE_CONTEXTS:-1024 8192 32768}
 BUDGET_BENCH=${BUDGET_BENCH:-170}
 BUDGET_DECODE=${BUDGET_DECODE:-170}
 BUDGET_TESTS=${BUDGET_TESTS:-150}
+BUDGET_TUNE=${BUDGET_TUNE:-150}
+PHASES=${PHASES:-bench decode tests}
+T_TUNE=${T_TUNE:-32768}
+TESTS_K=${TESTS_K:-}
 mkdir -p "$OUT"
 
 if compgen -G ".device/whl/*.whl" >/dev/null || compgen -G ".device/fla/*.whl" >/dev/null; then
@@ -23,16 +29,32 @@ fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-echo "== 1. kernels bench"
-# shellcheck disable=SC2086
-timeout "$BUDGET_BENCH" python -m linearize.kernels.bench --T $T_BENCH --profile --out "$OUT/bench.json" 2>&1 |
-  tee "$OUT/bench.log" | grep -v Warning | tail -30
+has() { [[ " $PHASES " == *" $1 "* ]]; }
 
-echo "== 2. decode bench"
-# shellcheck disable=SC2086
-timeout "$BUDGET_DECODE" python experiments/bench_decode.py --models smollm2_135m mistral7b \
-  --contexts $DECODE_CONTEXTS --batches 1 16 --budget-s $((BUDGET_DECODE - 25)) --out "$OUT/decode.json" 2>&1 |
-  tee "$OUT/decode.log" | tail -40
+if has bench; then
+  echo "== 1. kernels bench"
+  # shellcheck disable=SC2086
+  timeout "$BUDGET_BENCH" python -m linearize.kernels.bench --T $T_BENCH --profile --out "$OUT/bench.json" 2>&1 |
+    tee "$OUT/bench.log" | grep -v Warning | grep -v "^# tune" | tail -45
+fi
 
-echo "== 3. GPU test tier"
-timeout "$BUDGET_TESTS" python -m pytest tests/kernels -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+if has decode; then
+  echo "== 2. decode bench"
+  # shellcheck disable=SC2086
+  timeout "$BUDGET_DECODE" python experiments/bench_decode.py --models smollm2_135m mistral7b \
+    --contexts $DECODE_CONTEXTS --batches 1 16 --budget-s $((BUDGET_DECODE - 25)) --out "$OUT/decode.json" 2>&1 |
+    tee "$OUT/decode.log" | tail -40
+fi
+
+if has tests; then
+  echo "== 3. GPU test tier"
+  timeout "$BUDGET_TESTS" python -m pytest tests/kernels -q -m gpu -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
+    tee "$OUT/gpu_tests.log" | tail -15
+fi
+
+if has tune; then
+  echo "== 4. launch-setting variants"
+  # shellcheck disable=SC2086
+  timeout "$BUDGET_TUNE" python -m linearize.kernels.bench --T $T_TUNE --tune --reps 10 --out "$OUT/bench_tune.json" 2>&1 |
+    tee "$OUT/tune.log" | grep "^# tune" | cut -c1-200
+fi

@@ -182,12 +182,11 @@ PEERS = {"sdpa": sdpa, "flex_swa": flex_swa, "fla_chunk_la": fla_chunk_la}
 # (LAUNCH entries are (num_warps, num_stages) per kernel)
 TUNE = {
     "default": {},
-    "fwd Dv block 128": {"OUT_BV": 128},
+    "fwd Dv block 64": {"OUT_BV": 64},
     "fwd 4 warps": {"LAUNCH": {"fwd": (4, 2)}},
-    "fwd 1 stage": {"LAUNCH": {"fwd": (8, 1)}},
-    "state blocks 32x32": {"STATE_BF": 32, "STATE_BV": 32},
-    "state blocks 128x64": {"STATE_BF": 128},
-    "state 3 stages": {"LAUNCH": {"state": (4, 3)}},
+    "fwd 3 stages": {"LAUNCH": {"fwd": (8, 3)}},
+    "state 2 stages": {"LAUNCH": {"state": (4, 2)}},
+    "state 4 stages": {"LAUNCH": {"state": (4, 4)}},
     "bwd 2 stages": {"LAUNCH": {"bwd_q": (8, 2), "bwd_kv": (8, 2), "bwd_kf": (8, 2)}},
 }
 

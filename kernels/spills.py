@@ -36,9 +36,10 @@ from .hybrid_attention import chunk  # noqa: E402
 D = DV = F = 128  # Mistral-7B attention shapes, 128 features
 MODES = {"hybrid": (True, 1), "overlap": (True, 2), "la_only": (False, 2), "swa_only": (True, 0)}
 DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (tl.float32, "ieee")}
-# pointers holding the data dtype (q, k, v, features, do, outputs in the input dtype, the per-chunk states);
+# pointers holding the data dtype (q, k, v, features, do, outputs and gradients in the input dtype, the per-chunk
+# states);
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers) except IDX (int32)
-DATA_PTRS = {"X", "Y", "HS", "DHS", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF"}
+DATA_PTRS = {"X", "Y", "HS", "DHS", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_"}
 FLOAT_SCALARS = {"scale", "eps"}
 
 
@@ -103,6 +104,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
                     dict(state, REVERSE=True, HAS_RA=True, HAS_RB=True, GY=1)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
+    out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT)))
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", heads))
     out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", heads))
     if lin:

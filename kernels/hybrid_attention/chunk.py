@@ -16,7 +16,8 @@ Backward (FlashAttention-style recomputation; o, the row max m and the normalise
   The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i].
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h).
   Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh.
-GQA: k/v are read through the kv head h // G; dk/dv are produced per query head in fp32 and summed over the group.
+GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
+in registers and writes them once, in the dtype of k/v.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ _LINEAR_CODE = {"none": 0, "outside": 1, "all": 2}
 # `python -m linearize.kernels.spills` shows their register use; the tests set them small to exercise the splits.
 STATE_BF = 64
 STATE_BV = 64
-OUT_BV = 64
-# (num_warps, num_stages) per kernel, for D = F = Dv = 128 (smaller head dims take 4 warps everywhere)
-LAUNCH = {"state": (4, 2), "fwd": (8, 2), "bwd_q": (8, 1), "bwd_kv": (8, 1), "bwd_kf": (8, 1)}
+OUT_BV = 128
+# (num_warps, num_stages) per kernel, for D = F = Dv = 128 (smaller head dims take 4 warps everywhere).
+# OUT_BV 128 and 3 state stages come from `bench --tune` on an H100 (kernels/bench_tune_h100.json): at T=32K the
+# forward went 3.95 -> 2.60 ms with the whole Dv in one program (the [BT, BT] weights are no longer recomputed per
+# Dv block) and 3.95 -> 3.48 ms with a 3-stage state pass.
+LAUNCH = {"state": (4, 3), "fwd": (8, 2), "bwd_q": (8, 1), "bwd_kv": (8, 1), "bwd_kf": (8, 1), "delta": (4, 1)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -232,6 +236,34 @@ def _fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# backward preprocessing: the row statistics of do, one program per (chunk, batch * head)
+
+
+@triton.jit
+def _delta_kernel(
+    OUT, DO, ZD, DELTA, INV, RB,
+    sob, sot, soh, sdb, sdt, sdh,
+    T, H,
+    DV: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr,
+):
+    """delta_n = do_n . o_n, inv_n = 1 / Zd_n and rb_n = -delta_n / Zd_n (the reverse state pass's row weights)."""
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    n = i * BT + tl.arange(0, BT)
+    vv = tl.arange(0, BDV)
+    o = _load_tile(_head(OUT, b, h, sob, soh), n, vv, T, DV, sot).to(tl.float32)
+    do = _load_tile(_head(DO, b, h, sdb, sdh), n, vv, T, DV, sdt).to(tl.float32)
+    rowp = pid_bh.to(tl.int64) * T
+    delta = tl.sum(o * do, axis=1)
+    inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
+    tl.store(DELTA + rowp + n, delta, mask=n < T)
+    tl.store(INV + rowp + n, inv, mask=n < T)
+    tl.store(RB + rowp + n, -delta * inv, mask=n < T)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # backward, query side: dq, dq_feat, dgamma, and for the key side the row sum r_n = sum_j p_nj dW_nj and arg max
 
 
@@ -351,44 +383,54 @@ def _bwd_kv_kernel(
     Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, R, IDX, DHS,
     DK, DV_,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
-    spb, spt, sph, svpb, svpt, svph,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dv, then dk, of key chunk i: two passes over the query blocks, so that one fp32 accumulator is live at a
-    time (the scores are computed twice; registers, not the tensor cores, are the scarce resource here)."""
+    """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
+    the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
+    live at a time (the scores are computed twice; registers, not the tensor cores, are the scarce resource here)."""
     i = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bk = tl.program_id(1)  # batch * kv head
+    Hkv = H // G
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
     j = i * BT + tl.arange(0, BT)
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
-    qp = _head(Q, b, h, sqb, sqh)
-    qfp = _head(QF, b, h, sfb, sfh)
-    dop = _head(DO, b, h, sdb, sdh)
-    kp = _head(K, b, h // G, skb, skh)
-    vp = _head(V, b, h // G, svb, svh)
-    kfp = _head(KF, b, h, sfb, sfh)
-    rowp = pid_bh.to(tl.int64) * T
-    gamma = tl.load(GAMMA + h).to(tl.float32)
+    kp = _head(K, b, hk, skb, skh)
+    vp = _head(V, b, hk, svb, svh)
     dv = tl.zeros([BT, BDV], dtype=tl.float32)
-    if LINEAR != 0:  # queries of chunks >= i+2: dv_j = dh_j^T phi(k_j)
-        kf = _load_tile(kfp, j, ff, T, F, sft)
-        dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, i, NT, BF, BDV, ff, vv)), dv, input_precision=PREC)
-    for t in range(2):  # queries of the same chunk and of the next one see these keys exactly
-        dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, j + t * BT, j, gamma, T,
-                           window, scale, dv, D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR, DT, PREC)
-    _store_tile(_head(DV_, b, h, svpb, svph), dv, j, vv, T, DV, svpt)
+    for g in range(G):
+        h = hk * G + g
+        pid_bh = b * H + h
+        qp = _head(Q, b, h, sqb, sqh)
+        qfp = _head(QF, b, h, sfb, sfh)
+        dop = _head(DO, b, h, sdb, sdh)
+        kfp = _head(KF, b, h, sfb, sfh)
+        rowp = pid_bh.to(tl.int64) * T
+        gamma = tl.load(GAMMA + h).to(tl.float32)
+        if LINEAR != 0:  # queries of chunks >= i+2: dv_j = dh_j^T phi(k_j)
+            kf = _load_tile(kfp, j, ff, T, F, sft)
+            dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, i, NT, BF, BDV, ff, vv)), dv, input_precision=PREC)
+        for t in range(2):  # queries of the same chunk and of the next one see these keys exactly
+            dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, j + t * BT, j, gamma, T,
+                               window, scale, dv, D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR, DT, PREC)
+    _store_tile(_head(DV_, b, hk, svb, svh), dv, j, vv, T, DV, svt)
     if SOFTMAX:
         v = _load_tile(vp, j, vv, T, DV, svt)
         dk = tl.zeros([BT, BD], dtype=tl.float32)
-        for t in range(2):
-            dk = _bwd_dk_block(qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, j + t * BT, j, gamma, T,
-                               window, scale, dk, D, DV, BD, BDV, DT, PREC)
-        _store_tile(_head(DK, b, h, spb, sph), dk * scale, j, tl.arange(0, BD), T, D, spt)
+        for g in range(G):
+            h = hk * G + g
+            rowp = (b * H + h).to(tl.int64) * T
+            gamma = tl.load(GAMMA + h).to(tl.float32)
+            qp = _head(Q, b, h, sqb, sqh)
+            dop = _head(DO, b, h, sdb, sdh)
+            for t in range(2):
+                dk = _bwd_dk_block(qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, j + t * BT, j,
+                                   gamma, T, window, scale, dk, D, DV, BD, BDV, DT, PREC)
+        _store_tile(_head(DK, b, hk, skb, skh), dk * scale, j, tl.arange(0, BD), T, D, skt)
 
 
 @triton.jit
@@ -547,22 +589,27 @@ class HybridAttentionFunction(torch.autograd.Function):
         DT = _dot_dtype(q.dtype)
         PREC = "ieee" if q.dtype == torch.float32 else "tf32"
         dev = q.device
-        delta = (do.float() * o.float()).sum(-1).permute(0, 2, 1).reshape(B * H, T).contiguous()
-        dq = torch.zeros_like(q)
+        delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
+        inv = torch.empty_like(delta)
+        rb = torch.empty_like(delta)
+        _delta_kernel[(NT, B * H)](
+            o, do, ZD, delta, inv, rb, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            T, H, DV=Dv, BDV=BDV, BT=BT, **_launch("delta", big),
+        )
+        dq = torch.empty_like(q)  # every buffer below is written in full by the kernels of the terms that use it
         dqf = torch.empty_like(q_feat) if lin else q
         dkf = torch.empty_like(k_feat) if lin else q
-        dk_h = torch.empty(B, T, H, D, device=dev, dtype=torch.float32)
-        dv_h = torch.empty(B, T, H, Dv, device=dev, dtype=torch.float32)
-        rsum = torch.zeros(B * H, T, device=dev, dtype=torch.float32)
-        idx = torch.full((B * H, T), -1, device=dev, dtype=torch.int32)
-        dg = torch.zeros(B * H, NT, device=dev, dtype=torch.float32)
+        # k / v are contiguous (_c), so dk / dv share their strides
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        rsum = torch.empty(B * H, T, device=dev, dtype=torch.float32)
+        idx = torch.empty(B * H, T, device=dev, dtype=torch.int32)
+        dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin:
             hs, zs = chunk_states(k_feat, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
-            inv = 1.0 / ZD
             # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
-            dhs, dzs = chunk_states(q_feat, do, inv, -delta * inv, heads_per_y=1, reverse=True, dtype=q.dtype,
-                                    big=big)
+            dhs, dzs = chunk_states(q_feat, do, inv, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big)
         strides = (
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
@@ -574,18 +621,15 @@ class HybridAttentionFunction(torch.autograd.Function):
             *strides, T, H, G, NT, window, scale, **meta, **_launch("bwd_q", big),
         )
         del hs, zs
-        _bwd_kv_kernel[(NT, B * H)](
-            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk_h, dv_h,
-            *strides, dk_h.stride(0), dk_h.stride(1), dk_h.stride(2), dv_h.stride(0), dv_h.stride(1), dv_h.stride(2),
-            T, H, G, NT, window, scale, **meta, **_launch("bwd_kv", big),
+        _bwd_kv_kernel[(NT, B * Hkv)](
+            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv,
+            *strides, T, H, G, NT, window, scale, **meta, **_launch("bwd_kv", big),
         )
         if lin:
             _bwd_kf_kernel[(NT, B * H)](
                 q_feat, v, do, ZD, delta, dhs, dzs, dkf, *strides[6:], T, H, G, NT, window,
                 DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, DT=DT, PREC=PREC, **_launch("bwd_kf", big),
             )
-        dk = dk_h.view(B, T, Hkv, G, D).sum(3).to(k.dtype)
-        dv = dv_h.view(B, T, Hkv, G, Dv).sum(3).to(v.dtype)
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
         dgamma = dg.view(B, H, NT).sum((0, 2)).to(ctx.gamma_dtype) if has_gamma and softmax else None
         if not softmax:
