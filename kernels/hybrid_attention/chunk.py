@@ -43,7 +43,7 @@ STATE_BF = 64
 STATE_BV = 64
 OUT_BV = 128
 # (num_warps, num_stages) per kernel, for D = F = Dv = 128 (smaller head dims take 4 warps everywhere).
-# OUT_BV 128 and 3 state stages come from `bench --tune` on an H100 (kernels/bench_tune_h100.json): at T=32K the
+# OUT_BV 128 and 3 state stages come from `bench --tune` on an H100 (kernels/bench_tune_h100_before.json): at T=32K the
 # forward went 3.95 -> 2.60 ms with the whole Dv in one program (the [BT, BT] weights are no longer recomputed per
 # Dv block) and 3.95 -> 3.48 ms with a 3-stage state pass.
 LAUNCH = {"state": (4, 3), "fwd": (8, 2), "bwd_q": (8, 1), "bwd_kv": (8, 1), "bwd_kf": (8, 1), "delta": (4, 1)}
