@@ -57,14 +57,6 @@ def _interpret(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def feature_maps(H, D, fmap, seed, feature_dim=8):
     cfg = OmegaConf.create(dict(name=fmap["activation"], feature_dim=feature_dim, match_head_dim=False, **fmap))
     g = torch.Generator().manual_seed(seed)

@@ -36,15 +36,6 @@ GRAD_NAMES = ("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma")
 chunk = load_triton_module("chunk", interpret=not CUDA)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """These are many small products: on 2 shared cores one intra-op thread is several times faster than two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_inputs(B, T, H, KV, D, F, dtype, device="cpu", seed=0, gamma=True):
     """Random q, k, v (normal), Hedgehog-like features (positive, rows sum to 1), gamma in (0.1, 0.9), do."""
     g = torch.Generator().manual_seed(seed)
