@@ -35,7 +35,7 @@ if has bench; then
   echo "== 1. kernels bench"
   # shellcheck disable=SC2086
   timeout "$BUDGET_BENCH" python -m linearize.kernels.bench --T $T_BENCH --profile --out "$OUT/bench.json" 2>&1 |
-    tee "$OUT/bench.log" | grep -v Warning | grep -v "^# tune" | tail -45
+    tee "$OUT/bench.log" | grep -v Warning | tail -45
 fi
 
 if has decode; then
