@@ -100,13 +100,24 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
     out = []
     if lin:
         out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, REVERSE=False, HAS_RA=False, HAS_RB=False)))
+                    dict(state, PHASE=2, REVERSE=False, HAS_RA=False, HAS_RB=False)))
+        out.append(("state totals (fwd)", chunk._chunk_state_kernel, "state",
+                    dict(state, PHASE=1, REVERSE=False, HAS_RA=False, HAS_RB=False)))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
-                    dict(state, REVERSE=True, HAS_RA=True, HAS_RB=True, GY=1)))
+                    dict(state, PHASE=2, REVERSE=True, HAS_RA=True, HAS_RB=True)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT)))
-    out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", heads))
-    out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", heads))
+    # constexprs with defaults must be named here too, or the signature would make them runtime arguments
+    both = dict(heads, DO_LIN=True, DO_SM=True)
+    out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", both))
+    if softmax and lin:
+        out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
+        out.append(("bwd_q softmax side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_LIN=False)))
+    both = dict(heads, DO_DV=True, DO_DK=True)
+    out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", both))
+    if softmax:
+        out.append(("bwd_kv dv (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DK=False)))
+        out.append(("bwd_kv dk (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DV=False)))
     if lin:
         out.append(("bwd_kf", chunk._bwd_kf_kernel, "bwd_kf",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, DT=dt, PREC=prec)))

@@ -41,7 +41,17 @@ _LINEAR_CODE = {"none": 0, "outside": 1, "all": 2}
 # `python -m linearize.kernels.spills` shows their register use; the tests set them small to exercise the splits.
 STATE_BF = 64
 STATE_BV = 64
+# The state pass scans segments of STATE_SEG chunks in parallel (two levels: segment totals, then each segment from
+# the sum of the totals before it); 0 = one sequential pass over the whole sequence.
+STATE_SEG = 32
 OUT_BV = 128
+# KEEP_STATES: the forward's per-chunk states stay alive for the backward (one state pass fewer per step, + NT F Dv
+# per head of memory, 2x the size of q at F = Dv = D in bf16); else the backward recomputes them.
+# Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches each (linear and softmax sides; dv and dk),
+# fewer live registers per program for some recomputed dots.
+KEEP_STATES = False
+Q_SPLIT = False
+KV_SPLIT = False
 # (num_warps, num_stages) per kernel, for D = F = Dv = 128 (smaller head dims take 4 warps everywhere).
 # OUT_BV 128 and 3 state stages come from `bench --tune` on an H100 (kernels/bench_tune_h100_before.json): at T=32K the
 # forward went 3.95 -> 2.60 ms with the whole Dv in one program (the [BT, BT] weights are no longer recomputed per
@@ -124,12 +134,14 @@ def _weights(s, m, gamma, qf, kfp, n, j, T, window, sft,
 
 
 @triton.jit
-def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.constexpr):
-    """dA_n = do_n / Zd_n `[BT, BDV]` fp32 and dZ_n = -(do_n . o_n) / Zd_n `[BT]` of query rows n."""
+def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr):
+    """The row gradients dA_n = do_n / Zd_n and dZ_n = -(do_n . o_n) / Zd_n of query rows n, as (do `[BT, BDV]` in
+    the dtype of the dots, 1 / Zd `[BT]`, dZ `[BT]`): dA enters every dot linearly in its rows, so the dots take do
+    itself and scale their rows by 1 / Zd afterwards (no fp32 [BT, BDV] tile, no second rounding of dA)."""
     inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
-    dA = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(tl.float32) * inv[:, None]
+    do = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(DT)
     dZ = -_load_row(DELTA + rowp, n, T, 0.0) * inv
-    return dA, dZ
+    return do, inv, dZ
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,16 +151,23 @@ def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.conste
 
 @triton.jit
 def _chunk_state_kernel(
-    X, Y, RA, RB, HS, ZS,
+    X, Y, RA, RB, HS, ZS, TOT, ZTOT,
     sxb, sxt, sxh, syb, syt, syh,
-    T, H, GY, NT,
+    T, H, GY, NT, L, NTOT,
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RA: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
+    chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
+    into TOT[bh, seg] (fp32). PHASE 2: start from the sum of the totals of the earlier segments and write the states.
+    Splitting the scan in segments cuts its sequential chain from NT steps to 2 L (the chain, not the bandwidth, is
+    what bounds a single pass: ~1.7 us per step on an H100)."""
+    pid_kv = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    seg = tl.program_id(2)
+    pid_k = pid_kv // (BDV // BV)
+    pid_v = pid_kv % (BDV // BV)
     b = pid_bh // H
     h = pid_bh % H
     r = tl.arange(0, BT)
@@ -159,16 +178,21 @@ def _chunk_state_kernel(
     rowp = pid_bh.to(tl.int64) * T
     S = tl.zeros([BK, BV], dtype=tl.float32)
     z = tl.zeros([BK], dtype=tl.float32)
-    for t in range(0, NT):
+    if PHASE == 2:  # carry in: the totals of the segments before this one
+        for s in range(0, seg):
+            S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
+            z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + ff)
+    for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         if REVERSE:
             c = NT - 1 - t
             nb = c + 1  # joins the state of chunk c-1
         else:
             c = t
             nb = c - 1  # joins the state of chunk c+1
-        tl.store(_state_ptr(HS, pid_bh, c, NT, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
-        # z does not depend on the Dv block: block 0 writes it (the mask is false for pid_v > 0)
-        tl.store(ZS + (pid_bh.to(tl.int64) * NT + c) * BF + ff, z, mask=ff + pid_v * BF < BF)
+        if PHASE != 1:
+            tl.store(_state_ptr(HS, pid_bh, c, NT, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
+            # z does not depend on the Dv block: block 0 writes it (the mask is false for pid_v > 0)
+            tl.store(ZS + (pid_bh.to(tl.int64) * NT + c) * BF + ff, z, mask=ff + pid_v * BF < BF)
         rows = nb * BT + r
         x = _load_tile(xp, rows, ff, T, F, sxt)
         y = _load_tile(yp, rows, vv, T, DV, syt)
@@ -179,6 +203,9 @@ def _chunk_state_kernel(
         else:
             z += tl.sum(x.to(tl.float32), axis=0)
         S = tl.dot(tl.trans(x), y.to(DT), S, input_precision=PREC)
+    if PHASE == 1:
+        tl.store(_state_ptr(TOT, pid_bh, seg, NTOT, BF, BDV, ff, vv), S)
+        tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + seg) * BF + ff, z, mask=ff + pid_v * BF < BF)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -276,7 +303,10 @@ def _bwd_q_kernel(
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True,
 ):
+    """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, r, arg max, dgamma); one launch with both,
+    or one launch each (Q_SPLIT: fewer live registers per program, dW computed twice)."""
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -290,24 +320,22 @@ def _bwd_q_kernel(
     vp = _head(V, b, h // G, svb, svh)
     kfp = _head(KF, b, h, sfb, sfh)
     rowp = pid_bh.to(tl.int64) * T
-    dA, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV)
-    dA = dA.to(DT)
+    do, inv, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
     # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
-    dW_p = tl.dot(dA, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) + dZ[:, None]
-    dW_c = tl.dot(dA, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) + dZ[:, None]
+    dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None] + dZ[:, None]
+    dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None] + dZ[:, None]
     # the linear side first: dA and its accumulator die before the softmax side's score blocks are live
-    if LINEAR != 0:
+    if LINEAR != 0 and DO_LIN:
         # keys of chunks <= i-2: S_{i-2} dA_n + z_{i-2} dZ_n
         hs = tl.load(_state_ptr(HS, pid_bh, i, NT, BF, BDV, ff, vv))
-        dqf = tl.dot(dA, tl.trans(hs), input_precision=PREC)
         z = tl.load(ZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)
-        dqf += dZ[:, None] * z[None, :]
+        dqf = tl.dot(do, tl.trans(hs), input_precision=PREC) * inv[:, None] + dZ[:, None] * z[None, :]
         da = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0)
         dqf = tl.dot(da.to(DT), _load_tile(kfp, jp, ff, T, F, sft), dqf, input_precision=PREC)
         da = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0)
         dqf = tl.dot(da.to(DT), _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
         _store_tile(_head(DQF, b, h, sfb, sfh), dqf, n, ff, T, F, sft)
-    if SOFTMAX:
+    if SOFTMAX and DO_SM:
         gamma = tl.load(GAMMA + h).to(tl.float32)
         m = _load_row(M + rowp, n, T, 0.0)
         q = _load_tile(_head(Q, b, h, sqb, sqh), n, dd, T, D, sqt)
@@ -357,9 +385,9 @@ def _bwd_dv_block(
         qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
     s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, SOFTMAX, PREC)
     _, w = _weights(s, m, gamma, qf, kfp, n, j, T, window, sft, F, BF, SOFTMAX, LINEAR, PREC)
-    inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
-    dA = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(tl.float32) * inv[:, None]
-    return tl.dot(tl.trans(w.to(DT)), dA.to(DT), dv, input_precision=PREC)
+    w = w * (1.0 / _load_row(ZD + rowp, n, T, 1.0))[:, None]  # W_nj dA_n = (W_nj / Zd_n) do_n
+    do = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(DT)
+    return tl.dot(tl.trans(w.to(DT)), do, dv, input_precision=PREC)
 
 
 @triton.jit
@@ -371,36 +399,25 @@ def _bwd_dk_block(
     q = _load_tile(qp, n, tl.arange(0, BD), T, D, sqt)
     s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, True, PREC)
     p0 = tl.exp(s - _load_row(M + rowp, n, T, 0.0)[:, None])
-    dA, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV)
-    dW = tl.dot(dA.to(DT), tl.trans(v), input_precision=PREC) + dZ[:, None]
+    do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
+    dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
     idx = _load_row(IDX + rowp, n, T, -1)
     ds = gamma * p0 * dW - tl.where(j[None, :] == idx[:, None], _load_row(R + rowp, n, T, 0.0)[:, None], 0.0)
     return tl.dot(tl.trans(ds.to(DT)), q, dk, input_precision=PREC)
 
 
 @triton.jit
-def _bwd_kv_kernel(
-    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, R, IDX, DHS,
-    DK, DV_,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
-    T, H, G, NT, window, scale,
+def _bwd_dv_pass(
+    Q, K, QF, KF, GAMMA, DO, M, ZD, DHS, DV_, b, hk, i, j,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
-    the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
-    live at a time (the scores are computed twice; registers, not the tensor cores, are the scarce resource here)."""
-    i = tl.program_id(0)
-    pid_bk = tl.program_id(1)  # batch * kv head
-    Hkv = H // G
-    b = pid_bk // Hkv
-    hk = pid_bk % Hkv
-    j = i * BT + tl.arange(0, BT)
+    """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v."""
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
     kp = _head(K, b, hk, skb, skh)
-    vp = _head(V, b, hk, svb, svh)
     dv = tl.zeros([BT, BDV], dtype=tl.float32)
     for g in range(G):
         h = hk * G + g
@@ -418,19 +435,59 @@ def _bwd_kv_kernel(
             dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, j + t * BT, j, gamma, T,
                                window, scale, dv, D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR, DT, PREC)
     _store_tile(_head(DV_, b, hk, svb, svh), dv, j, vv, T, DV, svt)
-    if SOFTMAX:
-        v = _load_tile(vp, j, vv, T, DV, svt)
-        dk = tl.zeros([BT, BD], dtype=tl.float32)
-        for g in range(G):
-            h = hk * G + g
-            rowp = (b * H + h).to(tl.int64) * T
-            gamma = tl.load(GAMMA + h).to(tl.float32)
-            qp = _head(Q, b, h, sqb, sqh)
-            dop = _head(DO, b, h, sdb, sdh)
-            for t in range(2):
-                dk = _bwd_dk_block(qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, j + t * BT, j,
-                                   gamma, T, window, scale, dk, D, DV, BD, BDV, DT, PREC)
-        _store_tile(_head(DK, b, hk, skb, skh), dk * scale, j, tl.arange(0, BD), T, D, skt)
+
+
+@triton.jit
+def _bwd_dk_pass(
+    Q, K, V, GAMMA, DO, M, ZD, DELTA, R, IDX, DK, b, hk, j,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H, G, window, scale,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """dk_j of key chunk j of kv head hk, summed over its G query heads; written in the dtype of k."""
+    kp = _head(K, b, hk, skb, skh)
+    v = _load_tile(_head(V, b, hk, svb, svh), j, tl.arange(0, BDV), T, DV, svt)
+    dk = tl.zeros([j.shape[0], BD], dtype=tl.float32)
+    for g in range(G):
+        h = hk * G + g
+        rowp = (b * H + h).to(tl.int64) * T
+        gamma = tl.load(GAMMA + h).to(tl.float32)
+        qp = _head(Q, b, h, sqb, sqh)
+        dop = _head(DO, b, h, sdb, sdh)
+        for t in range(2):
+            dk = _bwd_dk_block(qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, j + t * j.shape[0], j,
+                               gamma, T, window, scale, dk, D, DV, BD, BDV, DT, PREC)
+    _store_tile(_head(DK, b, hk, skb, skh), dk * scale, j, tl.arange(0, BD), T, D, skt)
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, R, IDX, DHS,
+    DK, DV_,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
+    T, H, G, NT, window, scale,
+    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+    SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True,
+):
+    """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
+    the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
+    live at a time (the scores are computed twice; registers, not the tensor cores, are the scarce resource here).
+    DO_DV / DO_DK: both passes in one launch, or one launch each (KV_SPLIT)."""
+    i = tl.program_id(0)
+    pid_bk = tl.program_id(1)  # batch * kv head
+    Hkv = H // G
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    j = i * BT + tl.arange(0, BT)
+    if DO_DV:
+        _bwd_dv_pass(Q, K, QF, KF, GAMMA, DO, M, ZD, DHS, DV_, b, hk, i, j,
+                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window,
+                     scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, DT, PREC)
+    if SOFTMAX and DO_DK:
+        _bwd_dk_pass(Q, K, V, GAMMA, DO, M, ZD, DELTA, R, IDX, DK, b, hk, j,
+                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H, G, window, scale,
+                     D, DV, BD, BDV, DT, PREC)
 
 
 @triton.jit
@@ -457,8 +514,8 @@ def _bwd_kf_kernel(
     dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)[None, :]
     for t in range(2):
         n = j + t * BT
-        dA, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV)
-        dW = tl.dot(dA.to(DT), tl.trans(v), input_precision=PREC) + dZ[:, None]
+        do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
+        dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
         da = tl.where(_lin_mask(n, j, T, window, LINEAR), dW, 0.0)
         dkf = tl.dot(tl.trans(da.to(DT)), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
     _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
@@ -521,15 +578,24 @@ def chunk_states(x, y, ra, rb, *, heads_per_y: int, reverse: bool, dtype: torch.
     BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
     hs = torch.empty(B * H, NT, BF, BDV, device=x.device, dtype=dtype)
     zs = torch.empty(B * H, NT, BF, device=x.device, dtype=torch.float32)
-    dummy = zs
-    _chunk_state_kernel[(BF // BK, BDV // BV, B * H)](
-        x, y, dummy if ra is None else ra, dummy if rb is None else rb, hs, zs,
-        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        T, H, heads_per_y, NT,
-        F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RA=ra is not None,
-        HAS_RB=rb is not None, DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32",
-        **_launch("state", big),
-    )
+    L = STATE_SEG if STATE_SEG > 0 else NT
+    nseg = triton.cdiv(NT, L)
+    blocks = (BF // BK) * (BDV // BV)
+    args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, H, heads_per_y, NT, L)
+    meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RA=ra is not None,
+                HAS_RB=rb is not None, DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32",
+                **_launch("state", big))
+    ra = zs if ra is None else ra  # dummies, never read
+    rb = zs if rb is None else rb
+    if nseg == 1:
+        _chunk_state_kernel[(blocks, B * H, 1)](x, y, ra, rb, hs, zs, zs, zs, *args, 1, PHASE=0, **meta)
+        return hs, zs
+    # two levels: the totals of segments 0 .. nseg-2 (the last one's is never needed), then every segment's
+    # states from the sum of the totals before it
+    tot = torch.empty(B * H, nseg - 1, BF, BDV, device=x.device, dtype=torch.float32)
+    ztot = torch.empty(B * H, nseg - 1, BF, device=x.device, dtype=torch.float32)
+    _chunk_state_kernel[(blocks, B * H, nseg - 1)](x, y, ra, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=1, **meta)
+    _chunk_state_kernel[(blocks, B * H, nseg)](x, y, ra, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=2, **meta)
     return hs, zs
 
 
@@ -570,15 +636,16 @@ class HybridAttentionFunction(torch.autograd.Function):
             D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT,
             SOFTMAX=softmax, LINEAR=lin, DT=DT, PREC=PREC, **_launch("fwd", big),
         )
-        # the states are recomputed in the backward: [NT, F, Dv] per head is twice the size of q
-        ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD)
+        # unless KEEP_STATES the states are recomputed in the backward: [NT, F, Dv] per head is twice the size of q
+        keep = bool(lin) and KEEP_STATES
+        ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD, *((hs, zs) if keep else ()))
         ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None)
         ctx.gamma_dtype = None if gamma is None else gamma.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, q_feat, k_feat, gam, o, M, ZD = ctx.saved_tensors
+        q, k, v, q_feat, k_feat, gam, o, M, ZD, *kept = ctx.saved_tensors
         window, softmax, lin, scale, NT, F, has_gamma = ctx.cfg
         B, T, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
@@ -607,7 +674,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin:
-            hs, zs = chunk_states(k_feat, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
+            hs, zs = kept or chunk_states(k_feat, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
             # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
             dhs, dzs = chunk_states(q_feat, do, inv, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big)
         strides = (
@@ -616,15 +683,20 @@ class HybridAttentionFunction(torch.autograd.Function):
             do.stride(0), do.stride(1), do.stride(2),
         )
         meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, DT=DT, PREC=PREC)
-        _bwd_q_kernel[(NT, B * H)](
-            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg,
-            *strides, T, H, G, NT, window, scale, **meta, **_launch("bwd_q", big),
-        )
-        del hs, zs
-        _bwd_kv_kernel[(NT, B * Hkv)](
-            q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv,
-            *strides, T, H, G, NT, window, scale, **meta, **_launch("bwd_kv", big),
-        )
+        q_parts = [dict(DO_LIN=True, DO_SM=False), dict(DO_LIN=False, DO_SM=True)] if Q_SPLIT and softmax and lin else [{}]
+        for part in q_parts:
+            _bwd_q_kernel[(NT, B * H)](
+                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg,
+                *strides, T, H, G, NT, window, scale, **meta, **part, **_launch("bwd_q", big),
+            )
+        del hs, zs, kept
+        # dk needs r and the arg max from the query side: after it
+        kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
+        for part in kv_parts:
+            _bwd_kv_kernel[(NT, B * Hkv)](
+                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv,
+                *strides, T, H, G, NT, window, scale, **meta, **part, **_launch("bwd_kv", big),
+            )
         if lin:
             _bwd_kf_kernel[(NT, B * H)](
                 q_feat, v, do, ZD, delta, dhs, dzs, dkf, *strides[6:], T, H, G, NT, window,

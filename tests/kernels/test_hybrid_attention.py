@@ -200,6 +200,7 @@ def _set_blocks(monkeypatch, blocks):
     if blocks is not None:
         for name in ("STATE_BF", "STATE_BV", "OUT_BV"):
             monkeypatch.setattr(chunk, name, blocks)
+        monkeypatch.setattr(chunk, "STATE_SEG", 2)  # the two-level state scan, in segments of 2 chunks
 
 
 @needs_interpreter
@@ -214,6 +215,20 @@ def test_triton_interpreter_matches_naive(B, T, H, KV, D, F, w, mode, blocks, mo
     inputs, do = make_inputs(B, T, H, KV, D, F, torch.float32, seed=T + H)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
                         window=w, softmax=softmax, linear=linear)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only", "swa_only"])
+def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, interpret):
+    """The launch variants the benchmark tunes compute the same function: states kept from the forward, the
+    query-side and key-side backward in two launches each, the two-level state scan."""
+    for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT"):
+        monkeypatch.setattr(chunk, name, True)
+    _set_blocks(monkeypatch, 16)
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=5)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=24, softmax=softmax, linear=linear)
 
 
 def chunk_states_reference(x, y, ra, rb, heads_per_y, reverse, chunk_size=64):
@@ -235,23 +250,30 @@ def chunk_states_reference(x, y, ra, rb, heads_per_y, reverse, chunk_size=64):
     return hs, zs
 
 
-# (B, T, H, heads_per_y, F, Dv, reverse, row weights, block): several F / Dv blocks, padded F / Dv, T < one chunk
+# (B, T, H, heads_per_y, F, Dv, reverse, row weights, block, segment): several F / Dv blocks, padded F / Dv,
+# T < one chunk; the scan in one pass (segment 0) or in segments of 1-3 chunks (8 chunks: 3 + 3 + 2)
 STATE_CASES = [
-    (1, 500, 2, 2, 32, 48, False, False, 16),
-    (2, 300, 3, 1, 16, 32, True, True, 16),
-    (1, 63, 2, 1, 16, 16, True, True, 64),
-    (1, 257, 4, 4, 48, 16, False, True, 32),
+    (1, 500, 2, 2, 32, 48, False, False, 16, 0),
+    (1, 500, 2, 2, 32, 48, False, False, 16, 3),
+    (2, 300, 3, 1, 16, 32, True, True, 16, 0),
+    (2, 300, 3, 1, 16, 32, True, True, 16, 2),
+    (1, 63, 2, 1, 16, 16, True, True, 64, 1),
+    (1, 257, 4, 4, 48, 16, False, True, 32, 1),
+    (1, 700, 1, 1, 16, 16, True, False, 16, 4),
 ]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,GY,F,DV,reverse,weights,blk", STATE_CASES,
+@pytest.mark.parametrize("B,T,H,GY,F,DV,reverse,weights,blk,seg", STATE_CASES,
                          ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-G{c[3]}-F{c[4]}-Dv{c[5]}-{'rev' if c[6] else 'fwd'}"
-                              f"{'-ra-rb' if c[7] else ''}-blk{c[8]}" for c in STATE_CASES])
-def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weights, blk, monkeypatch, interpret):
-    """The per-chunk states the output and gradient kernels read: exact prefix (suffix) sums, two chunks apart."""
+                              f"{'-ra-rb' if c[7] else ''}-blk{c[8]}-seg{c[9]}" for c in STATE_CASES])
+def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weights, blk, seg, monkeypatch,
+                                             interpret):
+    """The per-chunk states the output and gradient kernels read: exact prefix (suffix) sums, two chunks apart,
+    from one sequential pass or from the two-level scan over segments."""
     monkeypatch.setattr(chunk, "STATE_BF", blk)
     monkeypatch.setattr(chunk, "STATE_BV", blk)
+    monkeypatch.setattr(chunk, "STATE_SEG", seg)
     g = torch.Generator().manual_seed(T + F)
     x = torch.randn(B, T, H, F, generator=g).softmax(-1)
     y = torch.randn(B, T, H // GY, DV, generator=g)
