@@ -55,6 +55,6 @@ fi
 if has tune; then
   echo "== 4. launch-setting variants"
   # shellcheck disable=SC2086
-  timeout "$BUDGET_TUNE" python -m linearize.kernels.bench --T $T_TUNE --tune --reps 10 --out "$OUT/bench_tune.json" 2>&1 |
-    tee "$OUT/tune.log" | grep "^# tune" | cut -c1-200
+  timeout "$BUDGET_TUNE" python -m linearize.kernels.bench --T $T_TUNE --tune --profile --no-naive --reps 10 \
+    --out "$OUT/bench_tune.json" 2>&1 | tee "$OUT/tune.log" | grep -v "^# tune" | grep -v Warning | tail -70
 fi

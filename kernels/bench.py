@@ -10,7 +10,8 @@ forward and forward+backward with CUDA events (median of --reps after warm-up) f
   flex_swa        torch flex_attention with a sliding-window block mask, compiled
   fla_chunk_la    flash-linear-attention chunk_linear_attn on the 128 features (skipped if fla is absent)
   naive           the quadratic reference, where it fits in memory
-Peak GiB is the peak of memory allocated during one forward+backward beyond what the inputs already held.
+Peak GiB is the peak of memory allocated during one forward+backward beyond what the inputs already held; host ms
+is the time the call takes to return on the CPU (when it is close to the CUDA time, launching is the bottleneck).
 
     python -m linearize.kernels.bench --T 8192 32768 --tune --profile --out $OUT/bench_tune.json
 
@@ -29,6 +30,7 @@ import math
 import platform
 import statistics
 import sys
+import time
 import traceback
 
 import torch
@@ -71,20 +73,24 @@ def make_inputs(T: int, dtype=torch.bfloat16, seed: int = 0):
     return q, k, v, qf, kf, gamma, do
 
 
-def cuda_time(fn, reps: int, warmup: int = 3) -> float:
-    """Median milliseconds of fn() over reps, timed with CUDA events after warm-up."""
+def cuda_time(fn, reps: int, warmup: int = 3) -> tuple[float, float]:
+    """Median milliseconds of fn() over reps, timed with CUDA events after warm-up, and the median host time of the
+    call (from an idle GPU queue to fn() returning): host >= CUDA time means the op is bound by launching, not by
+    the GPU."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
+    times, host = [], []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         fn()
+        host.append((time.perf_counter() - t0) * 1e3)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(host)
 
 
 def peak_gib(fn) -> float:
@@ -182,19 +188,26 @@ PEERS = {"sdpa": sdpa, "flex_swa": flex_swa, "fla_chunk_la": fla_chunk_la}
 # (LAUNCH entries are (num_warps, num_stages) per kernel)
 TUNE = {
     "default": {},
-    "fwd Dv block 64": {"OUT_BV": 64},
+    "state one pass": {"STATE_SEG": 0},
+    "state segments of 8": {"STATE_SEG": 8},
+    "state segments of 16": {"STATE_SEG": 16},
+    "state segments of 64": {"STATE_SEG": 64},
     "fwd 4 warps": {"LAUNCH": {"fwd": (4, 2)}},
-    "fwd 3 stages": {"LAUNCH": {"fwd": (8, 3)}},
-    "state 2 stages": {"LAUNCH": {"state": (4, 2)}},
-    "state 4 stages": {"LAUNCH": {"state": (4, 4)}},
-    "bwd 2 stages": {"LAUNCH": {"bwd_q": (8, 2), "bwd_kv": (8, 2), "bwd_kf": (8, 2)}},
+    "keep states": {"KEEP_STATES": True},
+    "q split": {"Q_SPLIT": True},
+    "q split, 4 warps": {"Q_SPLIT": True, "LAUNCH": {"bwd_q": (4, 1)}},
+    "kv split": {"KV_SPLIT": True},
+    "bwd_kf 4 warps": {"LAUNCH": {"bwd_kf": (4, 1)}},
+    "q + kv split, keep, fwd 4 warps": {"Q_SPLIT": True, "KV_SPLIT": True, "KEEP_STATES": True,
+                                        "LAUNCH": {"fwd": (4, 2)}},
 }
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
 
 
 def kernel_config() -> dict:
     from .hybrid_attention import chunk
 
-    return {"BT": chunk.BT, "STATE_BF": chunk.STATE_BF, "STATE_BV": chunk.STATE_BV, "OUT_BV": chunk.OUT_BV,
+    return {**{name: getattr(chunk, name) for name in KNOBS},
             "LAUNCH": {k: list(v) for k, v in chunk.LAUNCH.items()}}
 
 
@@ -283,9 +296,9 @@ def measure(name, build, T, reps, do_bwd=True):
     try:
         fwd, step = build(T)
         with torch.no_grad():
-            row["fwd_ms"] = cuda_time(fwd, reps)
+            row["fwd_ms"], row["fwd_host_ms"] = cuda_time(fwd, reps)
         if do_bwd:
-            row["fwd_bwd_ms"] = cuda_time(step, reps)
+            row["fwd_bwd_ms"], row["fwd_bwd_host_ms"] = cuda_time(step, reps)
             row["peak_gib"] = peak_gib(step)
         else:
             row["peak_gib"] = peak_gib(lambda: fwd())
@@ -319,6 +332,7 @@ def main(argv=None):
     ap.add_argument("--out", default="kernels/bench_results.json")
     ap.add_argument("--tune", action="store_true", help="also time the hybrid op under the TUNE variants")
     ap.add_argument("--profile", action="store_true", help="also record CUDA time per kernel of the hybrid op")
+    ap.add_argument("--no-naive", action="store_true", help="do not time the naive reference (it still checks)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA device")
@@ -339,7 +353,9 @@ def main(argv=None):
         rows.append(measure("hybrid (ours)", ours, T, args.reps))
         for name, build in PEERS.items():
             rows.append(measure(name, build, T, args.reps))
-        if naive_fits(T, bwd=False):
+        if args.no_naive:
+            rows.append({"op": "naive", "T": T, "skipped": "--no-naive"})
+        elif naive_fits(T, bwd=False):
             rows.append(measure("naive", naive, T, max(3, args.reps // 5), do_bwd=naive_fits(T, bwd=True)))
         else:
             rows.append({"op": "naive", "T": T, "skipped": "does not fit in memory"})
@@ -372,17 +388,25 @@ def main(argv=None):
         json.dump(result, fh, indent=1)
 
     print(f"\n{info['gpu']} | torch {info['torch']} | triton {info['triton']} | fla {info['fla']} | {info['date']}")
-    print("| T | op | fwd ms | fwd+bwd ms | peak GiB | fwd / best peer | fwd+bwd / best peer | fwd / (SWA+LA) "
-          "| fwd+bwd / (SWA+LA) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| T | op | fwd ms | fwd+bwd ms | host ms fwd+bwd | peak GiB | fwd / best peer | fwd+bwd / best peer "
+          "| fwd / (SWA+LA) | fwd+bwd / (SWA+LA) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "skipped" in r:
-            print(f"| {r['T']} | {r['op']} | skipped: {r['skipped'][:60]} | | | | | | |")
+            print(f"| {r['T']} | {r['op']} | skipped: {r['skipped'][:60]} | | | | | | | |")
             continue
         print(f"| {r['T']} | {r['op']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
+              f"{fmt(r.get('fwd_bwd_host_ms'))} | "
               f"{fmt(r.get('peak_gib'), 2)} | {fmt(r.get('fwd_ms_vs_best_peer'), 2)} | "
               f"{fmt(r.get('fwd_bwd_ms_vs_best_peer'), 2)} | {fmt(r.get('fwd_ms_vs_swa_plus_la'), 2)} | "
               f"{fmt(r.get('fwd_bwd_ms_vs_swa_plus_la'), 2)} |")
+    if result.get("tune"):
+        print("\n| T | variant | fwd ms | fwd+bwd ms | host ms fwd+bwd | peak GiB |")
+        print("|---|---|---|---|---|---|")
+        for r in result["tune"]:
+            print(f"| {r['T']} | {r['variant']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
+                  f"{fmt(r.get('fwd_bwd_host_ms'))} | {fmt(r.get('peak_gib'), 2)} |" if "skipped" not in r else
+                  f"| {r['T']} | {r['variant']} | skipped: {r['skipped'][:60]} | | | |")
     if not math.isfinite(worst) or not ok:
         sys.exit(1)
 
