@@ -8,7 +8,8 @@
 #   3. pytest tests/kernels -m gpu                  the GPU test tier (Triton vs the naive reference)
 #   4. python -m linearize.kernels.bench --tune     launch-setting variants of the training op (not by default)
 # Logs and JSON go to $OUT (the device tool brings them back). Knobs: OUT, PHASES (default "bench decode tests"),
-# T_BENCH, T_TUNE, DECODE_CONTEXTS, TESTS_K (a pytest -k filter for the GPU tier), BUDGET_*.
+# T_BENCH, T_TUNE, DECODE_CONTEXTS, TESTS_K (a pytest -k filter for the GPU tier), BUDGET_*. Carrying the
+# pytest-xdist and execnet wheels (.device/fla) runs the GPU tier on 8 processes.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/gpu_perf}
@@ -48,7 +49,10 @@ fi
 
 if has tests; then
   echo "== 3. GPU test tier"
-  timeout "$BUDGET_TESTS" python -m pytest tests/kernels -q -m gpu -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
+  # compiling the kernels for every dtype x mode x head dim dominates: spread it over processes when xdist is there
+  xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+  # shellcheck disable=SC2086
+  timeout "$BUDGET_TESTS" python -m pytest tests/kernels -q -m gpu -p no:cacheprovider $xdist ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
     tee "$OUT/gpu_tests.log" | tail -15
 fi
 
@@ -56,5 +60,6 @@ if has tune; then
   echo "== 4. launch-setting variants"
   # shellcheck disable=SC2086
   timeout "$BUDGET_TUNE" python -m linearize.kernels.bench --T $T_TUNE --tune --profile --no-naive --reps 10 \
+    --host-profile 2048 \
     --out "$OUT/bench_tune.json" 2>&1 | tee "$OUT/tune.log" | grep -v "^# tune" | grep -v Warning | tail -70
 fi

@@ -188,18 +188,14 @@ PEERS = {"sdpa": sdpa, "flex_swa": flex_swa, "fla_chunk_la": fla_chunk_la}
 # (LAUNCH entries are (num_warps, num_stages) per kernel)
 TUNE = {
     "default": {},
-    "state one pass": {"STATE_SEG": 0},
-    "state segments of 8": {"STATE_SEG": 8},
-    "state segments of 16": {"STATE_SEG": 16},
-    "state segments of 64": {"STATE_SEG": 64},
-    "fwd 4 warps": {"LAUNCH": {"fwd": (4, 2)}},
+    "state segments of 32": {"STATE_SEG": 32},
     "keep states": {"KEEP_STATES": True},
-    "q split": {"Q_SPLIT": True},
-    "q split, 4 warps": {"Q_SPLIT": True, "LAUNCH": {"bwd_q": (4, 1)}},
     "kv split": {"KV_SPLIT": True},
-    "bwd_kf 4 warps": {"LAUNCH": {"bwd_kf": (4, 1)}},
-    "q + kv split, keep, fwd 4 warps": {"Q_SPLIT": True, "KV_SPLIT": True, "KEEP_STATES": True,
-                                        "LAUNCH": {"fwd": (4, 2)}},
+    "bwd_kv 4 warps": {"LAUNCH": {"bwd_kv": (4, 1)}},
+    "keep states, kv split": {"KEEP_STATES": True, "KV_SPLIT": True},
+    "fwd 8 warps": {"LAUNCH": {"fwd": (8, 2)}},
+    "fwd 4 warps 3 stages": {"LAUNCH": {"fwd": (4, 3)}},
+    "q one launch, 8 warps": {"Q_SPLIT": False, "LAUNCH": {"bwd_q": (8, 1)}},
 }
 KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
 
@@ -258,6 +254,32 @@ def profile(T: int, iters: int = 5) -> list[dict]:
     for r in rows[:15]:
         print(f"# profile T={T} {r['ms']:8.3f} ms  x{r['calls']:.0f}  {r['kernel'][:90]}", flush=True)
     return rows
+
+
+def host_profile(T: int, iters: int = 50, top: int = 20) -> list[dict]:
+    """Where the host time of one forward+backward of the hybrid op goes (cProfile, own time per function)."""
+    import cProfile
+    import pstats
+
+    _, step = ours(T)
+    step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats
+    rows = [{"T": T, "function": f"{path.rsplit('/', 1)[-1]}:{line}({name})", "calls": cc / iters,
+             "own_us": tt / iters * 1e6, "cum_us": ct / iters * 1e6}
+            for (path, line, name), (cc, _, tt, ct, _) in stats.items()]
+    rows.sort(key=lambda r: -r["own_us"])
+    total = sum(r["own_us"] for r in rows)
+    print(f"# host profile T={T}: {total:.0f} us of Python per forward+backward (cProfile adds its own overhead)")
+    for r in rows[:top]:
+        print(f"# host {r['own_us']:8.1f} us own {r['cum_us']:8.1f} us cum  x{r['calls']:.0f}  {r['function'][:90]}")
+    return rows[:top]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -333,6 +355,8 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", help="also time the hybrid op under the TUNE variants")
     ap.add_argument("--profile", action="store_true", help="also record CUDA time per kernel of the hybrid op")
     ap.add_argument("--no-naive", action="store_true", help="do not time the naive reference (it still checks)")
+    ap.add_argument("--host-profile", type=int, nargs="*", metavar="T",
+                    help="also profile the host (Python) time of the hybrid op at these T")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA device")
@@ -384,6 +408,8 @@ def main(argv=None):
         result["tune"] = tune(args.T, args.reps)
     if args.profile:
         result["profile"] = [r for T in args.T for r in profile(T)]
+    if args.host_profile:
+        result["host_profile"] = [r for T in args.host_profile for r in host_profile(T)]
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
 

@@ -36,27 +36,32 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BT = 64  # chunk size: the kernel needs window <= BT when softmax terms are on
 _LINEAR_CODE = {"none": 0, "outside": 1, "all": 2}
 
-# Block sizes (capped by the padded head dims). The state pass holds one [STATE_BF, STATE_BV] fp32 tile; the forward
-# output kernel splits Dv into OUT_BV-wide programs (each recomputes the cheap [BT, BT] weights and the normaliser).
-# `python -m linearize.kernels.spills` shows their register use; the tests set them small to exercise the splits.
+# Launch settings, for D = F = Dv = 128 (smaller head dims take 4 warps and 1 stage everywhere). Every value below
+# comes from `python -m linearize.kernels.bench --tune` on an H100 (kernels/bench_tune_h100_*.json; the kernel README
+# has the tables); `python -m linearize.kernels.spills` shows the register use of any setting without a GPU; the
+# tests set the blocks small and switch every option on to exercise them.
+#
+# STATE_BF x STATE_BV: the fp32 state tile of one state-pass program. OUT_BV: the forward's Dv block (128: the whole
+# Dv in one program, so the [BT, BT] weights are computed once; 3.95 -> 2.60 ms forward at 32K).
 STATE_BF = 64
 STATE_BV = 64
-# The state pass scans segments of STATE_SEG chunks in parallel (two levels: segment totals, then each segment from
-# the sum of the totals before it); 0 = one sequential pass over the whole sequence.
-STATE_SEG = 32
 OUT_BV = 128
-# KEEP_STATES: the forward's per-chunk states stay alive for the backward (one state pass fewer per step, + NT F Dv
-# per head of memory, 2x the size of q at F = Dv = D in bf16); else the backward recomputes them.
-# Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches each (linear and softmax sides; dv and dk),
-# fewer live registers per program for some recomputed dots.
+# STATE_SEG > 0 scans the sequence in segments of STATE_SEG chunks (two levels: segment totals, then each segment
+# from the sum of the totals before it): a chain of 2 STATE_SEG steps instead of NT. 0 = one pass. The pass is
+# bound by its memory traffic (it writes NT F Dv per head), not by its chain, so one pass is faster at 32 heads
+# (9.27 vs 9.68 ms forward+backward at 32K with segments of 32); segments may pay off with few heads.
+STATE_SEG = 0
+# KEEP_STATES: the forward's per-chunk states stay alive for the backward: one state pass fewer per step (9.68 ->
+# 8.86 ms at 32K), but NT F Dv per head more saved memory per layer (2x the size of q at F = Dv = D, bf16).
+# Off by default, as FlashAttention and fla recompute rather than keep.
 KEEP_STATES = False
-Q_SPLIT = False
+# Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches (linear side and softmax side; dv and dk),
+# fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K.
+Q_SPLIT = True
 KV_SPLIT = False
-# (num_warps, num_stages) per kernel, for D = F = Dv = 128 (smaller head dims take 4 warps everywhere).
-# OUT_BV 128 and 3 state stages come from `bench --tune` on an H100 (kernels/bench_tune_h100_before.json): at T=32K the
-# forward went 3.95 -> 2.60 ms with the whole Dv in one program (the [BT, BT] weights are no longer recomputed per
-# Dv block) and 3.95 -> 3.48 ms with a 3-stage state pass.
-LAUNCH = {"state": (4, 3), "fwd": (8, 2), "bwd_q": (8, 1), "bwd_kv": (8, 1), "bwd_kf": (8, 1), "delta": (4, 1)}
+# (num_warps, num_stages) per kernel. 4 warps in the forward spill (a [64, 128] fp32 tile is 64 registers a thread)
+# and are still faster: 2.48 -> 1.89 ms at 32K.
+LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (8, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
 
 
 # --------------------------------------------------------------------------------------------------------------
