@@ -52,7 +52,8 @@ if has tests; then
   # compiling the kernels for every dtype x mode x head dim dominates: spread it over processes when xdist is there
   xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
   # shellcheck disable=SC2086
-  timeout "$BUDGET_TESTS" python -m pytest tests/kernels -q -m gpu -p no:cacheprovider $xdist ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
+  # -k: xdist workers still compiling when the budget ends would otherwise live on and disturb later timings
+  timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/kernels -q -m gpu -p no:cacheprovider $xdist ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
     tee "$OUT/gpu_tests.log" | tail -15
 fi
 

@@ -188,14 +188,11 @@ PEERS = {"sdpa": sdpa, "flex_swa": flex_swa, "fla_chunk_la": fla_chunk_la}
 # (LAUNCH entries are (num_warps, num_stages) per kernel)
 TUNE = {
     "default": {},
-    "state segments of 32": {"STATE_SEG": 32},
+    "bwd_kv 8 warps": {"LAUNCH": {"bwd_kv": (8, 1)}},
     "keep states": {"KEEP_STATES": True},
-    "kv split": {"KV_SPLIT": True},
-    "bwd_kv 4 warps": {"LAUNCH": {"bwd_kv": (4, 1)}},
-    "keep states, kv split": {"KEEP_STATES": True, "KV_SPLIT": True},
-    "fwd 8 warps": {"LAUNCH": {"fwd": (8, 2)}},
     "fwd 4 warps 3 stages": {"LAUNCH": {"fwd": (4, 3)}},
     "q one launch, 8 warps": {"Q_SPLIT": False, "LAUNCH": {"bwd_q": (8, 1)}},
+    "state segments of 32": {"STATE_SEG": 32},
 }
 KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
 

@@ -59,9 +59,10 @@ KEEP_STATES = False
 # fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K.
 Q_SPLIT = True
 KV_SPLIT = False
-# (num_warps, num_stages) per kernel. 4 warps in the forward spill (a [64, 128] fp32 tile is 64 registers a thread)
-# and are still faster: 2.48 -> 1.89 ms at 32K.
-LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (8, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
+# (num_warps, num_stages) per kernel. 4 warps spill in the forward and the key-side backward (a [64, 128] fp32 tile
+# is 64 registers a thread) and are still faster at 32K: forward 2.48 -> 1.89 ms, forward+backward with a 4-warp
+# _bwd_kv_kernel 8.02 -> 6.81 ms.
+LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
 
 
 # --------------------------------------------------------------------------------------------------------------
