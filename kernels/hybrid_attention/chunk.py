@@ -5,13 +5,14 @@ In short: chunks of BT = 64 >= w tokens. For query chunk i the softmax window an
 in key chunks i-1 and i (exact [BT, BT] blocks); all older keys (chunks <= i-2, outside any window) enter through
 the state S = sum phi(k) v^T, z = sum phi(k). As in flash-linear-attention's chunk kernels the work is split in two:
 
-  * a state pass (``_chunk_state_kernel``, grid (F blocks, Dv blocks, B*H), a short sequential loop over chunks
-    holding one [BK, BV] fp32 state tile) writes the state every chunk needs, h[i] = S_{i-2} `[F, Dv]` in the dtype
+  * a state pass (``_chunk_state_kernel``, grid (F blocks x Dv blocks, B*H, segments of STATE_SEG chunks; one
+    segment by default), a sequential loop over chunks holding one [BK, BV] fp32 state tile) writes the state every chunk needs, h[i] = S_{i-2} `[F, Dv]` in the dtype
     of the dots and z[i] `[F]` in fp32, to memory;
   * the output / gradient kernels are then fully parallel over (chunk, [Dv block,] batch*head) and carry no state:
     each reads the one h[i] it needs right before its dot.
 
-Backward (FlashAttention-style recomputation; o, the row max m and the normaliser Zd are saved, h is recomputed):
+Backward (FlashAttention-style recomputation; o, the row max m and the normaliser Zd are saved, h is recomputed
+unless KEEP_STATES):
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
   The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i].
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h).
@@ -184,6 +185,8 @@ def _chunk_state_kernel(
     rowp = pid_bh.to(tl.int64) * T
     S = tl.zeros([BK, BV], dtype=tl.float32)
     z = tl.zeros([BK], dtype=tl.float32)
+    # z does not depend on the Dv block: block 0 writes it (the mask is false for pid_v > 0)
+    z_owner = ff + pid_v * BF < BF
     if PHASE == 2:  # carry in: the totals of the segments before this one
         for s in range(0, seg):
             S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
@@ -197,8 +200,7 @@ def _chunk_state_kernel(
             nb = c - 1  # joins the state of chunk c+1
         if PHASE != 1:
             tl.store(_state_ptr(HS, pid_bh, c, NT, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
-            # z does not depend on the Dv block: block 0 writes it (the mask is false for pid_v > 0)
-            tl.store(ZS + (pid_bh.to(tl.int64) * NT + c) * BF + ff, z, mask=ff + pid_v * BF < BF)
+            tl.store(ZS + (pid_bh.to(tl.int64) * NT + c) * BF + ff, z, mask=z_owner)
         rows = nb * BT + r
         x = _load_tile(xp, rows, ff, T, F, sxt)
         y = _load_tile(yp, rows, vv, T, DV, syt)
@@ -211,7 +213,7 @@ def _chunk_state_kernel(
         S = tl.dot(tl.trans(x), y.to(DT), S, input_precision=PREC)
     if PHASE == 1:
         tl.store(_state_ptr(TOT, pid_bh, seg, NTOT, BF, BDV, ff, vv), S)
-        tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + seg) * BF + ff, z, mask=ff + pid_v * BF < BF)
+        tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + seg) * BF + ff, z, mask=z_owner)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -330,7 +332,7 @@ def _bwd_q_kernel(
     # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
     dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None] + dZ[:, None]
     dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None] + dZ[:, None]
-    # the linear side first: dA and its accumulator die before the softmax side's score blocks are live
+    # the linear side first: its accumulator dies before the softmax side's score blocks are live
     if LINEAR != 0 and DO_LIN:
         # keys of chunks <= i-2: S_{i-2} dA_n + z_{i-2} dZ_n
         hs = tl.load(_state_ptr(HS, pid_bh, i, NT, BF, BDV, ff, vv))
@@ -447,12 +449,13 @@ def _bwd_dv_pass(
 def _bwd_dk_pass(
     Q, K, V, GAMMA, DO, M, ZD, DELTA, R, IDX, DK, b, hk, j,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H, G, window, scale,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dk_j of key chunk j of kv head hk, summed over its G query heads; written in the dtype of k."""
     kp = _head(K, b, hk, skb, skh)
     v = _load_tile(_head(V, b, hk, svb, svh), j, tl.arange(0, BDV), T, DV, svt)
-    dk = tl.zeros([j.shape[0], BD], dtype=tl.float32)
+    dk = tl.zeros([BT, BD], dtype=tl.float32)
     for g in range(G):
         h = hk * G + g
         rowp = (b * H + h).to(tl.int64) * T
@@ -460,7 +463,7 @@ def _bwd_dk_pass(
         qp = _head(Q, b, h, sqb, sqh)
         dop = _head(DO, b, h, sdb, sdh)
         for t in range(2):
-            dk = _bwd_dk_block(qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, j + t * j.shape[0], j,
+            dk = _bwd_dk_block(qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, j + t * BT, j,
                                gamma, T, window, scale, dk, D, DV, BD, BDV, DT, PREC)
     _store_tile(_head(DK, b, hk, skb, skh), dk * scale, j, tl.arange(0, BD), T, D, skt)
 
@@ -493,7 +496,7 @@ def _bwd_kv_kernel(
     if SOFTMAX and DO_DK:
         _bwd_dk_pass(Q, K, V, GAMMA, DO, M, ZD, DELTA, R, IDX, DK, b, hk, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H, G, window, scale,
-                     D, DV, BD, BDV, DT, PREC)
+                     D, DV, BD, BDV, BT, DT, PREC)
 
 
 @triton.jit
