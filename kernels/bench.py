@@ -188,13 +188,19 @@ PEERS = {"sdpa": sdpa, "flex_swa": flex_swa, "fla_chunk_la": fla_chunk_la}
 # (LAUNCH entries are (num_warps, num_stages) per kernel)
 TUNE = {
     "default": {},
-    "bwd_kv 8 warps": {"LAUNCH": {"bwd_kv": (8, 1)}},
-    "keep states": {"KEEP_STATES": True},
-    "fwd 4 warps 3 stages": {"LAUNCH": {"fwd": (4, 3)}},
-    "q one launch, 8 warps": {"Q_SPLIT": False, "LAUNCH": {"bwd_q": (8, 1)}},
-    "state segments of 32": {"STATE_SEG": 32},
+    "per-chunk states (SEG_CHUNKS=0)": {"SEG_CHUNKS": 0},
+    "per-chunk states, kept": {"SEG_CHUNKS": 0, "KEEP_STATES": True},
+    "segments in the backward only": {"SEG_FWD": False},
+    "segments in the forward only": {"SEG_BWD": False},
+    "segments of 8": {"SEG_CHUNKS": 8},
+    "segments of 32": {"SEG_CHUNKS": 32},
+    "segment fwd Dv block 64": {"SEG_BV": 64},
+    "segment fwd 4 warps": {"LAUNCH": {"fwd_seg": (4, 1)}},
+    "segment bwd F block 64": {"SEG_BF": 64},
+    "segment bwd 1 stage": {"LAUNCH": {"bwd_qf_seg": (8, 1)}},
 }
-KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SEG_FWD",
+         "SEG_BWD", "SEG_CHUNKS", "SEG_MIN_CHUNKS", "SEG_PROGRAMS", "SEG_BV", "SEG_BF")
 
 
 def kernel_config() -> dict:
