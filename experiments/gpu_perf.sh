@@ -24,8 +24,11 @@ T_TUNE=${T_TUNE:-32768}
 TESTS_K=${TESTS_K:-}
 mkdir -p "$OUT"
 
-if compgen -G ".device/whl/*.whl" >/dev/null || compgen -G ".device/fla/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl .device/fla/*.whl 2>/dev/null
+# whichever of the two wheel folders was carried (a glob that matches nothing would fail the whole install)
+wheels=$(compgen -G ".device/whl/*.whl"; compgen -G ".device/fla/*.whl")
+if [[ -n $wheels ]]; then
+  # shellcheck disable=SC2086
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels || echo "wheel install failed"
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -188,19 +188,20 @@ PEERS = {"sdpa": sdpa, "flex_swa": flex_swa, "fla_chunk_la": fla_chunk_la}
 # (LAUNCH entries are (num_warps, num_stages) per kernel)
 TUNE = {
     "default": {},
-    "per-chunk states (SEG_CHUNKS=0)": {"SEG_CHUNKS": 0},
-    "per-chunk states, kept": {"SEG_CHUNKS": 0, "KEEP_STATES": True},
-    "segments in the backward only": {"SEG_FWD": False},
-    "segments in the forward only": {"SEG_BWD": False},
-    "segments of 8": {"SEG_CHUNKS": 8},
-    "segments of 32": {"SEG_CHUNKS": 32},
-    "segment fwd Dv block 64": {"SEG_BV": 64},
-    "segment fwd 4 warps": {"LAUNCH": {"fwd_seg": (4, 1)}},
-    "segment bwd F block 64": {"SEG_BF": 64},
-    "segment bwd 1 stage": {"LAUNCH": {"bwd_qf_seg": (8, 1)}},
+    "keep states": {"KEEP_STATES": True},
+    "bwd_kv 8 warps": {"LAUNCH": {"bwd_kv": (8, 1)}},
+    "kv split, 8 warps": {"KV_SPLIT": True, "LAUNCH": {"bwd_kv": (8, 1)}},
+    "fwd 3 stages": {"LAUNCH": {"fwd": (4, 3)}},
+    "fwd 8 warps": {"LAUNCH": {"fwd": (8, 2)}},
+    "state 4 stages": {"LAUNCH": {"state": (4, 4)}},
+    "state 64x128, 8 warps": {"STATE_BV": 128, "LAUNCH": {"state": (8, 3)}},
+    "state 128x64, 8 warps": {"STATE_BF": 128, "LAUNCH": {"state": (8, 3)}},
+    "state 128x128 in segments of 16": {"STATE_BF": 128, "STATE_BV": 128, "STATE_SEG": 16, "LAUNCH": {"state": (8, 2)}},
+    "q one launch, 8 warps": {"Q_SPLIT": False, "LAUNCH": {"bwd_q": (8, 1)}},
+    "bwd_q 8 warps": {"LAUNCH": {"bwd_q": (8, 1)}},
+    "bwd_kf 8 warps": {"LAUNCH": {"bwd_kf": (8, 1)}},
 }
-KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SEG_FWD",
-         "SEG_BWD", "SEG_CHUNKS", "SEG_MIN_CHUNKS", "SEG_PROGRAMS", "SEG_BV", "SEG_BF")
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
 
 
 def kernel_config() -> dict:

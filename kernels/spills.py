@@ -91,7 +91,7 @@ def compile_stats(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: 
     }
 
 
-def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, seg_bv: int = 128, seg_bf: int = 128):
+def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
     """(name, kernel, constexprs) of every kernel one forward + backward of ``mode`` launches."""
     softmax, lin = MODES[mode]
     dt, prec = DTYPES[dtype]
@@ -109,11 +109,6 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, seg_bv
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
                     dict(state, PHASE=2, REVERSE=True, HAS_RA=True, HAS_RB=True)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
-    if lin:
-        out.append((f"fwd_seg (BV={seg_bv})", chunk._fwd_seg_kernel, "fwd_seg", dict(heads, BV=seg_bv)))
-        out.append((f"bwd_qf_seg (BK={seg_bf})", chunk._bwd_qf_seg_kernel, "bwd_qf_seg",
-                    dict(DV=DV, F=F, BDV=DV, BF=F, BK=seg_bf, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt,
-                         PREC=prec)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT)))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True)
@@ -141,9 +136,6 @@ def main(argv=None):
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
     ap.add_argument("--state-blocks", type=int, nargs="+", default=[chunk.STATE_BF],
                     help="state pass F and Dv block (square)")
-    ap.add_argument("--seg-bv", type=int, nargs="+", default=[chunk.SEG_BV], help="segment forward's Dv block")
-    ap.add_argument("--seg-bf", type=int, nargs="+", default=[chunk.SEG_BF],
-                    help="segment query-side backward's F block")
     ap.add_argument("--kernels", nargs="*", help="only kernels whose name starts with one of these")
     args = ap.parse_args(argv)
 
@@ -151,9 +143,8 @@ def main(argv=None):
     print("| mode | kernel | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     seen = set()
-    for mode, out_bv, sb, sbv, sbf in itertools.product(args.modes, args.out_bv, args.state_blocks, args.seg_bv,
-                                                       args.seg_bf):
-        for name, fn, launch, constexprs in kernel_configs(mode, args.dtype, out_bv, sb, sbv, sbf):
+    for mode, out_bv, sb in itertools.product(args.modes, args.out_bv, args.state_blocks):
+        for name, fn, launch, constexprs in kernel_configs(mode, args.dtype, out_bv, sb):
             if args.kernels and not any(name.startswith(k) for k in args.kernels):
                 continue
             if (name, mode) in seen:  # the state pass does not depend on the forward's block

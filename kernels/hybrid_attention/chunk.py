@@ -63,23 +63,7 @@ KV_SPLIT = False
 # (num_warps, num_stages) per kernel. 4 warps spill in the forward and the key-side backward (a [64, 128] fp32 tile
 # is 64 registers a thread) and are still faster at 32K: forward 2.48 -> 1.89 ms, forward+backward with a 4-warp
 # _bwd_kv_kernel 8.02 -> 6.81 ms.
-LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1),
-          "fwd_seg": (8, 1), "bwd_qf_seg": (8, 2)}
-# Segment mode (SEG_CHUNKS > 0, linear terms on): the forward and the query-side linear backward carry the state in
-# registers through segments of SEG_CHUNKS chunks (_fwd_seg_kernel, _bwd_qf_seg_kernel), starting from the prefix
-# sums of the segment totals (one parallel launch and a cumsum); the forward's per-chunk states h never go through
-# memory and the backward recomputes no forward state pass. The segments are halved (down to SEG_MIN_CHUNKS) until
-# there are SEG_PROGRAMS programs, so that short sequences still fill the GPU. SEG_BV: the forward's Dv block;
-# SEG_BF: the F block of the query-side linear backward. SEG_FWD / SEG_BWD switch it for the forward / the
-# query-side backward alone (a backward after a per-chunk forward computes the prefixes itself); SEG_CHUNKS = 0: state
-# pass + per-chunk kernels everywhere.
-SEG_FWD = True
-SEG_BWD = True
-SEG_CHUNKS = 16
-SEG_MIN_CHUNKS = 4
-SEG_PROGRAMS = 256
-SEG_BV = 128
-SEG_BF = 128
+LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -233,8 +217,8 @@ def _chunk_state_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# forward: the exact local part of a query chunk (key chunks i-1 and i), then the older keys through the state,
-# read from memory (_fwd_kernel, one program per chunk) or carried in registers over a segment (_fwd_seg_kernel)
+# forward: one program per (query chunk, Dv block, batch * head): the exact local part (key chunks i-1 and i),
+# then the older keys through the state S_{i-2} read from memory
 
 
 @triton.jit
@@ -306,47 +290,6 @@ def _fwd_kernel(
         z = tl.load(ZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)
         zacc += tl.sum(qf.to(tl.float32) * z[None, :], axis=1)
     _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, vv, T, sob, sot, soh, DV)
-
-
-@triton.jit
-def _fwd_seg_kernel(
-    Q, K, V, QF, KF, GAMMA, PRE, ZPRE, OUT, M, ZD,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh,
-    T, H, G, NT, L, NSEG, window, scale, eps,
-    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-):
-    """One program per (batch * head, Dv block, segment of L chunks), the state carried in registers (fla's fused
-    chunk scheme, with a carry-in): it starts from PRE[bh, seg] = S_{i0-2} for the segment's first chunk i0 (the
-    exclusive prefix sum of the segment totals, fp32) and, after the output of chunk i, adds key chunk i-1 (just
-    read for the local part) to get S_{i-1} for chunk i+1. No per-chunk state goes through memory."""
-    pid_bh = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    seg = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    r = tl.arange(0, BT)
-    vv = pid_v * BV + tl.arange(0, BV)
-    ff = tl.arange(0, BF)
-    qfp = _head(QF, b, h, sfb, sfh)
-    kfp = _head(KF, b, h, sfb, sfh)
-    vp = _head(V, b, h // G, svb, svh)
-    S = tl.load(_state_ptr(PRE, pid_bh, seg, NSEG, BF, BDV, ff, vv))
-    z = tl.load(ZPRE + (pid_bh.to(tl.int64) * NSEG + seg) * BF + ff)
-    for i in range(seg * L, tl.minimum(seg * L + L, NT)):
-        n = i * BT + r
-        qf = _load_tile(qfp, n, ff, T, F, sft)
-        acc, zacc, m = _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv,
-                                  sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, window, scale,
-                                  D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC)
-        acc = tl.dot(qf, S.to(DT), acc, input_precision=PREC)
-        zacc += tl.sum(qf.to(tl.float32) * z[None, :], axis=1)
-        _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, vv, T, sob, sot, soh, DV)
-        jp = n - BT  # key chunk i-1 joins the state of chunk i+1
-        kf = _load_tile(kfp, jp, ff, T, F, sft)
-        S = tl.dot(tl.trans(kf), _load_tile(vp, jp, vv, T, DV, svt).to(DT), S, input_precision=PREC)
-        z += tl.sum(kf.to(tl.float32), axis=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,52 +392,6 @@ def _bwd_q_kernel(
         tl.store(DG + pid_bh.to(tl.int64) * NT + i, tl.sum(row, axis=0))
 
 
-@triton.jit
-def _bwd_qf_seg_kernel(
-    V, KF, DO, ZD, DELTA, PRE, ZPRE, DQF,
-    svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
-    T, H, G, NT, L, NSEG, window,
-    DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-    LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-):
-    """dphi(q) (the linear side of the query-side backward) over a segment of L chunks with the forward state
-    carried in registers, as _fwd_seg_kernel does, from the same prefixes PRE (saved by the forward): one program
-    per (batch * head, F block of BK, segment). No recomputed state pass, no per-chunk state in memory."""
-    pid_bh = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    seg = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    r = tl.arange(0, BT)
-    vv = tl.arange(0, BDV)
-    ff = pid_k * BK + tl.arange(0, BK)
-    kfp = _head(KF, b, h, sfb, sfh)
-    vp = _head(V, b, h // G, svb, svh)
-    dop = _head(DO, b, h, sdb, sdh)
-    rowp = pid_bh.to(tl.int64) * T
-    S = tl.load(_state_ptr(PRE, pid_bh, seg, NSEG, BF, BDV, ff, vv))
-    z = tl.load(ZPRE + (pid_bh.to(tl.int64) * NSEG + seg) * BF + ff)
-    for i in range(seg * L, tl.minimum(seg * L + L, NT)):
-        n = i * BT + r
-        jp = n - BT
-        do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
-        # keys of chunks <= i-2: S_{i-2} dA_n + z_{i-2} dZ_n
-        dqf = tl.dot(do, tl.trans(S.to(DT)), input_precision=PREC) * inv[:, None] + dZ[:, None] * z[None, :]
-        v = _load_tile(vp, jp, vv, T, DV, svt)
-        dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
-        kf = _load_tile(kfp, jp, ff, T, F, sft)
-        da = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW, 0.0)
-        dqf = tl.dot(da.to(DT), kf, dqf, input_precision=PREC)
-        if CUR_LIN:
-            dW = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
-            da = tl.where(_lin_mask(n, n, T, window, LINEAR), dW + dZ[:, None], 0.0)
-            dqf = tl.dot(da.to(DT), _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
-        _store_tile(_head(DQF, b, h, sfb, sfh), dqf, n, ff, T, F, sft)
-        # key chunk i-1 joins the state of chunk i+1
-        S = tl.dot(tl.trans(kf), v.to(DT), S, input_precision=PREC)
-        z += tl.sum(kf.to(tl.float32), axis=0)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # backward, key side, one program per (key chunk, batch * head): queries of the same chunk and of the next one see
 # these keys exactly, those of chunks >= i+2 through dh. Two kernels, so that each holds two accumulators at most:
@@ -503,22 +400,25 @@ def _bwd_qf_seg_kernel(
 
 @triton.jit
 def _bwd_dv_block(
-    qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, n, j, gamma, T, window, scale, dv,
+    qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, n, j, lin_on, gamma, T, window, scale, dv,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dv_j += sum_n W_nj dA_n over query rows n. LINEAR = 0 here for blocks whose linear terms are all masked."""
+    """dv_j += sum_n W_nj dA_n over query rows n; the linear weights only where lin_on (a runtime flag, so that the
+    caller's loop over the two query chunks stays a loop: unrolled, the two blocks spill)."""
     q = tl.zeros([n.shape[0], BD], dtype=DT)
-    qf = tl.zeros([n.shape[0], BF], dtype=DT)
     m = tl.zeros([n.shape[0]], dtype=tl.float32)
     if SOFTMAX:
         q = _load_tile(qp, n, tl.arange(0, BD), T, D, sqt)
         m = _load_row(M + rowp, n, T, 0.0)
-    if LINEAR != 0:
-        qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
     s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, SOFTMAX, PREC)
-    _, w = _weights(s, m, gamma, qf, kfp, n, j, T, window, sft, F, BF, SOFTMAX, LINEAR, PREC)
+    _, w = _weights(s, m, gamma, q, kfp, n, j, T, window, sft, F, BF, SOFTMAX, 0, PREC)
+    if LINEAR != 0:
+        if lin_on:
+            qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
+            a = tl.dot(qf, tl.trans(_load_tile(kfp, j, tl.arange(0, BF), T, F, sft)), input_precision=PREC)
+            w += tl.where(_lin_mask(n, j, T, window, LINEAR), a, 0.0)
     w = w * (1.0 / _load_row(ZD + rowp, n, T, 1.0))[:, None]  # W_nj dA_n = (W_nj / Zd_n) do_n
     do = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(DT)
     return tl.dot(tl.trans(w.to(DT)), do, dv, input_precision=PREC)
@@ -567,10 +467,10 @@ def _bwd_dv_pass(
             dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, i, NT, BF, BDV, ff, vv)), dv, input_precision=PREC)
         # queries of the same chunk and of the next one see these keys exactly (the same chunk's linear terms
         # only if CUR_LIN)
-        dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, j, j, gamma, T,
-                           window, scale, dv, D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR * CUR_LIN, DT, PREC)
-        dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, j + BT, j, gamma, T,
-                           window, scale, dv, D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR, DT, PREC)
+        for t in range(2):
+            dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, j + t * BT, j,
+                               t + CUR_LIN > 0, gamma, T, window, scale, dv, D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR,
+                               DT, PREC)
     _store_tile(_head(DV_, b, hk, svb, svh), dv, j, vv, T, DV, svt)
 
 
@@ -763,36 +663,6 @@ def chunk_states(x, y, ra, rb, *, heads_per_y: int, reverse: bool, dtype: torch.
     return hs, zs
 
 
-def segment_length(NT: int, BH: int) -> int:
-    """Chunks per segment of the segment mode for NT chunks and BH = batch * heads programs a segment (0: off)."""
-    if SEG_CHUNKS <= 0:
-        return 0
-    L = SEG_CHUNKS
-    while L > SEG_MIN_CHUNKS and BH * triton.cdiv(NT, L) < SEG_PROGRAMS:
-        L //= 2
-    return max(L, 1)
-
-
-def segment_prefix(x, y, *, heads_per_y: int, L: int, dtype: torch.dtype, big: bool):
-    """The forward state at the first chunk i0 = s L of every segment s: pre[bh, s] = S_{i0-2} = sum of
-    x_t^T y_t over chunks <= i0-2 (fp32, [B*H, nseg, BF, BDV]) and zpre[bh, s] = z_{i0-2} ([B*H, nseg, BF]).
-
-    The state-pass kernel's segment totals cover the chunks [s L - 1, s L + L - 1) (step c adds chunk c-1), so
-    their exclusive prefix sum is exactly S_{i0-2}."""
-    B, T, H, F = x.shape
-    NT = triton.cdiv(T, BT)
-    nseg = triton.cdiv(NT, L)
-    BF, BDV = _p2(F), _p2(y.shape[-1])
-    pre = torch.zeros(B * H, nseg, BF, BDV, device=x.device, dtype=torch.float32)
-    zpre = torch.zeros(B * H, nseg, BF, device=x.device, dtype=torch.float32)
-    if nseg > 1:
-        tot, ztot = _segment_totals(x, y, None, None, heads_per_y=heads_per_y, reverse=False, dtype=dtype, big=big,
-                                    L=L, nseg=nseg)
-        torch.cumsum(tot, 1, out=pre[:, 1:])
-        torch.cumsum(ztot, 1, out=zpre[:, 1:])
-    return pre, zpre
-
-
 def _cur_lin(lin: int, window: int) -> int:
     """1 when the linear terms of a query chunk's own key chunk can be non-zero (overlap / linear-only, or a hybrid
     with w < BT: keys of the same chunk at distance >= w), 0 when they are all masked (hybrid with w >= BT)."""
@@ -823,7 +693,6 @@ class HybridAttentionFunction(torch.autograd.Function):
         o = torch.empty(B, T, H, Dv, device=dev, dtype=v.dtype)
         M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
-        L = segment_length(NT, B * H) if lin else 0
         args = (
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
@@ -831,37 +700,25 @@ class HybridAttentionFunction(torch.autograd.Function):
         )
         meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin,
                     CUR_LIN=_cur_lin(lin, window), DT=DT, PREC=PREC)
-        saved = ()
-        if L and SEG_FWD:  # segment mode: the state stays in registers
-            pre, zpre = segment_prefix(k_feat_t, v, heads_per_y=G, L=L, dtype=q.dtype, big=big)
-            BV = min(SEG_BV, BDV)
-            _fwd_seg_kernel[(B * H, BDV // BV, pre.shape[1])](
-                q, k, v, q_feat_t, k_feat_t, gam, pre, zpre, o, M, ZD, *args,
-                T, H, G, NT, L, pre.shape[1], window, scale, eps, BV=BV, **meta, **_launch("fwd_seg", big),
-            )
-            if SEG_BWD:  # [B*H, NT / L, F, Dv] fp32: 1 / L the size of the per-chunk states (bf16 h: 1 / (2 L))
-                saved = (pre, zpre)
-        else:
-            hs = zs = M  # dummies when there is no linear term
-            if lin:
-                hs, zs = chunk_states(k_feat_t, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
-            BV = min(OUT_BV, BDV)
-            _fwd_kernel[(NT, BDV // BV, B * H)](
-                q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, *args,
-                T, H, G, NT, window, scale, eps, BV=BV, **meta, **_launch("fwd", big),
-            )
-            # unless KEEP_STATES the states are recomputed in the backward: [NT, F, Dv] per head, twice the size of q
-            if lin and KEEP_STATES and not (L and SEG_BWD):
-                saved = (hs, zs)
+        hs = zs = M  # dummies when there is no linear term
+        if lin:
+            hs, zs = chunk_states(k_feat_t, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
+        BV = min(OUT_BV, BDV)
+        _fwd_kernel[(NT, BDV // BV, B * H)](
+            q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, *args,
+            T, H, G, NT, window, scale, eps, BV=BV, **meta, **_launch("fwd", big),
+        )
+        # unless KEEP_STATES the states are recomputed in the backward: [NT, F, Dv] per head is twice the size of q
+        saved = (hs, zs) if lin and KEEP_STATES else ()
         ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD, *saved)
-        ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None, L if SEG_BWD else 0)
+        ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None)
         ctx.gamma_dtype = None if gamma is None else gamma.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, q_feat, k_feat, gam, o, M, ZD, *kept = ctx.saved_tensors
-        window, softmax, lin, scale, NT, F, has_gamma, L = ctx.cfg
+        window, softmax, lin, scale, NT, F, has_gamma = ctx.cfg
         B, T, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
         G = H // Hkv
@@ -890,9 +747,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin:
-            if not L:
-                hs, zs = kept or chunk_states(k_feat, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype,
-                                              big=big)
+            hs, zs = kept or chunk_states(k_feat, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
             # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
             dhs, dzs = chunk_states(q_feat, do, inv, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big)
         strides = (
@@ -902,16 +757,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         )
         meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
                     DT=DT, PREC=PREC)
-        if L:  # the linear side from the forward's segment prefixes, the softmax side (if any) on its own
-            pre, zpre = kept or segment_prefix(k_feat, v, heads_per_y=G, L=L, dtype=q.dtype, big=big)
-            BK = min(SEG_BF, BF)
-            _bwd_qf_seg_kernel[(B * H, BF // BK, pre.shape[1])](
-                v, k_feat, do, ZD, delta, pre, zpre, dqf, *strides[6:], T, H, G, NT, L, pre.shape[1], window,
-                DV=Dv, F=F, BDV=BDV, BF=BF, BK=BK, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
-                **_launch("bwd_qf_seg", big),
-            )
-            q_parts = [dict(DO_LIN=False, DO_SM=True)] if softmax else []
-        elif Q_SPLIT and softmax and lin:
+        if Q_SPLIT and softmax and lin:
             q_parts = [dict(DO_LIN=True, DO_SM=False), dict(DO_LIN=False, DO_SM=True)]
         else:
             q_parts = [{}]

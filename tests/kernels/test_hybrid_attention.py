@@ -198,7 +198,7 @@ INTERP_CASES = [
 
 def _set_blocks(monkeypatch, blocks):
     if blocks is not None:
-        for name in ("STATE_BF", "STATE_BV", "OUT_BV", "SEG_BV", "SEG_BF"):
+        for name in ("STATE_BF", "STATE_BV", "OUT_BV"):
             monkeypatch.setattr(chunk, name, blocks)
         monkeypatch.setattr(chunk, "STATE_SEG", 2)  # the two-level state scan, in segments of 2 chunks
 
@@ -224,7 +224,6 @@ def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, in
     query-side and key-side backward in two launches each, the two-level state scan."""
     for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT"):
         monkeypatch.setattr(chunk, name, True)
-    monkeypatch.setattr(chunk, "SEG_CHUNKS", 0)  # kept states and the split query side belong to per-chunk states
     _set_blocks(monkeypatch, 16)
     softmax, linear = MODES[mode]
     inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=5)
@@ -232,45 +231,20 @@ def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, in
                         window=24, softmax=softmax, linear=linear)
 
 
-# (mode, window, state path): path "chunk" = per-chunk states through memory (SEG_CHUNKS = 0); "segN" = the state
-# carried in registers through segments of N chunks, forward and query-side backward; "fwd-only" / "bwd-only" = one
-# of the two in segments, the other per chunk. w = 64 = BT: the same chunk's linear block is skipped (CUR_LIN = 0).
-STATE_PATHS = {"chunk": dict(SEG_CHUNKS=0), "seg1": dict(SEG_CHUNKS=1), "seg3": dict(SEG_CHUNKS=3),
-               "fwd-only": dict(SEG_CHUNKS=2, SEG_BWD=False), "bwd-only": dict(SEG_CHUNKS=2, SEG_FWD=False)}
-PATH_CASES = [("hybrid", 64, p) for p in STATE_PATHS] + [("hybrid", 16, "chunk"), ("hybrid", 16, "seg3"),
-                                                          ("overlap", 64, "seg3"), ("la_only", 64, "seg1"),
-                                                          ("la_only", 64, "chunk")]
+# (mode, window): w = 64 = BT, the same chunk's linear block is all masked in the hybrid and skipped (CUR_LIN = 0);
+# w = 63 keeps it (the diagonal blocks have keys at distance 63 on L(n)); 7 chunks
+SKIP_CASES = [("hybrid", 64), ("hybrid", 63), ("overlap", 64), ("la_only", 64)]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode,w,path", PATH_CASES, ids=[f"{m}-w{w}-{p}" for m, w, p in PATH_CASES])
-def test_triton_interpreter_state_paths(mode, w, path, monkeypatch, interpret):
-    """Both ways to the state of the older keys compute the same function: per-chunk states from the state pass,
-    or the state carried through segments from prefix sums of the segment totals (every segment boundary hit:
-    7 chunks in segments of 1-3, the forward's Dv and the backward's F split in two blocks)."""
-    monkeypatch.setattr(chunk, "SEG_PROGRAMS", 0)  # the segment length as given, however few the programs
-    for name, value in STATE_PATHS[path].items():
-        monkeypatch.setattr(chunk, name, value)
-    monkeypatch.setattr(chunk, "SEG_BV", 16)
-    monkeypatch.setattr(chunk, "SEG_BF", 16)
+@pytest.mark.parametrize("mode,w", SKIP_CASES, ids=[f"{m}-w{w}" for m, w in SKIP_CASES])
+def test_triton_interpreter_same_chunk_linear_block(mode, w, monkeypatch, interpret):
+    """Skipping the same chunk's linear block (hybrid, w >= BT) changes nothing, and w = BT - 1 still needs it."""
+    assert chunk._cur_lin(chunk._LINEAR_CODE[MODES[mode][1]], w) == (0 if (mode, w) == ("hybrid", 64) else 1)
     softmax, linear = MODES[mode]
     inputs, do = make_inputs(1, 420, 4, 2, 32, 32, torch.float32, seed=w + 7)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
                         window=w, softmax=softmax, linear=linear)
-
-
-def test_segment_length_fills_the_gpu(monkeypatch):
-    if chunk is None:
-        pytest.skip("triton is not installed")
-    monkeypatch.setattr(chunk, "SEG_CHUNKS", 16)
-    monkeypatch.setattr(chunk, "SEG_MIN_CHUNKS", 4)
-    monkeypatch.setattr(chunk, "SEG_PROGRAMS", 256)
-    assert chunk.segment_length(512, 32) == 16  # 32K tokens, 32 heads: 1024 programs
-    assert chunk.segment_length(128, 32) == 16  # 8K: 256
-    assert chunk.segment_length(32, 32) == 4  # 2K: halved to 8 segments a head, the floor
-    assert chunk.segment_length(2, 1) == 4
-    monkeypatch.setattr(chunk, "SEG_CHUNKS", 0)
-    assert chunk.segment_length(512, 32) == 0
 
 
 def chunk_states_reference(x, y, ra, rb, heads_per_y, reverse, chunk_size=64):
