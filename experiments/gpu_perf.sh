@@ -8,7 +8,7 @@
 #   3. pytest tests/kernels -m gpu                  the GPU test tier (Triton vs the naive reference)
 #   4. python -m linearize.kernels.bench --tune     launch-setting variants of the training op (not by default)
 # Logs and JSON go to $OUT (the device tool brings them back). Knobs: OUT, PHASES (default "bench decode tests"),
-# T_BENCH, T_TUNE, DECODE_CONTEXTS, TESTS_K (a pytest -k filter for the GPU tier), BUDGET_*. Carrying the
+# T_BENCH, T_TUNE, DECODE_CONTEXTS, TESTS_K (a pytest -k filter for the GPU tier), XDIST_N (its processes), BUDGET_*. Carrying the
 # pytest-xdist and execnet wheels (.device/fla) runs the GPU tier on 8 processes.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -53,7 +53,7 @@ fi
 if has tests; then
   echo "== 3. GPU test tier"
   # compiling the kernels for every dtype x mode x head dim dominates: spread it over processes when xdist is there
-  xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+  xdist=$(python -c "import xdist" 2>/dev/null && echo "-n ${XDIST_N:-8}")
   # shellcheck disable=SC2086
   # -k: xdist workers still compiling when the budget ends would otherwise live on and disturb later timings
   timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/kernels -q -m gpu -p no:cacheprovider $xdist ${TESTS_K:+-k "$TESTS_K"} 2>&1 |

@@ -190,18 +190,12 @@ TUNE = {
     "default": {},
     "keep states": {"KEEP_STATES": True},
     "bwd_kv 8 warps": {"LAUNCH": {"bwd_kv": (8, 1)}},
-    "kv split, 8 warps": {"KV_SPLIT": True, "LAUNCH": {"bwd_kv": (8, 1)}},
     "fwd 3 stages": {"LAUNCH": {"fwd": (4, 3)}},
-    "fwd 8 warps": {"LAUNCH": {"fwd": (8, 2)}},
     "state 4 stages": {"LAUNCH": {"state": (4, 4)}},
-    "state 64x128, 8 warps": {"STATE_BV": 128, "LAUNCH": {"state": (8, 3)}},
-    "state 128x64, 8 warps": {"STATE_BF": 128, "LAUNCH": {"state": (8, 3)}},
-    "state 128x128 in segments of 16": {"STATE_BF": 128, "STATE_BV": 128, "STATE_SEG": 16, "LAUNCH": {"state": (8, 2)}},
-    "q one launch, 8 warps": {"Q_SPLIT": False, "LAUNCH": {"bwd_q": (8, 1)}},
-    "bwd_q 8 warps": {"LAUNCH": {"bwd_q": (8, 1)}},
+    "state z by column sums": {"STATE_Z_DOT": False},
     "bwd_kf 8 warps": {"LAUNCH": {"bwd_kf": (8, 1)}},
 }
-KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
 
 
 def kernel_config() -> dict:

@@ -102,12 +102,13 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
     state = dict(F=F, DV=DV, BF=F, BDV=DV, BK=state_blocks, BV=state_blocks, BT=chunk.BT, DT=dt, PREC=prec)
     out = []
     if lin:
+        zdot = chunk.STATE_Z_DOT
         out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=2, REVERSE=False, HAS_RA=False, HAS_RB=False)))
+                    dict(state, PHASE=0, REVERSE=False, HAS_RA=False, HAS_RB=False, Z_DOT=zdot)))
         out.append(("state totals (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=1, REVERSE=False, HAS_RA=False, HAS_RB=False)))
+                    dict(state, PHASE=1, REVERSE=False, HAS_RA=False, HAS_RB=False, Z_DOT=zdot)))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=2, REVERSE=True, HAS_RA=True, HAS_RB=True)))
+                    dict(state, PHASE=0, REVERSE=True, HAS_RA=True, HAS_RB=True, Z_DOT=False)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT)))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments

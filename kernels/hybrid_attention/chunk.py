@@ -56,6 +56,9 @@ STATE_SEG = 0
 # 8.86 ms at 32K), but NT F Dv per head more saved memory per layer (2x the size of q at F = Dv = D, bf16).
 # Off by default, as FlashAttention and fla recompute rather than keep.
 KEEP_STATES = False
+# STATE_Z_DOT: the forward state pass sums phi(k) for z with a dot against ones instead of a column sum per step
+# (the reverse pass weights its rows and keeps the fp32 sum).
+STATE_Z_DOT = True
 # Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches (linear side and softmax side; dv and dk),
 # fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K.
 Q_SPLIT = True
@@ -164,12 +167,15 @@ def _chunk_state_kernel(
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RA: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    Z_DOT: tl.constexpr = False,
 ):
     """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
     chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
     into TOT[bh, seg] (fp32). PHASE 2: start from the sum of the totals of the earlier segments and write the states.
     Splitting the scan in segments cuts its sequential chain from NT steps to 2 L (the chain, not the bandwidth, is
-    what bounds a single pass: ~1.7 us per step on an H100)."""
+    what bounds a single pass: ~1.7 us per step on an H100).
+    Z_DOT (no row weights RB only): z is accumulated by a dot of a [16, BT] block of ones with x, so that every one of
+    its 16 identical rows holds z (row 0 is stored), instead of a cross-warp column sum of x every step."""
     pid_kv = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -184,13 +190,23 @@ def _chunk_state_kernel(
     yp = _head(Y, b, h // GY, syb, syh)
     rowp = pid_bh.to(tl.int64) * T
     S = tl.zeros([BK, BV], dtype=tl.float32)
-    z = tl.zeros([BK], dtype=tl.float32)
+    zr = tl.arange(0, 16)
+    # z, as one row ([BK]) or, with Z_DOT, as 16 identical rows ([16, BK]); written from row 0
+    if Z_DOT:
+        z = tl.zeros([16, BK], dtype=tl.float32)
+        ones = tl.full([16, BT], 1.0, dtype=DT)
+        zoff = zr[:, None] * 0 + ff[None, :]
+    else:
+        z = tl.zeros([BK], dtype=tl.float32)
+        zoff = ff
     # z does not depend on the Dv block: block 0 writes it (the mask is false for pid_v > 0)
     z_owner = ff + pid_v * BF < BF
+    if Z_DOT:
+        z_owner = (zr[:, None] == 0) & z_owner[None, :]
     if PHASE == 2:  # carry in: the totals of the segments before this one
         for s in range(0, seg):
             S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
-            z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + ff)
+            z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + zoff)
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         if REVERSE:
             c = NT - 1 - t
@@ -200,7 +216,7 @@ def _chunk_state_kernel(
             nb = c - 1  # joins the state of chunk c+1
         if PHASE != 1:
             tl.store(_state_ptr(HS, pid_bh, c, NT, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
-            tl.store(ZS + (pid_bh.to(tl.int64) * NT + c) * BF + ff, z, mask=z_owner)
+            tl.store(ZS + (pid_bh.to(tl.int64) * NT + c) * BF + zoff, z, mask=z_owner)
         rows = nb * BT + r
         x = _load_tile(xp, rows, ff, T, F, sxt)
         y = _load_tile(yp, rows, vv, T, DV, syt)
@@ -208,12 +224,14 @@ def _chunk_state_kernel(
             y = y.to(tl.float32) * _load_row(RA + rowp, rows, T, 0.0)[:, None]
         if HAS_RB:
             z += tl.sum(x.to(tl.float32) * _load_row(RB + rowp, rows, T, 0.0)[:, None], axis=0)
+        elif Z_DOT:
+            z = tl.dot(ones, x, z, input_precision=PREC)
         else:
             z += tl.sum(x.to(tl.float32), axis=0)
         S = tl.dot(tl.trans(x), y.to(DT), S, input_precision=PREC)
     if PHASE == 1:
         tl.store(_state_ptr(TOT, pid_bh, seg, NTOT, BF, BDV, ff, vv), S)
-        tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + seg) * BF + ff, z, mask=z_owner)
+        tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + seg) * BF + zoff, z, mask=z_owner)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -612,7 +630,7 @@ def _state_meta(x, y, ra, rb, *, heads_per_y, reverse, dtype, big, L):
     args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, H, heads_per_y, NT, L)
     meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RA=ra is not None,
                 HAS_RB=rb is not None, DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32",
-                **_launch("state", big))
+                Z_DOT=STATE_Z_DOT and rb is None, **_launch("state", big))
     return (BF // BK) * (BDV // BV), args, meta
 
 

@@ -221,9 +221,10 @@ def test_triton_interpreter_matches_naive(B, T, H, KV, D, F, w, mode, blocks, mo
 @pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only", "swa_only"])
 def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, interpret):
     """The launch variants the benchmark tunes compute the same function: states kept from the forward, the
-    query-side and key-side backward in two launches each, the two-level state scan."""
+    query-side and key-side backward in two launches each, the two-level state scan, z by column sums."""
     for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT"):
         monkeypatch.setattr(chunk, name, True)
+    monkeypatch.setattr(chunk, "STATE_Z_DOT", False)  # z of the forward states as a column sum
     _set_blocks(monkeypatch, 16)
     softmax, linear = MODES[mode]
     inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=5)
