@@ -219,10 +219,15 @@ def with_settings(overrides: dict, fn):
             setattr(chunk, name, value)
 
 
-def tune(Ts, reps) -> list[dict]:
+def tune(Ts, reps, variants=None) -> list[dict]:
+    unknown = sorted(set(variants or ()) - set(TUNE))
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; known: {list(TUNE)}")
     rows = []
     for T in Ts:
         for name, overrides in TUNE.items():
+            if variants and name not in variants:
+                continue
             row = with_settings(overrides, functools.partial(measure, "hybrid (ours)", ours, T, reps))
             row.update(variant=name, overrides={k: str(v) for k, v in overrides.items()})
             rows.append(row)
@@ -351,6 +356,7 @@ def main(argv=None):
     ap.add_argument("--check-T", type=int, default=1000)
     ap.add_argument("--out", default="kernels/bench_results.json")
     ap.add_argument("--tune", action="store_true", help="also time the hybrid op under the TUNE variants")
+    ap.add_argument("--variants", nargs="+", metavar="NAME", help="with --tune: only these TUNE variants")
     ap.add_argument("--profile", action="store_true", help="also record CUDA time per kernel of the hybrid op")
     ap.add_argument("--no-naive", action="store_true", help="do not time the naive reference (it still checks)")
     ap.add_argument("--host-profile", type=int, nargs="*", metavar="T",
@@ -403,7 +409,7 @@ def main(argv=None):
               "check": {"T": args.check_T, "rel_rms_err": checks, "ok": ok}, "reps": args.reps, "rows": rows,
               "kernel_config": kernel_config()}
     if args.tune:
-        result["tune"] = tune(args.T, args.reps)
+        result["tune"] = tune(args.T, args.reps, args.variants)
     if args.profile:
         result["profile"] = [r for T in args.T for r in profile(T)]
     if args.host_profile:
