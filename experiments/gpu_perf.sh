@@ -8,8 +8,9 @@
 #   3. pytest tests/kernels -m gpu                  the GPU test tier (Triton vs the naive reference)
 #   4. python -m linearize.kernels.bench --tune     launch-setting variants of the training op (not by default)
 # Logs and JSON go to $OUT (the device tool brings them back). Knobs: OUT, PHASES (default "bench decode tests"),
-# T_BENCH, T_TUNE, DECODE_CONTEXTS, TESTS_K (a pytest -k filter for the GPU tier), XDIST_N (its processes), BUDGET_*. Carrying the
-# pytest-xdist and execnet wheels (.device/fla) runs the GPU tier on 8 processes.
+# T_BENCH, T_TUNE, DECODE_CONTEXTS, TESTS_K (a pytest -k filter for the GPU tier), XDIST_N (its processes, default 8),
+# BUDGET_*. The GPU tier needs .device/whl carried (tests/conftest.py imports omegaconf); the bench needs .device/fla
+# (the fla-core and flash-linear-attention 0.6.0 wheels) for its fla row. pytest-xdist is on the GPU image.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/gpu_perf}
