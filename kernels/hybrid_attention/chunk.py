@@ -9,7 +9,8 @@ the state S = sum phi(k) v^T, z = sum phi(k). As in flash-linear-attention's chu
     segment by default), a sequential loop over chunks holding one [BK, BV] fp32 state tile) writes the state every chunk needs, h[i] = S_{i-2} `[F, Dv]` in the dtype
     of the dots and z[i] `[F]` in fp32, to memory;
   * the output / gradient kernels are then fully parallel over (chunk, [Dv block,] batch*head) and carry no state:
-    each reads the one h[i] it needs right before its dot.
+    each reads the one h[i] it needs right before its dot. In the hybrid with w >= BT the linear terms of a query's
+    own key chunk are all masked and their dots are skipped (CUR_LIN = 0).
 
 Backward (FlashAttention-style recomputation; o, the row max m and the normaliser Zd are saved, h is recomputed
 unless KEEP_STATES):
@@ -34,12 +35,12 @@ from .naive import LINEAR_SPANS
 # Triton turns @triton.jit into its CPU interpreter when TRITON_INTERPRET=1 at the time this module is imported;
 # the kernels then also accept CPU tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BT = 64  # chunk size: the kernel needs window <= BT when softmax terms are on
+BT = 64  # chunk size: the kernel needs window <= BT when softmax terms or linear terms "outside" it are on
 _LINEAR_CODE = {"none": 0, "outside": 1, "all": 2}
 
 # Launch settings, for D = F = Dv = 128 (smaller head dims take 4 warps and 1 stage everywhere). Every value below
-# comes from `python -m linearize.kernels.bench --tune` on an H100 (kernels/bench_tune_h100_*.json; the kernel README
-# has the tables); `python -m linearize.kernels.spills` shows the register use of any setting without a GPU; the
+# comes from `python -m linearize.kernels.bench --tune` on an H100 and was timed again against its variants on an
+# H200 (kernels/bench_tune_h100_*.json, kernels/bench_tune_h200*.json; the kernel README has the tables); `python -m linearize.kernels.spills` shows the register use of any setting without a GPU; the
 # tests set the blocks small and switch every option on to exercise them.
 #
 # STATE_BF x STATE_BV: the fp32 state tile of one state-pass program. OUT_BV: the forward's Dv block (128: the whole
@@ -48,24 +49,26 @@ STATE_BF = 64
 STATE_BV = 64
 OUT_BV = 128
 # STATE_SEG > 0 scans the sequence in segments of STATE_SEG chunks (two levels: segment totals, then each segment
-# from the sum of the totals before it): a chain of 2 STATE_SEG steps instead of NT. 0 = one pass. The pass is
-# bound by its memory traffic (it writes NT F Dv per head), not by its chain, so one pass is faster at 32 heads
-# (9.27 vs 9.68 ms forward+backward at 32K with segments of 32); segments may pay off with few heads.
+# from the sum of the totals before it): a chain of 2 STATE_SEG steps instead of NT. 0 = one pass. At 32 heads one
+# pass is faster (H100: 9.27 vs 9.68 ms forward+backward at 32K with segments of 32; H200: 128 x 128 tiles in
+# segments of 16, 6.91 vs 5.85 ms): the pass is bound by the work of each step, which segments do not shorten
+# (the same 0.62 ms per pass on the H200 as on the H100); segments may pay off with few heads.
 STATE_SEG = 0
 # KEEP_STATES: the forward's per-chunk states stay alive for the backward: one state pass fewer per step (9.68 ->
 # 8.86 ms at 32K), but NT F Dv per head more saved memory per layer (2x the size of q at F = Dv = D, bf16).
 # Off by default, as FlashAttention and fla recompute rather than keep.
 KEEP_STATES = False
 # STATE_Z_DOT: the state pass sums phi(k) (forward) or rb phi(q) (reverse) for z with a dot instead of a column sum
-# per step (the weighted one in fp32 operands).
+# per step (the weighted one in fp32 operands): 5.97 -> 5.51 ms forward+backward at 32K on an H200.
 STATE_Z_DOT = True
 # Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches (linear side and softmax side; dv and dk),
 # fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K.
 Q_SPLIT = True
 KV_SPLIT = False
-# (num_warps, num_stages) per kernel. 4 warps spill in the forward and the key-side backward (a [64, 128] fp32 tile
-# is 64 registers a thread) and are still faster at 32K: forward 2.48 -> 1.89 ms, forward+backward with a 4-warp
-# _bwd_kv_kernel 8.02 -> 6.81 ms.
+# (num_warps, num_stages) per kernel. 4 warps spill in the key-side backward (a [64, 128] fp32 tile is 64 registers
+# a thread; the forward no longer does, since the same chunk's linear block is skipped at w >= BT) and are still
+# faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
+# 6.36 -> 5.46 ms against 8 warps (H200).
 LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
 
 
@@ -172,8 +175,8 @@ def _chunk_state_kernel(
     """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
     chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
     into TOT[bh, seg] (fp32). PHASE 2: start from the sum of the totals of the earlier segments and write the states.
-    Splitting the scan in segments cuts its sequential chain from NT steps to 2 L (the chain, not the bandwidth, is
-    what bounds a single pass: ~1.7 us per step on an H100).
+    Splitting the scan in segments cuts its sequential chain from NT steps to 2 L, at the price of reading the inputs
+    twice (~1.2 us per step for one 64 x 64 tile on an H100 or an H200 at 32 heads).
     Z_DOT: z is accumulated by a dot of x with a [16, BT] block whose 16 identical rows are the row weights RB (or
     ones), so that every row of the [16, BK] result holds z (row 0 is stored), instead of a cross-warp column sum of
     x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at

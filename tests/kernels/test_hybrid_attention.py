@@ -316,6 +316,10 @@ def test_triton_rejects_unsupported(interpret):
     inputs, _ = make_inputs(1, 20, 2, 1, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="window"):
         chunk.hybrid_attention_chunk(*inputs, window=65)
+    # the state holds keys at distance > BT only: linear terms "outside" a wider window need it without softmax too
+    with pytest.raises(ValueError, match="window"):
+        chunk.hybrid_attention_chunk(*inputs, window=65, softmax=False, linear="outside")
+    assert chunk.supported(*inputs[:5], window=200, softmax=False, linear="all") is None  # no window involved
 
 
 # ---------------------------------------------------------------------------------------------------------------
