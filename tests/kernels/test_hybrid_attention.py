@@ -331,6 +331,9 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device
 GPU_SHAPES = {63: (2, 63, 4, 2, 64, 128, 64), 500: (2, 500, 4, 2, 64, 128, 64), 1000: (1, 1000, 9, 3, 64, 128, 64),
               4096: (1, 4096, 4, 1, 128, 128, 64)}
 GPU_CASES = [(*GPU_SHAPES[T], dt, "hybrid") for dt in DTYPES for T in GPU_SHAPES]
+# fp32 at T=4096 with d=64: compiling the IEEE-fp32 kernels at d=128 took 93 s of a 106 s tier on an H200; fp32 at
+# d=128 stays covered by T=777 below, T=4096 at d=128 by bf16
+GPU_CASES = [(*c[:4], 64, *c[5:]) if (c[1], c[7]) == (4096, "fp32") else c for c in GPU_CASES]
 GPU_CASES += [(*GPU_SHAPES[T], dt, m) for dt in DTYPES for T in (63, 1000) for m in MODES if m != "hybrid"]
 GPU_CASES += [(1, 777, 6, 2, 128, 128, 16, dt, "hybrid") for dt in DTYPES]
 
