@@ -628,36 +628,6 @@ def _c(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _state_meta(x, y, ra, rb, *, heads_per_y, reverse, dtype, big, L):
-    """Block sizes, launch arguments and constexprs of the state-pass kernel for x [B, T, H, F], y [B, T, ., Dv]."""
-    B, T, H, F = x.shape
-    Dv = y.shape[-1]
-    NT = triton.cdiv(T, BT)
-    BF, BDV = _p2(F), _p2(Dv)
-    BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
-    args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, H, heads_per_y, NT, L)
-    meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RA=ra is not None,
-                HAS_RB=rb is not None, DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32",
-                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if dtype == torch.float32 else "tf32x3", **_launch("state", big))
-    return (BF // BK) * (BDV // BV), args, meta
-
-
-def _segment_totals(x, y, ra, rb, *, heads_per_y, reverse, dtype, big, L, nseg):
-    """Totals of the scan steps of segments 0 .. nseg-2 (the last one's is never needed), fp32:
-    tot [B*H, nseg-1, BF, BDV], ztot [B*H, nseg-1, BF]."""
-    B, T, H, F = x.shape
-    BF, BDV = _p2(F), _p2(y.shape[-1])
-    blocks, args, meta = _state_meta(x, y, ra, rb, heads_per_y=heads_per_y, reverse=reverse, dtype=dtype, big=big,
-                                     L=L)
-    tot = torch.empty(B * H, nseg - 1, BF, BDV, device=x.device, dtype=torch.float32)
-    ztot = torch.empty(B * H, nseg - 1, BF, device=x.device, dtype=torch.float32)
-    ra = tot if ra is None else ra  # dummies, never read
-    rb = tot if rb is None else rb
-    _chunk_state_kernel[(blocks, B * H, nseg - 1)](x, y, ra, rb, tot, ztot, tot, ztot, *args, nseg - 1, PHASE=1,
-                                                     **meta)
-    return tot, ztot
-
-
 def chunk_states(x, y, ra, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool):
     """Per-chunk states of the linear terms, from the state pass.
 
@@ -667,24 +637,29 @@ def chunk_states(x, y, ra, rb, *, heads_per_y: int, reverse: bool, dtype: torch.
     Returns hs [B*H, NT, BF, BDV] in ``dtype`` (zero padded to powers of two) and zs [B*H, NT, BF] fp32.
     """
     B, T, H, F = x.shape
+    Dv = y.shape[-1]
     NT = triton.cdiv(T, BT)
-    BF, BDV = _p2(F), _p2(y.shape[-1])
+    BF, BDV = _p2(F), _p2(Dv)
+    BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
     hs = torch.empty(B * H, NT, BF, BDV, device=x.device, dtype=dtype)
     zs = torch.empty(B * H, NT, BF, device=x.device, dtype=torch.float32)
     L = STATE_SEG if STATE_SEG > 0 else NT
     nseg = triton.cdiv(NT, L)
-    blocks, args, meta = _state_meta(x, y, ra, rb, heads_per_y=heads_per_y, reverse=reverse, dtype=dtype, big=big,
-                                     L=L)
+    blocks = (BF // BK) * (BDV // BV)
+    args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, H, heads_per_y, NT, L)
+    meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RA=ra is not None,
+                HAS_RB=rb is not None, DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32",
+                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if dtype == torch.float32 else "tf32x3", **_launch("state", big))
+    ra = zs if ra is None else ra  # dummies, never read
+    rb = zs if rb is None else rb
     if nseg == 1:
-        ra = zs if ra is None else ra  # dummies, never read
-        rb = zs if rb is None else rb
         _chunk_state_kernel[(blocks, B * H, 1)](x, y, ra, rb, hs, zs, zs, zs, *args, 1, PHASE=0, **meta)
         return hs, zs
-    # two levels: the totals of the segments, then every segment's states from the sum of the totals before it
-    tot, ztot = _segment_totals(x, y, ra, rb, heads_per_y=heads_per_y, reverse=reverse, dtype=dtype, big=big, L=L,
-                                nseg=nseg)
-    ra = zs if ra is None else ra
-    rb = zs if rb is None else rb
+    # two levels: the totals of segments 0 .. nseg-2 (the last one's is never needed), then every segment's
+    # states from the sum of the totals before it
+    tot = torch.empty(B * H, nseg - 1, BF, BDV, device=x.device, dtype=torch.float32)
+    ztot = torch.empty(B * H, nseg - 1, BF, device=x.device, dtype=torch.float32)
+    _chunk_state_kernel[(blocks, B * H, nseg - 1)](x, y, ra, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=1, **meta)
     _chunk_state_kernel[(blocks, B * H, nseg)](x, y, ra, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=2, **meta)
     return hs, zs
 
@@ -719,20 +694,18 @@ class HybridAttentionFunction(torch.autograd.Function):
         o = torch.empty(B, T, H, Dv, device=dev, dtype=v.dtype)
         M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
-        args = (
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-        )
-        meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin,
-                    CUR_LIN=_cur_lin(lin, window), DT=DT, PREC=PREC)
         hs = zs = M  # dummies when there is no linear term
         if lin:
             hs, zs = chunk_states(k_feat_t, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
         BV = min(OUT_BV, BDV)
         _fwd_kernel[(NT, BDV // BV, B * H)](
-            q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, *args,
-            T, H, G, NT, window, scale, eps, BV=BV, **meta, **_launch("fwd", big),
+            q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            T, H, G, NT, window, scale, eps,
+            D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
+            CUR_LIN=_cur_lin(lin, window), DT=DT, PREC=PREC, **_launch("fwd", big),
         )
         # unless KEEP_STATES the states are recomputed in the backward: [NT, F, Dv] per head is twice the size of q
         saved = (hs, zs) if lin and KEEP_STATES else ()
