@@ -194,29 +194,57 @@ TUNE = {
     "state 4 stages": {"LAUNCH": {"state": (4, 4)}},
     "state z by column sums": {"STATE_Z_DOT": False},
     "bwd_kf 8 warps": {"LAUNCH": {"bwd_kf": (8, 1)}},
+    "launch cache off": {"launch.ENABLED": False},
+    "reverse z by 3xTF32": {"STATE_Z_SPLIT": False},
+    "state 32x64": {"STATE_BF": 32},
+    "state 64x32": {"STATE_BV": 32},
+    "state 32x32": {"STATE_BF": 32, "STATE_BV": 32},
+    "state 32x32 2 warps": {"STATE_BF": 32, "STATE_BV": 32, "LAUNCH": {"state": (2, 3)}},
 }
-KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
+# variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
+# stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
+# the same loads and dots, one store at the end), which bounds what the stores cost
+STATE_VARIANTS = {
+    "64x64 w4 s3 (default)": (64, 64, 4, 3, 0, True),
+    "64x64 no stores": (64, 64, 4, 3, 0, False),
+    "32x64 w4": (32, 64, 4, 3, 0, True),
+    "64x32 w4": (64, 32, 4, 3, 0, True),
+    "32x32 w4": (32, 32, 4, 3, 0, True),
+    "32x32 w2": (32, 32, 2, 3, 0, True),
+    "32x32 w1": (32, 32, 1, 3, 0, True),
+    "16x64 w2": (16, 64, 2, 3, 0, True),
+    "32x128 w4": (32, 128, 4, 3, 0, True),
+    "64x64 seg 32": (64, 64, 4, 3, 32, True),
+    "32x32 w2 seg 64": (32, 32, 2, 3, 64, True),
+}
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "STATE_Z_SPLIT", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
 
 
 def kernel_config() -> dict:
+    from . import launch
     from .hybrid_attention import chunk
 
     return {**{name: getattr(chunk, name) for name in KNOBS},
-            "LAUNCH": {k: list(v) for k, v in chunk.LAUNCH.items()}}
+            "LAUNCH": {k: list(v) for k, v in chunk.LAUNCH.items()}, "launch.ENABLED": launch.ENABLED}
 
 
 def with_settings(overrides: dict, fn):
-    """Run fn() with chunk's launch settings overridden, restoring them afterwards."""
+    """Run fn() with chunk's launch settings overridden ("launch.NAME": kernels/launch.py's), restoring them
+    afterwards."""
+    from . import launch
     from .hybrid_attention import chunk
 
-    saved = {name: getattr(chunk, name) for name in overrides}
+    def where(name):
+        return (launch, name.split(".", 1)[1]) if name.startswith("launch.") else (chunk, name)
+
+    saved = {name: getattr(*where(name)) for name in overrides}
     try:
         for name, value in overrides.items():
-            setattr(chunk, name, {**saved[name], **value} if isinstance(value, dict) else value)
+            setattr(*where(name), {**saved[name], **value} if isinstance(value, dict) else value)
         return fn()
     finally:
         for name, value in saved.items():
-            setattr(chunk, name, value)
+            setattr(*where(name), value)
 
 
 def tune(Ts, reps, variants=None) -> list[dict]:
@@ -257,6 +285,115 @@ def profile(T: int, iters: int = 5) -> list[dict]:
     for r in rows[:15]:
         print(f"# profile T={T} {r['ms']:8.3f} ms  x{r['calls']:.0f}  {r['kernel'][:90]}", flush=True)
     return rows
+
+
+def state_probe(T: int, reps: int) -> list[dict]:
+    """CUDA time of the state pass alone (the forward flavour on (phi(k), v) with GQA, and the reverse one on
+    (phi(q), do) with row weights) under STATE_VARIANTS, at the benchmark shapes."""
+    from .hybrid_attention import chunk
+
+    q, k, v, qf, kf, gamma, do = make_inputs(T)
+    rb = torch.randn(B * H, T, device="cuda")
+    flavours = {"forward": (kf, v, None, H // HKV, False), "reverse": (qf, do, rb, 1, True)}
+    rows = []
+    for name, (bf, bv, warps, stages, seg, stores) in STATE_VARIANTS.items():
+        for flavour, (x, y, b, g, rev) in flavours.items():
+            over = {"STATE_BF": bf, "STATE_BV": bv, "STATE_SEG": seg, "LAUNCH": {"state": (warps, stages)}}
+            if stores:
+                run = functools.partial(chunk.chunk_states, x, y, b, heads_per_y=g, reverse=rev, dtype=x.dtype,
+                                        big=True)
+            else:
+                run = functools.partial(_state_totals, x, y, b, g, rev, bf, bv, warps, stages)
+
+            row = {"T": T, "variant": name, "flavour": flavour}
+            try:
+                row["ms"] = with_settings(over, functools.partial(cuda_time, run, reps))[0]
+            except Exception as err:
+                row["skipped"] = f"{type(err).__name__}: {err}"[:200]
+            rows.append(row)
+            print("# state " + json.dumps(row), flush=True)
+    return rows
+
+
+def _state_totals(x, y, rb, g, reverse, bf, bv, warps, stages):
+    """The state pass over the whole sequence as one segment in its totals mode (PHASE 1): every load and dot of the
+    pass, the per-chunk stores left out."""
+    from .hybrid_attention import chunk
+
+    Bx, T, Hx, F = x.shape
+    Dv = y.shape[-1]
+    NT = -(-T // chunk.BT)
+    tot = torch.empty(Bx * Hx, 1, F, Dv, device=x.device, dtype=torch.float32)
+    ztot = torch.empty(Bx * Hx, 1, F, device=x.device, dtype=torch.float32)
+    dummy = ztot
+    chunk.launch(
+        chunk._chunk_state_kernel, ((F // bf) * (Dv // bv), Bx * Hx, 1),
+        x, y, dummy if rb is None else rb, dummy, dummy, tot, ztot,
+        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, Hx, g, NT, NT, 1,
+        F=F, DV=Dv, BF=F, BDV=Dv, BK=bf, BV=bv, BT=chunk.BT, PHASE=1, REVERSE=reverse, HAS_RB=rb is not None,
+        DT=chunk._dot_dtype(x.dtype), PREC="tf32", Z_DOT=chunk.STATE_Z_DOT, ZPREC="tf32x3",
+        Z_SPLIT=chunk.STATE_Z_SPLIT and x.dtype == torch.bfloat16,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+class _Floor(torch.autograd.Function):
+    """The host floor of an autograd op on the hybrid op's inputs: one output and six gradients allocated, no
+    kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, qf, kf, gamma):
+        ctx.save_for_backward(q, k, v, qf, kf, gamma)
+        return torch.empty(q.shape[:-1] + v.shape[-1:], device=q.device, dtype=v.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        return tuple(torch.empty_like(x) for x in ctx.saved_tensors)
+
+
+def host_breakdown(T: int, iters: int = 100) -> dict:
+    """Host microseconds of one forward+backward of the hybrid op: the whole call, each kernel's launch (chunk.launch
+    timed), and the floor of an autograd op with the same inputs that launches nothing."""
+    from .hybrid_attention import chunk
+
+    fwd, step = ours(T)
+    q, k, v, qf, kf, gamma, do = make_inputs(T)
+    leaves = [x.requires_grad_() for x in (q, k, v, qf, kf, gamma)]
+    floor = fwd_bwd(lambda: _Floor.apply(*leaves), leaves, do)
+    spent: dict[str, list[float]] = {}
+    real = chunk.launch
+
+    def timed(fn, grid, *args, **meta):
+        t0 = time.perf_counter()
+        out = real(fn, grid, *args, **meta)
+        spent.setdefault(fn.__name__, []).append(time.perf_counter() - t0)
+        return out
+
+    res = {"T": T}
+    for name, fn in (("fwd_bwd", step), ("fwd", fwd), ("autograd_floor", floor)):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        spent.clear()
+        chunk.launch = timed
+        try:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            res[f"{name}_us"] = (time.perf_counter() - t0) / iters * 1e6
+        finally:
+            chunk.launch = real
+        torch.cuda.synchronize()
+        if name == "fwd_bwd":
+            res["launch_us"] = {k: sum(v) / iters * 1e6 for k, v in spent.items()}
+            res["launches"] = {k: len(v) / iters for k, v in spent.items()}
+    total = sum(res["launch_us"].values())
+    print(f"# host T={T}: forward+backward {res['fwd_bwd_us']:.0f} us (forward {res['fwd_us']:.0f}), of which "
+          f"{total:.0f} us in {sum(res['launches'].values()):.0f} launches; an autograd op launching nothing: "
+          f"{res['autograd_floor_us']:.0f} us", flush=True)
+    for k, v in res["launch_us"].items():
+        print(f"# host T={T}   {k}: {v / res['launches'][k]:.1f} us x{res['launches'][k]:.0f}", flush=True)
+    return res
 
 
 def host_profile(T: int, iters: int = 50, top: int = 20) -> list[dict]:
@@ -359,6 +496,10 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", metavar="NAME", help="with --tune: only these TUNE variants")
     ap.add_argument("--profile", action="store_true", help="also record CUDA time per kernel of the hybrid op")
     ap.add_argument("--no-naive", action="store_true", help="do not time the naive reference (it still checks)")
+    ap.add_argument("--state-probe", type=int, nargs="*", metavar="T",
+                    help="also time the state pass alone under STATE_VARIANTS at these T")
+    ap.add_argument("--host-breakdown", type=int, nargs="*", metavar="T",
+                    help="also time the host side of the hybrid op (per launch, and an autograd floor) at these T")
     ap.add_argument("--host-profile", type=int, nargs="*", metavar="T",
                     help="also profile the host (Python) time of the hybrid op at these T")
     args = ap.parse_args(argv)
@@ -412,6 +553,10 @@ def main(argv=None):
         result["tune"] = tune(args.T, args.reps, args.variants)
     if args.profile:
         result["profile"] = [r for T in args.T for r in profile(T)]
+    if args.state_probe:
+        result["state_probe"] = [r for T in args.state_probe for r in state_probe(T, args.reps)]
+    if args.host_breakdown:
+        result["host_breakdown"] = [host_breakdown(T) for T in args.host_breakdown]
     if args.host_profile:
         result["host_profile"] = [r for T in args.host_profile for r in host_profile(T)]
     with open(args.out, "w") as fh:
@@ -437,6 +582,14 @@ def main(argv=None):
             print(f"| {r['T']} | {r['variant']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
                   f"{fmt(r.get('fwd_bwd_host_ms'))} | {fmt(r.get('peak_gib'), 2)} |" if "skipped" not in r else
                   f"| {r['T']} | {r['variant']} | skipped: {r['skipped'][:60]} | | | |")
+    if result.get("state_probe"):
+        print("\n| T | state pass variant | forward ms | reverse ms |")
+        print("|---|---|---|---|")
+        by = {}
+        for r in result["state_probe"]:
+            by.setdefault((r["T"], r["variant"]), {})[r["flavour"]] = r.get("ms")
+        for (T, name), ms in by.items():
+            print(f"| {T} | {name} | {fmt(ms.get('forward'))} | {fmt(ms.get('reverse'))} |")
     if not math.isfinite(worst) or not ok:
         sys.exit(1)
 

@@ -39,7 +39,7 @@ DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (
 # pointers holding the data dtype (q, k, v, features, do, outputs and gradients in the input dtype, the per-chunk
 # states);
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers) except IDX (int32)
-DATA_PTRS = {"X", "Y", "HS", "DHS", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_"}
+DATA_PTRS = {"X", "Y", "DA", "HS", "DHS", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_"}
 FLOAT_SCALARS = {"scale", "eps"}
 
 
@@ -104,14 +104,15 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
     if lin:
         zdot = chunk.STATE_Z_DOT
         out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=0, REVERSE=False, HAS_RA=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee")))
+                    dict(state, PHASE=0, REVERSE=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee", Z_SPLIT=False)))
         out.append(("state totals (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=1, REVERSE=False, HAS_RA=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee")))
+                    dict(state, PHASE=1, REVERSE=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee", Z_SPLIT=False)))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=0, REVERSE=True, HAS_RA=True, HAS_RB=True, Z_DOT=zdot,
-                         ZPREC="ieee" if dtype == "fp32" else "tf32x3")))
+                    dict(state, PHASE=0, REVERSE=True, HAS_RB=True, Z_DOT=zdot,
+                         ZPREC="ieee" if dtype == "fp32" else "tf32x3",
+                         Z_SPLIT=chunk.STATE_Z_SPLIT and dtype == "bf16")))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
-    out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT)))
+    out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True)
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", both))

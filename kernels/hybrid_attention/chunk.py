@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import launch
 from .naive import LINEAR_SPANS
 
 # Triton turns @triton.jit into its CPU interpreter when TRITON_INTERPRET=1 at the time this module is imported;
@@ -61,6 +62,9 @@ KEEP_STATES = False
 # STATE_Z_DOT: the state pass sums phi(k) (forward) or rb phi(q) (reverse) for z with a dot instead of a column sum
 # per step (the weighted one in fp32 operands): 5.97 -> 5.51 ms forward+backward at 32K on an H200.
 STATE_Z_DOT = True
+# STATE_Z_SPLIT: for bf16, the reverse pass's weighted z dot as two bf16 dots (row weights split hi + lo) instead of
+# one 3xTF32 dot on fp32 operands (the measurement is in the README)
+STATE_Z_SPLIT = True
 # Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches (linear side and softmax side; dv and dk),
 # fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K.
 Q_SPLIT = True
@@ -158,19 +162,19 @@ def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.conste
 
 
 # --------------------------------------------------------------------------------------------------------------
-# state pass: HS[bh, c] = sum_{chunks c' before c, skipping one} X_c'^T (ra * Y_c'), ZS[bh, c] = sum X_c'^T rb,
+# state pass: HS[bh, c] = sum_{chunks c' before c, skipping one} X_c'^T Y_c', ZS[bh, c] = sum X_c'^T rb,
 # "before" in time (forward: c' <= c-2) or reversed (backward: c' >= c+2)
 
 
 @triton.jit
 def _chunk_state_kernel(
-    X, Y, RA, RB, HS, ZS, TOT, ZTOT,
+    X, Y, RB, HS, ZS, TOT, ZTOT,
     sxb, sxt, sxh, syb, syt, syh,
     T, H, GY, NT, L, NTOT,
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_RA: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee",
+    REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee", Z_SPLIT: tl.constexpr = False,
 ):
     """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
     chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
@@ -180,7 +184,8 @@ def _chunk_state_kernel(
     Z_DOT: z is accumulated by a dot of x with a [16, BT] block whose 16 identical rows are the row weights RB (or
     ones), so that every row of the [16, BK] result holds z (row 0 is stored), instead of a cross-warp column sum of
     x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
-    ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was)."""
+    ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was) or, with Z_SPLIT (bf16), as two bf16
+    dots of x with rb = hi + lo split in bf16: the products are exact in fp32, rb is kept to ~2^-17 relative."""
     pid_kv = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -225,11 +230,14 @@ def _chunk_state_kernel(
         rows = nb * BT + r
         x = _load_tile(xp, rows, ff, T, F, sxt)
         y = _load_tile(yp, rows, vv, T, DV, syt)
-        if HAS_RA:
-            y = y.to(tl.float32) * _load_row(RA + rowp, rows, T, 0.0)[:, None]
         if Z_DOT and HAS_RB:
             rbw = tl.zeros([16, BT], dtype=tl.float32) + _load_row(RB + rowp, rows, T, 0.0)[None, :]
-            z = tl.dot(rbw, x.to(tl.float32), z, input_precision=ZPREC)
+            if Z_SPLIT:
+                hi = rbw.to(DT)
+                z = tl.dot(hi, x, z, input_precision=PREC)
+                z = tl.dot((rbw - hi.to(tl.float32)).to(DT), x, z, input_precision=PREC)
+            else:
+                z = tl.dot(rbw, x.to(tl.float32), z, input_precision=ZPREC)
         elif Z_DOT:
             z = tl.dot(ones, x, z, input_precision=PREC)
         elif HAS_RB:
@@ -324,12 +332,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _delta_kernel(
-    OUT, DO, ZD, DELTA, INV, RB,
-    sob, sot, soh, sdb, sdt, sdh,
+    OUT, DO, ZD, DELTA, RB, DA,
+    sob, sot, soh, sdb, sdt, sdh, sab, sat, sah,
     T, H,
-    DV: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr,
+    DV: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, HAS_DA: tl.constexpr,
 ):
-    """delta_n = do_n . o_n, inv_n = 1 / Zd_n and rb_n = -delta_n / Zd_n (the reverse state pass's row weights)."""
+    """delta_n = do_n . o_n and, for the reverse state pass, its row weights rb_n = -delta_n / Zd_n and (HAS_DA)
+    dA_n = do_n / Zd_n in the dtype of do: the rounding the state pass's dot applied to it when it scaled do itself,
+    which made its every step 1.9x as long as the forward pass's (H200, 32K: 0.81 vs 0.43 ms)."""
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -342,8 +352,9 @@ def _delta_kernel(
     delta = tl.sum(o * do, axis=1)
     inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
     tl.store(DELTA + rowp + n, delta, mask=n < T)
-    tl.store(INV + rowp + n, inv, mask=n < T)
     tl.store(RB + rowp + n, -delta * inv, mask=n < T)
+    if HAS_DA:
+        _store_tile(_head(DA, b, h, sab, sah), do * inv[:, None], n, vv, T, DV, sat)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -598,7 +609,7 @@ def _dot_dtype(dtype: torch.dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
-def _launch(name: str, big: bool) -> dict:
+def _options(name: str, big: bool) -> dict:
     warps, stages = LAUNCH[name] if big else (4, 1)
     return dict(num_warps=warps, num_stages=stages)
 
@@ -628,11 +639,11 @@ def _c(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def chunk_states(x, y, ra, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool):
+def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool):
     """Per-chunk states of the linear terms, from the state pass.
 
-    x: [B, T, H, F]; y: [B, T, H / heads_per_y, Dv]; ra, rb: [B*H, T] fp32 row weights or None (= 1).
-    Forward (reverse=False): hs[bh, i] = sum_{t in chunks <= i-2} x_t^T (ra_t y_t), zs[bh, i] = sum x_t rb_t;
+    x: [B, T, H, F]; y: [B, T, H / heads_per_y, Dv]; rb: [B*H, T] fp32 row weights of z or None (= 1).
+    Forward (reverse=False): hs[bh, i] = sum_{t in chunks <= i-2} x_t^T y_t, zs[bh, i] = sum x_t rb_t;
     reverse: the same over chunks >= i+2.
     Returns hs [B*H, NT, BF, BDV] in ``dtype`` (zero padded to powers of two) and zs [B*H, NT, BF] fp32.
     """
@@ -647,20 +658,21 @@ def chunk_states(x, y, ra, rb, *, heads_per_y: int, reverse: bool, dtype: torch.
     nseg = triton.cdiv(NT, L)
     blocks = (BF // BK) * (BDV // BV)
     args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, H, heads_per_y, NT, L)
-    meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RA=ra is not None,
-                HAS_RB=rb is not None, DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32",
-                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if dtype == torch.float32 else "tf32x3", **_launch("state", big))
-    ra = zs if ra is None else ra  # dummies, never read
-    rb = zs if rb is None else rb
+    meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RB=rb is not None,
+                DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32", Z_DOT=STATE_Z_DOT,
+                ZPREC="ieee" if dtype == torch.float32 else "tf32x3", Z_SPLIT=STATE_Z_SPLIT and dtype == torch.bfloat16,
+                **_options("state", big))
+    rb = zs if rb is None else rb  # a dummy, never read
     if nseg == 1:
-        _chunk_state_kernel[(blocks, B * H, 1)](x, y, ra, rb, hs, zs, zs, zs, *args, 1, PHASE=0, **meta)
+        launch(_chunk_state_kernel, (blocks, B * H, 1), x, y, rb, hs, zs, zs, zs, *args, 1, PHASE=0, **meta)
         return hs, zs
     # two levels: the totals of segments 0 .. nseg-2 (the last one's is never needed), then every segment's
     # states from the sum of the totals before it
     tot = torch.empty(B * H, nseg - 1, BF, BDV, device=x.device, dtype=torch.float32)
     ztot = torch.empty(B * H, nseg - 1, BF, device=x.device, dtype=torch.float32)
-    _chunk_state_kernel[(blocks, B * H, nseg - 1)](x, y, ra, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=1, **meta)
-    _chunk_state_kernel[(blocks, B * H, nseg)](x, y, ra, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=2, **meta)
+    for phase, n in ((1, nseg - 1), (2, nseg)):
+        grid = (blocks, B * H, n)
+        launch(_chunk_state_kernel, grid, x, y, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=phase, **meta)
     return hs, zs
 
 
@@ -696,16 +708,16 @@ class HybridAttentionFunction(torch.autograd.Function):
         ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         hs = zs = M  # dummies when there is no linear term
         if lin:
-            hs, zs = chunk_states(k_feat_t, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
+            hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
         BV = min(OUT_BV, BDV)
-        _fwd_kernel[(NT, BDV // BV, B * H)](
-            q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD,
+        launch(
+            _fwd_kernel, (NT, BDV // BV, B * H), q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
             T, H, G, NT, window, scale, eps,
             D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
-            CUR_LIN=_cur_lin(lin, window), DT=DT, PREC=PREC, **_launch("fwd", big),
+            CUR_LIN=_cur_lin(lin, window), DT=DT, PREC=PREC, **_options("fwd", big),
         )
         # unless KEEP_STATES the states are recomputed in the backward: [NT, F, Dv] per head is twice the size of q
         saved = (hs, zs) if lin and KEEP_STATES else ()
@@ -729,12 +741,20 @@ class HybridAttentionFunction(torch.autograd.Function):
         cur_lin = _cur_lin(lin, window)
         dev = q.device
         delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
-        inv = torch.empty_like(delta)
         rb = torch.empty_like(delta)
-        _delta_kernel[(NT, B * H)](
-            o, do, ZD, delta, inv, rb, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            T, H, DV=Dv, BDV=BDV, BT=BT, **_launch("delta", big),
-        )
+        dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if lin else do  # (a dummy without linear terms)
+        launch(
+            _delta_kernel, (NT, B * H), o, do, ZD, delta, rb, dA,
+            o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dA.stride(0), dA.stride(1), dA.stride(2), T, H, DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin),
+            **_options("delta", big),
+        )  # fmt: skip
+        hs = zs = dhs = dzs = M  # dummies when there is no linear term
+        if lin:
+            hs, zs = kept or chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
+            # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
+            dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big)
+        del dA  # before the gradient buffers: it is not alive at their peak
         dq = torch.empty_like(q)  # every buffer below is written in full by the kernels of the terms that use it
         dqf = torch.empty_like(q_feat) if lin else q
         dkf = torch.empty_like(k_feat) if lin else q
@@ -744,11 +764,6 @@ class HybridAttentionFunction(torch.autograd.Function):
         rsum = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         idx = torch.empty(B * H, T, device=dev, dtype=torch.int32)
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
-        hs = zs = dhs = dzs = M  # dummies when there is no linear term
-        if lin:
-            hs, zs = kept or chunk_states(k_feat, v, None, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
-            # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
-            dhs, dzs = chunk_states(q_feat, do, inv, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big)
         strides = (
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
@@ -761,23 +776,23 @@ class HybridAttentionFunction(torch.autograd.Function):
         else:
             q_parts = [{}]
         for part in q_parts:
-            _bwd_q_kernel[(NT, B * H)](
-                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg,
-                *strides, T, H, G, NT, window, scale, **meta, **part, **_launch("bwd_q", big),
+            launch(
+                _bwd_q_kernel, (NT, B * H),
+                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg, *strides, T, H, G, NT, window, scale, **meta, **part, **_options("bwd_q", big),
             )
         del hs, zs, kept
         # dk needs r and the arg max from the query side: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
-            _bwd_kv_kernel[(NT, B * Hkv)](
-                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv,
-                *strides, T, H, G, NT, window, scale, **meta, **part, **_launch("bwd_kv", big),
+            launch(
+                _bwd_kv_kernel, (NT, B * Hkv),
+                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv, *strides, T, H, G, NT, window, scale, **meta, **part, **_options("bwd_kv", big),
             )
         if lin:
-            _bwd_kf_kernel[(NT, B * H)](
-                q_feat, v, do, ZD, delta, dhs, dzs, dkf, *strides[6:], T, H, G, NT, window,
+            launch(
+                _bwd_kf_kernel, (NT, B * H), q_feat, v, do, ZD, delta, dhs, dzs, dkf, *strides[6:], T, H, G, NT, window,
                 DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
-                **_launch("bwd_kf", big),
+                **_options("bwd_kf", big),
             )
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
         dgamma = dg.view(B, H, NT).sum((0, 2)).to(ctx.gamma_dtype) if has_gamma and softmax else None

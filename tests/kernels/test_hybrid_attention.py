@@ -248,13 +248,12 @@ def test_triton_interpreter_same_chunk_linear_block(mode, w, monkeypatch, interp
                         window=w, softmax=softmax, linear=linear)
 
 
-def chunk_states_reference(x, y, ra, rb, heads_per_y, reverse, chunk_size=64):
-    """float64 per-chunk states: hs[bh, i] = sum over chunks <= i-2 (reverse: >= i+2) of x^T (ra y), zs = x^T rb."""
+def chunk_states_reference(x, y, rb, heads_per_y, reverse, chunk_size=64):
+    """float64 per-chunk states: hs[bh, i] = sum over chunks <= i-2 (reverse: >= i+2) of x^T y, zs = x^T rb."""
     B, T, H, F = x.shape
     y = y.double().repeat_interleave(heads_per_y, dim=2)
     x = x.double().permute(0, 2, 1, 3).reshape(B * H, T, F)
     y = y.permute(0, 2, 1, 3).reshape(B * H, T, -1)
-    ra = torch.ones(B * H, T, dtype=torch.float64) if ra is None else ra.double()
     rb = torch.ones(B * H, T, dtype=torch.float64) if rb is None else rb.double()
     NT = -(-T // chunk_size)
     chunk = torch.arange(T) // chunk_size
@@ -262,12 +261,12 @@ def chunk_states_reference(x, y, ra, rb, heads_per_y, reverse, chunk_size=64):
     zs = torch.zeros(B * H, NT, F, dtype=torch.float64)
     for i in range(NT):
         keep = chunk >= i + 2 if reverse else chunk <= i - 2
-        hs[:, i] = torch.einsum("btf,btv->bfv", x[:, keep], ra[:, keep, None] * y[:, keep])
+        hs[:, i] = torch.einsum("btf,btv->bfv", x[:, keep], y[:, keep])
         zs[:, i] = torch.einsum("btf,bt->bf", x[:, keep], rb[:, keep])
     return hs, zs
 
 
-# (B, T, H, heads_per_y, F, Dv, reverse, row weights, block, segment): several F / Dv blocks, padded F / Dv,
+# (B, T, H, heads_per_y, F, Dv, reverse, row weights of z, block, segment): several F / Dv blocks, padded F / Dv,
 # T < one chunk; the scan in one pass (segment 0) or in segments of 1-3 chunks (8 chunks: 3 + 3 + 2)
 STATE_CASES = [
     (1, 500, 2, 2, 32, 48, False, False, 16, 0),
@@ -283,7 +282,7 @@ STATE_CASES = [
 @needs_interpreter
 @pytest.mark.parametrize("B,T,H,GY,F,DV,reverse,weights,blk,seg", STATE_CASES,
                          ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-G{c[3]}-F{c[4]}-Dv{c[5]}-{'rev' if c[6] else 'fwd'}"
-                              f"{'-ra-rb' if c[7] else ''}-blk{c[8]}-seg{c[9]}" for c in STATE_CASES])
+                              f"{'-rb' if c[7] else ''}-blk{c[8]}-seg{c[9]}" for c in STATE_CASES])
 def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weights, blk, seg, monkeypatch,
                                              interpret):
     """The per-chunk states the output and gradient kernels read: exact prefix (suffix) sums, two chunks apart,
@@ -294,11 +293,9 @@ def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weight
     g = torch.Generator().manual_seed(T + F)
     x = torch.randn(B, T, H, F, generator=g).softmax(-1)
     y = torch.randn(B, T, H // GY, DV, generator=g)
-    ra = rb = None
-    if weights:
-        ra, rb = torch.rand(B * H, T, generator=g) + 0.5, torch.randn(B * H, T, generator=g)
-    hs, zs = chunk.chunk_states(x, y, ra, rb, heads_per_y=GY, reverse=reverse, dtype=torch.float32, big=False)
-    ref_hs, ref_zs = chunk_states_reference(x, y, ra, rb, GY, reverse)
+    rb = torch.randn(B * H, T, generator=g) if weights else None
+    hs, zs = chunk.chunk_states(x, y, rb, heads_per_y=GY, reverse=reverse, dtype=torch.float32, big=False)
+    ref_hs, ref_zs = chunk_states_reference(x, y, rb, GY, reverse)
     assert_close("state h", ref_hs, hs[:, :, :F, :DV], torch.float32)
     assert_close("state z", ref_zs, zs[:, :, :F], torch.float32)
     assert (hs[:, :, F:] == 0).all() and (hs[:, :, :, DV:] == 0).all(), "padding of the states must be zero"
@@ -348,6 +345,26 @@ def test_triton_gpu_matches_naive(B, T, H, KV, D, F, w, dt, mode):
     inputs, do = make_inputs(B, T, H, KV, D, F, dtype, device="cuda", seed=T + H + D)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, dtype, f"triton-gpu-{dt}",
                         window=w, softmax=softmax, linear=linear)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["z-split", "z-3xtf32"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+def test_triton_gpu_state_pass_bf16_keeps_z_fp32_accurate(split, monkeypatch):
+    """bf16 inputs (the interpreter does not emulate bf16 dots): h is stored in bf16, but the reverse pass's weighted
+    z keeps fp32 accuracy, whether the row weights enter split in two bf16 parts (STATE_Z_SPLIT) or as fp32 operands
+    at 3xTF32. Rounding rb to bf16 once (no low part) would give a relative error of ~1e-3, 100x the bound here."""
+    monkeypatch.setattr(chunk, "STATE_Z_SPLIT", split)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 1000, 4, 128, generator=g).softmax(-1).bfloat16()
+    y = torch.randn(1, 1000, 4, 128, generator=g).bfloat16()
+    rb = torch.randn(4, 1000, generator=g) * 3
+    hs, zs = chunk.chunk_states(x.cuda(), y.cuda(), rb.cuda(), heads_per_y=1, reverse=True, dtype=torch.bfloat16,
+                                big=True)
+    ref_hs, ref_zs = chunk_states_reference(x, y, rb, 1, True)
+    assert_close("state h", ref_hs, hs.cpu().float(), torch.bfloat16)
+    err = ((zs.cpu().double() - ref_zs).norm() / ref_zs.norm()).item()
+    assert err < 1e-5, f"z relative RMS error {err:.2e}"
 
 
 @pytest.mark.gpu
