@@ -195,7 +195,6 @@ TUNE = {
     "state z by column sums": {"STATE_Z_DOT": False},
     "bwd_kf 8 warps": {"LAUNCH": {"bwd_kf": (8, 1)}},
     "launch cache off": {"launch.ENABLED": False},
-    "reverse z by 3xTF32": {"STATE_Z_SPLIT": False},
     "state 32x64": {"STATE_BF": 32},
     "state 64x32": {"STATE_BV": 32},
     "state 32x32": {"STATE_BF": 32, "STATE_BV": 32},
@@ -207,17 +206,12 @@ TUNE = {
 STATE_VARIANTS = {
     "64x64 w4 s3 (default)": (64, 64, 4, 3, 0, True),
     "64x64 no stores": (64, 64, 4, 3, 0, False),
-    "32x64 w4": (32, 64, 4, 3, 0, True),
     "64x32 w4": (64, 32, 4, 3, 0, True),
-    "32x32 w4": (32, 32, 4, 3, 0, True),
-    "32x32 w2": (32, 32, 2, 3, 0, True),
-    "32x32 w1": (32, 32, 1, 3, 0, True),
-    "16x64 w2": (16, 64, 2, 3, 0, True),
-    "32x128 w4": (32, 128, 4, 3, 0, True),
     "64x64 seg 32": (64, 64, 4, 3, 32, True),
-    "32x32 w2 seg 64": (32, 32, 2, 3, 64, True),
 }
-KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "STATE_Z_SPLIT", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
+# tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
+# 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT")
 
 
 def kernel_config() -> dict:
@@ -332,7 +326,6 @@ def _state_totals(x, y, rb, g, reverse, bf, bv, warps, stages):
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, Hx, g, NT, NT, 1,
         F=F, DV=Dv, BF=F, BDV=Dv, BK=bf, BV=bv, BT=chunk.BT, PHASE=1, REVERSE=reverse, HAS_RB=rb is not None,
         DT=chunk._dot_dtype(x.dtype), PREC="tf32", Z_DOT=chunk.STATE_Z_DOT, ZPREC="tf32x3",
-        Z_SPLIT=chunk.STATE_Z_SPLIT and x.dtype == torch.bfloat16,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -393,6 +386,49 @@ def host_breakdown(T: int, iters: int = 100) -> dict:
           f"{res['autograd_floor_us']:.0f} us", flush=True)
     for k, v in res["launch_us"].items():
         print(f"# host T={T}   {k}: {v / res['launches'][k]:.1f} us x{res['launches'][k]:.0f}", flush=True)
+    return res
+
+
+def launch_probe(T: int = 2048, reps: int = 300) -> dict:
+    """Host microseconds of one launch of the delta kernel (6 tensors, 11 scalars) at the benchmark shapes, by path:
+    Triton's ``fn[grid](...)``, ``launch`` (kernels/launch.py, cached), and the compiled kernel's launcher called with
+    the tensors themselves or with their addresses."""
+    from triton import knobs
+    from triton.runtime import driver
+
+    from . import launch as L
+    from .hybrid_attention import chunk
+
+    q, _, _, _, _, _, do = make_inputs(T)
+    zd = torch.rand(B * H, T, device="cuda") + 1
+    delta, rb, dA = torch.empty_like(zd), torch.empty_like(zd), torch.empty_like(do)
+    args = (q, do, zd, delta, rb, dA, *q.stride()[:3], *do.stride()[:3], *dA.stride()[:3], T, H)
+    meta = dict(DV=D, BDV=D, BT=chunk.BT, HAS_DA=True, num_warps=4, num_stages=1)
+    grid = (-(-T // chunk.BT), B * H)
+    kernel = chunk._delta_kernel[grid](*args, **meta)
+    vals = L.bound_values(chunk._delta_kernel, args, meta)
+    ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in vals]
+    stream = driver.active.get_current_stream(driver.active.get_current_device())
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+
+    def direct(v):
+        return lambda: kernel.run(grid[0], grid[1], 1, stream, kernel.function, kernel.packed_metadata, None, *hooks, *v)
+
+    paths = {"triton fn[grid]": lambda: chunk._delta_kernel[grid](*args, **meta),
+             "launch (cached)": lambda: L.launch(chunk._delta_kernel, grid, *args, **meta),
+             "launcher, tensors": direct(vals), "launcher, addresses": direct(ptrs)}
+    res = {"T": T}
+    for name, fn in paths.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        res[name] = (time.perf_counter() - t0) / reps * 1e6
+        torch.cuda.synchronize()
+    print("# launch probe (delta kernel, host us per launch): " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()
+                                                                             if k != "T"), flush=True)
     return res
 
 
@@ -556,6 +592,7 @@ def main(argv=None):
     if args.state_probe:
         result["state_probe"] = [r for T in args.state_probe for r in state_probe(T, args.reps)]
     if args.host_breakdown:
+        result["launch_probe"] = launch_probe()
         result["host_breakdown"] = [host_breakdown(T) for T in args.host_breakdown]
     if args.host_profile:
         result["host_profile"] = [r for T in args.host_profile for r in host_profile(T)]

@@ -11,6 +11,10 @@ signature call its launcher directly, with exactly the arguments ``JITFunction.r
 the kernel in signature order, constexprs and defaults included, after the grid, stream, function handle, packed
 metadata, launch metadata and the launch hooks).
 
+Tensors reach the launcher as their addresses (Python ints), which it takes as they are: the check it otherwise
+makes of every pointer (``cuPointerGetAttribute``, which rejects CPU tensors) was made by the signature's first
+launch, and the signature holds each tensor's device.
+
 The signature is a superset of what Triton specialises a kernel on: every int argument's exact value (Triton keys
 on ==1, divisibility by 16 and the integer width), every tensor's dtype, device and 16-byte alignment, the
 types of the other arguments, and every keyword (constexprs, num_warps, num_stages). So a cached kernel is always
@@ -92,7 +96,10 @@ def launch(fn, grid: tuple, *args, **meta):
     vals = bound_values(fn, args, meta)
     stream = driver.active.get_current_stream(device)
     g = tuple(grid) + (1,) * (3 - len(grid))
-    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
-               kernel.launch_metadata(grid, stream, *vals),
+    md = kernel.launch_metadata(grid, stream, *vals)  # None unless a launch hook (a profiler) is set
+    # tensors as their addresses: the launcher then skips its per-pointer cuPointerGetAttribute check, which the
+    # first launch of this signature made (the key pins every tensor's device)
+    vals = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in vals]
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, md,
                knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *vals)
     return kernel

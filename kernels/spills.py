@@ -104,13 +104,12 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
     if lin:
         zdot = chunk.STATE_Z_DOT
         out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=0, REVERSE=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee", Z_SPLIT=False)))
+                    dict(state, PHASE=0, REVERSE=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee")))
         out.append(("state totals (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=1, REVERSE=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee", Z_SPLIT=False)))
+                    dict(state, PHASE=1, REVERSE=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee")))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
                     dict(state, PHASE=0, REVERSE=True, HAS_RB=True, Z_DOT=zdot,
-                         ZPREC="ieee" if dtype == "fp32" else "tf32x3",
-                         Z_SPLIT=chunk.STATE_Z_SPLIT and dtype == "bf16")))
+                         ZPREC="ieee" if dtype == "fp32" else "tf32x3")))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments

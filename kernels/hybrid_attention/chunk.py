@@ -62,9 +62,6 @@ KEEP_STATES = False
 # STATE_Z_DOT: the state pass sums phi(k) (forward) or rb phi(q) (reverse) for z with a dot instead of a column sum
 # per step (the weighted one in fp32 operands): 5.97 -> 5.51 ms forward+backward at 32K on an H200.
 STATE_Z_DOT = True
-# STATE_Z_SPLIT: for bf16, the reverse pass's weighted z dot as two bf16 dots (row weights split hi + lo) instead of
-# one 3xTF32 dot on fp32 operands (the measurement is in the README)
-STATE_Z_SPLIT = True
 # Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches (linear side and softmax side; dv and dk),
 # fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K.
 Q_SPLIT = True
@@ -174,7 +171,7 @@ def _chunk_state_kernel(
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee", Z_SPLIT: tl.constexpr = False,
+    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee",
 ):
     """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
     chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
@@ -184,8 +181,8 @@ def _chunk_state_kernel(
     Z_DOT: z is accumulated by a dot of x with a [16, BT] block whose 16 identical rows are the row weights RB (or
     ones), so that every row of the [16, BK] result holds z (row 0 is stored), instead of a cross-warp column sum of
     x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
-    ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was) or, with Z_SPLIT (bf16), as two bf16
-    dots of x with rb = hi + lo split in bf16: the products are exact in fp32, rb is kept to ~2^-17 relative."""
+    ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was; two bf16 dots of x with rb split in a
+    high and a low bf16 part were no faster on an H200)."""
     pid_kv = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -232,12 +229,7 @@ def _chunk_state_kernel(
         y = _load_tile(yp, rows, vv, T, DV, syt)
         if Z_DOT and HAS_RB:
             rbw = tl.zeros([16, BT], dtype=tl.float32) + _load_row(RB + rowp, rows, T, 0.0)[None, :]
-            if Z_SPLIT:
-                hi = rbw.to(DT)
-                z = tl.dot(hi, x, z, input_precision=PREC)
-                z = tl.dot((rbw - hi.to(tl.float32)).to(DT), x, z, input_precision=PREC)
-            else:
-                z = tl.dot(rbw, x.to(tl.float32), z, input_precision=ZPREC)
+            z = tl.dot(rbw, x.to(tl.float32), z, input_precision=ZPREC)
         elif Z_DOT:
             z = tl.dot(ones, x, z, input_precision=PREC)
         elif HAS_RB:
@@ -602,7 +594,11 @@ def _bwd_kf_kernel(
 
 
 def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
+    return max(16, 1 << (x - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -649,19 +645,18 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     """
     B, T, H, F = x.shape
     Dv = y.shape[-1]
-    NT = triton.cdiv(T, BT)
+    NT = _cdiv(T, BT)
     BF, BDV = _p2(F), _p2(Dv)
     BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
     hs = torch.empty(B * H, NT, BF, BDV, device=x.device, dtype=dtype)
     zs = torch.empty(B * H, NT, BF, device=x.device, dtype=torch.float32)
     L = STATE_SEG if STATE_SEG > 0 else NT
-    nseg = triton.cdiv(NT, L)
+    nseg = _cdiv(NT, L)
     blocks = (BF // BK) * (BDV // BV)
     args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, H, heads_per_y, NT, L)
     meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RB=rb is not None,
                 DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32", Z_DOT=STATE_Z_DOT,
-                ZPREC="ieee" if dtype == torch.float32 else "tf32x3", Z_SPLIT=STATE_Z_SPLIT and dtype == torch.bfloat16,
-                **_options("state", big))
+                ZPREC="ieee" if dtype == torch.float32 else "tf32x3", **_options("state", big))
     rb = zs if rb is None else rb  # a dummy, never read
     if nseg == 1:
         launch(_chunk_state_kernel, (blocks, B * H, 1), x, y, rb, hs, zs, zs, zs, *args, 1, PHASE=0, **meta)
@@ -699,7 +694,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         gam = gam.float().contiguous()
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
         big = max(BD, BDV, BF) >= 128
-        NT = triton.cdiv(T, BT)
+        NT = _cdiv(T, BT)
         DT = _dot_dtype(q.dtype)
         PREC = "ieee" if q.dtype == torch.float32 else "tf32"
         dev = q.device

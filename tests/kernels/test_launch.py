@@ -24,6 +24,7 @@ class _Compiled:
         self.function, self.packed_metadata, self.calls = object(), object(), []
 
     def launch_metadata(self, grid, stream, *args):
+        self.md_args = args  # a launch hook (profiler) gets the tensors themselves
         return ("md", grid, stream)
 
     def run(self, *args):
@@ -68,9 +69,11 @@ def test_second_launch_goes_to_the_launcher_with_every_parameter(fn):
     grid, stream, function, packed, md, enter, exit_ = call[:3], call[3], call[4], call[5], call[6], call[7], call[8]
     assert grid == (5, 1, 1) and stream == 1234
     assert function is fn.compiled[0].function and packed is fn.compiled[0].packed_metadata
-    assert md == ("md", (5,), 1234)
+    assert md == ("md", (5,), 1234) and fn.compiled[0].md_args[:2] == (x, y)
     assert (enter, exit_) == (L.knobs.runtime.launch_enter_hook, L.knobs.runtime.launch_exit_hook)
-    assert list(call[9:]) == _bound(args, meta) == [x, y, 48, 0.5, 16, 2, True]
+    # the launcher gets tensors as addresses (it does not check ints); everything else as bound
+    ref = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in _bound(args, meta)]
+    assert list(call[9:]) == ref == [x.data_ptr(), y.data_ptr(), 48, 0.5, 16, 2, True]
 
 
 @pytest.mark.parametrize(
