@@ -194,7 +194,6 @@ TUNE = {
     "state 4 stages": {"LAUNCH": {"state": (4, 4)}},
     "state z by column sums": {"STATE_Z_DOT": False},
     "bwd_kf 8 warps": {"LAUNCH": {"bwd_kf": (8, 1)}},
-    "launch cache off": {"launch.ENABLED": False},
     "query side in one launch": {"Q_SPLIT": False},
     "state 32x64": {"STATE_BF": 32},
     "state 64x32": {"STATE_BV": 32},
@@ -216,30 +215,24 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KE
 
 
 def kernel_config() -> dict:
-    from . import launch
     from .hybrid_attention import chunk
 
     return {**{name: getattr(chunk, name) for name in KNOBS},
-            "LAUNCH": {k: list(v) for k, v in chunk.LAUNCH.items()}, "launch.ENABLED": launch.ENABLED}
+            "LAUNCH": {k: list(v) for k, v in chunk.LAUNCH.items()}}
 
 
 def with_settings(overrides: dict, fn):
-    """Run fn() with chunk's launch settings overridden ("launch.NAME": kernels/launch.py's), restoring them
-    afterwards."""
-    from . import launch
+    """Run fn() with chunk's launch settings overridden, restoring them afterwards."""
     from .hybrid_attention import chunk
 
-    def where(name):
-        return (launch, name.split(".", 1)[1]) if name.startswith("launch.") else (chunk, name)
-
-    saved = {name: getattr(*where(name)) for name in overrides}
+    saved = {name: getattr(chunk, name) for name in overrides}
     try:
         for name, value in overrides.items():
-            setattr(*where(name), {**saved[name], **value} if isinstance(value, dict) else value)
+            setattr(chunk, name, {**saved[name], **value} if isinstance(value, dict) else value)
         return fn()
     finally:
         for name, value in saved.items():
-            setattr(*where(name), value)
+            setattr(chunk, name, value)
 
 
 def tune(Ts, reps, variants=None) -> list[dict]:
@@ -321,8 +314,7 @@ def _state_totals(x, y, rb, g, reverse, bf, bv, warps, stages):
     tot = torch.empty(Bx * Hx, 1, F, Dv, device=x.device, dtype=torch.float32)
     ztot = torch.empty(Bx * Hx, 1, F, device=x.device, dtype=torch.float32)
     dummy = ztot
-    chunk.launch(
-        chunk._chunk_state_kernel, ((F // bf) * (Dv // bv), Bx * Hx, 1),
+    chunk._chunk_state_kernel[((F // bf) * (Dv // bv), Bx * Hx, 1)](
         x, y, dummy if rb is None else rb, dummy, dummy, tot, ztot,
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, Hx, g, NT, NT, 1,
         F=F, DV=Dv, BF=F, BDV=Dv, BK=bf, BV=bv, BT=chunk.BT, PHASE=1, REVERSE=reverse, HAS_RB=rb is not None,
@@ -346,8 +338,8 @@ class _Floor(torch.autograd.Function):
 
 
 def host_breakdown(T: int, iters: int = 100) -> dict:
-    """Host microseconds of one forward+backward of the hybrid op: the whole call, each kernel's launch (chunk.launch
-    timed), and the floor of an autograd op with the same inputs that launches nothing."""
+    """Host microseconds of one forward+backward of the hybrid op: the whole call, each kernel's launch (its
+    ``JITFunction.run`` timed), and the floor of an autograd op with the same inputs that launches nothing."""
     from .hybrid_attention import chunk
 
     fwd, step = ours(T)
@@ -355,13 +347,18 @@ def host_breakdown(T: int, iters: int = 100) -> dict:
     leaves = [x.requires_grad_() for x in (q, k, v, qf, kf, gamma)]
     floor = fwd_bwd(lambda: _Floor.apply(*leaves), leaves, do)
     spent: dict[str, list[float]] = {}
-    real = chunk.launch
+    kernels = [getattr(chunk, n) for n in dir(chunk) if n.endswith("_kernel") and hasattr(getattr(chunk, n), "run")]
 
-    def timed(fn, grid, *args, **meta):
-        t0 = time.perf_counter()
-        out = real(fn, grid, *args, **meta)
-        spent.setdefault(fn.__name__, []).append(time.perf_counter() - t0)
-        return out
+    def timed(fn):
+        real = fn.run
+
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = real(*args, **kwargs)
+            spent.setdefault(fn.__name__, []).append(time.perf_counter() - t0)
+            return out
+
+        return run
 
     res = {"T": T}
     for name, fn in (("fwd_bwd", step), ("fwd", fwd), ("autograd_floor", floor)):
@@ -369,14 +366,16 @@ def host_breakdown(T: int, iters: int = 100) -> dict:
             fn()
         torch.cuda.synchronize()
         spent.clear()
-        chunk.launch = timed
+        for k in kernels:
+            k.run = timed(k)  # fn[grid](...) calls the instance's run
         try:
             t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
             res[f"{name}_us"] = (time.perf_counter() - t0) / iters * 1e6
         finally:
-            chunk.launch = real
+            for k in kernels:
+                del k.run
         torch.cuda.synchronize()
         if name == "fwd_bwd":
             res["launch_us"] = {k: sum(v) / iters * 1e6 for k, v in spent.items()}
@@ -392,12 +391,13 @@ def host_breakdown(T: int, iters: int = 100) -> dict:
 
 def launch_probe(T: int = 2048, reps: int = 300) -> dict:
     """Host microseconds of one launch of the delta kernel (6 tensors, 11 scalars) at the benchmark shapes, by path:
-    Triton's ``fn[grid](...)``, ``launch`` (kernels/launch.py, cached), and the compiled kernel's launcher called with
-    the tensors themselves or with their addresses."""
+    Triton's ``fn[grid](...)`` (binding and specialising every argument, then the launcher), and the compiled kernel's
+    launcher alone, called with the tensors themselves or with their addresses (which it does not check)."""
+    import inspect
+
     from triton import knobs
     from triton.runtime import driver
 
-    from . import launch as L
     from .hybrid_attention import chunk
 
     q, _, _, _, _, _, do = make_inputs(T)
@@ -407,7 +407,9 @@ def launch_probe(T: int = 2048, reps: int = 300) -> dict:
     meta = dict(DV=D, BDV=D, BT=chunk.BT, HAS_DA=True, num_warps=4, num_stages=1)
     grid = (-(-T // chunk.BT), B * H)
     kernel = chunk._delta_kernel[grid](*args, **meta)
-    vals = L.bound_values(chunk._delta_kernel, args, meta)
+    bound = inspect.signature(chunk._delta_kernel.fn).bind(*args, **{k: v for k, v in meta.items() if "num_" not in k})
+    bound.apply_defaults()
+    vals = list(bound.arguments.values())
     ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in vals]
     stream = driver.active.get_current_stream(driver.active.get_current_device())
     hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
@@ -416,7 +418,6 @@ def launch_probe(T: int = 2048, reps: int = 300) -> dict:
         return lambda: kernel.run(grid[0], grid[1], 1, stream, kernel.function, kernel.packed_metadata, None, *hooks, *v)
 
     paths = {"triton fn[grid]": lambda: chunk._delta_kernel[grid](*args, **meta),
-             "launch (cached)": lambda: L.launch(chunk._delta_kernel, grid, *args, **meta),
              "launcher, tensors": direct(vals), "launcher, addresses": direct(ptrs)}
     res = {"T": T}
     for name, fn in paths.items():

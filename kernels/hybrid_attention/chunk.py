@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import launch
 from .naive import LINEAR_SPANS
 
 # Triton turns @triton.jit into its CPU interpreter when TRITON_INTERPRET=1 at the time this module is imported;
@@ -659,15 +658,14 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
                 ZPREC="ieee" if dtype == torch.float32 else "tf32x3", **_options("state", big))
     rb = zs if rb is None else rb  # a dummy, never read
     if nseg == 1:
-        launch(_chunk_state_kernel, (blocks, B * H, 1), x, y, rb, hs, zs, zs, zs, *args, 1, PHASE=0, **meta)
+        _chunk_state_kernel[(blocks, B * H, 1)](x, y, rb, hs, zs, zs, zs, *args, 1, PHASE=0, **meta)
         return hs, zs
     # two levels: the totals of segments 0 .. nseg-2 (the last one's is never needed), then every segment's
     # states from the sum of the totals before it
     tot = torch.empty(B * H, nseg - 1, BF, BDV, device=x.device, dtype=torch.float32)
     ztot = torch.empty(B * H, nseg - 1, BF, device=x.device, dtype=torch.float32)
     for phase, n in ((1, nseg - 1), (2, nseg)):
-        grid = (blocks, B * H, n)
-        launch(_chunk_state_kernel, grid, x, y, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=phase, **meta)
+        _chunk_state_kernel[(blocks, B * H, n)](x, y, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=phase, **meta)
     return hs, zs
 
 
@@ -705,8 +703,8 @@ class HybridAttentionFunction(torch.autograd.Function):
         if lin:
             hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
         BV = min(OUT_BV, BDV)
-        launch(
-            _fwd_kernel, (NT, BDV // BV, B * H), q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD,
+        _fwd_kernel[(NT, BDV // BV, B * H)](
+            q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
@@ -738,8 +736,8 @@ class HybridAttentionFunction(torch.autograd.Function):
         delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         rb = torch.empty_like(delta)
         dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if lin else do  # (a dummy without linear terms)
-        launch(
-            _delta_kernel, (NT, B * H), o, do, ZD, delta, rb, dA,
+        _delta_kernel[(NT, B * H)](
+            o, do, ZD, delta, rb, dA,
             o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dA.stride(0), dA.stride(1), dA.stride(2), T, H, DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin),
             **_options("delta", big),
@@ -771,21 +769,21 @@ class HybridAttentionFunction(torch.autograd.Function):
         else:
             q_parts = [{}]
         for part in q_parts:
-            launch(
-                _bwd_q_kernel, (NT, B * H),
-                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg, *strides, T, H, G, NT, window, scale, **meta, **part, **_options("bwd_q", big),
+            _bwd_q_kernel[(NT, B * H)](
+                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg,
+                *strides, T, H, G, NT, window, scale, **meta, **part, **_options("bwd_q", big),
             )
         del hs, zs, kept
         # dk needs r and the arg max from the query side: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
-            launch(
-                _bwd_kv_kernel, (NT, B * Hkv),
-                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv, *strides, T, H, G, NT, window, scale, **meta, **part, **_options("bwd_kv", big),
+            _bwd_kv_kernel[(NT, B * Hkv)](
+                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv,
+                *strides, T, H, G, NT, window, scale, **meta, **part, **_options("bwd_kv", big),
             )
         if lin:
-            launch(
-                _bwd_kf_kernel, (NT, B * H), q_feat, v, do, ZD, delta, dhs, dzs, dkf, *strides[6:], T, H, G, NT, window,
+            _bwd_kf_kernel[(NT, B * H)](
+                q_feat, v, do, ZD, delta, dhs, dzs, dkf, *strides[6:], T, H, G, NT, window,
                 DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
                 **_options("bwd_kf", big),
             )

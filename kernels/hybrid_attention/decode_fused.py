@@ -37,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import launch
 from .naive import LINEAR_SPANS
 
 # As in chunk.py: TRITON_INTERPRET=1 at import time turns the kernel into the CPU interpreter (tests).
@@ -320,8 +319,8 @@ def hybrid_decode_step(
     nvalid = key_valid.view(torch.uint8) if key_valid is not None else valid  # (dummy pointer when absent)
     dummy = S
     scale = D**-0.5 if scale is None else scale
-    launch(
-        _decode_step_kernel, (B, H), q, k, v, nvalid, keys, values, valid.view(torch.uint8), pos,
+    _decode_step_kernel[(B, H)](
+        q, k, v, nvalid, keys, values, valid.view(torch.uint8), pos,
         S, z, dummy if theta is None else theta,
         dummy if qw is None else qw.contiguous(), dummy if qb is None else qb.contiguous(),
         dummy if kw is None else kw.contiguous(), dummy if kb is None else kb.contiguous(), out,
