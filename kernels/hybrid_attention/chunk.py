@@ -58,6 +58,9 @@ STATE_SEG = 0
 # 8.86 ms at 32K), but NT F Dv per head more saved memory per layer (2x the size of q at F = Dv = D, bf16).
 # Off by default, as FlashAttention and fla recompute rather than keep.
 KEEP_STATES = False
+# PAIR_STATES: the backward recomputes the forward states and runs the reverse pass in one launch, side by side
+# (each scan alone leaves one program per SM, bound by the latency of its steps)
+PAIR_STATES = True
 # STATE_Z_DOT: the state pass sums phi(k) (forward) or rb phi(q) (reverse) for z with a dot instead of a column sum
 # per step (the weighted one in fp32 operands): 5.97 -> 5.51 ms forward+backward at 32K on an H200.
 STATE_Z_DOT = True
@@ -163,28 +166,16 @@ def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.conste
 
 
 @triton.jit
-def _chunk_state_kernel(
+def _state_scan(
     X, Y, RB, HS, ZS, TOT, ZTOT,
     sxb, sxt, sxh, syb, syt, syh,
-    T, H, GY, NT, L, NTOT,
+    T, H, GY, NT, L, NTOT, pid_kv, pid_bh, seg,
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee",
+    Z_DOT: tl.constexpr, ZPREC: tl.constexpr,
 ):
-    """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
-    chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
-    into TOT[bh, seg] (fp32). PHASE 2: start from the sum of the totals of the earlier segments and write the states.
-    Splitting the scan in segments cuts its sequential chain from NT steps to 2 L, at the price of reading the inputs
-    twice (~1.2 us per step for one 64 x 64 tile on an H100 or an H200 at 32 heads).
-    Z_DOT: z is accumulated by a dot of x with a [16, BT] block whose 16 identical rows are the row weights RB (or
-    ones), so that every row of the [16, BK] result holds z (row 0 is stored), instead of a cross-warp column sum of
-    x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
-    ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was; two bf16 dots of x with rb split in a
-    high and a low bf16 part were no faster on an H200)."""
-    pid_kv = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seg = tl.program_id(2)
+    """The scan of ``_chunk_state_kernel`` for program (pid_kv, pid_bh, seg)."""
     pid_k = pid_kv // (BDV // BV)
     pid_v = pid_kv % (BDV // BV)
     b = pid_bh // H
@@ -239,6 +230,55 @@ def _chunk_state_kernel(
     if PHASE == 1:
         tl.store(_state_ptr(TOT, pid_bh, seg, NTOT, BF, BDV, ff, vv), S)
         tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + seg) * BF + zoff, z, mask=z_owner)
+
+
+
+@triton.jit
+def _chunk_state_kernel(
+    X, Y, RB, HS, ZS, TOT, ZTOT,
+    sxb, sxt, sxh, syb, syt, syh,
+    T, H, GY, NT, L, NTOT,
+    F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee",
+):
+    """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
+    chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
+    into TOT[bh, seg] (fp32). PHASE 2: start from the sum of the totals of the earlier segments and write the states.
+    Splitting the scan in segments cuts its sequential chain from NT steps to 2 L, at the price of reading the inputs
+    twice (~1.2 us per step for one 64 x 64 tile on an H100 or an H200 at 32 heads).
+    Z_DOT: z is accumulated by a dot of x with a [16, BT] block whose 16 identical rows are the row weights RB (or
+    ones), so that every row of the [16, BK] result holds z (row 0 is stored), instead of a cross-warp column sum of
+    x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
+    ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was; two bf16 dots of x with rb split in a
+    high and a low bf16 part were no faster on an H200)."""
+    _state_scan(X, Y, RB, HS, ZS, TOT, ZTOT, sxb, sxt, sxh, syb, syt, syh, T, H, GY, NT, L, NTOT,
+                tl.program_id(0), tl.program_id(1), tl.program_id(2), F, DV, BF, BDV, BK, BV, BT, PHASE, REVERSE,
+                HAS_RB, DT, PREC, Z_DOT, ZPREC)
+
+
+@triton.jit
+def _state_pair_kernel(
+    X, Y, HS, ZS, X2, Y2, RB2, HS2, ZS2,
+    sxb, sxt, sxh, syb, syt, syh, sxb2, sxt2, sxh2, syb2, syt2, syh2,
+    T, H, GY, NT,
+    F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    Z_DOT: tl.constexpr, ZPREC: tl.constexpr,
+):
+    """The backward's two state passes in one launch, one scan over the whole sequence each: program_id(2) = 0 runs
+    the forward states on (X, Y) = (phi(k), v), 1 the reverse ones on (X2, Y2) = (phi(q), dA) with the row weights
+    RB2 of z. They are independent, and each is bound by the latency of its sequential steps with one program per
+    SM, so that sharing the SMs runs them side by side."""
+    if tl.program_id(2) == 0:
+        _state_scan(X, Y, ZS, HS, ZS, ZS, ZS, sxb, sxt, sxh, syb, syt, syh, T, H, GY, NT, NT, 1,
+                    tl.program_id(0), tl.program_id(1), 0, F, DV, BF, BDV, BK, BV, BT, 0, False, False, DT, PREC,
+                    Z_DOT, ZPREC)
+    else:
+        _state_scan(X2, Y2, RB2, HS2, ZS2, ZS2, ZS2, sxb2, sxt2, sxh2, syb2, syt2, syh2, T, H, 1, NT, NT, 1,
+                    tl.program_id(0), tl.program_id(1), 0, F, DV, BF, BDV, BK, BV, BT, 0, True, True, DT, PREC,
+                    Z_DOT, ZPREC)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -669,6 +709,31 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     return hs, zs
 
 
+def chunk_state_pair(kf, v, qf, dA, rb, *, heads_per_v: int, dtype: torch.dtype, big: bool):
+    """The backward's forward states (``chunk_states(kf, v, None, heads_per_y=heads_per_v, reverse=False)``) and its
+    reverse ones (``chunk_states(qf, dA, rb, heads_per_y=1, reverse=True)``) from one launch of both scans side by
+    side (``_state_pair_kernel``). Returns hs, zs, dhs, dzs. One scan over the whole sequence each (no segments)."""
+    B, T, H, F = kf.shape
+    Dv = v.shape[-1]
+    assert qf.shape == kf.shape and dA.shape == (B, T, H, Dv)
+    NT = _cdiv(T, BT)
+    BF, BDV = _p2(F), _p2(Dv)
+    BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
+    # four buffers, not one: the forward states are freed after the query side, before the key side runs
+    hs, dhs = (torch.empty(B * H, NT, BF, BDV, device=kf.device, dtype=dtype) for _ in range(2))
+    zs, dzs = (torch.empty(B * H, NT, BF, device=kf.device, dtype=torch.float32) for _ in range(2))
+    _state_pair_kernel[((BF // BK) * (BDV // BV), B * H, 2)](
+        kf, v, hs, zs, qf, dA, rb, dhs, dzs,
+        kf.stride(0), kf.stride(1), kf.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        qf.stride(0), qf.stride(1), qf.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
+        T, H, heads_per_v, NT,
+        F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype),
+        PREC="ieee" if dtype == torch.float32 else "tf32", Z_DOT=STATE_Z_DOT,
+        ZPREC="ieee" if dtype == torch.float32 else "tf32x3", **_options("state", big),
+    )  # fmt: skip
+    return hs, zs, dhs, dzs
+
+
 def _cur_lin(lin: int, window: int) -> int:
     """1 when the linear terms of a query chunk's own key chunk can be non-zero (overlap / linear-only, or a hybrid
     with w < BT: keys of the same chunk at distance >= w), 0 when they are all masked (hybrid with w >= BT)."""
@@ -743,7 +808,9 @@ class HybridAttentionFunction(torch.autograd.Function):
             **_options("delta", big),
         )  # fmt: skip
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
-        if lin:
+        if lin and PAIR_STATES and not kept and STATE_SEG == 0:
+            hs, zs, dhs, dzs = chunk_state_pair(k_feat, v, q_feat, dA, rb, heads_per_v=G, dtype=q.dtype, big=big)
+        elif lin:
             hs, zs = kept or chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
             # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
             dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big)
