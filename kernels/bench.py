@@ -195,7 +195,7 @@ TUNE = {
     "state z by column sums": {"STATE_Z_DOT": False},
     "bwd_kf 8 warps": {"LAUNCH": {"bwd_kf": (8, 1)}},
     "query side in one launch": {"Q_SPLIT": False},
-    "state passes apart": {"PAIR_STATES": False},
+    "state passes paired": {"PAIR_STATES": True},
     "state 32x64": {"STATE_BF": 32},
     "state 64x32": {"STATE_BV": 32},
     "state 32x32": {"STATE_BF": 32, "STATE_BV": 32},

@@ -6,8 +6,8 @@ in key chunks i-1 and i (exact [BT, BT] blocks); all older keys (chunks <= i-2, 
 the state S = sum phi(k) v^T, z = sum phi(k). As in flash-linear-attention's chunk kernels the work is split in two:
 
   * a state pass (``_chunk_state_kernel``, grid (F blocks x Dv blocks, B*H, segments of STATE_SEG chunks; one
-    segment by default), a sequential loop over chunks holding one [BK, BV] fp32 state tile) writes the state every chunk needs, h[i] = S_{i-2} `[F, Dv]` in the dtype
-    of the dots and z[i] `[F]` in fp32, to memory;
+    segment by default), a sequential loop over chunks holding one [BK, BV] fp32 state tile) writes the state every
+    chunk needs, h[i] = S_{i-2} `[F, Dv]` in the dtype of the dots and z[i] `[F]` in fp32, to memory;
   * the output / gradient kernels are then fully parallel over (chunk, [Dv block,] batch*head) and carry no state:
     each reads the one h[i] it needs right before its dot. In the hybrid with w >= BT the linear terms of a query's
     own key chunk are all masked and their dots are skipped (CUR_LIN = 0).
@@ -15,7 +15,9 @@ the state S = sum phi(k) v^T, z = sum phi(k). As in flash-linear-attention's chu
 Backward (FlashAttention-style recomputation; o, the row max m and the normaliser Zd are saved, h is recomputed
 unless KEEP_STATES):
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
-  The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i].
+  _delta_kernel writes delta = do . o, dZ and, for the reverse state pass, dA in the dtype of do.
+  The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i]
+  (with PAIR_STATES in one launch with the recomputed forward states: _state_pair_kernel).
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h).
   Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh.
 GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
@@ -59,8 +61,10 @@ STATE_SEG = 0
 # Off by default, as FlashAttention and fla recompute rather than keep.
 KEEP_STATES = False
 # PAIR_STATES: the backward recomputes the forward states and runs the reverse pass in one launch, side by side
-# (each scan alone leaves one program per SM, bound by the latency of its steps)
-PAIR_STATES = True
+# (each scan alone leaves one program per SM, bound by the latency of its steps: 256 programs of 64 x 32 take as
+# long as 128 of 64 x 64). Correct on the GPU (the benchmark's check, bf16, all modes) but not yet timed there, so
+# off by default: `python -m linearize.kernels.bench --tune --variants default "state passes paired"` decides.
+PAIR_STATES = False
 # STATE_Z_DOT: the state pass sums phi(k) (forward) or rb phi(q) (reverse) for z with a dot instead of a column sum
 # per step (the weighted one in fp32 operands): 5.97 -> 5.51 ms forward+backward at 32K on an H200.
 STATE_Z_DOT = True
@@ -369,8 +373,9 @@ def _delta_kernel(
     DV: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, HAS_DA: tl.constexpr,
 ):
     """delta_n = do_n . o_n and, for the reverse state pass, its row weights rb_n = -delta_n / Zd_n and (HAS_DA)
-    dA_n = do_n / Zd_n in the dtype of do: the rounding the state pass's dot applied to it when it scaled do itself,
-    which made its every step 1.9x as long as the forward pass's (H200, 32K: 0.81 vs 0.43 ms)."""
+    dA_n = do_n / Zd_n in the dtype of do: the rounding the state pass's dot applied to it when the pass scaled do
+    itself, which made the reverse pass 1.9x as long as the forward one (H200, 32K: 0.81 vs 0.43 ms; 0.50 ms reading
+    dA, for 0.06 ms more here)."""
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H

@@ -326,10 +326,10 @@ def test_triton_state_pair_matches_reference(GY, blk, monkeypatch, interpret):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode", ["hybrid", "la_only"])
-def test_triton_interpreter_state_passes_apart(mode, monkeypatch, interpret):
-    """PAIR_STATES off: the backward's two state passes as two launches compute the same function."""
-    monkeypatch.setattr(chunk, "PAIR_STATES", False)
+@pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only"])
+def test_triton_interpreter_state_passes_paired(mode, monkeypatch, interpret):
+    """PAIR_STATES on: the backward's two state passes in one launch compute the same function."""
+    monkeypatch.setattr(chunk, "PAIR_STATES", True)
     _set_blocks(monkeypatch, 16)
     softmax, linear = MODES[mode]
     inputs, do = make_inputs(1, 200, 4, 2, 32, 32, torch.float32, seed=8)
