@@ -18,6 +18,12 @@ is the time the call takes to return on the CPU (when it is close to the CUDA ti
 --tune also times the hybrid op under variants of its launch settings (block sizes, warps, stages: ``TUNE``;
 the JSON's "tune" rows); --profile records the CUDA time of each kernel of one forward+backward ("profile").
 The settings the timed op ran with are in the JSON's "kernel_config".
+
+    python -m linearize.kernels.bench --T 32768 --state-probe 32768 --host-breakdown 2048
+
+--state-probe times the state pass alone under ``STATE_VARIANTS`` (tiles, warps, segments, without its stores);
+--host-breakdown splits the host time of one forward+backward into its launches, the floor of an autograd op and
+the rest, and times one launch by path (Triton's, the bare launcher); --host-profile is cProfile of the same.
 """
 
 from __future__ import annotations
