@@ -331,10 +331,15 @@ def test_triton_interpreter_state_passes_paired(mode, monkeypatch, interpret):
     """PAIR_STATES on: the backward's two state passes in one launch compute the same function."""
     monkeypatch.setattr(chunk, "PAIR_STATES", True)
     _set_blocks(monkeypatch, 16)
+    monkeypatch.setattr(chunk, "STATE_SEG", 0)  # the paired launch scans in one segment; segments take two launches
+    calls = []
+    pair = chunk.chunk_state_pair
+    monkeypatch.setattr(chunk, "chunk_state_pair", lambda *a, **k: calls.append(1) or pair(*a, **k))
     softmax, linear = MODES[mode]
     inputs, do = make_inputs(1, 200, 4, 2, 32, 32, torch.float32, seed=8)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
                         window=16, softmax=softmax, linear=linear)
+    assert calls, "the backward did not take the paired state passes"
 
 
 @needs_interpreter
