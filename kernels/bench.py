@@ -218,7 +218,8 @@ STATE_VARIANTS = {
 }
 # tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
-KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "PAIR_STATES", "Q_SPLIT", "KV_SPLIT")
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "PAIR_STATES", "Q_SPLIT",
+         "KV_SPLIT")
 
 
 def kernel_config() -> dict:
@@ -317,16 +318,15 @@ def _state_totals(x, y, rb, g, reverse, bf, bv, warps, stages):
 
     Bx, T, Hx, F = x.shape
     Dv = y.shape[-1]
-    NT = -(-T // chunk.BT)
-    tot = torch.empty(Bx * Hx, 1, F, Dv, device=x.device, dtype=torch.float32)
-    ztot = torch.empty(Bx * Hx, 1, F, device=x.device, dtype=torch.float32)
+    NT = chunk._cdiv(T, chunk.BT)
+    BF, BDV, _, meta = chunk._state_meta(F, Dv, x.dtype, big=True)
+    meta.update(BK=bf, BV=bv, num_warps=warps, num_stages=stages, PHASE=1, REVERSE=reverse, HAS_RB=rb is not None)
+    tot = torch.empty(Bx * Hx, 1, BF, BDV, device=x.device, dtype=torch.float32)
+    ztot = torch.empty(Bx * Hx, 1, BF, device=x.device, dtype=torch.float32)
     dummy = ztot
-    chunk._chunk_state_kernel[((F // bf) * (Dv // bv), Bx * Hx, 1)](
+    chunk._chunk_state_kernel[((BF // bf) * (BDV // bv), Bx * Hx, 1)](
         x, y, dummy if rb is None else rb, dummy, dummy, tot, ztot,
-        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, Hx, g, NT, NT, 1,
-        F=F, DV=Dv, BF=F, BDV=Dv, BK=bf, BV=bv, BT=chunk.BT, PHASE=1, REVERSE=reverse, HAS_RB=rb is not None,
-        DT=chunk._dot_dtype(x.dtype), PREC="tf32", Z_DOT=chunk.STATE_Z_DOT, ZPREC="tf32x3",
-        num_warps=warps, num_stages=stages,
+        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, Hx, g, NT, NT, 1, **meta,
     )  # fmt: skip
 
 

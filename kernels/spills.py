@@ -39,7 +39,8 @@ DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (
 # pointers holding the data dtype (q, k, v, features, do, outputs and gradients in the input dtype, the per-chunk
 # states);
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers) except IDX (int32)
-DATA_PTRS = {"X", "Y", "X2", "Y2", "HS2", "DA", "HS", "DHS", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_"}
+DATA_PTRS = {"X", "Y", "X2", "Y2", "HS", "HS2", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF",
+             "DK", "DV_"}
 FLOAT_SCALARS = {"scale", "eps"}
 
 
@@ -99,20 +100,18 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
     cur = chunk._cur_lin(lin, chunk.BT)
     heads = dict(D=D, DV=DV, F=F, BD=D, BDV=DV, BF=F, BT=chunk.BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur, DT=dt,
                  PREC=prec)
-    state = dict(F=F, DV=DV, BF=F, BDV=DV, BK=state_blocks, BV=state_blocks, BT=chunk.BT, DT=dt, PREC=prec)
+    # the weighted z dot of the reverse pass (and of the pair) takes fp32 operands at 3xTF32 for 16-bit inputs
+    state = dict(F=F, DV=DV, BF=F, BDV=DV, BK=state_blocks, BV=state_blocks, BT=chunk.BT, DT=dt, PREC=prec,
+                 Z_DOT=chunk.STATE_Z_DOT, ZPREC="ieee" if dtype == "fp32" else "tf32x3")
     out = []
     if lin:
-        zdot = chunk.STATE_Z_DOT
         out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=0, REVERSE=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee")))
+                    dict(state, PHASE=0, REVERSE=False, HAS_RB=False)))
         out.append(("state totals (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=1, REVERSE=False, HAS_RB=False, Z_DOT=zdot, ZPREC="ieee")))
+                    dict(state, PHASE=1, REVERSE=False, HAS_RB=False)))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=0, REVERSE=True, HAS_RB=True, Z_DOT=zdot,
-                         ZPREC="ieee" if dtype == "fp32" else "tf32x3")))
-        out.append(("state pair (bwd, PAIR_STATES)", chunk._state_pair_kernel, "state",
-                    dict(F=F, DV=DV, BF=F, BDV=DV, BK=state_blocks, BV=state_blocks, BT=chunk.BT, DT=dt, PREC=prec,
-                         Z_DOT=zdot, ZPREC="ieee" if dtype == "fp32" else "tf32x3")))
+                    dict(state, PHASE=0, REVERSE=True, HAS_RB=True)))
+        out.append(("state pair (bwd, PAIR_STATES)", chunk._state_pair_kernel, "state", state))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments

@@ -679,6 +679,16 @@ def _c(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool) -> tuple[int, int, int, dict]:
+    """(BF, BDV, F x Dv blocks per head, constexprs and launch options) shared by every state-pass launch."""
+    BF, BDV = _p2(F), _p2(Dv)
+    BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
+    fp32 = dtype == torch.float32
+    meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC="ieee" if fp32 else "tf32",
+                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if fp32 else "tf32x3", **_options("state", big))
+    return BF, BDV, (BF // BK) * (BDV // BV), meta
+
+
 def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool):
     """Per-chunk states of the linear terms, from the state pass.
 
@@ -690,17 +700,13 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     B, T, H, F = x.shape
     Dv = y.shape[-1]
     NT = _cdiv(T, BT)
-    BF, BDV = _p2(F), _p2(Dv)
-    BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
+    BF, BDV, blocks, meta = _state_meta(F, Dv, dtype, big)
+    meta.update(REVERSE=reverse, HAS_RB=rb is not None)
     hs = torch.empty(B * H, NT, BF, BDV, device=x.device, dtype=dtype)
     zs = torch.empty(B * H, NT, BF, device=x.device, dtype=torch.float32)
     L = STATE_SEG if STATE_SEG > 0 else NT
     nseg = _cdiv(NT, L)
-    blocks = (BF // BK) * (BDV // BV)
     args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, H, heads_per_y, NT, L)
-    meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, REVERSE=reverse, HAS_RB=rb is not None,
-                DT=_dot_dtype(dtype), PREC="ieee" if dtype == torch.float32 else "tf32", Z_DOT=STATE_Z_DOT,
-                ZPREC="ieee" if dtype == torch.float32 else "tf32x3", **_options("state", big))
     rb = zs if rb is None else rb  # a dummy, never read
     if nseg == 1:
         _chunk_state_kernel[(blocks, B * H, 1)](x, y, rb, hs, zs, zs, zs, *args, 1, PHASE=0, **meta)
@@ -722,19 +728,15 @@ def chunk_state_pair(kf, v, qf, dA, rb, *, heads_per_v: int, dtype: torch.dtype,
     Dv = v.shape[-1]
     assert qf.shape == kf.shape and dA.shape == (B, T, H, Dv)
     NT = _cdiv(T, BT)
-    BF, BDV = _p2(F), _p2(Dv)
-    BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
+    BF, BDV, blocks, meta = _state_meta(F, Dv, dtype, big)
     # four buffers, not one: the forward states are freed after the query side, before the key side runs
     hs, dhs = (torch.empty(B * H, NT, BF, BDV, device=kf.device, dtype=dtype) for _ in range(2))
     zs, dzs = (torch.empty(B * H, NT, BF, device=kf.device, dtype=torch.float32) for _ in range(2))
-    _state_pair_kernel[((BF // BK) * (BDV // BV), B * H, 2)](
+    _state_pair_kernel[(blocks, B * H, 2)](
         kf, v, hs, zs, qf, dA, rb, dhs, dzs,
         kf.stride(0), kf.stride(1), kf.stride(2), v.stride(0), v.stride(1), v.stride(2),
         qf.stride(0), qf.stride(1), qf.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
-        T, H, heads_per_v, NT,
-        F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype),
-        PREC="ieee" if dtype == torch.float32 else "tf32", Z_DOT=STATE_Z_DOT,
-        ZPREC="ieee" if dtype == torch.float32 else "tf32x3", **_options("state", big),
+        T, H, heads_per_v, NT, **meta,
     )  # fmt: skip
     return hs, zs, dhs, dzs
 
