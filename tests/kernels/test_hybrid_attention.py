@@ -393,7 +393,7 @@ def test_triton_gpu_matches_naive(B, T, H, KV, D, F, w, dt, mode):
 def test_triton_gpu_state_pass_bf16_keeps_z_fp32_accurate():
     """bf16 inputs (the interpreter does not emulate bf16 dots): h is stored in bf16, but the reverse pass's weighted
     z keeps fp32 accuracy (its row weights enter the dot as fp32 operands at 3xTF32). Rounding rb to bf16 would give a
-    relative error of ~1e-3, 100x the bound here."""
+    relative error of ~1e-3 (bf16 keeps 8 bits; an estimate, not run), 100x the bound here."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 1000, 4, 128, generator=g).softmax(-1).bfloat16()
     y = torch.randn(1, 1000, 4, 128, generator=g).bfloat16()
