@@ -201,7 +201,6 @@ TUNE = {
     "state z by column sums": {"STATE_Z_DOT": False},
     "bwd_kf 8 warps": {"LAUNCH": {"bwd_kf": (8, 1)}},
     "query side in one launch": {"Q_SPLIT": False},
-    "state passes paired": {"PAIR_STATES": True},
     "state 32x64": {"STATE_BF": 32},
     "state 64x32": {"STATE_BV": 32},
     "state 32x32": {"STATE_BF": 32, "STATE_BV": 32},
@@ -218,7 +217,7 @@ STATE_VARIANTS = {
 }
 # tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
-KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "PAIR_STATES", "Q_SPLIT",
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "Q_SPLIT",
          "KV_SPLIT")
 
 

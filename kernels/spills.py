@@ -100,7 +100,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
     cur = chunk._cur_lin(lin, chunk.BT)
     heads = dict(D=D, DV=DV, F=F, BD=D, BDV=DV, BF=F, BT=chunk.BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur, DT=dt,
                  PREC=prec)
-    # the weighted z dot of the reverse pass (and of the pair) takes fp32 operands at 3xTF32 for 16-bit inputs
+    # the weighted z dot of the reverse pass takes fp32 operands at 3xTF32 for 16-bit inputs
     state = dict(F=F, DV=DV, BF=F, BDV=DV, BK=state_blocks, BV=state_blocks, BT=chunk.BT, DT=dt, PREC=prec,
                  Z_DOT=chunk.STATE_Z_DOT, ZPREC="ieee" if dtype == "fp32" else "tf32x3")
     out = []
@@ -111,7 +111,6 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int):
                     dict(state, PHASE=1, REVERSE=False, HAS_RB=False)))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
                     dict(state, PHASE=0, REVERSE=True, HAS_RB=True)))
-        out.append(("state pair (bwd, PAIR_STATES)", chunk._state_pair_kernel, "state", state))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments

@@ -17,7 +17,6 @@ unless KEEP_STATES):
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
   _delta_kernel writes delta = do . o, dZ and, for the reverse state pass, dA in the dtype of do.
   The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i]
-  (with PAIR_STATES in one launch with the recomputed forward states: _state_pair_kernel).
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h).
   Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh.
 GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
@@ -31,6 +30,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
+
+from ..launch import Plans, direct
 
 from .naive import LINEAR_SPANS
 
@@ -60,11 +63,6 @@ STATE_SEG = 0
 # 8.86 ms at 32K), but NT F Dv per head more saved memory per layer (2x the size of q at F = Dv = D, bf16).
 # Off by default, as FlashAttention and fla recompute rather than keep.
 KEEP_STATES = False
-# PAIR_STATES: the backward recomputes the forward states and runs the reverse pass in one launch, side by side
-# (each scan alone leaves one program per SM, bound by the latency of its steps: 256 programs of 64 x 32 take as
-# long as 128 of 64 x 64). Correct on the GPU (the benchmark's check, bf16, all modes) but not yet timed there, so
-# off by default: `python -m linearize.kernels.bench --tune --variants default "state passes paired"` decides.
-PAIR_STATES = False
 # STATE_Z_DOT: the state pass sums phi(k) (forward) or rb phi(q) (reverse) for z with a dot instead of a column sum
 # per step (the weighted one in fp32 operands): 5.97 -> 5.51 ms forward+backward at 32K on an H200.
 STATE_Z_DOT = True
@@ -77,6 +75,10 @@ KV_SPLIT = False
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
 # 6.36 -> 5.46 ms against 8 warps (H200).
 LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
+# Launch plans (kernels/launch.py): the first forward / backward call of a key (shapes, strides, dtype, mode and the
+# settings above) launches through Triton and records every compiled kernel with its arguments; later calls of that
+# key hand only the tensors to the launchers. PLANS.enabled = False launches every kernel through fn[grid](...).
+PLANS = Plans()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -260,29 +262,6 @@ def _chunk_state_kernel(
     _state_scan(X, Y, RB, HS, ZS, TOT, ZTOT, sxb, sxt, sxh, syb, syt, syh, T, H, GY, NT, L, NTOT,
                 tl.program_id(0), tl.program_id(1), tl.program_id(2), F, DV, BF, BDV, BK, BV, BT, PHASE, REVERSE,
                 HAS_RB, DT, PREC, Z_DOT, ZPREC)
-
-
-@triton.jit
-def _state_pair_kernel(
-    X, Y, HS, ZS, X2, Y2, RB2, HS2, ZS2,
-    sxb, sxt, sxh, syb, syt, syh, sxb2, sxt2, sxh2, syb2, syt2, syh2,
-    T, H, GY, NT,
-    F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    Z_DOT: tl.constexpr, ZPREC: tl.constexpr,
-):
-    """The backward's two state passes in one launch, one scan over the whole sequence each: program_id(2) = 0 runs
-    the forward states on (X, Y) = (phi(k), v), 1 the reverse ones on (X2, Y2) = (phi(q), dA) with the row weights
-    RB2 of z. They are independent, and each is bound by the latency of its sequential steps with one program per
-    SM, so that sharing the SMs runs them side by side."""
-    if tl.program_id(2) == 0:
-        _state_scan(X, Y, ZS, HS, ZS, ZS, ZS, sxb, sxt, sxh, syb, syt, syh, T, H, GY, NT, NT, 1,
-                    tl.program_id(0), tl.program_id(1), 0, F, DV, BF, BDV, BK, BV, BT, 0, False, False, DT, PREC,
-                    Z_DOT, ZPREC)
-    else:
-        _state_scan(X2, Y2, RB2, HS2, ZS2, ZS2, ZS2, sxb2, sxt2, sxh2, syb2, syt2, syh2, T, H, 1, NT, NT, 1,
-                    tl.program_id(0), tl.program_id(1), 0, F, DV, BF, BDV, BK, BV, BT, 0, True, True, DT, PREC,
-                    Z_DOT, ZPREC)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -649,6 +628,10 @@ def _dot_dtype(dtype: torch.dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _options(name: str, big: bool) -> dict:
     warps, stages = LAUNCH[name] if big else (4, 1)
     return dict(num_warps=warps, num_stages=stages)
@@ -689,62 +672,70 @@ def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool) -> tuple[int, in
     return BF, BDV, (BF // BK) * (BDV // BV), meta
 
 
-def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool):
+def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool, launch=direct):
     """Per-chunk states of the linear terms, from the state pass.
 
     x: [B, T, H, F]; y: [B, T, H / heads_per_y, Dv]; rb: [B*H, T] fp32 row weights of z or None (= 1).
     Forward (reverse=False): hs[bh, i] = sum_{t in chunks <= i-2} x_t^T y_t, zs[bh, i] = sum x_t rb_t;
     reverse: the same over chunks >= i+2.
     Returns hs [B*H, NT, BF, BDV] in ``dtype`` (zero padded to powers of two) and zs [B*H, NT, BF] fp32.
+    ``launch``: the op call's launch function (kernels/launch.py).
     """
     B, T, H, F = x.shape
     Dv = y.shape[-1]
     NT = _cdiv(T, BT)
     BF, BDV, blocks, meta = _state_meta(F, Dv, dtype, big)
-    meta.update(REVERSE=reverse, HAS_RB=rb is not None)
     hs = torch.empty(B * H, NT, BF, BDV, device=x.device, dtype=dtype)
     zs = torch.empty(B * H, NT, BF, device=x.device, dtype=torch.float32)
     L = STATE_SEG if STATE_SEG > 0 else NT
     nseg = _cdiv(NT, L)
-    args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, H, heads_per_y, NT, L)
+    has_rb = rb is not None
     rb = zs if rb is None else rb  # a dummy, never read
+
+    def rest(phase):
+        args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                T, H, heads_per_y, NT, L, max(nseg - 1, 1))
+        return lambda: (args, dict(meta, REVERSE=reverse, HAS_RB=has_rb, PHASE=phase))
+
     if nseg == 1:
-        _chunk_state_kernel[(blocks, B * H, 1)](x, y, rb, hs, zs, zs, zs, *args, 1, PHASE=0, **meta)
+        launch(_chunk_state_kernel, (blocks, B * H, 1), (x, y, rb, hs, zs, zs, zs), rest(0))
         return hs, zs
     # two levels: the totals of segments 0 .. nseg-2 (the last one's is never needed), then every segment's
     # states from the sum of the totals before it
     tot = torch.empty(B * H, nseg - 1, BF, BDV, device=x.device, dtype=torch.float32)
     ztot = torch.empty(B * H, nseg - 1, BF, device=x.device, dtype=torch.float32)
     for phase, n in ((1, nseg - 1), (2, nseg)):
-        _chunk_state_kernel[(blocks, B * H, n)](x, y, rb, hs, zs, tot, ztot, *args, nseg - 1, PHASE=phase, **meta)
+        launch(_chunk_state_kernel, (blocks, B * H, n), (x, y, rb, hs, zs, tot, ztot), rest(phase))
     return hs, zs
-
-
-def chunk_state_pair(kf, v, qf, dA, rb, *, heads_per_v: int, dtype: torch.dtype, big: bool):
-    """The backward's forward states (``chunk_states(kf, v, None, heads_per_y=heads_per_v, reverse=False)``) and its
-    reverse ones (``chunk_states(qf, dA, rb, heads_per_y=1, reverse=True)``) from one launch of both scans side by
-    side (``_state_pair_kernel``). Returns hs, zs, dhs, dzs. One scan over the whole sequence each (no segments)."""
-    B, T, H, F = kf.shape
-    Dv = v.shape[-1]
-    assert qf.shape == kf.shape and dA.shape == (B, T, H, Dv)
-    NT = _cdiv(T, BT)
-    BF, BDV, blocks, meta = _state_meta(F, Dv, dtype, big)
-    # four buffers, not one: the forward states are freed after the query side, before the key side runs
-    hs, dhs = (torch.empty(B * H, NT, BF, BDV, device=kf.device, dtype=dtype) for _ in range(2))
-    zs, dzs = (torch.empty(B * H, NT, BF, device=kf.device, dtype=torch.float32) for _ in range(2))
-    _state_pair_kernel[(blocks, B * H, 2)](
-        kf, v, hs, zs, qf, dA, rb, dhs, dzs,
-        kf.stride(0), kf.stride(1), kf.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        qf.stride(0), qf.stride(1), qf.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
-        T, H, heads_per_v, NT, **meta,
-    )  # fmt: skip
-    return hs, zs, dhs, dzs
 
 
 def _cur_lin(lin: int, window: int) -> int:
     """1 when the linear terms of a query chunk's own key chunk can be non-zero (overlap / linear-only, or a hybrid
     with w < BT: keys of the same chunk at distance >= w), 0 when they are all masked (hybrid with w >= BT)."""
     return int(lin == 2 or (lin == 1 and window < BT))
+
+
+def _switches() -> tuple:
+    """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
+    return (STATE_BF, STATE_BV, OUT_BV, STATE_SEG, KEEP_STATES, STATE_Z_DOT, Q_SPLIT, KV_SPLIT, tuple(LAUNCH.items()))
+
+
+def _plan_key(kind: str, *tensors, extra: tuple):
+    """Key of the launch plan of one forward / backward call, or None (no plan: interpreter, launch hooks set, or an
+    input not 16-byte aligned, which Triton would compile another kernel for)."""
+    if INTERPRETED or not PLANS.enabled or knobs.runtime.launch_enter_hook or knobs.runtime.launch_exit_hook:
+        return None
+    addr = 0
+    for t in tensors:
+        addr |= t.data_ptr()
+    if addr & 15:
+        return None
+    return (kind, tensors[0].device.index, tensors[0].dtype, *[(t.shape, t.stride()) for t in tensors], *extra,
+            _switches())
+
+
+def _stream():
+    return driver.active.get_current_stream(driver.active.get_current_device())
 
 
 class HybridAttentionFunction(torch.autograd.Function):
@@ -762,65 +753,66 @@ class HybridAttentionFunction(torch.autograd.Function):
             assert q_feat_t.stride() == k_feat_t.stride()
         gam = gamma if gamma is not None else torch.ones(H, device=q.device, dtype=torch.float32)
         gam = gam.float().contiguous()
+        key = _plan_key("fwd", q, k, v, q_feat_t, k_feat_t, gam, extra=(window, softmax, lin, scale, eps))
+        launch = PLANS.start(key, _stream)
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
         big = max(BD, BDV, BF) >= 128
         NT = _cdiv(T, BT)
-        DT = _dot_dtype(q.dtype)
-        PREC = "ieee" if q.dtype == torch.float32 else "tf32"
         dev = q.device
         o = torch.empty(B, T, H, Dv, device=dev, dtype=v.dtype)
         M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         hs = zs = M  # dummies when there is no linear term
         if lin:
-            hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
+            hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
+                                  launch=launch)
         BV = min(OUT_BV, BDV)
-        _fwd_kernel[(NT, BDV // BV, B * H)](
-            q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            T, H, G, NT, window, scale, eps,
-            D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
-            CUR_LIN=_cur_lin(lin, window), DT=DT, PREC=PREC, **_options("fwd", big),
-        )
+        launch(_fwd_kernel, (NT, BDV // BV, B * H), (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD), lambda: (
+            (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+             v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
+             o.stride(0), o.stride(1), o.stride(2), T, H, G, NT, window, scale, eps),
+            dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
+                 CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), **_options("fwd", big)),
+        ))  # fmt: skip
+        launch.done()
         # unless KEEP_STATES the states are recomputed in the backward: [NT, F, Dv] per head is twice the size of q
         saved = (hs, zs) if lin and KEEP_STATES else ()
         ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD, *saved)
-        ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None)
+        ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None, key)
         ctx.gamma_dtype = None if gamma is None else gamma.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, q_feat, k_feat, gam, o, M, ZD, *kept = ctx.saved_tensors
-        window, softmax, lin, scale, NT, F, has_gamma = ctx.cfg
+        window, softmax, lin, scale, NT, F, has_gamma, fkey = ctx.cfg
         B, T, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
         G = H // Hkv
         do = _c(do)
+        # the forward's key covers every saved input; o and the buffers below are fresh (aligned) allocations
+        key = None if fkey is None or do.data_ptr() & 15 else ("bwd", fkey, do.dtype, do.stride())
+        launch = PLANS.start(key, _stream)
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
         big = max(BD, BDV, BF) >= 128
-        DT = _dot_dtype(q.dtype)
-        PREC = "ieee" if q.dtype == torch.float32 else "tf32"
+        DT, PREC = _dot_dtype(q.dtype), _prec(q.dtype)
         cur_lin = _cur_lin(lin, window)
         dev = q.device
         delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         rb = torch.empty_like(delta)
         dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if lin else do  # (a dummy without linear terms)
-        _delta_kernel[(NT, B * H)](
-            o, do, ZD, delta, rb, dA,
-            o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dA.stride(0), dA.stride(1), dA.stride(2), T, H, DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin),
-            **_options("delta", big),
-        )  # fmt: skip
+        launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda: (
+            (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+             dA.stride(0), dA.stride(1), dA.stride(2), T, H),
+            dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin), **_options("delta", big)),
+        ))  # fmt: skip
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
-        if lin and PAIR_STATES and not kept and STATE_SEG == 0:
-            hs, zs, dhs, dzs = chunk_state_pair(k_feat, v, q_feat, dA, rb, heads_per_v=G, dtype=q.dtype, big=big)
-        elif lin:
-            hs, zs = kept or chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big)
+        if lin:
+            hs, zs = kept or chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
+                                          launch=launch)
             # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
-            dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big)
+            dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
+                                    launch=launch)
         del dA  # before the gradient buffers: it is not alive at their peak
         dq = torch.empty_like(q)  # every buffer below is written in full by the kernels of the terms that use it
         dqf = torch.empty_like(q_feat) if lin else q
@@ -831,36 +823,40 @@ class HybridAttentionFunction(torch.autograd.Function):
         rsum = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         idx = torch.empty(B * H, T, device=dev, dtype=torch.int32)
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
-        strides = (
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-        )
-        meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
-                    DT=DT, PREC=PREC)
+
+        def rest(options: str, **switches):
+            def bound():
+                strides = (
+                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
+                    do.stride(0), do.stride(1), do.stride(2),
+                )
+                if options == "bwd_kf":
+                    return (*strides[6:], T, H, G, NT, window), dict(
+                        DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
+                        **_options(options, big))
+                return (*strides, T, H, G, NT, window, scale), dict(
+                    D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
+                    DT=DT, PREC=PREC, **switches, **_options(options, big))
+            return bound
+
         if Q_SPLIT and softmax and lin:
             q_parts = [dict(DO_LIN=True, DO_SM=False), dict(DO_LIN=False, DO_SM=True)]
         else:
             q_parts = [{}]
         for part in q_parts:
-            _bwd_q_kernel[(NT, B * H)](
-                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg,
-                *strides, T, H, G, NT, window, scale, **meta, **part, **_options("bwd_q", big),
-            )
+            launch(_bwd_q_kernel, (NT, B * H),
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg),
+                   rest("bwd_q", **part))
         del hs, zs, kept
         # dk needs r and the arg max from the query side: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
-            _bwd_kv_kernel[(NT, B * Hkv)](
-                q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv,
-                *strides, T, H, G, NT, window, scale, **meta, **part, **_options("bwd_kv", big),
-            )
+            launch(_bwd_kv_kernel, (NT, B * Hkv),
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv), rest("bwd_kv", **part))
         if lin:
-            _bwd_kf_kernel[(NT, B * H)](
-                q_feat, v, do, ZD, delta, dhs, dzs, dkf, *strides[6:], T, H, G, NT, window,
-                DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
-                **_options("bwd_kf", big),
-            )
+            launch(_bwd_kf_kernel, (NT, B * H), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), rest("bwd_kf"))
+        launch.done()
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
         dgamma = dg.view(B, H, NT).sum((0, 2)).to(ctx.gamma_dtype) if has_gamma and softmax else None
         if not softmax:

@@ -302,47 +302,6 @@ def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weight
 
 
 @needs_interpreter
-@pytest.mark.parametrize("GY,blk", [(2, 16), (1, 64)], ids=["G2-blk16", "G1-blk64"])
-def test_triton_state_pair_matches_reference(GY, blk, monkeypatch, interpret):
-    """The backward's two scans in one launch (forward states on (phi(k), v) with GQA, reverse ones on (phi(q), dA)
-    with the row weights of z): each equals its float64 reference, padding included (F = 24, Dv = 40: padded to 32
-    and 64; blocks of 16 give several F and Dv blocks per head)."""
-    monkeypatch.setattr(chunk, "STATE_BF", blk)
-    monkeypatch.setattr(chunk, "STATE_BV", blk)
-    g = torch.Generator().manual_seed(GY)
-    B, T, H, F, DV = 2, 333, 4, 24, 40
-    kf, qf = (torch.randn(B, T, H, F, generator=g).softmax(-1) for _ in range(2))
-    v = torch.randn(B, T, H // GY, DV, generator=g)
-    dA = torch.randn(B, T, H, DV, generator=g)
-    rb = torch.randn(B * H, T, generator=g)
-    hs, zs, dhs, dzs = chunk.chunk_state_pair(kf, v, qf, dA, rb, heads_per_v=GY, dtype=torch.float32, big=False)
-    for name, (h, z), (ref_h, ref_z) in (
-        ("forward", (hs, zs), chunk_states_reference(kf, v, None, GY, False)),
-        ("reverse", (dhs, dzs), chunk_states_reference(qf, dA, rb, 1, True)),
-    ):
-        assert_close(f"{name} state h", ref_h, h[:, :, :F, :DV], torch.float32)
-        assert_close(f"{name} state z", ref_z, z[:, :, :F], torch.float32)
-        assert (h[:, :, F:] == 0).all() and (h[:, :, :, DV:] == 0).all(), f"{name}: padding must be zero"
-
-
-@needs_interpreter
-@pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only"])
-def test_triton_interpreter_state_passes_paired(mode, monkeypatch, interpret):
-    """PAIR_STATES on: the backward's two state passes in one launch compute the same function."""
-    monkeypatch.setattr(chunk, "PAIR_STATES", True)
-    _set_blocks(monkeypatch, 16)
-    monkeypatch.setattr(chunk, "STATE_SEG", 0)  # the paired launch scans in one segment; segments take two launches
-    calls = []
-    pair = chunk.chunk_state_pair
-    monkeypatch.setattr(chunk, "chunk_state_pair", lambda *a, **k: calls.append(1) or pair(*a, **k))
-    softmax, linear = MODES[mode]
-    inputs, do = make_inputs(1, 200, 4, 2, 32, 32, torch.float32, seed=8)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
-                        window=16, softmax=softmax, linear=linear)
-    assert calls, "the backward did not take the paired state passes"
-
-
-@needs_interpreter
 def test_triton_interpreter_no_gamma_custom_scale(interpret):
     inputs, do = make_inputs(1, 90, 2, 1, 16, 16, torch.float32, seed=11, gamma=False)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",

@@ -1,0 +1,133 @@
+"""Launch plans: Triton launches whose arguments are bound once per key, then replayed through the launcher alone.
+
+Triton's ``fn[grid](*args, **meta)`` binds every argument to the signature, specialises each one (pointer alignment,
+integers equal to 1 or divisible by 16), hashes the result to find the compiled kernel and only then calls its
+launcher: ~30 us of host time per launch on the benchmark's H200 host, of which the launcher is ~10 us
+(``bench --host-breakdown``). An op whose launches are fixed by a key of its own (shapes, strides, dtype, mode,
+module switches) needs that work once per key. The first call with a key goes through ``fn[grid]`` and records each
+launch's compiled kernel, grid and non-tensor arguments; later calls hand the tensors straight to the launchers.
+
+The key is the caller's promise: equal keys mean equal grids, scalars, constexprs and launch sequence, and tensors of
+the same alignment class. Callers put every input's shape and strides in it and leave plans off (``key=None``) for
+inputs whose addresses are not 16-byte aligned, under the interpreter and while launch hooks (profilers) are set.
+
+A launch site reads ``launch(fn, grid, tensors, rest)``: ``tensors`` are the kernel's leading tensor arguments and
+``rest()`` returns ``(scalars, meta)``, the remaining positional arguments and the keyword ones (constexprs and
+``num_warps`` / ``num_stages``). ``rest`` is called only when a launch is not replayed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from typing import Callable, Hashable, Sequence
+
+_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+
+
+def direct(fn, grid, tensors: Sequence, rest: Callable[[], tuple[tuple, dict]]):
+    """Launch through Triton's own path (no plan)."""
+    scalars, meta = rest()
+    return fn[grid](*tensors, *scalars, **meta)
+
+
+class _Record:
+    """Launches through Triton's path and records them; the plan is kept only once the op call finished."""
+
+    __slots__ = ("plans", "key", "entries")
+
+    def __init__(self, plans: Plans, key: Hashable):
+        self.plans, self.key, self.entries = plans, key, []
+
+    def __call__(self, fn, grid, tensors, rest):
+        scalars, meta = rest()
+        kernel = fn[grid](*tensors, *scalars, **meta)
+        if kernel is None or self.entries is None:  # not compiled (warmup) or not a real kernel: record nothing
+            self.entries = None
+            return kernel
+        consts = {k: v for k, v in meta.items() if k not in _OPTIONS}
+        bound = self.plans.signature(fn).bind(*tensors, *scalars, **consts)
+        bound.apply_defaults()
+        tail = tuple(bound.arguments.values())[len(tensors):]
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        self.entries.append((fn, kernel.run, kernel.function, kernel.packed_metadata, g[0], g[1], g[2], tail))
+        return kernel
+
+    def done(self):
+        if self.entries is not None:
+            self.plans.store(self.key, tuple(self.entries))
+
+
+class _Replay:
+    """Calls the recorded launchers in the recorded order with this call's tensors."""
+
+    __slots__ = ("entries", "i", "stream")
+
+    def __init__(self, entries, stream):
+        self.entries, self.i, self.stream = entries, 0, stream
+
+    def __call__(self, fn, grid, tensors, rest):
+        fn0, run, function, packed, g0, g1, g2, tail = self.entries[self.i]
+        if fn0 is not fn:
+            raise RuntimeError(f"launch plan out of step: launch {self.i} is {fn}, the plan recorded {fn0}")
+        self.i += 1
+        run(g0, g1, g2, self.stream, function, packed, None, None, None, *tensors, *tail)
+
+    def done(self):
+        if self.i != len(self.entries):
+            raise RuntimeError(f"launch plan out of step: {self.i} launches, the plan recorded {len(self.entries)}")
+
+
+class _Direct:
+    __slots__ = ()
+
+    def __call__(self, fn, grid, tensors, rest):
+        return direct(fn, grid, tensors, rest)
+
+    def done(self):
+        pass
+
+
+_DIRECT = _Direct()
+
+
+class Plans:
+    """Launch plans of one op by key, the ``limit`` most recently used ones kept.
+
+    ``start(key, stream)`` returns the launch function of one op call: a replay when a finished plan has this key,
+    otherwise a recorder (or Triton's plain path when ``key`` is None or plans are off); call its ``done()`` after the
+    op's last launch. ``stream`` is a callable returning the raw CUDA stream the launches go to.
+    """
+
+    def __init__(self, limit: int = 256, enabled: bool = True):
+        self.limit, self.enabled = limit, enabled
+        self._plans: OrderedDict = OrderedDict()
+        self._signatures: dict = {}
+        self.replays = 0  # replayed op calls, for tests and the benchmark
+
+    def start(self, key: Hashable | None, stream: Callable[[], int]):
+        if key is None or not self.enabled:
+            return _DIRECT
+        entries = self._plans.get(key)
+        if entries is None:
+            return _Record(self, key)
+        self._plans.move_to_end(key)
+        self.replays += 1
+        return _Replay(entries, stream())
+
+    def store(self, key, entries):
+        self._plans[key] = entries
+        while len(self._plans) > self.limit:
+            self._plans.popitem(last=False)
+
+    def signature(self, fn) -> inspect.Signature:
+        sig = self._signatures.get(fn)
+        if sig is None:
+            sig = self._signatures[fn] = inspect.signature(fn.fn)
+        return sig
+
+    def clear(self):
+        self._plans.clear()
+
+    def __len__(self):
+        return len(self._plans)
