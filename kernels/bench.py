@@ -194,6 +194,7 @@ PEERS = {"sdpa": sdpa, "flex_swa": flex_swa, "fla_chunk_la": fla_chunk_la}
 # (LAUNCH entries are (num_warps, num_stages) per kernel)
 TUNE = {
     "default": {},
+    "launch plans off": {"LAUNCH_PLANS": False},
     "keep states": {"KEEP_STATES": True},
     "bwd_kv 8 warps": {"LAUNCH": {"bwd_kv": (8, 1)}},
     "fwd 3 stages": {"LAUNCH": {"fwd": (4, 3)}},
@@ -218,7 +219,7 @@ STATE_VARIANTS = {
 # tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
 KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "Q_SPLIT",
-         "KV_SPLIT")
+         "KV_SPLIT", "LAUNCH_PLANS")
 
 
 def kernel_config() -> dict:
@@ -344,7 +345,8 @@ class _Floor(torch.autograd.Function):
 
 
 def host_breakdown(T: int, iters: int = 100) -> dict:
-    """Host microseconds of one forward+backward of the hybrid op: the whole call, each kernel's launch (its
+    """Host microseconds of one forward+backward of the hybrid op: the whole call with launch plans (the default) and
+    through Triton's own path for every launch, the forward alone, each kernel's launch on Triton's path (its
     ``JITFunction.run`` timed), and the floor of an autograd op with the same inputs that launches nothing."""
     from .hybrid_attention import chunk
 
@@ -366,32 +368,43 @@ def host_breakdown(T: int, iters: int = 100) -> dict:
 
         return run
 
-    res = {"T": T}
-    for name, fn in (("fwd_bwd", step), ("fwd", fwd), ("autograd_floor", floor)):
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        spent.clear()
-        for k in kernels:
-            k.run = timed(k)  # fn[grid](...) calls the instance's run
-        try:
-            t0 = time.perf_counter()
-            for _ in range(iters):
+    def host_us(fn, plans: bool, per_launch: bool) -> float:
+        def go():
+            for _ in range(5):
                 fn()
-            res[f"{name}_us"] = (time.perf_counter() - t0) / iters * 1e6
-        finally:
-            for k in kernels:
-                del k.run
-        torch.cuda.synchronize()
-        if name == "fwd_bwd":
-            res["launch_us"] = {k: sum(v) / iters * 1e6 for k, v in spent.items()}
-            res["launches"] = {k: len(v) / iters for k, v in spent.items()}
+            torch.cuda.synchronize()
+            spent.clear()
+            if per_launch:
+                for kern in kernels:
+                    kern.run = timed(kern)  # fn[grid](...) calls the instance's run
+            try:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                return (time.perf_counter() - t0) / iters * 1e6
+            finally:
+                if per_launch:
+                    for kern in kernels:
+                        del kern.run
+                torch.cuda.synchronize()
+
+        return with_settings({"LAUNCH_PLANS": plans}, go)
+
+    res = {"T": T, "fwd_bwd_us": host_us(step, True, False), "fwd_us": host_us(fwd, True, False)}
+    res["fwd_bwd_triton_path_us"] = host_us(step, False, True)
+    res["launch_us"] = {k: sum(v) / iters * 1e6 for k, v in spent.items()}
+    res["launches"] = {k: len(v) / iters for k, v in spent.items()}
+    res["fwd_triton_path_us"] = host_us(fwd, False, False)
+    res["autograd_floor_us"] = host_us(floor, True, False)
     total = sum(res["launch_us"].values())
-    print(f"# host T={T}: forward+backward {res['fwd_bwd_us']:.0f} us (forward {res['fwd_us']:.0f}), of which "
-          f"{total:.0f} us in {sum(res['launches'].values()):.0f} launches; an autograd op launching nothing: "
-          f"{res['autograd_floor_us']:.0f} us", flush=True)
+    print(f"# host T={T}: forward+backward {res['fwd_bwd_us']:.0f} us with launch plans, "
+          f"{res['fwd_bwd_triton_path_us']:.0f} us through Triton's path, of which {total:.0f} us in "
+          f"{sum(res['launches'].values()):.0f} launches; forward {res['fwd_us']:.0f} / "
+          f"{res['fwd_triton_path_us']:.0f} us; an autograd op launching nothing: {res['autograd_floor_us']:.0f} us",
+          flush=True)
     for k, v in res["launch_us"].items():
-        print(f"# host T={T}   {k}: {v / res['launches'][k]:.1f} us x{res['launches'][k]:.0f}", flush=True)
+        print(f"# host T={T}   {k}: {v / res['launches'][k]:.1f} us x{res['launches'][k]:.0f} (Triton's path)",
+              flush=True)
     return res
 
 

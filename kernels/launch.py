@@ -95,18 +95,18 @@ class Plans:
     """Launch plans of one op by key, the ``limit`` most recently used ones kept.
 
     ``start(key, stream)`` returns the launch function of one op call: a replay when a finished plan has this key,
-    otherwise a recorder (or Triton's plain path when ``key`` is None or plans are off); call its ``done()`` after the
+    otherwise a recorder (or Triton's plain path when ``key`` is None); call its ``done()`` after the
     op's last launch. ``stream`` is a callable returning the raw CUDA stream the launches go to.
     """
 
-    def __init__(self, limit: int = 256, enabled: bool = True):
-        self.limit, self.enabled = limit, enabled
+    def __init__(self, limit: int = 256):
+        self.limit = limit
         self._plans: OrderedDict = OrderedDict()
         self._signatures: dict = {}
         self.replays = 0  # replayed op calls, for tests and the benchmark
 
     def start(self, key: Hashable | None, stream: Callable[[], int]):
-        if key is None or not self.enabled:
+        if key is None:
             return _DIRECT
         entries = self._plans.get(key)
         if entries is None:

@@ -77,7 +77,8 @@ KV_SPLIT = False
 LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
 # Launch plans (kernels/launch.py): the first forward / backward call of a key (shapes, strides, dtype, mode and the
 # settings above) launches through Triton and records every compiled kernel with its arguments; later calls of that
-# key hand only the tensors to the launchers. PLANS.enabled = False launches every kernel through fn[grid](...).
+# key hand only the tensors to the launchers. LAUNCH_PLANS = False launches every kernel through fn[grid](...).
+LAUNCH_PLANS = True
 PLANS = Plans()
 
 
@@ -717,13 +718,14 @@ def _cur_lin(lin: int, window: int) -> int:
 
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
-    return (STATE_BF, STATE_BV, OUT_BV, STATE_SEG, KEEP_STATES, STATE_Z_DOT, Q_SPLIT, KV_SPLIT, tuple(LAUNCH.items()))
+    return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, KEEP_STATES, STATE_Z_DOT, Q_SPLIT, KV_SPLIT,
+            tuple(LAUNCH.items()))
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
     """Key of the launch plan of one forward / backward call, or None (no plan: interpreter, launch hooks set, or an
     input not 16-byte aligned, which Triton would compile another kernel for)."""
-    if INTERPRETED or not PLANS.enabled or knobs.runtime.launch_enter_hook or knobs.runtime.launch_exit_hook:
+    if INTERPRETED or not LAUNCH_PLANS or _hooked(knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
         return None
     addr = 0
     for t in tensors:
@@ -732,6 +734,11 @@ def _plan_key(kind: str, *tensors, extra: tuple):
         return None
     return (kind, tensors[0].device.index, tensors[0].dtype, *[(t.shape, t.stride()) for t in tensors], *extra,
             _switches())
+
+
+def _hooked(*hooks) -> bool:
+    """Whether a launch hook is set: a callable (Triton 3.6) or a non-empty HookChain (later versions)."""
+    return any(getattr(h, "calls", h) for h in hooks)
 
 
 def _stream():

@@ -367,6 +367,36 @@ def test_triton_gpu_state_pass_bf16_keeps_z_fp32_accurate():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+@pytest.mark.parametrize("mode", ["hybrid", "la_only", "swa_only"])
+def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypatch):
+    """Calls after the first of a key replay its recorded launches (kernels/launch.py) and give the bits of Triton's
+    own path; an input off 16-byte alignment takes Triton's path (another specialisation) and records no plan."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=64, softmax=softmax, linear=linear)
+    inputs, do = make_inputs(1, 300, 4, 2, 64, 64, torch.bfloat16, device="cuda", seed=3)
+    monkeypatch.setattr(chunk, "LAUNCH_PLANS", False)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    monkeypatch.setattr(chunk, "LAUNCH_PLANS", True)
+    chunk.PLANS.clear()
+    replays = chunk.PLANS.replays
+    for _ in range(3):
+        out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+        assert torch.equal(out, ref_out)
+        for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+            assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
+    assert chunk.PLANS.replays - replays == 4, "calls 2 and 3 did not replay their forward and backward"
+    assert len(chunk.PLANS) == 2
+
+    q = inputs[0].detach()
+    off = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)[1:].view_as(q).copy_(q)  # 2 bytes off
+    assert off.data_ptr() % 16
+    out = chunk.hybrid_attention_chunk(off, *[x.detach() if x is not None else None for x in inputs[1:]], **kw)
+    assert_close("misaligned q", ref_out.float(), out.float(), torch.bfloat16)
+    assert len(chunk.PLANS) == 2, "a misaligned input recorded a plan"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
 def test_gpu_dispatcher_uses_triton_and_warns_once_on_fallback(monkeypatch):
     import linearize.kernels.hybrid_attention as ha
 

@@ -1,0 +1,167 @@
+"""Launch plans (kernels/launch.py) against Triton's own launch path, with a stand-in for a @triton.jit function.
+
+The stand-in records what Triton's ``fn[grid](...)`` would receive and returns a compiled-kernel stand-in whose
+``run`` records what the launcher receives, in the launcher's calling convention (grid, stream, function, packed
+metadata, launch metadata, two hooks, then every bound argument in signature order, constexprs included). The
+replayed launches of real kernels are compared with Triton's path on the GPU (test_hybrid_attention.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linearize.kernels.launch import Plans, direct
+
+
+class FakeCompiled:
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, object(), ("packed",)
+
+    def run(self, *args):
+        self.log.append(("launcher", args))
+
+
+class FakeJit:
+    """Stands for ``triton.jit(kernel)``: ``fn`` is the Python signature, ``fn[grid](...)`` the full launch."""
+
+    def __init__(self, log):
+        self.log, self.compiled = log, FakeCompiled(log)
+
+        def kernel(X, Y, n, scale, BLOCK: int, FLAG: bool = False):  # constexprs last, one with a default
+            pass
+
+        self.fn = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            return self.compiled
+
+        return launch
+
+
+def rest_of(log, scalars, meta):
+    def rest():
+        log.append("rest")
+        return scalars, meta
+
+    return rest
+
+
+def test_first_call_records_through_triton_then_replays_through_the_launcher():
+    log = []
+    fn, plans = FakeJit(log), Plans()
+    x, y = torch.zeros(4), torch.ones(4)
+    launch = plans.start(("k", 1), stream=lambda: 77)
+    launch(fn, (3, 2), (x, y), rest_of(log, (5, 0.5), dict(BLOCK=16, num_warps=4)))
+    launch.done()
+    assert log == ["rest", ("triton", (3, 2), (x, y, 5, 0.5), dict(BLOCK=16, num_warps=4))]
+    assert len(plans) == 1 and plans.replays == 0
+
+    log.clear()
+    x2, y2 = torch.zeros(4), torch.ones(4)
+    launch = plans.start(("k", 1), stream=lambda: 77)
+    launch(fn, (3, 2), (x2, y2), rest_of(log, (5, 0.5), dict(BLOCK=16, num_warps=4)))
+    launch.done()
+    (name, args), = log  # rest() was not called: the arguments come from the plan
+    assert name == "launcher" and plans.replays == 1
+    g0, g1, g2, stream, function, packed, meta, enter, exit_, *bound = args
+    assert (g0, g1, g2, stream) == (3, 2, 1, 77)
+    assert function is fn.compiled.function and packed == fn.compiled.packed_metadata
+    assert (meta, enter, exit_) == (None, None, None)
+    # this call's tensors, then the recorded scalars and constexprs in signature order, the default applied and
+    # the launch options (num_warps) left out
+    assert bound[0] is x2 and bound[1] is y2 and bound[2:] == [5, 0.5, 16, False]
+
+
+def test_other_keys_record_their_own_plan_and_the_least_recent_goes_past_the_limit():
+    log = []
+    fn, plans = FakeJit(log), Plans(limit=2)
+    x = torch.zeros(2)
+    for key in ("a", "b", "a", "c"):
+        launch = plans.start(key, stream=lambda: 0)
+        launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+        launch.done()
+    assert [e[0] if isinstance(e, tuple) else e for e in log].count("triton") == 3  # a, b, c recorded; a replayed
+    assert len(plans) == 2
+    log.clear()
+    launch = plans.start("b", stream=lambda: 0)  # "b" was used least recently: dropped for "c"
+    launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+    assert log[0] == "rest"
+
+
+def test_plan_is_kept_only_when_the_call_finished():
+    log = []
+    fn, plans = FakeJit(log), Plans()
+    x = torch.zeros(2)
+    launch = plans.start("k", stream=lambda: 0)
+    launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+    # the op raised before its last launch: done() is never called
+    assert len(plans) == 0
+    assert plans.start("k", stream=lambda: 0).__class__.__name__ == "_Record"
+
+
+def test_replay_out_of_step_raises():
+    log = []
+    fn, other, plans = FakeJit(log), FakeJit(log), Plans()
+    x = torch.zeros(2)
+    launch = plans.start("k", stream=lambda: 0)
+    for _ in range(2):
+        launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+    launch.done()
+    launch = plans.start("k", stream=lambda: 0)
+    with pytest.raises(RuntimeError, match="out of step: launch 0"):
+        launch(other, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+    launch = plans.start("k", stream=lambda: 0)
+    launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+    with pytest.raises(RuntimeError, match="1 launches, the plan recorded 2"):
+        launch.done()
+
+
+def test_without_a_key_every_launch_goes_through_triton():
+    log = []
+    fn, plans = FakeJit(log), Plans()
+    x = torch.zeros(2)
+    for _ in range(3):
+        launch = plans.start(None, stream=lambda: 0)
+        launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+        launch.done()
+    assert sum(isinstance(e, tuple) and e[0] == "triton" for e in log) == 3 and len(plans) == 0
+    log.clear()
+    assert direct(fn, (2,), (x,), rest_of(log, (x, 3, 1.0), dict(BLOCK=2))) is fn.compiled
+
+
+def test_launches_that_return_no_kernel_are_not_recorded():
+    """Triton's interpreter returns no compiled kernel: nothing to replay, so no plan is kept."""
+    log = []
+    fn, plans = FakeJit(log), Plans()
+    fn.compiled = None
+    x = torch.zeros(2)
+    launch = plans.start("k", stream=lambda: 0)
+    launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+    launch.done()
+    assert len(plans) == 0
+
+
+def test_plan_key_of_the_hybrid_op(monkeypatch):
+    """The op's key covers shapes, strides, dtype and settings, and is None for inputs off 16-byte alignment."""
+    from linearize.kernels.hybrid_attention import chunk
+
+    monkeypatch.setattr(chunk, "INTERPRETED", False)
+    q, k = torch.randn(1, 70, 2, 16), torch.randn(1, 70, 1, 16)
+    key = chunk._plan_key("fwd", q, k, extra=(64,))
+    assert key is not None and key == chunk._plan_key("fwd", q.clone(), k.clone(), extra=(64,))
+    assert key != chunk._plan_key("fwd", q[:, :69], k[:, :69], extra=(64,))  # another T
+    assert key != chunk._plan_key("fwd", q.transpose(1, 2).contiguous().transpose(1, 2), k, extra=(64,))  # strides
+    assert key != chunk._plan_key("fwd", q, k, extra=(32,))  # another window
+    assert key != chunk._plan_key("fwd", q.bfloat16(), k.bfloat16(), extra=(64,))
+    monkeypatch.setattr(chunk, "Q_SPLIT", not chunk.Q_SPLIT)
+    assert key != chunk._plan_key("fwd", q, k, extra=(64,))  # a module setting
+    off = torch.randn(1 + 70 * 2 * 16)[1:].view(1, 70, 2, 16)  # 4 bytes past an aligned address
+    assert chunk._plan_key("fwd", off, k, extra=(64,)) is None
+    monkeypatch.setattr(chunk, "LAUNCH_PLANS", False)
+    assert chunk._plan_key("fwd", q, k, extra=(64,)) is None
+    monkeypatch.setattr(chunk, "LAUNCH_PLANS", True)
+    monkeypatch.setattr(chunk, "INTERPRETED", True)
+    assert chunk._plan_key("fwd", q, k, extra=(64,)) is None
