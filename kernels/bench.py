@@ -319,7 +319,8 @@ def _state_totals(x, y, rb, g, reverse, bf, bv, warps, stages):
     Bx, T, Hx, F = x.shape
     Dv = y.shape[-1]
     NT = chunk._cdiv(T, chunk.BT)
-    BF, BDV, _, meta = chunk._state_meta(F, Dv, x.dtype, big=True)
+    BF, BDV, _, _ = chunk._state_tiles(F, Dv)
+    meta = chunk._state_meta(F, Dv, x.dtype, big=True)
     meta.update(BK=bf, BV=bv, num_warps=warps, num_stages=stages, PHASE=1, REVERSE=reverse, HAS_RB=rb is not None)
     tot = torch.empty(Bx * Hx, 1, BF, BDV, device=x.device, dtype=torch.float32)
     ztot = torch.empty(Bx * Hx, 1, BF, device=x.device, dtype=torch.float32)

@@ -663,14 +663,18 @@ def _c(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool) -> tuple[int, int, int, dict]:
-    """(BF, BDV, F x Dv blocks per head, constexprs and launch options) shared by every state-pass launch."""
+def _state_tiles(F: int, Dv: int) -> tuple[int, int, int, int]:
+    """(BF, BDV, BK, BV): the padded head dims and the state tile of one state-pass program."""
     BF, BDV = _p2(F), _p2(Dv)
-    BK, BV = min(STATE_BF, BF), min(STATE_BV, BDV)
+    return BF, BDV, min(STATE_BF, BF), min(STATE_BV, BDV)
+
+
+def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool) -> dict:
+    """Constexprs and launch options shared by every state-pass launch."""
+    BF, BDV, BK, BV = _state_tiles(F, Dv)
     fp32 = dtype == torch.float32
-    meta = dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC="ieee" if fp32 else "tf32",
+    return dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC="ieee" if fp32 else "tf32",
                 Z_DOT=STATE_Z_DOT, ZPREC="ieee" if fp32 else "tf32x3", **_options("state", big))
-    return BF, BDV, (BF // BK) * (BDV // BV), meta
 
 
 def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool, launch=direct):
@@ -685,7 +689,8 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     B, T, H, F = x.shape
     Dv = y.shape[-1]
     NT = _cdiv(T, BT)
-    BF, BDV, blocks, meta = _state_meta(F, Dv, dtype, big)
+    BF, BDV, BK, BV = _state_tiles(F, Dv)
+    blocks = (BF // BK) * (BDV // BV)
     hs = torch.empty(B * H, NT, BF, BDV, device=x.device, dtype=dtype)
     zs = torch.empty(B * H, NT, BF, device=x.device, dtype=torch.float32)
     L = STATE_SEG if STATE_SEG > 0 else NT
@@ -693,10 +698,12 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     has_rb = rb is not None
     rb = zs if rb is None else rb  # a dummy, never read
 
-    def rest(phase):
-        args = (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-                T, H, heads_per_y, NT, L, max(nseg - 1, 1))
-        return lambda: (args, dict(meta, REVERSE=reverse, HAS_RB=has_rb, PHASE=phase))
+    def rest(phase):  # the arguments after the tensors, bound only when the launch is not replayed
+        return lambda: (
+            (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+             T, H, heads_per_y, NT, L, max(nseg - 1, 1)),
+            dict(_state_meta(F, Dv, dtype, big), REVERSE=reverse, HAS_RB=has_rb, PHASE=phase),
+        )
 
     if nseg == 1:
         launch(_chunk_state_kernel, (blocks, B * H, 1), (x, y, rb, hs, zs, zs, zs), rest(0))
