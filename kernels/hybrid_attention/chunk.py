@@ -739,8 +739,10 @@ def _plan_key(kind: str, *tensors, extra: tuple):
         addr |= t.data_ptr()
     if addr & 15:
         return None
-    return (kind, tensors[0].device.index, tensors[0].dtype, *[(t.shape, t.stride()) for t in tensors], *extra,
-            _switches())
+    # the current device too: the launches go to its stream, with kernels loaded for it
+    current = torch.cuda.current_device() if tensors[0].is_cuda else -1
+    return (kind, current, tensors[0].device.index, tensors[0].dtype, *[(t.shape, t.stride()) for t in tensors],
+            *extra, _switches())
 
 
 def _hooked(*hooks) -> bool:
@@ -872,7 +874,9 @@ class HybridAttentionFunction(torch.autograd.Function):
             launch(_bwd_kf_kernel, (NT, B * H), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), rest("bwd_kf"))
         launch.done()
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
-        dgamma = dg.view(B, H, NT).sum((0, 2)).to(ctx.gamma_dtype) if has_gamma and softmax else None
+        dgamma = dg.view(B, H, NT).sum((0, 2)) if has_gamma and softmax else None
+        if dgamma is not None and dgamma.dtype != ctx.gamma_dtype:
+            dgamma = dgamma.to(ctx.gamma_dtype)
         if not softmax:
             dq = dk = None
         dqf_out, dkf_out = (dqf, dkf) if lin else (None, None)
@@ -912,5 +916,6 @@ def hybrid_attention_chunk(
     if linear == "none":
         q_feat = k_feat = None
     else:  # feature maps often run in fp32; the dots take them in the dtype of q (bf16 tensor cores)
-        q_feat, k_feat = q_feat.to(q.dtype), k_feat.to(q.dtype)
+        q_feat = q_feat if q_feat.dtype == q.dtype else q_feat.to(q.dtype)
+        k_feat = k_feat if k_feat.dtype == q.dtype else k_feat.to(q.dtype)
     return HybridAttentionFunction.apply(q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps)

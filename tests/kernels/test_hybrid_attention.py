@@ -309,6 +309,21 @@ def test_triton_interpreter_no_gamma_custom_scale(interpret):
 
 
 @needs_interpreter
+def test_triton_interpreter_features_and_gamma_in_another_dtype(interpret):
+    """float64 features and gamma with fp32 q / k / v: the op casts the features to fp32 and hands back gradients in
+    the dtype of each input, equal to those of the all-fp32 call on the same values."""
+    inputs, do = make_inputs(1, 100, 2, 1, 16, 16, torch.float32, seed=12)
+    mixed = [x.detach().clone().requires_grad_() for x in inputs[:3]]
+    mixed += [x.detach().double().requires_grad_() for x in inputs[3:]]
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, window=16)
+    out_m, grads_m = run(chunk.hybrid_attention_chunk, mixed, do, window=16)
+    assert torch.equal(out, out_m)
+    for name, g, gm, x in zip(GRAD_NAMES, grads, grads_m, mixed):
+        assert gm.dtype == x.dtype, f"{name}: {gm.dtype} for a {x.dtype} input"
+        torch.testing.assert_close(gm.float(), g, rtol=0, atol=0, msg=name)
+
+
+@needs_interpreter
 def test_triton_rejects_unsupported(interpret):
     inputs, _ = make_inputs(1, 20, 2, 1, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="window"):
