@@ -730,9 +730,12 @@ def _switches() -> tuple:
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
-    """Key of the launch plan of one forward / backward call, or None (no plan: interpreter, launch hooks set, or an
-    input not 16-byte aligned, which Triton would compile another kernel for)."""
+    """Key of the launch plan of one forward / backward call, or None (no plan: interpreter, launch hooks set, an
+    input not 16-byte aligned, which Triton would compile another kernel for, or torch.compile tracing the op, which
+    needs Triton's own launches to see the kernels)."""
     if INTERPRETED or not LAUNCH_PLANS or _hooked(knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        return None
+    if torch.compiler.is_compiling():
         return None
     addr = 0
     for t in tensors:

@@ -145,7 +145,8 @@ def test_launches_that_return_no_kernel_are_not_recorded():
 
 
 def test_plan_key_of_the_hybrid_op(monkeypatch):
-    """The op's key covers shapes, strides, dtype and settings, and is None for inputs off 16-byte alignment."""
+    """The op's key covers shapes, strides, dtype and settings, and is None for inputs off 16-byte alignment, with
+    plans switched off, while torch.compile traces and under the interpreter."""
     from linearize.kernels.hybrid_attention import chunk
 
     monkeypatch.setattr(chunk, "INTERPRETED", False)
@@ -163,5 +164,8 @@ def test_plan_key_of_the_hybrid_op(monkeypatch):
     monkeypatch.setattr(chunk, "LAUNCH_PLANS", False)
     assert chunk._plan_key("fwd", q, k, extra=(64,)) is None
     monkeypatch.setattr(chunk, "LAUNCH_PLANS", True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert chunk._plan_key("fwd", q, k, extra=(64,)) is None
+    monkeypatch.undo()
     monkeypatch.setattr(chunk, "INTERPRETED", True)
     assert chunk._plan_key("fwd", q, k, extra=(64,)) is None
