@@ -50,7 +50,7 @@ class _Record:
         bound.apply_defaults()
         tail = tuple(bound.arguments.values())[len(tensors):]
         g = tuple(grid) + (1,) * (3 - len(grid))
-        self.entries.append((fn, kernel.run, kernel.function, kernel.packed_metadata, g[0], g[1], g[2], tail))
+        self.entries.append((fn, grid, kernel.run, kernel.function, kernel.packed_metadata, g[0], g[1], g[2], tail))
         return kernel
 
     def done(self):
@@ -67,9 +67,10 @@ class _Replay:
         self.entries, self.i, self.stream = entries, 0, stream
 
     def __call__(self, fn, grid, tensors, rest):
-        fn0, run, function, packed, g0, g1, g2, tail = self.entries[self.i]
-        if fn0 is not fn:
-            raise RuntimeError(f"launch plan out of step: launch {self.i} is {fn}, the plan recorded {fn0}")
+        fn0, grid0, run, function, packed, g0, g1, g2, tail = self.entries[self.i]
+        if fn0 is not fn or grid0 != grid:  # a key that misses something the launches depend on
+            raise RuntimeError(f"launch plan out of step: launch {self.i} is {fn} on grid {grid}, the plan recorded "
+                               f"{fn0} on grid {grid0}")
         self.i += 1
         run(g0, g1, g2, self.stream, function, packed, None, None, None, *tensors, *tail)
 

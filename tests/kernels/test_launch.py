@@ -114,6 +114,9 @@ def test_replay_out_of_step_raises():
     with pytest.raises(RuntimeError, match="out of step: launch 0"):
         launch(other, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
     launch = plans.start("k", stream=lambda: 0)
+    with pytest.raises(RuntimeError, match=r"on grid \(2,\), the plan recorded .* on grid \(1,\)"):
+        launch(fn, (2,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+    launch = plans.start("k", stream=lambda: 0)
     launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
     with pytest.raises(RuntimeError, match="1 launches, the plan recorded 2"):
         launch.done()
