@@ -39,8 +39,7 @@ DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (
 # pointers holding the data dtype (q, k, v, features, do, outputs and gradients in the input dtype, the per-chunk
 # states);
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers) except IDX (int32)
-DATA_PTRS = {"X", "Y", "X2", "Y2", "HS", "HS2", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF",
-             "DK", "DV_"}
+DATA_PTRS = {"X", "Y", "HS", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_"}
 FLOAT_SCALARS = {"scale", "eps"}
 
 

@@ -16,7 +16,7 @@ Backward (FlashAttention-style recomputation; o, the row max m and the normalise
 unless KEEP_STATES):
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
   _delta_kernel writes delta = do . o, dZ and, for the reverse state pass, dA in the dtype of do.
-  The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i]
+  The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i].
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h).
   Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh.
 GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
@@ -173,16 +173,28 @@ def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.conste
 
 
 @triton.jit
-def _state_scan(
+def _chunk_state_kernel(
     X, Y, RB, HS, ZS, TOT, ZTOT,
     sxb, sxt, sxh, syb, syt, syh,
-    T, H, GY, NT, L, NTOT, pid_kv, pid_bh, seg,
+    T, H, GY, NT, L, NTOT,
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    Z_DOT: tl.constexpr, ZPREC: tl.constexpr,
+    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee",
 ):
-    """The scan of ``_chunk_state_kernel`` for program (pid_kv, pid_bh, seg)."""
+    """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
+    chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
+    into TOT[bh, seg] (fp32). PHASE 2: start from the sum of the totals of the earlier segments and write the states.
+    Splitting the scan in segments cuts its sequential chain from NT steps to 2 L, at the price of reading the inputs
+    twice (~1.2 us per step for one 64 x 64 tile on an H100 or an H200 at 32 heads).
+    Z_DOT: z is accumulated by a dot of x with a [16, BT] block whose 16 identical rows are the row weights RB (or
+    ones), so that every row of the [16, BK] result holds z (row 0 is stored), instead of a cross-warp column sum of
+    x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
+    ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was; two bf16 dots of x with rb split in a
+    high and a low bf16 part were no faster on an H200)."""
+    pid_kv = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    seg = tl.program_id(2)
     pid_k = pid_kv // (BDV // BV)
     pid_v = pid_kv % (BDV // BV)
     b = pid_bh // H
@@ -237,32 +249,6 @@ def _state_scan(
     if PHASE == 1:
         tl.store(_state_ptr(TOT, pid_bh, seg, NTOT, BF, BDV, ff, vv), S)
         tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + seg) * BF + zoff, z, mask=z_owner)
-
-
-
-@triton.jit
-def _chunk_state_kernel(
-    X, Y, RB, HS, ZS, TOT, ZTOT,
-    sxb, sxt, sxh, syb, syt, syh,
-    T, H, GY, NT, L, NTOT,
-    F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee",
-):
-    """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
-    chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
-    into TOT[bh, seg] (fp32). PHASE 2: start from the sum of the totals of the earlier segments and write the states.
-    Splitting the scan in segments cuts its sequential chain from NT steps to 2 L, at the price of reading the inputs
-    twice (~1.2 us per step for one 64 x 64 tile on an H100 or an H200 at 32 heads).
-    Z_DOT: z is accumulated by a dot of x with a [16, BT] block whose 16 identical rows are the row weights RB (or
-    ones), so that every row of the [16, BK] result holds z (row 0 is stored), instead of a cross-warp column sum of
-    x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
-    ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was; two bf16 dots of x with rb split in a
-    high and a low bf16 part were no faster on an H200)."""
-    _state_scan(X, Y, RB, HS, ZS, TOT, ZTOT, sxb, sxt, sxh, syb, syt, syh, T, H, GY, NT, L, NTOT,
-                tl.program_id(0), tl.program_id(1), tl.program_id(2), F, DV, BF, BDV, BK, BV, BT, PHASE, REVERSE,
-                HAS_RB, DT, PREC, Z_DOT, ZPREC)
 
 
 # --------------------------------------------------------------------------------------------------------------
