@@ -796,7 +796,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         G = H // Hkv
         do = _c(do)
         # the forward's key covers every saved input; o and the buffers below are fresh (aligned) allocations
-        key = None if fkey is None or do.data_ptr() & 15 else ("bwd", fkey, do.dtype, do.stride())
+        key = None if fkey is None else _plan_key("bwd", do, extra=(fkey,))
         launch = PLANS.start(key, _stream)
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
         big = max(BD, BDV, BF) >= 128
@@ -829,21 +829,17 @@ class HybridAttentionFunction(torch.autograd.Function):
         idx = torch.empty(B * H, T, device=dev, dtype=torch.int32)
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
 
-        def rest(options: str, **switches):
-            def bound():
-                strides = (
-                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                    v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
-                    do.stride(0), do.stride(1), do.stride(2),
-                )
-                if options == "bwd_kf":
-                    return (*strides[6:], T, H, G, NT, window), dict(
-                        DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
-                        **_options(options, big))
-                return (*strides, T, H, G, NT, window, scale), dict(
-                    D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
-                    DT=DT, PREC=PREC, **switches, **_options(options, big))
-            return bound
+        def strides():  # of q, k, v, the features and do; bwd_kf takes the last three
+            return (
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+            )
+
+        def rest(options: str, **switches):  # the arguments of _bwd_q_kernel / _bwd_kv_kernel after the tensors
+            return lambda: ((*strides(), T, H, G, NT, window, scale), dict(
+                D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
+                DT=DT, PREC=PREC, **switches, **_options(options, big)))
 
         if Q_SPLIT and softmax and lin:
             q_parts = [dict(DO_LIN=True, DO_SM=False), dict(DO_LIN=False, DO_SM=True)]
@@ -860,7 +856,11 @@ class HybridAttentionFunction(torch.autograd.Function):
             launch(_bwd_kv_kernel, (NT, B * Hkv),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv), rest("bwd_kv", **part))
         if lin:
-            launch(_bwd_kf_kernel, (NT, B * H), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), rest("bwd_kf"))
+            launch(_bwd_kf_kernel, (NT, B * H), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), lambda: (
+                (*strides()[6:], T, H, G, NT, window),
+                dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
+                     **_options("bwd_kf", big)),
+            ))  # fmt: skip
         launch.done()
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
         dgamma = dg.view(B, H, NT).sum((0, 2)) if has_gamma and softmax else None
