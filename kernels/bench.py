@@ -557,7 +557,8 @@ def main(argv=None):
     ap.add_argument("--state-probe", type=int, nargs="*", metavar="T",
                     help="also time the state pass alone under STATE_VARIANTS at these T")
     ap.add_argument("--host-breakdown", type=int, nargs="*", metavar="T",
-                    help="also time the host side of the hybrid op (per launch, and an autograd floor) at these T")
+                    help="also time the host side of the hybrid op at these T (launch plans on and off, per launch, "
+                         "and an autograd floor)")
     ap.add_argument("--host-profile", type=int, nargs="*", metavar="T",
                     help="also profile the host (Python) time of the hybrid op at these T")
     args = ap.parse_args(argv)
