@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from typing import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 _OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
 

@@ -34,7 +34,6 @@ from triton import knobs
 from triton.runtime import driver
 
 from ..launch import Plans, direct
-
 from .naive import LINEAR_SPANS
 
 # Triton turns @triton.jit into its CPU interpreter when TRITON_INTERPRET=1 at the time this module is imported;
@@ -806,7 +805,8 @@ class HybridAttentionFunction(torch.autograd.Function):
         delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         rb = torch.empty_like(delta)
         dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if lin else do  # (a dummy without linear terms)
-        launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda: (
+        # (dA bound as a default: the name is deleted below, before the gradient buffers)
+        launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda dA=dA: (
             (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
              dA.stride(0), dA.stride(1), dA.stride(2), T, H),
             dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin), **_options("delta", big)),
