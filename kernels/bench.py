@@ -196,6 +196,9 @@ TUNE = {
     "default": {},
     "launch plans off": {"LAUNCH_PLANS": False},
     "keep states": {"KEEP_STATES": True},
+    "a state per chunk": {"STATE_STRIDE": 1},
+    "a state per 4 chunks": {"STATE_STRIDE": 4},
+    "a state per chunk, bwd_kv 8 warps": {"STATE_STRIDE": 1, "LAUNCH": {"bwd_kv": (8, 1)}},
     "bwd_kv 8 warps": {"LAUNCH": {"bwd_kv": (8, 1)}},
     "fwd 3 stages": {"LAUNCH": {"fwd": (4, 3)}},
     "state 4 stages": {"LAUNCH": {"state": (4, 4)}},
@@ -218,7 +221,7 @@ STATE_VARIANTS = {
 }
 # tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
-KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "Q_SPLIT",
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "Q_SPLIT",
          "KV_SPLIT", "LAUNCH_PLANS")
 
 
@@ -318,7 +321,7 @@ def _state_totals(x, y, rb, g, reverse, bf, bv, warps, stages):
 
     Bx, T, Hx, F = x.shape
     Dv = y.shape[-1]
-    NT = chunk._cdiv(T, chunk.BT)
+    NS = chunk._cdiv(chunk._cdiv(T, chunk.BT), chunk.STATE_STRIDE)  # steps of the scan
     BF, BDV, _, _ = chunk._state_tiles(F, Dv)
     meta = chunk._state_meta(F, Dv, x.dtype, big=True)
     meta.update(BK=bf, BV=bv, num_warps=warps, num_stages=stages, PHASE=1, REVERSE=reverse, HAS_RB=rb is not None)
@@ -327,7 +330,7 @@ def _state_totals(x, y, rb, g, reverse, bf, bv, warps, stages):
     dummy = ztot
     chunk._chunk_state_kernel[((BF // bf) * (BDV // bv), Bx * Hx, 1)](
         x, y, dummy if rb is None else rb, dummy, dummy, tot, ztot,
-        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, Hx, g, NT, NT, 1, **meta,
+        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), T, Hx, g, NS, NS, 1, **meta,
     )  # fmt: skip
 
 

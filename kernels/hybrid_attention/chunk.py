@@ -5,18 +5,21 @@ In short: chunks of BT = 64 >= w tokens. For query chunk i the softmax window an
 in key chunks i-1 and i (exact [BT, BT] blocks); all older keys (chunks <= i-2, outside any window) enter through
 the state S = sum phi(k) v^T, z = sum phi(k). As in flash-linear-attention's chunk kernels the work is split in two:
 
-  * a state pass (``_chunk_state_kernel``, grid (F blocks x Dv blocks, B*H, segments of STATE_SEG chunks; one
-    segment by default), a sequential loop over chunks holding one [BK, BV] fp32 state tile) writes the state every
-    chunk needs, h[i] = S_{i-2} `[F, Dv]` in the dtype of the dots and z[i] `[F]` in fp32, to memory;
+  * a state pass (``_chunk_state_kernel``, grid (F blocks x Dv blocks, B*H, segments of STATE_SEG steps; one
+    segment by default), a sequential loop holding one [BK, BV] fp32 state tile) writes one state per
+    STATE_STRIDE = SC chunks to memory: h[p] = S_{SC p - 2} `[F, Dv]` in the dtype of the dots and z[p] `[F]` in
+    fp32, each step adding SC chunks;
   * the output / gradient kernels are then fully parallel over (chunk, [Dv block,] batch*head) and carry no state:
-    each reads the one h[i] it needs right before its dot. In the hybrid with w >= BT the linear terms of a query's
-    own key chunk are all masked and their dots are skipped (CUR_LIN = 0).
+    chunk i reads h[i // SC] right before its dot and adds the i % SC key chunks between that state and its own
+    window (S_{i-2} - S_{SC p - 2}) as exact linear blocks. In the hybrid with w >= BT the linear terms of a
+    query's own key chunk are all masked and their dots are skipped (CUR_LIN = 0).
 
 Backward (FlashAttention-style recomputation; o, the row max m and the normaliser Zd are saved, h is recomputed
 unless KEEP_STATES):
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
   _delta_kernel writes delta = do . o, dZ and, for the reverse state pass, dA in the dtype of do.
-  The state pass, run in reverse on phi(q) and dA, gives dh[i] = sum_{query chunks >= i+2} phi(q)^T dA, dz[i].
+  The state pass, run in reverse on phi(q) and dA, gives dh[p] = sum_{query chunks >= SC p + SC + 1} phi(q)^T dA
+  and dz[p]; key chunk i adds the query chunks i+2 .. SC p + SC exactly.
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h).
   Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh.
 GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
@@ -58,6 +61,12 @@ OUT_BV = 128
 # segments of 16, 6.91 vs 5.85 ms): the pass is bound by the work of each step, which segments do not shorten
 # (the same 0.62 ms per pass on the H200 as on the H100); segments may pay off with few heads.
 STATE_SEG = 0
+# STATE_STRIDE (SC, a power of two): the state pass stores one state per SC chunks and adds SC chunks per step (one
+# dot over SC BT rows); chunk i of group p = i // SC adds the i % SC key chunks after the state exactly, in the
+# output / query-side kernels, and the SC - 1 - i % SC query chunks before the reverse state, in the key-side ones.
+# SC times fewer states written and read (at 32 heads and 32K, 512 MB of bf16 per pass at SC = 1) and steps in the
+# chain, for (SC - 1) / 2 more [BT, BT] linear blocks per chunk on average.
+STATE_STRIDE = 2
 # KEEP_STATES: the forward's per-chunk states stay alive for the backward: one state pass fewer per step (9.68 ->
 # 8.86 ms at 32K), but NT F Dv per head more saved memory per layer (2x the size of q at F = Dv = D, bf16).
 # Off by default, as FlashAttention and fla recompute rather than keep.
@@ -110,9 +119,9 @@ def _load_row(ptr, rows, T, other):
 
 
 @triton.jit
-def _state_ptr(HS, bh, i, NT, BF: tl.constexpr, BDV: tl.constexpr, ff, vv):
-    """[len(ff), len(vv)] pointers into chunk i's state of a [B*H, NT, BF, BDV] tensor."""
-    return HS + (bh.to(tl.int64) * NT + i) * (BF * BDV) + ff[:, None] * BDV + vv[None, :]
+def _state_ptr(HS, bh, p, NS, BF: tl.constexpr, BDV: tl.constexpr, ff, vv):
+    """[len(ff), len(vv)] pointers into state p of a [B*H, NS, BF, BDV] tensor."""
+    return HS + (bh.to(tl.int64) * NS + p) * (BF * BDV) + ff[:, None] * BDV + vv[None, :]
 
 
 @triton.jit
@@ -167,24 +176,27 @@ def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.conste
 
 
 # --------------------------------------------------------------------------------------------------------------
-# state pass: HS[bh, c] = sum_{chunks c' before c, skipping one} X_c'^T Y_c', ZS[bh, c] = sum X_c'^T rb,
-# "before" in time (forward: c' <= c-2) or reversed (backward: c' >= c+2)
+# state pass: one state per SC chunks (STATE_STRIDE). HS[bh, p] = sum X_c'^T Y_c', ZS[bh, p] = sum X_c'^T rb over the
+# chunks c' <= SC p - 2 (forward; what chunk SC p needs) or c' >= SC p + SC + 1 (reverse; what chunk SC p + SC - 1
+# needs). A chunk i of the state's group p = i // SC adds the chunks between exactly, as [BT, BT] blocks:
+# forward the key chunks SC p - 1 .. i - 2, reverse the query chunks i + 2 .. SC p + SC.
 
 
 @triton.jit
 def _chunk_state_kernel(
     X, Y, RB, HS, ZS, TOT, ZTOT,
     sxb, sxt, sxh, syb, syt, syh,
-    T, H, GY, NT, L, NTOT,
+    T, H, GY, NS, L, NTOT,
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee",
+    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee", SC: tl.constexpr = 1,
 ):
-    """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t visits
-    chunk t, or NT-1-t in reverse). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
+    """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t stores
+    state p = t, or NS-1-t in reverse, then adds the SC chunks that separate it from the next state: one [SC BT, BK]
+    x [SC BT, BV] dot). PHASE 0: one segment, the whole sequence. PHASE 1: the segment's total only,
     into TOT[bh, seg] (fp32). PHASE 2: start from the sum of the totals of the earlier segments and write the states.
-    Splitting the scan in segments cuts its sequential chain from NT steps to 2 L, at the price of reading the inputs
+    Splitting the scan in segments cuts its sequential chain from NS steps to 2 L, at the price of reading the inputs
     twice (~1.2 us per step for one 64 x 64 tile on an H100 or an H200 at 32 heads).
     Z_DOT: z is accumulated by a dot of x with a [16, BT] block whose 16 identical rows are the row weights RB (or
     ones), so that every row of the [16, BK] result holds z (row 0 is stored), instead of a cross-warp column sum of
@@ -198,7 +210,7 @@ def _chunk_state_kernel(
     pid_v = pid_kv % (BDV // BV)
     b = pid_bh // H
     h = pid_bh % H
-    r = tl.arange(0, BT)
+    r = tl.arange(0, SC * BT)
     ff = pid_k * BK + tl.arange(0, BK)
     vv = pid_v * BV + tl.arange(0, BV)
     xp = _head(X, b, h, sxb, sxh)
@@ -209,7 +221,7 @@ def _chunk_state_kernel(
     # z, as one row ([BK]) or, with Z_DOT, as 16 identical rows ([16, BK]); written from row 0
     if Z_DOT:
         z = tl.zeros([16, BK], dtype=tl.float32)
-        ones = tl.full([16, BT], 1.0, dtype=DT)
+        ones = tl.full([16, SC * BT], 1.0, dtype=DT)
         zoff = zr[:, None] * 0 + ff[None, :]
     else:
         z = tl.zeros([BK], dtype=tl.float32)
@@ -222,21 +234,23 @@ def _chunk_state_kernel(
         for s in range(0, seg):
             S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
             z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + zoff)
-    for t in range(seg * L, tl.minimum(seg * L + L, NT)):
+    for t in range(seg * L, tl.minimum(seg * L + L, NS)):
+        # state p covers chunks <= SC p - 2 (reverse: >= SC p + SC + 1); the next one adds chunks SC p - 1 ..
+        # SC p + SC - 2 (reverse: SC p + SC .. SC p + 1), SC BT rows from (SC p - 1) BT (reverse: (SC p + 1) BT)
         if REVERSE:
-            c = NT - 1 - t
-            nb = c + 1  # joins the state of chunk c-1
+            p = NS - 1 - t
+            start = p * SC * BT + BT
         else:
-            c = t
-            nb = c - 1  # joins the state of chunk c+1
+            p = t
+            start = p * SC * BT - BT
         if PHASE != 1:
-            tl.store(_state_ptr(HS, pid_bh, c, NT, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
-            tl.store(ZS + (pid_bh.to(tl.int64) * NT + c) * BF + zoff, z, mask=z_owner)
-        rows = nb * BT + r
+            tl.store(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
+            tl.store(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + zoff, z, mask=z_owner)
+        rows = start + r
         x = _load_tile(xp, rows, ff, T, F, sxt)
         y = _load_tile(yp, rows, vv, T, DV, syt)
         if Z_DOT and HAS_RB:
-            rbw = tl.zeros([16, BT], dtype=tl.float32) + _load_row(RB + rowp, rows, T, 0.0)[None, :]
+            rbw = tl.zeros([16, SC * BT], dtype=tl.float32) + _load_row(RB + rowp, rows, T, 0.0)[None, :]
             z = tl.dot(rbw, x.to(tl.float32), z, input_precision=ZPREC)
         elif Z_DOT:
             z = tl.dot(ones, x, z, input_precision=PREC)
@@ -303,8 +317,9 @@ def _fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SC: tl.constexpr = 1,
 ):
-    """One program per (query chunk, Dv block, batch * head); the state S_{i-2} is read from HS (state pass)."""
+    """One program per (query chunk, Dv block, batch * head); the state of its group is read from HS (state pass)."""
     i = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -319,10 +334,22 @@ def _fwd_kernel(
     acc, zacc, m = _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv,
                               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, window, scale,
                               D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC)
-    if LINEAR != 0:  # keys of chunks <= i-2 through the state, read right before its dot
-        acc = tl.dot(qf, tl.load(_state_ptr(HS, pid_bh, i, NT, BF, BDV, ff, vv)), acc, input_precision=PREC)
-        z = tl.load(ZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)
+    if LINEAR != 0:  # keys of chunks <= SC p - 2 through the state, read right before its dot
+        p = i // SC
+        NS = (NT + SC - 1) // SC
+        acc = tl.dot(qf, tl.load(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv)), acc, input_precision=PREC)
+        z = tl.load(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)
         zacc += tl.sum(qf.to(tl.float32) * z[None, :], axis=1)
+        # key chunks SC p - 1 .. i - 2, between the state and the local blocks: more than BT >= w tokens back, so
+        # every term is linear and unmasked
+        kfp = _head(KF, b, h, sfb, sfh)
+        vp = _head(V, b, h // G, svb, svh)
+        if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
+            for c in tl.range(tl.maximum(p * SC - 1, 0), i - 1, num_stages=1):
+                j = c * BT + tl.arange(0, BT)
+                a = tl.dot(qf, tl.trans(_load_tile(kfp, j, ff, T, F, sft)), input_precision=PREC)
+                acc = tl.dot(a.to(DT), _load_tile(vp, j, vv, T, DV, svt), acc, input_precision=PREC)
+                zacc += tl.sum(a, axis=1)
     _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, vv, T, sob, sot, soh, DV)
 
 
@@ -371,7 +398,7 @@ def _bwd_q_kernel(
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True,
+    DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True, SC: tl.constexpr = 1,
 ):
     """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, r, arg max, dgamma); one launch with both,
     or one launch each (Q_SPLIT: fewer live registers per program, dW computed twice)."""
@@ -394,10 +421,19 @@ def _bwd_q_kernel(
     dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None] + dZ[:, None]
     # the linear side first: its accumulator dies before the softmax side's score blocks are live
     if LINEAR != 0 and DO_LIN:
-        # keys of chunks <= i-2: S_{i-2} dA_n + z_{i-2} dZ_n
-        hs = tl.load(_state_ptr(HS, pid_bh, i, NT, BF, BDV, ff, vv))
-        z = tl.load(ZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)
+        # keys of chunks <= SC p - 2: S dA_n + z dZ_n from the state of the group, then key chunks SC p - 1 .. i - 2
+        # exactly (all terms linear and unmasked)
+        p = i // SC
+        NS = (NT + SC - 1) // SC
+        hs = tl.load(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv))
+        z = tl.load(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)
         dqf = tl.dot(do, tl.trans(hs), input_precision=PREC) * inv[:, None] + dZ[:, None] * z[None, :]
+        if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
+            for c in tl.range(tl.maximum(p * SC - 1, 0), i - 1, num_stages=1):
+                j = c * BT + tl.arange(0, BT)
+                da = tl.dot(do, tl.trans(_load_tile(vp, j, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
+                da += dZ[:, None]
+                dqf = tl.dot(da.to(DT), _load_tile(kfp, j, ff, T, F, sft), dqf, input_precision=PREC)
         da = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0)
         dqf = tl.dot(da.to(DT), _load_tile(kfp, jp, ff, T, F, sft), dqf, input_precision=PREC)
         if CUR_LIN:
@@ -485,11 +521,13 @@ def _bwd_dv_pass(
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SC: tl.constexpr,
 ):
     """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v."""
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
     kp = _head(K, b, hk, skb, skh)
+    NS = (NT + SC - 1) // SC
     dv = tl.zeros([BT, BDV], dtype=tl.float32)
     for g in range(G):
         h = hk * G + g
@@ -500,12 +538,17 @@ def _bwd_dv_pass(
         kfp = _head(KF, b, h, sfb, sfh)
         rowp = pid_bh.to(tl.int64) * T
         gamma = tl.load(GAMMA + h).to(tl.float32)
-        if LINEAR != 0:  # queries of chunks >= i+2: dv_j = dh_j^T phi(k_j)
+        nq = 2  # query chunks seen exactly: i, i + 1 and, for SC > 1, i + 2 .. SC p + SC (linear terms only)
+        if LINEAR != 0:  # queries of chunks >= SC p + SC + 1 through the reverse state of the group: dh^T phi(k_j)
+            p = i // SC
             kf = _load_tile(kfp, j, ff, T, F, sft)
-            dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, i, NT, BF, BDV, ff, vv)), dv, input_precision=PREC)
-        # queries of the same chunk and of the next one see these keys exactly (the same chunk's linear terms
-        # only if CUR_LIN)
-        for t in range(2):
+            dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv)), dv, input_precision=PREC)
+            if SC > 1:
+                nq = tl.maximum(tl.minimum(p * SC + SC + 1, NT) - i, 2)
+        # one loop over the query chunks, not a second one for those past the window: its softmax weights are zero
+        # there (scores -inf), and a second copy of the block's code made the kernel spill (ptxas, SC = 2: 144 / 236
+        # B a thread against 60 / 76). The same chunk's linear terms only if CUR_LIN.
+        for t in range(nq):
             dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, j + t * BT, j,
                                t + CUR_LIN > 0, gamma, T, window, scale, dv, D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR,
                                DT, PREC)
@@ -544,7 +587,7 @@ def _bwd_kv_kernel(
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True,
+    DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1,
 ):
     """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
     the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
@@ -559,7 +602,7 @@ def _bwd_kv_kernel(
     if DO_DV:
         _bwd_dv_pass(Q, K, QF, KF, GAMMA, DO, M, ZD, DHS, DV_, b, hk, i, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window,
-                     scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC)
+                     scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC)
     if SOFTMAX and DO_DK:
         _bwd_dk_pass(Q, K, V, GAMMA, DO, M, ZD, DELTA, R, IDX, DK, b, hk, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H, G, window, scale,
@@ -572,7 +615,7 @@ def _bwd_kf_kernel(
     svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
-    LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SC: tl.constexpr = 1,
 ):
     """dphi(k_j) = sum_n da_nj phi(q_n) (queries of chunks i, i+1 on L(n); those of chunk i only if CUR_LIN)
     + v_j dh_j^T + dz_j."""
@@ -587,14 +630,24 @@ def _bwd_kf_kernel(
     dop = _head(DO, b, h, sdb, sdh)
     rowp = pid_bh.to(tl.int64) * T
     v = _load_tile(_head(V, b, h // G, svb, svh), j, vv, T, DV, svt)
-    dkf = tl.dot(v, tl.trans(tl.load(_state_ptr(DHS, pid_bh, i, NT, BF, BDV, ff, vv))), input_precision=PREC)
-    dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NT + i) * BF + ff)[None, :]
+    p = i // SC
+    NS = (NT + SC - 1) // SC
+    dkf = tl.dot(v, tl.trans(tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv))), input_precision=PREC)
+    dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)[None, :]
     for t in tl.static_range(1 - CUR_LIN, 2):
         n = j + t * BT
         do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
         dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
         da = tl.where(_lin_mask(n, j, T, window, LINEAR), dW, 0.0)
         dkf = tl.dot(tl.trans(da.to(DT)), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
+    # query chunks i + 2 .. SC p + SC, between these keys and the reverse state: linear, masked past T only
+    if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
+        for c in tl.range(i + 2, tl.minimum(p * SC + SC + 1, NT), num_stages=1):
+            n = c * BT + tl.arange(0, BT)
+            do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
+            da = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
+            da = tl.where((n < T)[:, None], da, 0.0)
+            dkf = tl.dot(tl.trans(da.to(DT)), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
     _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
 
 
@@ -659,34 +712,41 @@ def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool) -> dict:
     BF, BDV, BK, BV = _state_tiles(F, Dv)
     fp32 = dtype == torch.float32
     return dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC="ieee" if fp32 else "tf32",
-                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if fp32 else "tf32x3", **_options("state", big))
+                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if fp32 else "tf32x3", SC=_stride(), **_options("state", big))
+
+
+def _stride() -> int:
+    if STATE_STRIDE < 1 or STATE_STRIDE & (STATE_STRIDE - 1):
+        raise ValueError(f"STATE_STRIDE must be a power of two, got {STATE_STRIDE}")
+    return STATE_STRIDE
 
 
 def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool, launch=direct):
-    """Per-chunk states of the linear terms, from the state pass.
+    """The states of the linear terms, one per STATE_STRIDE = SC chunks, from the state pass.
 
     x: [B, T, H, F]; y: [B, T, H / heads_per_y, Dv]; rb: [B*H, T] fp32 row weights of z or None (= 1).
-    Forward (reverse=False): hs[bh, i] = sum_{t in chunks <= i-2} x_t^T y_t, zs[bh, i] = sum x_t rb_t;
-    reverse: the same over chunks >= i+2.
-    Returns hs [B*H, NT, BF, BDV] in ``dtype`` (zero padded to powers of two) and zs [B*H, NT, BF] fp32.
+    Forward (reverse=False): hs[bh, p] = sum_{t in chunks <= SC p - 2} x_t^T y_t, zs[bh, p] = sum x_t rb_t;
+    reverse: the same over chunks >= SC p + SC + 1.
+    Returns hs [B*H, NS, BF, BDV] in ``dtype`` (zero padded to powers of two) and zs [B*H, NS, BF] fp32,
+    NS = ceil(NT / SC).
     ``launch``: the op call's launch function (kernels/launch.py).
     """
     B, T, H, F = x.shape
     Dv = y.shape[-1]
-    NT = _cdiv(T, BT)
+    NS = _cdiv(_cdiv(T, BT), _stride())
     BF, BDV, BK, BV = _state_tiles(F, Dv)
     blocks = (BF // BK) * (BDV // BV)
-    hs = torch.empty(B * H, NT, BF, BDV, device=x.device, dtype=dtype)
-    zs = torch.empty(B * H, NT, BF, device=x.device, dtype=torch.float32)
-    L = STATE_SEG if STATE_SEG > 0 else NT
-    nseg = _cdiv(NT, L)
+    hs = torch.empty(B * H, NS, BF, BDV, device=x.device, dtype=dtype)
+    zs = torch.empty(B * H, NS, BF, device=x.device, dtype=torch.float32)
+    L = STATE_SEG if STATE_SEG > 0 else NS  # steps of the scan per segment
+    nseg = _cdiv(NS, L)
     has_rb = rb is not None
     rb = zs if rb is None else rb  # a dummy, never read
 
     def rest(phase):  # the arguments after the tensors, bound only when the launch is not replayed
         return lambda: (
             (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-             T, H, heads_per_y, NT, L, max(nseg - 1, 1)),
+             T, H, heads_per_y, NS, L, max(nseg - 1, 1)),
             dict(_state_meta(F, Dv, dtype, big), REVERSE=reverse, HAS_RB=has_rb, PHASE=phase),
         )
 
@@ -710,7 +770,7 @@ def _cur_lin(lin: int, window: int) -> int:
 
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
-    return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, KEEP_STATES, STATE_Z_DOT, Q_SPLIT, KV_SPLIT,
+    return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, KEEP_STATES, STATE_Z_DOT, Q_SPLIT, KV_SPLIT,
             tuple(LAUNCH.items()))
 
 
@@ -776,10 +836,12 @@ class HybridAttentionFunction(torch.autograd.Function):
              v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
              o.stride(0), o.stride(1), o.stride(2), T, H, G, NT, window, scale, eps),
             dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
-                 CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), **_options("fwd", big)),
+                 CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(),
+                 **_options("fwd", big)),
         ))  # fmt: skip
         launch.done()
-        # unless KEEP_STATES the states are recomputed in the backward: [NT, F, Dv] per head is twice the size of q
+        # unless KEEP_STATES the states are recomputed in the backward: [NT / SC, F, Dv] per head is 2 / SC times
+        # the size of q
         saved = (hs, zs) if lin and KEEP_STATES else ()
         ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD, *saved)
         ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None, key)
@@ -839,7 +901,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         def rest(options: str, **switches):  # the arguments of _bwd_q_kernel / _bwd_kv_kernel after the tensors
             return lambda: ((*strides(), T, H, G, NT, window, scale), dict(
                 D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
-                DT=DT, PREC=PREC, **switches, **_options(options, big)))
+                DT=DT, PREC=PREC, SC=_stride(), **switches, **_options(options, big)))
 
         if Q_SPLIT and softmax and lin:
             q_parts = [dict(DO_LIN=True, DO_SM=False), dict(DO_LIN=False, DO_SM=True)]
@@ -858,7 +920,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         if lin:
             launch(_bwd_kf_kernel, (NT, B * H), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), lambda: (
                 (*strides()[6:], T, H, G, NT, window),
-                dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
+                dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC, SC=_stride(),
                      **_options("bwd_kf", big)),
             ))  # fmt: skip
         launch.done()

@@ -179,7 +179,7 @@ def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 # (B, T, H, KV, D, F, w, mode, blocks): blocks = 16 sets the state pass's F and Dv blocks and the forward's Dv
 # block to 16, so that several programs share one head's state and output (the default blocks cover these head
-# dims in one program)
+# dims in one program), and stores one state per 4 chunks (the default is one per 2)
 INTERP_CASES = [
     (1, 130, 6, 2, 32, 16, 64, "hybrid", None),
     (2, 63, 2, 2, 16, 16, 16, "hybrid", None),
@@ -200,7 +200,8 @@ def _set_blocks(monkeypatch, blocks):
     if blocks is not None:
         for name in ("STATE_BF", "STATE_BV", "OUT_BV"):
             monkeypatch.setattr(chunk, name, blocks)
-        monkeypatch.setattr(chunk, "STATE_SEG", 2)  # the two-level state scan, in segments of 2 chunks
+        monkeypatch.setattr(chunk, "STATE_SEG", 2)  # the two-level state scan, in segments of 2 steps
+        monkeypatch.setattr(chunk, "STATE_STRIDE", 4)
 
 
 @needs_interpreter
@@ -221,11 +222,13 @@ def test_triton_interpreter_matches_naive(B, T, H, KV, D, F, w, mode, blocks, mo
 @pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only", "swa_only"])
 def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, interpret):
     """The launch variants the benchmark tunes compute the same function: states kept from the forward, the
-    query-side and key-side backward in two launches each, the two-level state scan, z by column sums."""
+    query-side and key-side backward in two launches each, the two-level state scan, z by column sums, a state for
+    every chunk."""
     for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT"):
         monkeypatch.setattr(chunk, name, True)
     monkeypatch.setattr(chunk, "STATE_Z_DOT", False)  # z of the forward states as a column sum
     _set_blocks(monkeypatch, 16)
+    monkeypatch.setattr(chunk, "STATE_STRIDE", 1)
     softmax, linear = MODES[mode]
     inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=5)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
@@ -248,54 +251,63 @@ def test_triton_interpreter_same_chunk_linear_block(mode, w, monkeypatch, interp
                         window=w, softmax=softmax, linear=linear)
 
 
-def chunk_states_reference(x, y, rb, heads_per_y, reverse, chunk_size=64):
-    """float64 per-chunk states: hs[bh, i] = sum over chunks <= i-2 (reverse: >= i+2) of x^T y, zs = x^T rb."""
+def chunk_states_reference(x, y, rb, heads_per_y, reverse, stride=1, chunk_size=64):
+    """float64 states, one per `stride` chunks: hs[bh, p] = sum over chunks <= stride p - 2 (reverse:
+    >= stride p + stride + 1) of x^T y, zs = x^T rb. At stride 1: chunks <= p - 2 (>= p + 2)."""
     B, T, H, F = x.shape
     y = y.double().repeat_interleave(heads_per_y, dim=2)
     x = x.double().permute(0, 2, 1, 3).reshape(B * H, T, F)
     y = y.permute(0, 2, 1, 3).reshape(B * H, T, -1)
     rb = torch.ones(B * H, T, dtype=torch.float64) if rb is None else rb.double()
-    NT = -(-T // chunk_size)
+    NS = -(-T // (chunk_size * stride))
     chunk = torch.arange(T) // chunk_size
-    hs = torch.zeros(B * H, NT, F, y.shape[-1], dtype=torch.float64)
-    zs = torch.zeros(B * H, NT, F, dtype=torch.float64)
-    for i in range(NT):
-        keep = chunk >= i + 2 if reverse else chunk <= i - 2
-        hs[:, i] = torch.einsum("btf,btv->bfv", x[:, keep], y[:, keep])
-        zs[:, i] = torch.einsum("btf,bt->bf", x[:, keep], rb[:, keep])
+    hs = torch.zeros(B * H, NS, F, y.shape[-1], dtype=torch.float64)
+    zs = torch.zeros(B * H, NS, F, dtype=torch.float64)
+    for p in range(NS):
+        keep = chunk >= stride * p + stride + 1 if reverse else chunk <= stride * p - 2
+        hs[:, p] = torch.einsum("btf,btv->bfv", x[:, keep], y[:, keep])
+        zs[:, p] = torch.einsum("btf,bt->bf", x[:, keep], rb[:, keep])
     return hs, zs
 
 
-# (B, T, H, heads_per_y, F, Dv, reverse, row weights of z, block, segment): several F / Dv blocks, padded F / Dv,
-# T < one chunk; the scan in one pass (segment 0) or in segments of 1-3 chunks (8 chunks: 3 + 3 + 2)
+# (B, T, H, heads_per_y, F, Dv, reverse, row weights of z, block, segment, stride): several F / Dv blocks, padded
+# F / Dv, T < one chunk; the scan in one pass (segment 0) or in segments of 1-3 steps (8 chunks at stride 1:
+# 3 + 3 + 2); a state per chunk, per 2 chunks (4 + 1 steps at T = 500 in segments of 4; the last group is partial)
+# or per 4 chunks
 STATE_CASES = [
-    (1, 500, 2, 2, 32, 48, False, False, 16, 0),
-    (1, 500, 2, 2, 32, 48, False, False, 16, 3),
-    (2, 300, 3, 1, 16, 32, True, True, 16, 0),
-    (2, 300, 3, 1, 16, 32, True, True, 16, 2),
-    (1, 63, 2, 1, 16, 16, True, True, 64, 1),
-    (1, 257, 4, 4, 48, 16, False, True, 32, 1),
-    (1, 700, 1, 1, 16, 16, True, False, 16, 4),
+    (1, 500, 2, 2, 32, 48, False, False, 16, 0, 1),
+    (1, 500, 2, 2, 32, 48, False, False, 16, 3, 1),
+    (1, 500, 2, 2, 32, 48, False, False, 16, 4, 2),
+    (2, 300, 3, 1, 16, 32, True, True, 16, 0, 1),
+    (2, 300, 3, 1, 16, 32, True, True, 16, 2, 1),
+    (1, 520, 3, 1, 16, 32, True, True, 16, 1, 2),
+    (1, 63, 2, 1, 16, 16, True, True, 64, 1, 1),
+    (1, 63, 2, 1, 16, 16, False, True, 64, 0, 2),
+    (1, 257, 4, 4, 48, 16, False, True, 32, 1, 1),
+    (1, 700, 1, 1, 16, 16, True, False, 16, 4, 1),
+    (1, 700, 1, 1, 16, 16, False, False, 16, 0, 4),
+    (1, 700, 2, 2, 16, 16, True, True, 16, 2, 4),
 ]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,GY,F,DV,reverse,weights,blk,seg", STATE_CASES,
+@pytest.mark.parametrize("B,T,H,GY,F,DV,reverse,weights,blk,seg,stride", STATE_CASES,
                          ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-G{c[3]}-F{c[4]}-Dv{c[5]}-{'rev' if c[6] else 'fwd'}"
-                              f"{'-rb' if c[7] else ''}-blk{c[8]}-seg{c[9]}" for c in STATE_CASES])
-def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weights, blk, seg, monkeypatch,
+                              f"{'-rb' if c[7] else ''}-blk{c[8]}-seg{c[9]}-sc{c[10]}" for c in STATE_CASES])
+def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weights, blk, seg, stride, monkeypatch,
                                              interpret):
-    """The per-chunk states the output and gradient kernels read: exact prefix (suffix) sums, two chunks apart,
-    from one sequential pass or from the two-level scan over segments."""
+    """The states the output and gradient kernels read: exact prefix (suffix) sums, two chunks apart from the
+    first chunk of their group, from one sequential pass or from the two-level scan over segments."""
     monkeypatch.setattr(chunk, "STATE_BF", blk)
     monkeypatch.setattr(chunk, "STATE_BV", blk)
     monkeypatch.setattr(chunk, "STATE_SEG", seg)
+    monkeypatch.setattr(chunk, "STATE_STRIDE", stride)
     g = torch.Generator().manual_seed(T + F)
     x = torch.randn(B, T, H, F, generator=g).softmax(-1)
     y = torch.randn(B, T, H // GY, DV, generator=g)
     rb = torch.randn(B * H, T, generator=g) if weights else None
     hs, zs = chunk.chunk_states(x, y, rb, heads_per_y=GY, reverse=reverse, dtype=torch.float32, big=False)
-    ref_hs, ref_zs = chunk_states_reference(x, y, rb, GY, reverse)
+    ref_hs, ref_zs = chunk_states_reference(x, y, rb, GY, reverse, stride)
     assert_close("state h", ref_hs, hs[:, :, :F, :DV], torch.float32)
     assert_close("state z", ref_zs, zs[:, :, :F], torch.float32)
     assert (hs[:, :, F:] == 0).all() and (hs[:, :, :, DV:] == 0).all(), "padding of the states must be zero"
@@ -374,7 +386,7 @@ def test_triton_gpu_state_pass_bf16_keeps_z_fp32_accurate():
     rb = torch.randn(4, 1000, generator=g) * 3
     hs, zs = chunk.chunk_states(x.cuda(), y.cuda(), rb.cuda(), heads_per_y=1, reverse=True, dtype=torch.bfloat16,
                                 big=True)
-    ref_hs, ref_zs = chunk_states_reference(x, y, rb, 1, True)
+    ref_hs, ref_zs = chunk_states_reference(x, y, rb, 1, True, chunk.STATE_STRIDE)
     assert_close("state h", ref_hs, hs.cpu().float(), torch.bfloat16)
     err = ((zs.cpu().double() - ref_zs).norm() / ref_zs.norm()).item()
     assert err < 1e-5, f"z relative RMS error {err:.2e}"
