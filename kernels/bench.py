@@ -198,7 +198,8 @@ TUNE = {
     "keep states": {"KEEP_STATES": True},
     "a state per chunk": {"STATE_STRIDE": 1},
     "a state per 4 chunks": {"STATE_STRIDE": 4},
-    "a state per chunk, bwd_kv 8 warps": {"STATE_STRIDE": 1, "LAUNCH": {"bwd_kv": (8, 1)}},
+    "reverse states per 2 chunks": {"REV_STATE_STRIDE": 2},
+    "heads of a kv group apart": {"GROUP_HEADS": False},
     "bwd_kv 8 warps": {"LAUNCH": {"bwd_kv": (8, 1)}},
     "fwd 3 stages": {"LAUNCH": {"fwd": (4, 3)}},
     "state 4 stages": {"LAUNCH": {"state": (4, 4)}},
@@ -221,8 +222,8 @@ STATE_VARIANTS = {
 }
 # tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
-KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "STATE_Z_DOT", "OUT_BV", "KEEP_STATES", "Q_SPLIT",
-         "KV_SPLIT", "LAUNCH_PLANS")
+KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_STRIDE", "GROUP_HEADS", "STATE_Z_DOT",
+         "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "LAUNCH_PLANS")
 
 
 def kernel_config() -> dict:
@@ -321,9 +322,9 @@ def _state_totals(x, y, rb, g, reverse, bf, bv, warps, stages):
 
     Bx, T, Hx, F = x.shape
     Dv = y.shape[-1]
-    NS = chunk._cdiv(chunk._cdiv(T, chunk.BT), chunk.STATE_STRIDE)  # steps of the scan
+    NS = chunk._cdiv(chunk._cdiv(T, chunk.BT), chunk._stride(reverse))  # steps of the scan
     BF, BDV, _, _ = chunk._state_tiles(F, Dv)
-    meta = chunk._state_meta(F, Dv, x.dtype, big=True)
+    meta = chunk._state_meta(F, Dv, x.dtype, big=True, reverse=reverse)
     meta.update(BK=bf, BV=bv, num_warps=warps, num_stages=stages, PHASE=1, REVERSE=reverse, HAS_RB=rb is not None)
     tot = torch.empty(Bx * Hx, 1, BF, BDV, device=x.device, dtype=torch.float32)
     ztot = torch.empty(Bx * Hx, 1, BF, device=x.device, dtype=torch.float32)

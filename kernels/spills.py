@@ -1,7 +1,8 @@
 """Registers, spills and shared memory of the Triton kernels, compiled ahead of time for an H100 (sm_90a): no GPU needed.
 
     python -m linearize.kernels.spills [--modes hybrid overlap la_only swa_only] [--dtype bf16] [--warps 4 8]
-                                       [--stages 1 2] [--out-bv 64 128] [--state-blocks 64 128] [--stride 1 2 4]
+                                       [--stages 1 2] [--out-bv 64 128] [--state-blocks 64 128]
+                                       [--stride 1 2 4] [--rev-stride 1 2]
 
 Each kernel of ``hybrid_attention/chunk.py`` is compiled by Triton for the benchmark shapes (D = F = Dv = 128,
 DESIGN.md section 8; 64-token chunks) with the launch settings the host code uses (``chunk.LAUNCH``, block sizes
@@ -91,34 +92,35 @@ def compile_stats(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: 
     }
 
 
-def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride: int):
-    """(name, kernel, constexprs) of every kernel one forward + backward of ``mode`` launches."""
+def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride: int, rev_stride: int):
+    """(name, kernel, constexprs) of every kernel one forward + backward of ``mode`` launches; ``stride`` /
+    ``rev_stride``: chunks per forward / reverse state (the forward side reads the first, the key side the second)."""
     softmax, lin = MODES[mode]
     dt, prec = DTYPES[dtype]
     # CUR_LIN as for the benchmark's window (w = BT): the same chunk's linear block only where the mode has one
     cur = chunk._cur_lin(lin, chunk.BT)
     heads = dict(D=D, DV=DV, F=F, BD=D, BDV=DV, BF=F, BT=chunk.BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur, DT=dt,
-                 PREC=prec, SC=stride)
+                 PREC=prec)
     # the weighted z dot of the reverse pass takes fp32 operands at 3xTF32 for 16-bit inputs
     state = dict(F=F, DV=DV, BF=F, BDV=DV, BK=state_blocks, BV=state_blocks, BT=chunk.BT, DT=dt, PREC=prec,
-                 Z_DOT=chunk.STATE_Z_DOT, ZPREC="ieee" if dtype == "fp32" else "tf32x3", SC=stride)
+                 Z_DOT=chunk.STATE_Z_DOT, ZPREC="ieee" if dtype == "fp32" else "tf32x3")
     out = []
     if lin:
         out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=0, REVERSE=False, HAS_RB=False)))
+                    dict(state, PHASE=0, REVERSE=False, HAS_RB=False, SC=stride)))
         out.append(("state totals (fwd)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=1, REVERSE=False, HAS_RB=False)))
+                    dict(state, PHASE=1, REVERSE=False, HAS_RB=False, SC=stride)))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=0, REVERSE=True, HAS_RB=True)))
-    out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv)))
+                    dict(state, PHASE=0, REVERSE=True, HAS_RB=True, SC=rev_stride)))
+    out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
-    both = dict(heads, DO_LIN=True, DO_SM=True)
+    both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS)
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", both))
     if softmax and lin:
         out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
         out.append(("bwd_q softmax side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_LIN=False)))
-    both = dict(heads, DO_DV=True, DO_DK=True)
+    both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride)
     out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", both))
     if softmax:
         out.append(("bwd_kv dv (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DK=False)))
@@ -126,7 +128,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if lin:
         out.append(("bwd_kf", chunk._bwd_kf_kernel, "bwd_kf",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
-                         SC=stride)))
+                         SC=rev_stride, GROUP=chunk.GROUP_HEADS)))
     return out
 
 
@@ -140,21 +142,25 @@ def main(argv=None):
     ap.add_argument("--state-blocks", type=int, nargs="+", default=[chunk.STATE_BF],
                     help="state pass F and Dv block (square)")
     ap.add_argument("--stride", type=int, nargs="+", default=[chunk.STATE_STRIDE],
-                    help="chunks per stored state (STATE_STRIDE)")
+                    help="chunks per forward state (STATE_STRIDE)")
+    ap.add_argument("--rev-stride", type=int, nargs="+", default=[chunk.REV_STATE_STRIDE],
+                    help="chunks per reverse state (REV_STATE_STRIDE)")
     ap.add_argument("--kernels", nargs="*", help="only kernels whose name starts with one of these")
     args = ap.parse_args(argv)
 
     print(f"# triton {triton.__version__}, sm_90a, D=F=Dv={D}, BT={chunk.BT}, {args.dtype}; bytes per thread")
-    print("| mode | kernel | stride | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")
+    print("| mode | kernel | SC | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     seen = set()
-    for mode, out_bv, sb, sc in itertools.product(args.modes, args.out_bv, args.state_blocks, args.stride):
-        for name, fn, launch, constexprs in kernel_configs(mode, args.dtype, out_bv, sb, sc):
+    grid = itertools.product(args.modes, args.out_bv, args.state_blocks, args.stride, args.rev_stride)
+    for mode, out_bv, sb, sc, rsc in grid:
+        for name, fn, launch, constexprs in kernel_configs(mode, args.dtype, out_bv, sb, sc, rsc):
             if args.kernels and not any(name.startswith(k) for k in args.kernels):
                 continue
-            if (name, mode, sc) in seen:  # the state pass does not depend on the forward's block
+            key = (name, mode, constexprs.get("SC"))
+            if key in seen:  # the state pass does not depend on the forward's block, nor a kernel on the other stride
                 continue
-            seen.add((name, mode, sc))
+            seen.add(key)
             if name.startswith("state"):
                 name = f"{name} ({sb}x{sb})"
             warps0, stages0 = chunk.LAUNCH[launch]
@@ -162,10 +168,10 @@ def main(argv=None):
                 try:
                     st = compile_stats(fn, constexprs, args.dtype, warps, stages)
                 except Exception as err:  # one configuration that does not compile must not hide the others
-                    print(f"| {mode} | {name} | {sc} | {warps} | {stages} | failed: {type(err).__name__}: "
+                    print(f"| {mode} | {name} | {constexprs.get('SC', '-')} | {warps} | {stages} | failed: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:80]} | | | | |", flush=True)
                     continue
-                print(f"| {mode} | {name} | {sc} | {warps} | {stages} | {st['registers']} | {st['spill_stores']} | "
+                print(f"| {mode} | {name} | {constexprs.get('SC', '-')} | {warps} | {stages} | {st['registers']} | {st['spill_stores']} | "
                       f"{st['spill_loads']} | {st['stack']} | {st['shared'] / 1024:.0f} |", flush=True)
 
 

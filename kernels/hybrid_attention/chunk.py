@@ -65,8 +65,17 @@ STATE_SEG = 0
 # dot over SC BT rows); chunk i of group p = i // SC adds the i % SC key chunks after the state exactly, in the
 # output / query-side kernels, and the SC - 1 - i % SC query chunks before the reverse state, in the key-side ones.
 # SC times fewer states written and read (at 32 heads and 32K, 512 MB of bf16 per pass at SC = 1) and steps in the
-# chain, for (SC - 1) / 2 more [BT, BT] linear blocks per chunk on average.
+# chain, for (SC - 1) / 2 more [BT, BT] linear blocks per chunk on average. STATE_STRIDE is that of the forward
+# states (state pass, output and query-side kernels), REV_STATE_STRIDE that of the reverse ones (key side).
+# H200, 32K: SC = 2 took the forward from 1.30 to 1.01 ms (state pass 0.42 -> 0.31, _fwd_kernel 0.75 -> 0.70), but
+# at SC = 2 the key-side _bwd_kv_kernel spills more (ptxas: 140 / 224 B a thread against 60 / 76) and took 1.58
+# against 1.33 ms, so the reverse states stay one per chunk.
 STATE_STRIDE = 2
+REV_STATE_STRIDE = 1
+# GROUP_HEADS: the output, query-side and dk_feat kernels run the G query heads of a kv head as adjacent programs
+# (their chunk axis is chunk * G + head in group), so that they read its k / v tiles from L2 close together; off, the
+# programs of one head run over all its chunks before the next head starts.
+GROUP_HEADS = True
 # KEEP_STATES: the forward's per-chunk states stay alive for the backward: one state pass fewer per step (9.68 ->
 # 8.86 ms at 32K), but NT F Dv per head more saved memory per layer (2x the size of q at F = Dv = D, bf16).
 # Off by default, as FlashAttention and fla recompute rather than keep.
@@ -98,6 +107,17 @@ PLANS = Plans()
 def _head(ptr, b, h, sb, sh):
     """Base pointer of batch b, head h of a [B, T, H, ...] tensor."""
     return ptr + b.to(tl.int64) * sb + h.to(tl.int64) * sh
+
+
+@triton.jit
+def _chunk_and_head(chunk_axis: tl.constexpr, head_axis: tl.constexpr, G, GROUP: tl.constexpr):
+    """(chunk, batch * head) of this program. GROUP: the chunk axis runs over chunk * G + (head in its kv group) and
+    the head axis over batch * kv head, so that the G query heads sharing a kv head are adjacent programs and read its
+    k / v tiles close together in time (b H + hk G + g = (b Hkv + hk) G + g)."""
+    pid = tl.program_id(chunk_axis)
+    if GROUP:
+        return pid // G, tl.program_id(head_axis) * G + pid % G
+    return pid, tl.program_id(head_axis)
 
 
 @triton.jit
@@ -317,12 +337,11 @@ def _fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    SC: tl.constexpr = 1,
+    SC: tl.constexpr = 1, GROUP: tl.constexpr = False,
 ):
     """One program per (query chunk, Dv block, batch * head); the state of its group is read from HS (state pass)."""
-    i = tl.program_id(0)
+    i, pid_bh = _chunk_and_head(0, 2, G, GROUP)
     pid_v = tl.program_id(1)
-    pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     n = i * BT + tl.arange(0, BT)
@@ -398,12 +417,11 @@ def _bwd_q_kernel(
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True, SC: tl.constexpr = 1,
+    DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True, SC: tl.constexpr = 1, GROUP: tl.constexpr = False,
 ):
     """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, r, arg max, dgamma); one launch with both,
     or one launch each (Q_SPLIT: fewer live registers per program, dW computed twice)."""
-    i = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    i, pid_bh = _chunk_and_head(0, 1, G, GROUP)
     b = pid_bh // H
     h = pid_bh % H
     n = i * BT + tl.arange(0, BT)
@@ -616,11 +634,11 @@ def _bwd_kf_kernel(
     T, H, G, NT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SC: tl.constexpr = 1,
+    GROUP: tl.constexpr = False,
 ):
     """dphi(k_j) = sum_n da_nj phi(q_n) (queries of chunks i, i+1 on L(n); those of chunk i only if CUR_LIN)
     + v_j dh_j^T + dz_j."""
-    i = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    i, pid_bh = _chunk_and_head(0, 1, G, GROUP)
     b = pid_bh // H
     h = pid_bh % H
     j = i * BT + tl.arange(0, BT)
@@ -707,22 +725,25 @@ def _state_tiles(F: int, Dv: int) -> tuple[int, int, int, int]:
     return BF, BDV, min(STATE_BF, BF), min(STATE_BV, BDV)
 
 
-def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool) -> dict:
-    """Constexprs and launch options shared by every state-pass launch."""
+def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool, reverse: bool) -> dict:
+    """Constexprs and launch options shared by every state-pass launch in one direction."""
     BF, BDV, BK, BV = _state_tiles(F, Dv)
     fp32 = dtype == torch.float32
     return dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC="ieee" if fp32 else "tf32",
-                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if fp32 else "tf32x3", SC=_stride(), **_options("state", big))
+                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if fp32 else "tf32x3", SC=_stride(reverse), **_options("state", big))
 
 
-def _stride() -> int:
-    if STATE_STRIDE < 1 or STATE_STRIDE & (STATE_STRIDE - 1):
-        raise ValueError(f"STATE_STRIDE must be a power of two, got {STATE_STRIDE}")
-    return STATE_STRIDE
+def _stride(reverse: bool) -> int:
+    """Chunks per stored state of the forward (reverse=False) or the reverse state pass."""
+    sc = REV_STATE_STRIDE if reverse else STATE_STRIDE
+    if sc < 1 or sc & (sc - 1):
+        raise ValueError(f"{'REV_' if reverse else ''}STATE_STRIDE must be a power of two, got {sc}")
+    return sc
 
 
 def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool, launch=direct):
-    """The states of the linear terms, one per STATE_STRIDE = SC chunks, from the state pass.
+    """The states of the linear terms, one per SC chunks (STATE_STRIDE, or REV_STATE_STRIDE in reverse), from the
+    state pass.
 
     x: [B, T, H, F]; y: [B, T, H / heads_per_y, Dv]; rb: [B*H, T] fp32 row weights of z or None (= 1).
     Forward (reverse=False): hs[bh, p] = sum_{t in chunks <= SC p - 2} x_t^T y_t, zs[bh, p] = sum x_t rb_t;
@@ -733,7 +754,7 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     """
     B, T, H, F = x.shape
     Dv = y.shape[-1]
-    NS = _cdiv(_cdiv(T, BT), _stride())
+    NS = _cdiv(_cdiv(T, BT), _stride(reverse))
     BF, BDV, BK, BV = _state_tiles(F, Dv)
     blocks = (BF // BK) * (BDV // BV)
     hs = torch.empty(B * H, NS, BF, BDV, device=x.device, dtype=dtype)
@@ -747,7 +768,7 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
         return lambda: (
             (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
              T, H, heads_per_y, NS, L, max(nseg - 1, 1)),
-            dict(_state_meta(F, Dv, dtype, big), REVERSE=reverse, HAS_RB=has_rb, PHASE=phase),
+            dict(_state_meta(F, Dv, dtype, big, reverse), REVERSE=reverse, HAS_RB=has_rb, PHASE=phase),
         )
 
     if nseg == 1:
@@ -762,6 +783,13 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     return hs, zs
 
 
+def _grid(NT: int, B: int, H: int, G: int, *middle: int) -> tuple:
+    """Grid of a kernel whose programs take (chunk, batch * head) from ``_chunk_and_head`` (GROUP_HEADS)."""
+    if GROUP_HEADS:
+        return (NT * G, *middle, B * H // G)
+    return (NT, *middle, B * H)
+
+
 def _cur_lin(lin: int, window: int) -> int:
     """1 when the linear terms of a query chunk's own key chunk can be non-zero (overlap / linear-only, or a hybrid
     with w < BT: keys of the same chunk at distance >= w), 0 when they are all masked (hybrid with w >= BT)."""
@@ -770,7 +798,7 @@ def _cur_lin(lin: int, window: int) -> int:
 
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
-    return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, KEEP_STATES, STATE_Z_DOT, Q_SPLIT, KV_SPLIT,
+    return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES, STATE_Z_DOT, Q_SPLIT, KV_SPLIT,
             tuple(LAUNCH.items()))
 
 
@@ -831,13 +859,13 @@ class HybridAttentionFunction(torch.autograd.Function):
             hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
                                   launch=launch)
         BV = min(OUT_BV, BDV)
-        launch(_fwd_kernel, (NT, BDV // BV, B * H), (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD), lambda: (
+        launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV), (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD), lambda: (
             (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
              v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
              o.stride(0), o.stride(1), o.stride(2), T, H, G, NT, window, scale, eps),
             dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
-                 CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(),
-                 **_options("fwd", big)),
+                 CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(False),
+                 GROUP=GROUP_HEADS, **_options("fwd", big)),
         ))  # fmt: skip
         launch.done()
         # unless KEEP_STATES the states are recomputed in the backward: [NT / SC, F, Dv] per head is 2 / SC times
@@ -901,16 +929,18 @@ class HybridAttentionFunction(torch.autograd.Function):
         def rest(options: str, **switches):  # the arguments of _bwd_q_kernel / _bwd_kv_kernel after the tensors
             return lambda: ((*strides(), T, H, G, NT, window, scale), dict(
                 D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
-                DT=DT, PREC=PREC, SC=_stride(), **switches, **_options(options, big)))
+                DT=DT, PREC=PREC, SC=_stride(options != "bwd_q"), **switches, **_options(options, big)))
+
+        group = dict(GROUP=GROUP_HEADS)
 
         if Q_SPLIT and softmax and lin:
             q_parts = [dict(DO_LIN=True, DO_SM=False), dict(DO_LIN=False, DO_SM=True)]
         else:
             q_parts = [{}]
         for part in q_parts:
-            launch(_bwd_q_kernel, (NT, B * H),
+            launch(_bwd_q_kernel, _grid(NT, B, H, G),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg),
-                   rest("bwd_q", **part))
+                   rest("bwd_q", **part, **group))
         del hs, zs, kept
         # dk needs r and the arg max from the query side: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
@@ -918,10 +948,10 @@ class HybridAttentionFunction(torch.autograd.Function):
             launch(_bwd_kv_kernel, (NT, B * Hkv),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv), rest("bwd_kv", **part))
         if lin:
-            launch(_bwd_kf_kernel, (NT, B * H), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), lambda: (
+            launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), lambda: (
                 (*strides()[6:], T, H, G, NT, window),
-                dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC, SC=_stride(),
-                     **_options("bwd_kf", big)),
+                dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC, SC=_stride(True),
+                     **group, **_options("bwd_kf", big)),
             ))  # fmt: skip
         launch.done()
         # terms absent from the function get None, as autograd gives for unused inputs of the reference

@@ -179,7 +179,8 @@ def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 # (B, T, H, KV, D, F, w, mode, blocks): blocks = 16 sets the state pass's F and Dv blocks and the forward's Dv
 # block to 16, so that several programs share one head's state and output (the default blocks cover these head
-# dims in one program), and stores one state per 4 chunks (the default is one per 2)
+# dims in one program), and stores one forward state per 4 chunks and one reverse state per 2 (the defaults: 2 and
+# 1)
 INTERP_CASES = [
     (1, 130, 6, 2, 32, 16, 64, "hybrid", None),
     (2, 63, 2, 2, 16, 16, 16, "hybrid", None),
@@ -202,6 +203,7 @@ def _set_blocks(monkeypatch, blocks):
             monkeypatch.setattr(chunk, name, blocks)
         monkeypatch.setattr(chunk, "STATE_SEG", 2)  # the two-level state scan, in segments of 2 steps
         monkeypatch.setattr(chunk, "STATE_STRIDE", 4)
+        monkeypatch.setattr(chunk, "REV_STATE_STRIDE", 2)
 
 
 @needs_interpreter
@@ -222,13 +224,16 @@ def test_triton_interpreter_matches_naive(B, T, H, KV, D, F, w, mode, blocks, mo
 @pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only", "swa_only"])
 def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, interpret):
     """The launch variants the benchmark tunes compute the same function: states kept from the forward, the
-    query-side and key-side backward in two launches each, the two-level state scan, z by column sums, a state for
-    every chunk."""
+    query-side and key-side backward in two launches each, the two-level state scan, z by column sums, a forward
+    state for every chunk and a reverse one per 4 chunks, the programs of one head's chunks in a row (GROUP_HEADS
+    off)."""
     for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT"):
         monkeypatch.setattr(chunk, name, True)
     monkeypatch.setattr(chunk, "STATE_Z_DOT", False)  # z of the forward states as a column sum
     _set_blocks(monkeypatch, 16)
     monkeypatch.setattr(chunk, "STATE_STRIDE", 1)
+    monkeypatch.setattr(chunk, "REV_STATE_STRIDE", 4)
+    monkeypatch.setattr(chunk, "GROUP_HEADS", False)
     softmax, linear = MODES[mode]
     inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=5)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
@@ -301,7 +306,7 @@ def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weight
     monkeypatch.setattr(chunk, "STATE_BF", blk)
     monkeypatch.setattr(chunk, "STATE_BV", blk)
     monkeypatch.setattr(chunk, "STATE_SEG", seg)
-    monkeypatch.setattr(chunk, "STATE_STRIDE", stride)
+    monkeypatch.setattr(chunk, "REV_STATE_STRIDE" if reverse else "STATE_STRIDE", stride)
     g = torch.Generator().manual_seed(T + F)
     x = torch.randn(B, T, H, F, generator=g).softmax(-1)
     y = torch.randn(B, T, H // GY, DV, generator=g)
@@ -346,6 +351,15 @@ def test_triton_rejects_unsupported(interpret):
     assert chunk.supported(*inputs[:5], window=200, softmax=False, linear="all") is None  # no window involved
 
 
+@needs_interpreter
+@pytest.mark.parametrize("name", ["STATE_STRIDE", "REV_STATE_STRIDE"])
+def test_triton_state_stride_must_be_a_power_of_two(name, monkeypatch, interpret):
+    monkeypatch.setattr(chunk, name, 3)
+    inputs, _ = make_inputs(1, 200, 2, 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match=f"{name} must be a power of two"):
+        chunk.hybrid_attention_chunk(*inputs, window=16).sum().backward()  # the reverse stride: in the backward
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton on the GPU
 
@@ -386,7 +400,7 @@ def test_triton_gpu_state_pass_bf16_keeps_z_fp32_accurate():
     rb = torch.randn(4, 1000, generator=g) * 3
     hs, zs = chunk.chunk_states(x.cuda(), y.cuda(), rb.cuda(), heads_per_y=1, reverse=True, dtype=torch.bfloat16,
                                 big=True)
-    ref_hs, ref_zs = chunk_states_reference(x, y, rb, 1, True, chunk.STATE_STRIDE)
+    ref_hs, ref_zs = chunk_states_reference(x, y, rb, 1, True, chunk.REV_STATE_STRIDE)
     assert_close("state h", ref_hs, hs.cpu().float(), torch.bfloat16)
     err = ((zs.cpu().double() - ref_zs).norm() / ref_zs.norm()).item()
     assert err < 1e-5, f"z relative RMS error {err:.2e}"
