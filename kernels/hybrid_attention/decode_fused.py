@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk import _p2
 from .naive import LINEAR_SPANS
 
 # As in chunk.py: TRITON_INTERPRET=1 at import time turns the kernel into the CPU interpreter (tests).
@@ -243,10 +244,6 @@ def _decode_step_kernel(
     tl.store(POS + b * H + h, n + 1)
 
 
-def _block(x: int) -> int:
-    return max(16, 1 << (x - 1).bit_length())  # (triton.next_power_of_2 costs microseconds per call)
-
-
 def supported(q: torch.Tensor, ring_keys: torch.Tensor, window: int, q_map, activation: str) -> str | None:
     """None when the fused step handles these inputs, else the reason (the caller then takes the reference path)."""
     if not q.is_cuda and not INTERPRETED:
@@ -256,7 +253,7 @@ def supported(q: torch.Tensor, ring_keys: torch.Tensor, window: int, q_map, acti
     D = q.shape[-1]
     weight, _ = q_map
     FH = D if weight is None else weight.shape[-1]
-    if _block(window) * _block(FH) > MAX_TILE:
+    if _p2(window) * _p2(FH) > MAX_TILE:
         return f"window {window}, head dim {D}, features {FH} exceed the register tiles of the fused step"
     if ring_keys.shape[2] != window + 1:
         return f"the ring buffer has {ring_keys.shape[2]} slots, expected window + 1 = {window + 1}"
@@ -327,7 +324,7 @@ def hybrid_decode_step(
         nvalid.stride(0), q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         H, H // Hkv, D, Dv, FH, window, R, scale, eps,
-        BW=_block(window), BC=min(_block(D), 32), BF=_block(FH), BDV=min(_block(Dv), 32),
+        BW=_p2(window), BC=min(_p2(D), 32), BF=_p2(FH), BDV=min(_p2(Dv), 32),
         SOFTMAX=attend and softmax, LINEAR=_LINEAR_CODE[linear] if attend else 0, ZERO=not attend,
         HAS_NVALID=key_valid is not None, HAS_GAMMA=theta is not None,
         ACT=ACTIVATIONS.get(activation, 4), SIGNED=signed, HAS_W=qw is not None, HAS_B=qb is not None,
