@@ -326,7 +326,7 @@ def _state_totals(x, y, rb, g, reverse, bf, bv, warps, stages):
 
     Bx, T, Hx, F = x.shape
     Dv = y.shape[-1]
-    NS = chunk._cdiv(chunk._cdiv(T, chunk.BT), chunk._stride(reverse))  # steps of the scan
+    NS = chunk._n_states(T, reverse)  # steps of the scan
     BF, BDV, _, _ = chunk._state_tiles(F, Dv)
     meta = chunk._state_meta(F, Dv, x.dtype, big=True, reverse=reverse)
     meta.update(BK=bf, BV=bv, num_warps=warps, num_stages=stages, PHASE=1, REVERSE=reverse, HAS_RB=rb is not None)

@@ -112,7 +112,8 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                     dict(state, PHASE=1, REVERSE=False, HAS_RB=False, SC=stride)))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
                     dict(state, PHASE=0, REVERSE=True, HAS_RB=True, SC=rev_stride)))
-    out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd", dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS)))
+    out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd",
+                dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS)
@@ -164,14 +165,15 @@ def main(argv=None):
             if name.startswith("state"):
                 name = f"{name} ({sb}x{sb})"
             warps0, stages0 = chunk.LAUNCH[launch]
+            sc = constexprs.get("SC", "-")
             for warps, stages in itertools.product(args.warps or [warps0], args.stages or [stages0]):
                 try:
                     st = compile_stats(fn, constexprs, args.dtype, warps, stages)
                 except Exception as err:  # one configuration that does not compile must not hide the others
-                    print(f"| {mode} | {name} | {constexprs.get('SC', '-')} | {warps} | {stages} | failed: {type(err).__name__}: "
+                    print(f"| {mode} | {name} | {sc} | {warps} | {stages} | failed: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:80]} | | | | |", flush=True)
                     continue
-                print(f"| {mode} | {name} | {constexprs.get('SC', '-')} | {warps} | {stages} | {st['registers']} | {st['spill_stores']} | "
+                print(f"| {mode} | {name} | {sc} | {warps} | {stages} | {st['registers']} | {st['spill_stores']} | "
                       f"{st['spill_loads']} | {st['stack']} | {st['shared'] / 1024:.0f} |", flush=True)
 
 

@@ -357,15 +357,15 @@ def _fwd_kernel(
                               D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC)
     if LINEAR != 0:  # keys of chunks <= SC p - 2 through the state, read right before its dot
         p = i // SC
-        NS = (NT + SC - 1) // SC
+        NS = tl.cdiv(NT, SC)
         acc = tl.dot(qf, tl.load(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv)), acc, input_precision=PREC)
         z = tl.load(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)
         zacc += tl.sum(qf.to(tl.float32) * z[None, :], axis=1)
         # key chunks SC p - 1 .. i - 2, between the state and the local blocks: more than BT >= w tokens back, so
         # every term is linear and unmasked
-        kfp = _head(KF, b, h, sfb, sfh)
-        vp = _head(V, b, h // G, svb, svh)
         if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
+            kfp = _head(KF, b, h, sfb, sfh)
+            vp = _head(V, b, h // G, svb, svh)
             for c in tl.range(tl.maximum(p * SC - 1, 0), i - 1, num_stages=1):
                 j = c * BT + tl.arange(0, BT)
                 a = tl.dot(qf, tl.trans(_load_tile(kfp, j, ff, T, F, sft)), input_precision=PREC)
@@ -444,7 +444,7 @@ def _bwd_q_kernel(
         # keys of chunks <= SC p - 2: S dA_n + z dZ_n from the state of the group, then key chunks SC p - 1 .. i - 2
         # exactly (all terms linear and unmasked)
         p = i // SC
-        NS = (NT + SC - 1) // SC
+        NS = tl.cdiv(NT, SC)
         hs = tl.load(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv))
         z = tl.load(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)
         dqf = tl.dot(do, tl.trans(hs), input_precision=PREC) * inv[:, None] + dZ[:, None] * z[None, :]
@@ -547,7 +547,11 @@ def _bwd_dv_pass(
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
     kp = _head(K, b, hk, skb, skh)
-    NS = (NT + SC - 1) // SC
+    NS = tl.cdiv(NT, SC)
+    p = i // SC
+    nq = 2  # query chunks seen exactly: i, i + 1 and, for SC > 1, i + 2 .. SC p + SC (linear terms only)
+    if LINEAR != 0 and SC > 1:
+        nq = tl.maximum(tl.minimum(p * SC + SC + 1, NT) - i, 2)
     dv = tl.zeros([BT, BDV], dtype=tl.float32)
     for g in range(G):
         h = hk * G + g
@@ -558,13 +562,9 @@ def _bwd_dv_pass(
         kfp = _head(KF, b, h, sfb, sfh)
         rowp = pid_bh.to(tl.int64) * T
         gamma = tl.load(GAMMA + h).to(tl.float32)
-        nq = 2  # query chunks seen exactly: i, i + 1 and, for SC > 1, i + 2 .. SC p + SC (linear terms only)
         if LINEAR != 0:  # queries of chunks >= SC p + SC + 1 through the reverse state of the group: dh^T phi(k_j)
-            p = i // SC
             kf = _load_tile(kfp, j, ff, T, F, sft)
             dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv)), dv, input_precision=PREC)
-            if SC > 1:
-                nq = tl.maximum(tl.minimum(p * SC + SC + 1, NT) - i, 2)
         # one loop over the query chunks, not a second one for those past the window: its softmax weights are zero
         # there (scores -inf), and a second copy of the block's code made the kernel spill (ptxas, SC = 2: 144 / 236
         # B a thread against 60 / 76). The same chunk's linear terms only if CUR_LIN.
@@ -651,7 +651,7 @@ def _bwd_kf_kernel(
     rowp = pid_bh.to(tl.int64) * T
     v = _load_tile(_head(V, b, h // G, svb, svh), j, vv, T, DV, svt)
     p = i // SC
-    NS = (NT + SC - 1) // SC
+    NS = tl.cdiv(NT, SC)
     dkf = tl.dot(v, tl.trans(tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv))), input_precision=PREC)
     dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)[None, :]
     for t in tl.static_range(1 - CUR_LIN, 2):
@@ -731,9 +731,14 @@ def _state_tiles(F: int, Dv: int) -> tuple[int, int, int, int]:
 def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool, reverse: bool) -> dict:
     """Constexprs and launch options shared by every state-pass launch in one direction."""
     BF, BDV, BK, BV = _state_tiles(F, Dv)
-    fp32 = dtype == torch.float32
-    return dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC="ieee" if fp32 else "tf32",
-                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if fp32 else "tf32x3", SC=_stride(reverse), **_options("state", big))
+    return dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC=_prec(dtype),
+                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if dtype == torch.float32 else "tf32x3", SC=_stride(reverse),
+                **_options("state", big))
+
+
+def _n_states(T: int, reverse: bool) -> int:
+    """Number of stored states (= steps of the state pass) of a sequence of T tokens: ceil(NT / SC)."""
+    return _cdiv(_cdiv(T, BT), _stride(reverse))
 
 
 def _stride(reverse: bool) -> int:
@@ -757,7 +762,7 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     """
     B, T, H, F = x.shape
     Dv = y.shape[-1]
-    NS = _cdiv(_cdiv(T, BT), _stride(reverse))
+    NS = _n_states(T, reverse)
     BF, BDV, BK, BV = _state_tiles(F, Dv)
     blocks = (BF // BK) * (BDV // BV)
     hs = torch.empty(B * H, NS, BF, BDV, device=x.device, dtype=dtype)
@@ -801,8 +806,8 @@ def _cur_lin(lin: int, window: int) -> int:
 
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
-    return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES, STATE_Z_DOT, Q_SPLIT, KV_SPLIT,
-            tuple(LAUNCH.items()))
+    return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, tuple(LAUNCH.items()))
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -862,7 +867,8 @@ class HybridAttentionFunction(torch.autograd.Function):
             hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
                                   launch=launch)
         BV = min(OUT_BV, BDV)
-        launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV), (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD), lambda: (
+        tensors = (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD)
+        launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV), tensors, lambda: (
             (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
              v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
              o.stride(0), o.stride(1), o.stride(2), T, H, G, NT, window, scale, eps),
@@ -929,10 +935,12 @@ class HybridAttentionFunction(torch.autograd.Function):
                 do.stride(0), do.stride(1), do.stride(2),
             )
 
-        def rest(options: str, **switches):  # the arguments of _bwd_q_kernel / _bwd_kv_kernel after the tensors
+        def rest(options: str, sc: int, **switches):  # the arguments of _bwd_q_kernel / _bwd_kv_kernel after the
+            # tensors; sc: the stride of the states the kernel reads (forward ones on the query side, reverse ones on
+            # the key side)
             return lambda: ((*strides(), T, H, G, NT, window, scale), dict(
                 D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
-                DT=DT, PREC=PREC, SC=_stride(options != "bwd_q"), **switches, **_options(options, big)))
+                DT=DT, PREC=PREC, SC=sc, **switches, **_options(options, big)))
 
         group = dict(GROUP=GROUP_HEADS)
 
@@ -943,13 +951,14 @@ class HybridAttentionFunction(torch.autograd.Function):
         for part in q_parts:
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg),
-                   rest("bwd_q", **part, **group))
+                   rest("bwd_q", _stride(False), **part, **group))
         del hs, zs, kept
         # dk needs r and the arg max from the query side: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
             launch(_bwd_kv_kernel, (NT, B * Hkv),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv), rest("bwd_kv", **part))
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv),
+                   rest("bwd_kv", _stride(True), **part))
         if lin:
             launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), lambda: (
                 (*strides()[6:], T, H, G, NT, window),
