@@ -59,11 +59,12 @@ class _Record:
 
 
 class _Replay:
-    """Calls the recorded launchers in the recorded order with this call's tensors."""
+    """Calls the recorded launchers in the recorded order with this call's tensors, each on the stream current at
+    its launch (as Triton's own launches are): an op may send some of its launches to another stream."""
 
     __slots__ = ("entries", "i", "stream")
 
-    def __init__(self, entries, stream):
+    def __init__(self, entries, stream: Callable[[], int]):
         self.entries, self.i, self.stream = entries, 0, stream
 
     def __call__(self, fn, grid, tensors, rest):
@@ -72,7 +73,7 @@ class _Replay:
             raise RuntimeError(f"launch plan out of step: launch {self.i} is {fn} on grid {grid}, the plan recorded "
                                f"{fn0} on grid {grid0}")
         self.i += 1
-        run(g0, g1, g2, self.stream, function, packed, None, None, None, *tensors, *tail)
+        run(g0, g1, g2, self.stream(), function, packed, None, None, None, *tensors, *tail)
 
     def done(self):
         if self.i != len(self.entries):
@@ -97,7 +98,8 @@ class Plans:
 
     ``start(key, stream)`` returns the launch function of one op call: a replay when a finished plan has this key,
     otherwise a recorder (or Triton's plain path when ``key`` is None); call its ``done()`` after the
-    op's last launch. ``stream`` is a callable returning the raw CUDA stream the launches go to.
+    op's last launch. ``stream`` is a callable returning the raw CUDA stream current at a launch (read at every
+    replayed launch).
     """
 
     def __init__(self, limit: int = 256):
@@ -114,7 +116,7 @@ class Plans:
             return _Record(self, key)
         self._plans.move_to_end(key)
         self.replays += 1
-        return _Replay(entries, stream())
+        return _Replay(entries, stream)
 
     def store(self, key, entries):
         self._plans[key] = entries

@@ -137,8 +137,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=["hybrid"], choices=list(MODES))
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    ap.add_argument("--warps", type=int, nargs="*", help="num_warps to try (default: chunk.LAUNCH)")
-    ap.add_argument("--stages", type=int, nargs="*", help="num_stages to try (default: chunk.LAUNCH)")
+    ap.add_argument("--warps", type=int, nargs="*", help="num_warps to try (default: chunk.LAUNCH, chunk.LAUNCH_FP32 for fp32)")
+    ap.add_argument("--stages", type=int, nargs="*", help="num_stages to try (default: chunk.LAUNCH, chunk.LAUNCH_FP32 for fp32)")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
     ap.add_argument("--state-blocks", type=int, nargs="+", default=[chunk.STATE_BF],
                     help="state pass F and Dv block (square)")
@@ -164,7 +164,7 @@ def main(argv=None):
             seen.add(key)
             if name.startswith("state"):
                 name = f"{name} ({sb}x{sb})"
-            warps0, stages0 = chunk.LAUNCH[launch]
+            warps0, stages0 = chunk.LAUNCH_FP32 if args.dtype == "fp32" else chunk.LAUNCH[launch]
             sc = constexprs.get("SC", "-")
             for warps, stages in itertools.product(args.warps or [warps0], args.stages or [stages0]):
                 try:

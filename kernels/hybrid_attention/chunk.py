@@ -89,11 +89,25 @@ STATE_Z_DOT = True
 # fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K.
 Q_SPLIT = True
 KV_SPLIT = False
+# SIDE_STREAM: in the backward of a sequence of at least SIDE_STREAM_MIN_CHUNKS chunks with linear terms, the state
+# passes (the forward states again unless KEEP_STATES, then the reverse ones once delta is written) run on a second
+# CUDA stream, beside the delta kernel and the softmax side of the query-side backward on the op's stream. A state
+# pass is a sequential chain of small dots on B H (F / STATE_BF) (Dv / STATE_BV) programs (128 at 32 heads: about
+# one per SM, mostly waiting on its chain), so the parallel kernels fill the SMs around it. Off under torch.compile
+# and CUDA graph capture, and for short sequences, where the events cost more host time than the overlap saves.
+# SIDE_KF: _bwd_kf_kernel too runs on the side stream, after the reverse states, beside the key-side backward.
+SIDE_STREAM = True
+SIDE_STREAM_MIN_CHUNKS = 64
+SIDE_KF = False
 # (num_warps, num_stages) per kernel. 4 warps spill in the key-side backward (a [64, 128] fp32 tile is 64 registers
 # a thread; the forward no longer does, since the same chunk's linear block is skipped at w >= BT) and are still
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
 # 6.36 -> 5.46 ms against 8 warps (H200).
 LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
+# fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
+# of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
+# 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
+LAUNCH_FP32 = (8, 1)
 # Launch plans (kernels/launch.py): the first forward / backward call of a key (shapes, strides, dtype, mode and the
 # settings above) launches through Triton and records every compiled kernel with its arguments; later calls of that
 # key hand only the tensors to the launchers. LAUNCH_PLANS = False launches every kernel through fn[grid](...).
@@ -692,8 +706,13 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _options(name: str, big: bool) -> dict:
-    warps, stages = LAUNCH[name] if big else (4, 1)
+def _options(name: str, big: bool, dtype: torch.dtype) -> dict:
+    if not big:
+        warps, stages = 4, 1
+    elif dtype == torch.float32:
+        warps, stages = LAUNCH_FP32
+    else:
+        warps, stages = LAUNCH[name]
     return dict(num_warps=warps, num_stages=stages)
 
 
@@ -733,7 +752,7 @@ def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool, reverse: bool) -
     BF, BDV, BK, BV = _state_tiles(F, Dv)
     return dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC=_prec(dtype),
                 Z_DOT=STATE_Z_DOT, ZPREC="ieee" if dtype == torch.float32 else "tf32x3", SC=_stride(reverse),
-                **_options("state", big))
+                **_options("state", big, dtype))
 
 
 def _n_states(T: int, reverse: bool) -> int:
@@ -807,7 +826,8 @@ def _cur_lin(lin: int, window: int) -> int:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, tuple(LAUNCH.items()))
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, tuple(LAUNCH.items()),
+            LAUNCH_FP32)
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -836,6 +856,39 @@ def _hooked(*hooks) -> bool:
 
 def _stream():
     return driver.active.get_current_stream(driver.active.get_current_device())
+
+
+class _Side:
+    """The side stream of one device (SIDE_STREAM) and the events of a backward call's fork and joins, kept for the
+    next calls: a wait takes the event as last recorded before it, so recording it again later is safe."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.fork, self.delta, self.states, self.reverse, self.kf = (torch.cuda.Event() for _ in range(5))
+
+    def launch(self, launch):
+        """``launch`` with its kernels sent to the side stream; tensors stay allocated on the op's stream."""
+
+        def on_side(fn, grid, tensors, rest):
+            with torch.cuda.stream(self.stream):
+                return launch(fn, grid, tensors, rest)
+
+        return on_side
+
+
+_SIDES: dict = {}
+
+
+def _side(x: torch.Tensor, NT: int, lin: int) -> _Side | None:
+    """The side stream for this backward call, or None (see SIDE_STREAM)."""
+    if not (SIDE_STREAM and lin and x.is_cuda and NT >= SIDE_STREAM_MIN_CHUNKS) or INTERPRETED:
+        return None
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return None
+    side = _SIDES.get(x.device.index)
+    if side is None:
+        side = _SIDES[x.device.index] = _Side(x.device)
+    return side
 
 
 class HybridAttentionFunction(torch.autograd.Function):
@@ -874,7 +927,7 @@ class HybridAttentionFunction(torch.autograd.Function):
              o.stride(0), o.stride(1), o.stride(2), T, H, G, NT, window, scale, eps),
             dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
                  CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(False),
-                 GROUP=GROUP_HEADS, **_options("fwd", big)),
+                 GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype)),
         ))  # fmt: skip
         launch.done()
         # unless KEEP_STATES the states are recomputed in the backward: [NT / SC, F, Dv] per head is 2 / SC times
@@ -901,22 +954,40 @@ class HybridAttentionFunction(torch.autograd.Function):
         DT, PREC = _dot_dtype(q.dtype), _prec(q.dtype)
         cur_lin = _cur_lin(lin, window)
         dev = q.device
+        # the state passes go to a side stream, beside the delta kernel and the softmax side of the query side
+        side = _side(q, NT, lin)
+        main = torch.cuda.current_stream(dev) if side else None
+        state_launch = side.launch(launch) if side else launch
+        if side:  # the side stream starts after everything queued so far (do, the saved tensors)
+            side.fork.record(main)
+            side.stream.wait_event(side.fork)
         delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         rb = torch.empty_like(delta)
         dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if lin else do  # (a dummy without linear terms)
+        hs = zs = dhs = dzs = M  # dummies when there is no linear term
+        if lin and not kept:  # (before delta: it needs none of the backward's buffers)
+            hs, zs = chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
+                                  launch=state_launch)
+            if side:
+                side.states.record(side.stream)
+        elif lin:
+            hs, zs = kept
         # (dA bound as a default: the name is deleted below, before the gradient buffers)
         launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda dA=dA: (
             (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
              dA.stride(0), dA.stride(1), dA.stride(2), T, H),
-            dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin), **_options("delta", big)),
+            dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin), **_options("delta", big, q.dtype)),
         ))  # fmt: skip
-        hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin:
-            hs, zs = kept or chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
-                                          launch=launch)
+            if side:
+                side.delta.record(main)
+                side.stream.wait_event(side.delta)
             # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
             dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
-                                    launch=launch)
+                                    launch=state_launch)
+            if side:
+                side.reverse.record(side.stream)
+                dA.record_stream(side.stream)  # read there: not reused before the reverse pass is done
         del dA  # before the gradient buffers: it is not alive at their peak
         dq = torch.empty_like(q)  # every buffer below is written in full by the kernels of the terms that use it
         dqf = torch.empty_like(q_feat) if lin else q
@@ -940,31 +1011,47 @@ class HybridAttentionFunction(torch.autograd.Function):
             # the key side)
             return lambda: ((*strides(), T, H, G, NT, window, scale), dict(
                 D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
-                DT=DT, PREC=PREC, SC=sc, **switches, **_options(options, big)))
+                DT=DT, PREC=PREC, SC=sc, **switches, **_options(options, big, q.dtype)))
 
         group = dict(GROUP=GROUP_HEADS)
 
+        def kf(launch):  # dk_feat, from the reverse states
+            launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), lambda: (
+                (*strides()[6:], T, H, G, NT, window),
+                dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC, SC=_stride(True),
+                     **group, **_options("bwd_kf", big, q.dtype)),
+            ))  # fmt: skip
+
+        # SIDE_KF: right after the reverse states, on the side stream beside the query and key sides (the launch
+        # order depends on the settings alone, not on whether this call has a side stream: a launch plan replays it)
+        if lin and SIDE_KF:
+            kf(state_launch)
+            if side:
+                side.kf.record(side.stream)
+        # the softmax side first: it needs no state, and runs beside the state passes on the side stream
         if Q_SPLIT and softmax and lin:
-            q_parts = [dict(DO_LIN=True, DO_SM=False), dict(DO_LIN=False, DO_SM=True)]
+            q_parts = [dict(DO_LIN=False, DO_SM=True), dict(DO_LIN=True, DO_SM=False)]
         else:
             q_parts = [{}]
         for part in q_parts:
+            if side and not kept and part.get("DO_LIN", True):
+                main.wait_event(side.states)
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg),
                    rest("bwd_q", _stride(False), **part, **group))
         del hs, zs, kept
+        if side:
+            main.wait_event(side.reverse)
         # dk needs r and the arg max from the query side: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
             launch(_bwd_kv_kernel, (NT, B * Hkv),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv),
                    rest("bwd_kv", _stride(True), **part))
-        if lin:
-            launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), lambda: (
-                (*strides()[6:], T, H, G, NT, window),
-                dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC, SC=_stride(True),
-                     **group, **_options("bwd_kf", big)),
-            ))  # fmt: skip
+        if lin and not SIDE_KF:
+            kf(launch)
+        elif side:
+            main.wait_event(side.kf)  # the join: every tensor the side stream used outlives this point
         launch.done()
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
         dgamma = dg.view(B, H, NT).sum((0, 2)) if has_gamma and softmax else None

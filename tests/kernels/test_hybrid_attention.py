@@ -226,8 +226,8 @@ def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, in
     """The launch variants the benchmark tunes compute the same function: states kept from the forward, the
     query-side and key-side backward in two launches each, the two-level state scan, z by column sums, a forward
     state for every chunk and a reverse one per 4 chunks, the programs of one head's chunks in a row (GROUP_HEADS
-    off)."""
-    for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT"):
+    off), dk_feat launched before the query side (SIDE_KF; the streams themselves need a GPU)."""
+    for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SIDE_KF"):
         monkeypatch.setattr(chunk, name, True)
     monkeypatch.setattr(chunk, "STATE_Z_DOT", False)  # z of the forward states as a column sum
     _set_blocks(monkeypatch, 16)
@@ -434,6 +434,35 @@ def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypat
     out = chunk.hybrid_attention_chunk(off, *[x.detach() if x is not None else None for x in inputs[1:]], **kw)
     assert_close("misaligned q", ref_out.float(), out.float(), torch.bfloat16)
     assert len(chunk.PLANS) == 2, "a misaligned input recorded a plan"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+@pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only"])
+@pytest.mark.parametrize("side_kf,keep", [(False, False), (True, False), (False, True)],
+                         ids=["states", "states-and-dk_feat", "kept-states"])
+def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, monkeypatch):
+    """SIDE_STREAM runs the same kernels with the state passes (and, SIDE_KF, dk_feat) on a second stream: every
+    output and gradient must be bit-identical to the one-stream run, through Triton's path and through replayed
+    launch plans. A missing wait would let a kernel read a state or dk_feat buffer before it is written."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=64, softmax=softmax, linear=linear)
+    inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=11)
+    monkeypatch.setattr(chunk, "KEEP_STATES", keep)
+    monkeypatch.setattr(chunk, "SIDE_KF", side_kf)
+    monkeypatch.setattr(chunk, "SIDE_STREAM", False)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    monkeypatch.setattr(chunk, "SIDE_STREAM", True)
+    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
+    sides = []
+    real = chunk._side
+    monkeypatch.setattr(chunk, "_side", lambda *a: sides.append(real(*a)) or sides[-1])
+    for _ in range(3):  # recorded, then replayed
+        out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+        assert torch.equal(out, ref_out)
+        for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+            assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
+    assert len(sides) == 3 and all(s is not None for s in sides), "the backward did not take the side stream"
 
 
 @pytest.mark.gpu

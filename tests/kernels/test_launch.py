@@ -75,6 +75,24 @@ def test_first_call_records_through_triton_then_replays_through_the_launcher():
     assert bound[0] is x2 and bound[1] is y2 and bound[2:] == [5, 0.5, 16, False]
 
 
+def test_a_replay_sends_each_launch_to_the_stream_current_at_that_launch():
+    """The op sends some launches to a second stream: a replay reads the stream at every launch, not once."""
+    log = []
+    fn, plans = FakeJit(log), Plans()
+    x = torch.zeros(2)
+    launch = plans.start("k", stream=lambda: 0)
+    for _ in range(3):
+        launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+    launch.done()
+    log.clear()
+    current = iter([5, 9, 5])
+    launch = plans.start("k", stream=lambda: next(current))
+    for _ in range(3):
+        launch(fn, (1,), (x, x), rest_of(log, (1, 1.0), dict(BLOCK=1)))
+    launch.done()
+    assert [args[3] for _, args in log] == [5, 9, 5]
+
+
 def test_other_keys_record_their_own_plan_and_the_least_recent_goes_past_the_limit():
     log = []
     fn, plans = FakeJit(log), Plans(limit=2)
