@@ -197,6 +197,9 @@ TUNE = {
     "launch plans off": {"LAUNCH_PLANS": False},
     "keep states": {"KEEP_STATES": True},
     "one stream": {"SIDE_STREAM": False},
+    "softmax weights from the query side": {"SAVE_P": True},
+    "key side in two launches": {"KV_SPLIT": True},
+    "softmax weights from the query side, key side in two launches": {"SAVE_P": True, "KV_SPLIT": True},
     "dk_feat on the side stream": {"SIDE_KF": True},
     "keep states, dk_feat on the side stream": {"KEEP_STATES": True, "SIDE_KF": True},
     "a state per chunk": {"STATE_STRIDE": 1},
@@ -230,7 +233,7 @@ STATE_VARIANTS = {
 # tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
 KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_STRIDE", "GROUP_HEADS", "STATE_Z_DOT",
-         "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF",
+         "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF",
          "LAUNCH_PLANS", "LAUNCH_FP32")
 
 

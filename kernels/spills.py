@@ -2,7 +2,7 @@
 
     python -m linearize.kernels.spills [--modes hybrid overlap la_only swa_only] [--dtype bf16] [--warps 4 8]
                                        [--stages 1 2] [--out-bv 64 128] [--state-blocks 64 128]
-                                       [--stride 1 2 4] [--rev-stride 1 2]
+                                       [--stride 1 2 4] [--rev-stride 1 2] [--save-p]
 
 Each kernel of ``hybrid_attention/chunk.py`` is compiled by Triton for the benchmark shapes (D = F = Dv = 128,
 DESIGN.md section 8; 64-token chunks) with the launch settings the host code uses (``chunk.LAUNCH``, block sizes
@@ -40,7 +40,8 @@ DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (
 # pointers holding the data dtype (q, k, v, features, do, outputs and gradients in the input dtype, the per-chunk
 # states);
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers) except IDX (int32)
-DATA_PTRS = {"X", "Y", "HS", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_"}
+DATA_PTRS = {"X", "Y", "HS", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_",
+             "PS", "DS"}
 FLOAT_SCALARS = {"scale", "eps"}
 
 
@@ -116,12 +117,12 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                 dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
-    both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS)
+    both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P)
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", both))
     if softmax and lin:
         out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
         out.append(("bwd_q softmax side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_LIN=False)))
-    both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride)
+    both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride, SAVE_P=chunk.SAVE_P)
     out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", both))
     if softmax:
         out.append(("bwd_kv dv (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DK=False)))
@@ -137,8 +138,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=["hybrid"], choices=list(MODES))
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    ap.add_argument("--warps", type=int, nargs="*", help="num_warps to try (default: chunk.LAUNCH, chunk.LAUNCH_FP32 for fp32)")
-    ap.add_argument("--stages", type=int, nargs="*", help="num_stages to try (default: chunk.LAUNCH, chunk.LAUNCH_FP32 for fp32)")
+    ap.add_argument("--warps", type=int, nargs="*",
+                    help="num_warps to try (default: chunk.LAUNCH, chunk.LAUNCH_FP32 for fp32)")
+    ap.add_argument("--stages", type=int, nargs="*",
+                    help="num_stages to try (default: chunk.LAUNCH, chunk.LAUNCH_FP32 for fp32)")
+    ap.add_argument("--save-p", action="store_true", help="compile with chunk.SAVE_P on")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
     ap.add_argument("--state-blocks", type=int, nargs="+", default=[chunk.STATE_BF],
                     help="state pass F and Dv block (square)")
@@ -148,6 +152,7 @@ def main(argv=None):
                     help="chunks per reverse state (REV_STATE_STRIDE)")
     ap.add_argument("--kernels", nargs="*", help="only kernels whose name starts with one of these")
     args = ap.parse_args(argv)
+    chunk.SAVE_P = chunk.SAVE_P or args.save_p
 
     print(f"# triton {triton.__version__}, sm_90a, D=F=Dv={D}, BT={chunk.BT}, {args.dtype}; bytes per thread")
     print("| mode | kernel | SC | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")

@@ -96,6 +96,10 @@ KV_SPLIT = False
 # one per SM, mostly waiting on its chain), so the parallel kernels fill the SMs around it. Off under torch.compile
 # and CUDA graph capture, and for short sequences, where the events cost more host time than the overlap saves.
 # SIDE_KF: _bwd_kf_kernel too runs on the side stream, after the reverse states, beside the key-side backward.
+# SAVE_P: the query side's softmax side stores its blocks of softmax weights gamma p0 as well as those of ds, and the
+# key side's dv pass reads them instead of computing the scores again (ptxas: the stores cost the softmax side 152 /
+# 172 B of spills a thread; the ds stores alone 8).
+SAVE_P = False
 SIDE_STREAM = True
 SIDE_STREAM_MIN_CHUNKS = 64
 SIDE_KF = False
@@ -158,6 +162,14 @@ def _load_row(ptr, rows, T, other):
 def _state_ptr(HS, bh, p, NS, BF: tl.constexpr, BDV: tl.constexpr, ff, vv):
     """[len(ff), len(vv)] pointers into state p of a [B*H, NS, BF, BDV] tensor."""
     return HS + (bh.to(tl.int64) * NS + p) * (BF * BDV) + ff[:, None] * BDV + vv[None, :]
+
+
+@triton.jit
+def _pair_ptr(PB, bh, c, slot, NT, BT: tl.constexpr):
+    """[BT, BT] pointers to block ``slot`` of query chunk c in a [B*H, NT, 2, BT, BT] tensor of score-shaped blocks:
+    slot 0 holds the keys of chunk c - 1, slot 1 those of chunk c (rows: queries, columns: keys)."""
+    r = tl.arange(0, BT)
+    return PB + ((bh.to(tl.int64) * NT + c) * 2 + slot) * (BT * BT) + r[:, None] * BT + r[None, :]
 
 
 @triton.jit
@@ -427,16 +439,19 @@ def _delta_kernel(
 @triton.jit
 def _bwd_q_kernel(
     Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, HS, ZS,
-    DQ, DQF, R, IDX, DG,
+    DQ, DQF, PS, DS, DG,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True, SC: tl.constexpr = 1, GROUP: tl.constexpr = False,
+    SAVE_P: tl.constexpr = False,
 ):
-    """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, r, arg max, dgamma); one launch with both,
-    or one launch each (Q_SPLIT: fewer live registers per program, dW computed twice)."""
+    """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, dgamma); one launch with both, or one
+    launch each (Q_SPLIT: fewer live registers per program, dW computed twice). The softmax side also stores, for the
+    key side, its two [BT, BT] blocks of score gradients ds (DS) and, with SAVE_P, of softmax weights gamma p0 (PS),
+    in the dtype of the dots: the key side reads them instead of computing the scores and dW again."""
     i, pid_bh = _chunk_and_head(0, 1, G, GROUP)
     b = pid_bh // H
     h = pid_bh % H
@@ -483,45 +498,57 @@ def _bwd_q_kernel(
         s = _scores(q, kp, n, jp, T, window, scale, skt, D, BD, SOFTMAX, PREC)
         mp = tl.max(s, axis=1)
         ap = (i - 1) * BT + tl.argmax(s, axis=1)
-        pw0_p = tl.exp(s - m[:, None]) * dW_p
+        p0 = tl.exp(s - m[:, None])
+        if SAVE_P:
+            tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT), (gamma * p0).to(DT))
+        pw0_p = p0 * dW_p
         s = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
         idx = tl.where(mp >= tl.max(s, axis=1), ap, i * BT + tl.argmax(s, axis=1))
-        pw0_c = tl.exp(s - m[:, None]) * dW_c
+        p0 = tl.exp(s - m[:, None])
+        if SAVE_P:
+            tl.store(_pair_ptr(PS, pid_bh, i, 1, NT, BT), (gamma * p0).to(DT))
+        pw0_c = p0 * dW_c
         row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
         rsum = gamma * row
-        ds = gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)
+        ds = (gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)).to(DT)
+        tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT), ds)
         # the key tiles are reloaded (L2) rather than kept live across the score / softmax work
-        dq = tl.dot(ds.to(DT), _load_tile(kp, jp, dd, T, D, skt), input_precision=PREC)
-        ds = gamma * pw0_c - tl.where(n[None, :] == idx[:, None], rsum[:, None], 0.0)
-        dq = tl.dot(ds.to(DT), _load_tile(kp, n, dd, T, D, skt), dq, input_precision=PREC)
+        dq = tl.dot(ds, _load_tile(kp, jp, dd, T, D, skt), input_precision=PREC)
+        ds = (gamma * pw0_c - tl.where(n[None, :] == idx[:, None], rsum[:, None], 0.0)).to(DT)
+        tl.store(_pair_ptr(DS, pid_bh, i, 1, NT, BT), ds)
+        dq = tl.dot(ds, _load_tile(kp, n, dd, T, D, skt), dq, input_precision=PREC)
         _store_tile(_head(DQ, b, h, sqb, sqh), dq * scale, n, dd, T, D, sqt)
-        tl.store(R + rowp + n, rsum, mask=n < T)
-        tl.store(IDX + rowp + n, idx.to(tl.int32), mask=n < T)
         tl.store(DG + pid_bh.to(tl.int64) * NT + i, tl.sum(row, axis=0))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # backward, key side, one program per (key chunk, batch * head): queries of the same chunk and of the next one see
-# these keys exactly, those of chunks >= i+2 through dh. Two kernels, so that each holds two accumulators at most:
-# dk and dv (per query head, fp32) from the softmax and linear weights; dk_feat from the linear terms alone.
+# these keys exactly, those of chunks >= i+2 through dh. The softmax weights gamma p0 and the score gradients ds of
+# those two query chunks come from the query side (PS, DS: no scores computed again here). Two kernels, so that
+# each holds two accumulators at most: dk and dv (per kv head, fp32); dk_feat from the linear terms alone.
 
 
 @triton.jit
 def _bwd_dv_block(
-    qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, n, j, lin_on, gamma, T, window, scale, dv,
-    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
-    SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, PS, kp, skt, kfp, gamma, pid_bh, c, t, n, j, lin_on, T, NT, window,
+    scale, dv,
+    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
+    BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SAVE_P: tl.constexpr,
 ):
-    """dv_j += sum_n W_nj dA_n over query rows n; the linear weights only where lin_on (a runtime flag, so that the
-    caller's loop over the two query chunks stays a loop: unrolled, the two blocks spill)."""
-    q = tl.zeros([n.shape[0], BD], dtype=DT)
-    m = tl.zeros([n.shape[0]], dtype=tl.float32)
-    if SOFTMAX:
+    """dv_j += sum_n W_nj dA_n over the query rows n of query chunk c = i + t; W = gamma p0 (SAVE_P: the query side's
+    block, slot 1 - t of chunk c, none for t >= 2, past the window; else from the scores) plus the linear weights
+    where lin_on (a runtime flag, so that the caller's loop over the query chunks stays a loop: unrolled, the blocks
+    spill)."""
+    if SOFTMAX and SAVE_P:
+        w = tl.load(_pair_ptr(PS, pid_bh, c, 1 - t, NT, BT), mask=(n < T)[:, None] & (t < 2), other=0.0)
+        w = w.to(tl.float32)
+    elif SOFTMAX:
         q = _load_tile(qp, n, tl.arange(0, BD), T, D, sqt)
-        m = _load_row(M + rowp, n, T, 0.0)
-    s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, SOFTMAX, PREC)
-    _, w = _weights(s, m, gamma, q, kfp, n, j, T, window, sft, F, BF, SOFTMAX, 0, PREC)
+        s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, SOFTMAX, PREC)
+        w = gamma * tl.exp(s - _load_row(M + rowp, n, T, 0.0)[:, None])
+    else:
+        w = tl.zeros([BT, BT], dtype=tl.float32)
     if LINEAR != 0:
         if lin_on:
             qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
@@ -533,29 +560,12 @@ def _bwd_dv_block(
 
 
 @triton.jit
-def _bwd_dk_block(
-    qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, n, j, gamma, T, window, scale, dk,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-):
-    """dk_j += sum_n ds_nj q_n (unscaled) over query rows n, ds = gamma p0 dW - [j = argmax_n] r_n."""
-    q = _load_tile(qp, n, tl.arange(0, BD), T, D, sqt)
-    s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, True, PREC)
-    p0 = tl.exp(s - _load_row(M + rowp, n, T, 0.0)[:, None])
-    do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
-    dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
-    idx = _load_row(IDX + rowp, n, T, -1)
-    ds = gamma * p0 * dW - tl.where(j[None, :] == idx[:, None], _load_row(R + rowp, n, T, 0.0)[:, None], 0.0)
-    return tl.dot(tl.trans(ds.to(DT)), q, dk, input_precision=PREC)
-
-
-@triton.jit
 def _bwd_dv_pass(
-    Q, K, QF, KF, GAMMA, DO, M, ZD, DHS, DV_, b, hk, i, j,
+    Q, K, QF, KF, GAMMA, DO, M, ZD, PS, DHS, DV_, b, hk, i, j,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window, scale,
-    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
-    SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    SC: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
+    BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr, SC: tl.constexpr, SAVE_P: tl.constexpr,
 ):
     """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v."""
     vv = tl.arange(0, BDV)
@@ -573,60 +583,55 @@ def _bwd_dv_pass(
         qp = _head(Q, b, h, sqb, sqh)
         qfp = _head(QF, b, h, sfb, sfh)
         dop = _head(DO, b, h, sdb, sdh)
-        kfp = _head(KF, b, h, sfb, sfh)
         rowp = pid_bh.to(tl.int64) * T
         gamma = tl.load(GAMMA + h).to(tl.float32)
+        kfp = _head(KF, b, h, sfb, sfh)
         if LINEAR != 0:  # queries of chunks >= SC p + SC + 1 through the reverse state of the group: dh^T phi(k_j)
             kf = _load_tile(kfp, j, ff, T, F, sft)
             dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv)), dv, input_precision=PREC)
-        # one loop over the query chunks, not a second one for those past the window: its softmax weights are zero
-        # there (scores -inf), and a second copy of the block's code made the kernel spill (ptxas, SC = 2: 144 / 236
-        # B a thread against 60 / 76). The same chunk's linear terms only if CUR_LIN.
+        # one loop over the query chunks, not a second one for those past the window (a second copy of the block's
+        # code made the kernel spill). The same chunk's linear terms only if CUR_LIN.
         for t in range(nq):
-            dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, kp, skt, kfp, j + t * BT, j,
-                               t + CUR_LIN > 0, gamma, T, window, scale, dv, D, DV, F, BD, BDV, BF, SOFTMAX, LINEAR,
-                               DT, PREC)
+            dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, PS, kp, skt, kfp, gamma, pid_bh, i + t, t,
+                               j + t * BT, j, t + CUR_LIN > 0, T, NT, window, scale, dv,
+                               D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, DT, PREC, SAVE_P)
     _store_tile(_head(DV_, b, hk, svb, svh), dv, j, vv, T, DV, svt)
 
 
 @triton.jit
 def _bwd_dk_pass(
-    Q, K, V, GAMMA, DO, M, ZD, DELTA, R, IDX, DK, b, hk, j,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H, G, window, scale,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale,
+    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dk_j of key chunk j of kv head hk, summed over its G query heads; written in the dtype of k."""
-    kp = _head(K, b, hk, skb, skh)
-    v = _load_tile(_head(V, b, hk, svb, svh), j, tl.arange(0, BDV), T, DV, svt)
+    """dk_j = scale sum_n ds_nj q_n of key chunk i of kv head hk over the query rows of chunks i and i + 1 and its G
+    query heads (ds from the query side: gamma p0 dW - [j = argmax_n] r_n); written in the dtype of k."""
+    dd = tl.arange(0, BD)
     dk = tl.zeros([BT, BD], dtype=tl.float32)
     for g in range(G):
         h = hk * G + g
-        rowp = (b * H + h).to(tl.int64) * T
-        gamma = tl.load(GAMMA + h).to(tl.float32)
+        pid_bh = b * H + h
         qp = _head(Q, b, h, sqb, sqh)
-        dop = _head(DO, b, h, sdb, sdh)
         for t in range(2):
-            dk = _bwd_dk_block(qp, dop, rowp, sqt, sdt, M, ZD, DELTA, R, IDX, kp, skt, v, j + t * BT, j,
-                               gamma, T, window, scale, dk, D, DV, BD, BDV, DT, PREC)
-    _store_tile(_head(DK, b, hk, skb, skh), dk * scale, j, tl.arange(0, BD), T, D, skt)
+            n = j + t * BT
+            ds = tl.load(_pair_ptr(DS, pid_bh, i + t, 1 - t, NT, BT), mask=(n < T)[:, None], other=0.0)
+            dk = tl.dot(tl.trans(ds), _load_tile(qp, n, dd, T, D, sqt), dk, input_precision=PREC)
+    _store_tile(_head(DK, b, hk, skb, skh), dk * scale, j, dd, T, D, skt)
 
 
 @triton.jit
 def _bwd_kv_kernel(
-    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, R, IDX, DHS,
+    Q, K, QF, KF, GAMMA, DO, M, ZD, PS, DS, DHS,
     DK, DV_,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1,
+    DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1, SAVE_P: tl.constexpr = False,
 ):
     """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
     the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
-    live at a time (the scores are computed twice; registers, not the tensor cores, are the scarce resource here).
-    DO_DV / DO_DK: both passes in one launch, or one launch each (KV_SPLIT)."""
+    live at a time. DO_DV / DO_DK: both passes in one launch, or one launch each (KV_SPLIT)."""
     i = tl.program_id(0)
     pid_bk = tl.program_id(1)  # batch * kv head
     Hkv = H // G
@@ -634,13 +639,11 @@ def _bwd_kv_kernel(
     hk = pid_bk % Hkv
     j = i * BT + tl.arange(0, BT)
     if DO_DV:
-        _bwd_dv_pass(Q, K, QF, KF, GAMMA, DO, M, ZD, DHS, DV_, b, hk, i, j,
+        _bwd_dv_pass(Q, K, QF, KF, GAMMA, DO, M, ZD, PS, DHS, DV_, b, hk, i, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window,
-                     scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC)
+                     scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, SAVE_P)
     if SOFTMAX and DO_DK:
-        _bwd_dk_pass(Q, K, V, GAMMA, DO, M, ZD, DELTA, R, IDX, DK, b, hk, j,
-                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H, G, window, scale,
-                     D, DV, BD, BDV, BT, DT, PREC)
+        _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC)
 
 
 @triton.jit
@@ -826,7 +829,7 @@ def _cur_lin(lin: int, window: int) -> int:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, tuple(LAUNCH.items()),
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, tuple(LAUNCH.items()),
             LAUNCH_FP32)
 
 
@@ -995,9 +998,13 @@ class HybridAttentionFunction(torch.autograd.Function):
         # k / v are contiguous (_c), so dk / dv share their strides
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
-        rsum = torch.empty(B * H, T, device=dev, dtype=torch.float32)
-        idx = torch.empty(B * H, T, device=dev, dtype=torch.int32)
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
+        # the query side's softmax weights gamma p0 and score gradients ds, two [BT, BT] blocks per query chunk, for
+        # the key side: each the size of q at D = 2 BT, in its dtype
+        ps = ds = dg  # dummies, never read
+        if softmax:
+            ds = torch.empty(B * H, NT, 2, BT, BT, device=dev, dtype=q.dtype)
+            ps = torch.empty_like(ds) if SAVE_P else ps
 
         def strides():  # of q, k, v, the features and do; bwd_kf takes the last three
             return (
@@ -1037,17 +1044,16 @@ class HybridAttentionFunction(torch.autograd.Function):
             if side and not kept and part.get("DO_LIN", True):
                 main.wait_event(side.states)
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, rsum, idx, dg),
-                   rest("bwd_q", _stride(False), **part, **group))
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dg),
+                   rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P))
         del hs, zs, kept
         if side:
             main.wait_event(side.reverse)
-        # dk needs r and the arg max from the query side: after it
+        # the key side reads the query side's blocks: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
-            launch(_bwd_kv_kernel, (NT, B * Hkv),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, rsum, idx, dhs, dk, dv),
-                   rest("bwd_kv", _stride(True), **part))
+            launch(_bwd_kv_kernel, (NT, B * Hkv), (q, k, q_feat, k_feat, gam, do, M, ZD, ps, ds, dhs, dk, dv),
+                   rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P))
         if lin and not SIDE_KF:
             kf(launch)
         elif side:
