@@ -94,14 +94,18 @@ KV_SPLIT = False
 # CUDA stream, beside the delta kernel and the softmax side of the query-side backward on the op's stream. A state
 # pass is a sequential chain of small dots on B H (F / STATE_BF) (Dv / STATE_BV) programs (128 at 32 heads: about
 # one per SM, mostly waiting on its chain), so the parallel kernels fill the SMs around it. Off under torch.compile
-# and CUDA graph capture, and for short sequences, where the events cost more host time than the overlap saves.
+# and CUDA graph capture, and below SIDE_STREAM_MIN_CHUNKS: the kernels beside a state pass lose occupancy (its
+# programs hold registers on most SMs; at 32K the query-side kernels took 1.54 ms against 0.96 alone), so the overlap
+# pays only when the passes are long. H200: 32K 4.54 against 4.70 ms forward+backward on one stream, 8K 1.75
+# against 1.56 (slower; 1.49 against 1.36 in another call).
 # SIDE_KF: _bwd_kf_kernel too runs on the side stream, after the reverse states, beside the key-side backward.
-# SAVE_P: the query side's softmax side stores its blocks of softmax weights gamma p0 as well as those of ds, and the
-# key side's dv pass reads them instead of computing the scores again (ptxas: the stores cost the softmax side 152 /
-# 172 B of spills a thread; the ds stores alone 8).
-SAVE_P = False
+# SAVE_P: the query side's softmax side stores its blocks of softmax weights gamma p0 as well as those of ds (always
+# stored), and the key side's dv pass reads them instead of computing the scores again. ptxas: the softmax side
+# spills 84 B a thread with the stores, 20 without; the key side 0 with, 96 / 120 without. H200, 32K: 4.40 against
+# 4.54 ms forward+backward, for one more buffer of the size of q in the backward (peak 2.40 against 2.15 GiB).
+SAVE_P = True
 SIDE_STREAM = True
-SIDE_STREAM_MIN_CHUNKS = 64
+SIDE_STREAM_MIN_CHUNKS = 256
 SIDE_KF = False
 # (num_warps, num_stages) per kernel. 4 warps spill in the key-side backward (a [64, 128] fp32 tile is 64 registers
 # a thread; the forward no longer does, since the same chunk's linear block is skipped at w >= BT) and are still
@@ -466,8 +470,11 @@ def _bwd_q_kernel(
     rowp = pid_bh.to(tl.int64) * T
     do, inv, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
     # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
-    dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None] + dZ[:, None]
-    dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None] + dZ[:, None]
+    if LINEAR != 0 and DO_LIN:  # (the softmax side alone computes each block where it uses it)
+        dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
+        dW_p += dZ[:, None]
+        dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
+        dW_c += dZ[:, None]
     # the linear side first: its accumulator dies before the softmax side's score blocks are live
     if LINEAR != 0 and DO_LIN:
         # keys of chunks <= SC p - 2: S dA_n + z dZ_n from the state of the group, then key chunks SC p - 1 .. i - 2
@@ -501,12 +508,18 @@ def _bwd_q_kernel(
         p0 = tl.exp(s - m[:, None])
         if SAVE_P:
             tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT), (gamma * p0).to(DT))
+        if LINEAR == 0 or not DO_LIN:
+            dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
+            dW_p += dZ[:, None]
         pw0_p = p0 * dW_p
         s = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
         idx = tl.where(mp >= tl.max(s, axis=1), ap, i * BT + tl.argmax(s, axis=1))
         p0 = tl.exp(s - m[:, None])
         if SAVE_P:
             tl.store(_pair_ptr(PS, pid_bh, i, 1, NT, BT), (gamma * p0).to(DT))
+        if LINEAR == 0 or not DO_LIN:
+            dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
+            dW_c += dZ[:, None]
         pw0_c = p0 * dW_c
         row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
         rsum = gamma * row

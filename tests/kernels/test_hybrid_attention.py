@@ -180,7 +180,7 @@ def interpret(monkeypatch):
 # (B, T, H, KV, D, F, w, mode, blocks): blocks = 16 sets the state pass's F and Dv blocks and the forward's Dv
 # block to 16, so that several programs share one head's state and output (the default blocks cover these head
 # dims in one program), stores one forward state per 4 chunks and one reverse state per 2 (the defaults: 2 and
-# 1), and has the key side read the query side's softmax weights (SAVE_P)
+# 1), and has the key side compute the softmax weights again (SAVE_P off)
 INTERP_CASES = [
     (1, 130, 6, 2, 32, 16, 64, "hybrid", None),
     (2, 63, 2, 2, 16, 16, 16, "hybrid", None),
@@ -204,7 +204,7 @@ def _set_blocks(monkeypatch, blocks):
         monkeypatch.setattr(chunk, "STATE_SEG", 2)  # the two-level state scan, in segments of 2 steps
         monkeypatch.setattr(chunk, "STATE_STRIDE", 4)
         monkeypatch.setattr(chunk, "REV_STATE_STRIDE", 2)
-        monkeypatch.setattr(chunk, "SAVE_P", True)
+        monkeypatch.setattr(chunk, "SAVE_P", False)
 
 
 @needs_interpreter
@@ -227,9 +227,8 @@ def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, in
     """The launch variants the benchmark tunes compute the same function: states kept from the forward, the
     query-side and key-side backward in two launches each, the two-level state scan, z by column sums, a forward
     state for every chunk and a reverse one per 4 chunks, the programs of one head's chunks in a row (GROUP_HEADS
-    off), dk_feat launched before the query side (SIDE_KF; the streams themselves need a GPU), the softmax weights
-    from the query side (SAVE_P)."""
-    for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SIDE_KF", "SAVE_P"):
+    off), dk_feat launched before the query side (SIDE_KF; the streams themselves need a GPU)."""
+    for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SIDE_KF"):
         monkeypatch.setattr(chunk, name, True)
     monkeypatch.setattr(chunk, "STATE_Z_DOT", False)  # z of the forward states as a column sum
     _set_blocks(monkeypatch, 16)
