@@ -198,6 +198,7 @@ TUNE = {
     "keep states": {"KEEP_STATES": True},
     "one stream": {"SIDE_STREAM": False},
     "softmax weights recomputed on the key side": {"SAVE_P": False},
+    "local dW recomputed": {"SAVE_DW": False},
     "key side in two launches": {"KV_SPLIT": True},
     "side stream from 8K": {"SIDE_STREAM_MIN_CHUNKS": 128},
     "dk_feat on the side stream": {"SIDE_KF": True},
@@ -233,7 +234,8 @@ STATE_VARIANTS = {
 # tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
 KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_STRIDE", "GROUP_HEADS", "STATE_Z_DOT",
-         "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF",
+         "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW",
+         "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF",
          "LAUNCH_PLANS", "LAUNCH_FP32")
 
 

@@ -41,7 +41,7 @@ DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (
 # states);
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers) except IDX (int32)
 DATA_PTRS = {"X", "Y", "HS", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_",
-             "PS", "DS"}
+             "PS", "DS", "DWL"}
 FLOAT_SCALARS = {"scale", "eps"}
 
 
@@ -117,7 +117,8 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                 dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
-    both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P)
+    both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,
+                SAVE_DW=chunk.SAVE_DW and softmax and bool(lin))
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", both))
     if softmax and lin:
         out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
@@ -130,7 +131,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if lin:
         out.append(("bwd_kf", chunk._bwd_kf_kernel, "bwd_kf",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
-                         SC=rev_stride, GROUP=chunk.GROUP_HEADS)))
+                         SC=rev_stride, GROUP=chunk.GROUP_HEADS, SAVE_DW=chunk.SAVE_DW and softmax)))
     return out
 
 

@@ -104,6 +104,9 @@ KV_SPLIT = False
 # spills 84 B a thread with the stores, 20 without; the key side 0 with, 96 / 120 without. H200, 32K: 4.40 against
 # 4.54 ms forward+backward, for one more buffer of the size of q in the backward (peak 2.40 against 2.15 GiB).
 SAVE_P = True
+# SAVE_DW: the softmax side also stores the blocks of the local linear terms' gradient da (dW on L(n)), read by the
+# linear side (Q_SPLIT) and by dk_feat (unless SIDE_KF: it runs before the query side) instead of computing dW again.
+SAVE_DW = True
 SIDE_STREAM = True
 SIDE_STREAM_MIN_CHUNKS = 256
 SIDE_KF = False
@@ -443,19 +446,21 @@ def _delta_kernel(
 @triton.jit
 def _bwd_q_kernel(
     Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, HS, ZS,
-    DQ, DQF, PS, DS, DG,
+    DQ, DQF, PS, DS, DWL, DG,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True, SC: tl.constexpr = 1, GROUP: tl.constexpr = False,
-    SAVE_P: tl.constexpr = False,
+    SAVE_P: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
 ):
     """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, dgamma); one launch with both, or one
     launch each (Q_SPLIT: fewer live registers per program, dW computed twice). The softmax side also stores, for the
     key side, its two [BT, BT] blocks of score gradients ds (DS) and, with SAVE_P, of softmax weights gamma p0 (PS),
-    in the dtype of the dots: the key side reads them instead of computing the scores and dW again."""
+    in the dtype of the dots: the key side reads them instead of computing the scores and dW again. SAVE_DW: it also
+    stores the local linear terms' gradient blocks da = dW on L(n) (DWL; the same chunk's only if CUR_LIN), which the
+    linear side of a split launch and dk_feat read instead of computing dW again."""
     i, pid_bh = _chunk_and_head(0, 1, G, GROUP)
     b = pid_bh // H
     h = pid_bh % H
@@ -470,7 +475,8 @@ def _bwd_q_kernel(
     rowp = pid_bh.to(tl.int64) * T
     do, inv, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
     # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
-    if LINEAR != 0 and DO_LIN:  # (the softmax side alone computes each block where it uses it)
+    if LINEAR != 0 and DO_LIN and not (SAVE_DW and not DO_SM):  # (the softmax side alone computes each block where
+        # it uses it; the linear side alone with SAVE_DW reads the local blocks)
         dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
         dW_p += dZ[:, None]
         dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
@@ -490,11 +496,17 @@ def _bwd_q_kernel(
                 da = tl.dot(do, tl.trans(_load_tile(vp, j, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
                 da += dZ[:, None]
                 dqf = tl.dot(da.to(DT), _load_tile(kfp, j, ff, T, F, sft), dqf, input_precision=PREC)
-        da = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0)
-        dqf = tl.dot(da.to(DT), _load_tile(kfp, jp, ff, T, F, sft), dqf, input_precision=PREC)
+        if SAVE_DW and not DO_SM:  # the softmax side of this call stored them (launched first)
+            da = tl.load(_pair_ptr(DWL, pid_bh, i, 0, NT, BT))
+        else:
+            da = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT)
+        dqf = tl.dot(da, _load_tile(kfp, jp, ff, T, F, sft), dqf, input_precision=PREC)
         if CUR_LIN:
-            da = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0)
-            dqf = tl.dot(da.to(DT), _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
+            if SAVE_DW and not DO_SM:
+                da = tl.load(_pair_ptr(DWL, pid_bh, i, 1, NT, BT))
+            else:
+                da = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT)
+            dqf = tl.dot(da, _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
         _store_tile(_head(DQF, b, h, sfb, sfh), dqf, n, ff, T, F, sft)
     if SOFTMAX and DO_SM:
         gamma = tl.load(GAMMA + h).to(tl.float32)
@@ -511,6 +523,8 @@ def _bwd_q_kernel(
         if LINEAR == 0 or not DO_LIN:
             dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
             dW_p += dZ[:, None]
+        if LINEAR != 0 and SAVE_DW:
+            tl.store(_pair_ptr(DWL, pid_bh, i, 0, NT, BT), tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT))
         pw0_p = p0 * dW_p
         s = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
         idx = tl.where(mp >= tl.max(s, axis=1), ap, i * BT + tl.argmax(s, axis=1))
@@ -520,6 +534,8 @@ def _bwd_q_kernel(
         if LINEAR == 0 or not DO_LIN:
             dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
             dW_c += dZ[:, None]
+        if LINEAR != 0 and SAVE_DW and CUR_LIN:
+            tl.store(_pair_ptr(DWL, pid_bh, i, 1, NT, BT), tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT))
         pw0_c = p0 * dW_c
         row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
         rsum = gamma * row
@@ -661,12 +677,12 @@ def _bwd_kv_kernel(
 
 @triton.jit
 def _bwd_kf_kernel(
-    QF, V, DO, ZD, DELTA, DHS, DZS, DKF,
+    QF, V, DO, ZD, DELTA, DHS, DZS, DWL, DKF,
     svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SC: tl.constexpr = 1,
-    GROUP: tl.constexpr = False,
+    GROUP: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
 ):
     """dphi(k_j) = sum_n da_nj phi(q_n) (queries of chunks i, i+1 on L(n); those of chunk i only if CUR_LIN)
     + v_j dh_j^T + dz_j."""
@@ -686,10 +702,13 @@ def _bwd_kf_kernel(
     dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)[None, :]
     for t in tl.static_range(1 - CUR_LIN, 2):
         n = j + t * BT
-        do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
-        dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
-        da = tl.where(_lin_mask(n, j, T, window, LINEAR), dW, 0.0)
-        dkf = tl.dot(tl.trans(da.to(DT)), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
+        if SAVE_DW:  # the query side's block: slot 1 - t of query chunk i + t
+            da = tl.load(_pair_ptr(DWL, pid_bh, i + t, 1 - t, NT, BT), mask=(n < T)[:, None], other=0.0)
+        else:
+            do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
+            dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
+            da = tl.where(_lin_mask(n, j, T, window, LINEAR), dW, 0.0).to(DT)
+        dkf = tl.dot(tl.trans(da), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
     # query chunks i + 2 .. SC p + SC, between these keys and the reverse state: linear, masked past T only
     if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
         for c in tl.range(i + 2, tl.minimum(p * SC + SC + 1, NT), num_stages=1):
@@ -842,7 +861,7 @@ def _cur_lin(lin: int, window: int) -> int:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, tuple(LAUNCH.items()),
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, tuple(LAUNCH.items()),
             LAUNCH_FP32)
 
 
@@ -1014,10 +1033,12 @@ class HybridAttentionFunction(torch.autograd.Function):
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
         # the query side's softmax weights gamma p0 and score gradients ds, two [BT, BT] blocks per query chunk, for
         # the key side: each the size of q at D = 2 BT, in its dtype
-        ps = ds = dg  # dummies, never read
+        ps = ds = dwl = dg  # dummies, never read
+        save_dw = SAVE_DW and softmax and bool(lin)
         if softmax:
             ds = torch.empty(B * H, NT, 2, BT, BT, device=dev, dtype=q.dtype)
             ps = torch.empty_like(ds) if SAVE_P else ps
+            dwl = torch.empty_like(ds) if save_dw else dwl
 
         def strides():  # of q, k, v, the features and do; bwd_kf takes the last three
             return (
@@ -1036,10 +1057,10 @@ class HybridAttentionFunction(torch.autograd.Function):
         group = dict(GROUP=GROUP_HEADS)
 
         def kf(launch):  # dk_feat, from the reverse states
-            launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dkf), lambda: (
+            launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf), lambda: (
                 (*strides()[6:], T, H, G, NT, window),
                 dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC, SC=_stride(True),
-                     **group, **_options("bwd_kf", big, q.dtype)),
+                     **group, SAVE_DW=save_dw and not SIDE_KF, **_options("bwd_kf", big, q.dtype)),
             ))  # fmt: skip
 
         # SIDE_KF: right after the reverse states, on the side stream beside the query and key sides (the launch
@@ -1057,8 +1078,8 @@ class HybridAttentionFunction(torch.autograd.Function):
             if side and not kept and part.get("DO_LIN", True):
                 main.wait_event(side.states)
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dg),
-                   rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P))
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dwl, dg),
+                   rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P, SAVE_DW=save_dw))
         del hs, zs, kept
         if side:
             main.wait_event(side.reverse)

@@ -180,7 +180,8 @@ def interpret(monkeypatch):
 # (B, T, H, KV, D, F, w, mode, blocks): blocks = 16 sets the state pass's F and Dv blocks and the forward's Dv
 # block to 16, so that several programs share one head's state and output (the default blocks cover these head
 # dims in one program), stores one forward state per 4 chunks and one reverse state per 2 (the defaults: 2 and
-# 1), and has the key side compute the softmax weights again (SAVE_P off)
+# 1), and has the key side compute the softmax weights and the linear side and dk_feat the local dW again (SAVE_P,
+# SAVE_DW off)
 INTERP_CASES = [
     (1, 130, 6, 2, 32, 16, 64, "hybrid", None),
     (2, 63, 2, 2, 16, 16, 16, "hybrid", None),
@@ -205,6 +206,7 @@ def _set_blocks(monkeypatch, blocks):
         monkeypatch.setattr(chunk, "STATE_STRIDE", 4)
         monkeypatch.setattr(chunk, "REV_STATE_STRIDE", 2)
         monkeypatch.setattr(chunk, "SAVE_P", False)
+        monkeypatch.setattr(chunk, "SAVE_DW", False)
 
 
 @needs_interpreter
