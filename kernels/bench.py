@@ -200,7 +200,10 @@ TUNE = {
     "softmax weights recomputed on the key side": {"SAVE_P": False},
     "local dW recomputed": {"SAVE_DW": False},
     "key side in two launches": {"KV_SPLIT": True},
-    "side stream from 8K": {"SIDE_STREAM_MIN_CHUNKS": 128},
+    "side stream from 16K": {"SIDE_STREAM_MIN_CHUNKS": 256},
+    "side states 128x128, 8 warps": {"SIDE_STATE_BLOCKS": (128, 128)},
+    "side states 64x128, 4 warps": {"SIDE_STATE_BLOCKS": (64, 128), "LAUNCH": {"side_state": (4, 3)}},
+    "side states 128x128, 8 warps, 2 stages": {"SIDE_STATE_BLOCKS": (128, 128), "LAUNCH": {"side_state": (8, 2)}},
     "dk_feat on the side stream": {"SIDE_KF": True},
     "keep states, dk_feat on the side stream": {"KEEP_STATES": True, "SIDE_KF": True},
     "a state per chunk": {"STATE_STRIDE": 1},
@@ -235,7 +238,7 @@ STATE_VARIANTS = {
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
 KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_STRIDE", "GROUP_HEADS", "STATE_Z_DOT",
          "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW",
-         "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF",
+         "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32")
 
 

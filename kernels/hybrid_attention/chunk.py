@@ -96,8 +96,8 @@ KV_SPLIT = False
 # one per SM, mostly waiting on its chain), so the parallel kernels fill the SMs around it. Off under torch.compile
 # and CUDA graph capture, and below SIDE_STREAM_MIN_CHUNKS: the kernels beside a state pass lose occupancy (its
 # programs hold registers on most SMs; at 32K the query-side kernels took 1.54 ms against 0.96 alone), so the overlap
-# pays only when the passes are long. H200: 32K 4.54 against 4.70 ms forward+backward on one stream, 8K 1.75
-# against 1.56 (slower; 1.49 against 1.36 in another call).
+# pays only when the passes are long. H200, forward+backward against one stream: 32K 4.32 against 4.52 ms, 16K 2.39
+# against 2.34, 8K 1.41 against 1.38 (slower, as in two earlier calls).
 # SIDE_KF: _bwd_kf_kernel too runs on the side stream, after the reverse states, beside the key-side backward.
 # SAVE_P: the query side's softmax side stores its blocks of softmax weights gamma p0 as well as those of ds (always
 # stored), and the key side's dv pass reads them instead of computing the scores again. ptxas: the softmax side
@@ -108,13 +108,17 @@ SAVE_P = True
 # linear side (Q_SPLIT) and by dk_feat (unless SIDE_KF: it runs before the query side) instead of computing dW again.
 SAVE_DW = True
 SIDE_STREAM = True
-SIDE_STREAM_MIN_CHUNKS = 256
+SIDE_STREAM_MIN_CHUNKS = 512
 SIDE_KF = False
+# SIDE_STATE_BLOCKS: (F block, Dv block) of the backward's state passes where they go to the side stream (None: those
+# of the forward, STATE_BF x STATE_BV), launched with LAUNCH["side_state"]: larger tiles take fewer SMs from the
+# kernels beside them, for a longer chain of their own.
+SIDE_STATE_BLOCKS = None
 # (num_warps, num_stages) per kernel. 4 warps spill in the key-side backward (a [64, 128] fp32 tile is 64 registers
 # a thread; the forward no longer does, since the same chunk's linear block is skipped at w >= BT) and are still
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
 # 6.36 -> 5.46 ms against 8 warps (H200).
-LAUNCH = {"state": (4, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
+LAUNCH = {"state": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
 # 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
@@ -776,18 +780,20 @@ def _c(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _state_tiles(F: int, Dv: int) -> tuple[int, int, int, int]:
-    """(BF, BDV, BK, BV): the padded head dims and the state tile of one state-pass program."""
+def _state_tiles(F: int, Dv: int, side: bool = False) -> tuple[int, int, int, int]:
+    """(BF, BDV, BK, BV): the padded head dims and the state tile of one state-pass program (side: of the backward's
+    passes when they go to the side stream, SIDE_STATE_BLOCKS)."""
     BF, BDV = _p2(F), _p2(Dv)
-    return BF, BDV, min(STATE_BF, BF), min(STATE_BV, BDV)
+    bf, bv = SIDE_STATE_BLOCKS if side and SIDE_STATE_BLOCKS else (STATE_BF, STATE_BV)
+    return BF, BDV, min(bf, BF), min(bv, BDV)
 
 
-def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool, reverse: bool) -> dict:
+def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool, reverse: bool, side: bool = False) -> dict:
     """Constexprs and launch options shared by every state-pass launch in one direction."""
-    BF, BDV, BK, BV = _state_tiles(F, Dv)
+    BF, BDV, BK, BV = _state_tiles(F, Dv, side)
     return dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC=_prec(dtype),
                 Z_DOT=STATE_Z_DOT, ZPREC="ieee" if dtype == torch.float32 else "tf32x3", SC=_stride(reverse),
-                **_options("state", big, dtype))
+                **_options("side_state" if side and SIDE_STATE_BLOCKS else "state", big, dtype))
 
 
 def _n_states(T: int, reverse: bool) -> int:
@@ -803,7 +809,8 @@ def _stride(reverse: bool) -> int:
     return sc
 
 
-def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool, launch=direct):
+def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool, launch=direct,
+                 side: bool = False):
     """The states of the linear terms, one per SC chunks (STATE_STRIDE, or REV_STATE_STRIDE in reverse), from the
     state pass.
 
@@ -812,12 +819,13 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     reverse: the same over chunks >= SC p + SC + 1.
     Returns hs [B*H, NS, BF, BDV] in ``dtype`` (zero padded to powers of two) and zs [B*H, NS, BF] fp32,
     NS = ceil(NT / SC).
-    ``launch``: the op call's launch function (kernels/launch.py).
+    ``launch``: the op call's launch function (kernels/launch.py). ``side``: a backward pass meant for the side stream
+    (its tiles are SIDE_STATE_BLOCKS).
     """
     B, T, H, F = x.shape
     Dv = y.shape[-1]
     NS = _n_states(T, reverse)
-    BF, BDV, BK, BV = _state_tiles(F, Dv)
+    BF, BDV, BK, BV = _state_tiles(F, Dv, side)
     blocks = (BF // BK) * (BDV // BV)
     hs = torch.empty(B * H, NS, BF, BDV, device=x.device, dtype=dtype)
     zs = torch.empty(B * H, NS, BF, device=x.device, dtype=torch.float32)
@@ -830,7 +838,7 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
         return lambda: (
             (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
              T, H, heads_per_y, NS, L, max(nseg - 1, 1)),
-            dict(_state_meta(F, Dv, dtype, big, reverse), REVERSE=reverse, HAS_RB=has_rb, PHASE=phase),
+            dict(_state_meta(F, Dv, dtype, big, reverse, side), REVERSE=reverse, HAS_RB=has_rb, PHASE=phase),
         )
 
     if nseg == 1:
@@ -861,7 +869,8 @@ def _cur_lin(lin: int, window: int) -> int:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, tuple(LAUNCH.items()),
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF,
+            SIDE_STATE_BLOCKS, tuple(LAUNCH.items()),
             LAUNCH_FP32)
 
 
@@ -914,9 +923,15 @@ class _Side:
 _SIDES: dict = {}
 
 
+def _side_wanted(NT: int, lin: int) -> bool:
+    """Whether the settings send this backward's state passes to the side stream (SIDE_STREAM): what the launches
+    depend on (SIDE_STATE_BLOCKS), also where no side stream can be taken (torch.compile, graph capture)."""
+    return bool(SIDE_STREAM and lin and NT >= SIDE_STREAM_MIN_CHUNKS)
+
+
 def _side(x: torch.Tensor, NT: int, lin: int) -> _Side | None:
     """The side stream for this backward call, or None (see SIDE_STREAM)."""
-    if not (SIDE_STREAM and lin and x.is_cuda and NT >= SIDE_STREAM_MIN_CHUNKS) or INTERPRETED:
+    if not (_side_wanted(NT, lin) and x.is_cuda) or INTERPRETED:
         return None
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return None
@@ -1002,7 +1017,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin and not kept:  # (before delta: it needs none of the backward's buffers)
             hs, zs = chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
-                                  launch=state_launch)
+                                  launch=state_launch, side=_side_wanted(NT, lin))
             if side:
                 side.states.record(side.stream)
         elif lin:
@@ -1019,7 +1034,7 @@ class HybridAttentionFunction(torch.autograd.Function):
                 side.stream.wait_event(side.delta)
             # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
             dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
-                                    launch=state_launch)
+                                    launch=state_launch, side=_side_wanted(NT, lin))
             if side:
                 side.reverse.record(side.stream)
                 dA.record_stream(side.stream)  # read there: not reused before the reverse pass is done

@@ -229,9 +229,12 @@ def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, in
     """The launch variants the benchmark tunes compute the same function: states kept from the forward, the
     query-side and key-side backward in two launches each, the two-level state scan, z by column sums, a forward
     state for every chunk and a reverse one per 4 chunks, the programs of one head's chunks in a row (GROUP_HEADS
-    off), dk_feat launched before the query side (SIDE_KF; the streams themselves need a GPU)."""
+    off), dk_feat launched before the query side (SIDE_KF; the streams themselves need a GPU), the backward's state
+    passes in tiles of their own (SIDE_STATE_BLOCKS)."""
     for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SIDE_KF"):
         monkeypatch.setattr(chunk, name, True)
+    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
+    monkeypatch.setattr(chunk, "SIDE_STATE_BLOCKS", (32, 16))
     monkeypatch.setattr(chunk, "STATE_Z_DOT", False)  # z of the forward states as a column sum
     _set_blocks(monkeypatch, 16)
     monkeypatch.setattr(chunk, "STATE_STRIDE", 1)
