@@ -176,29 +176,11 @@ def _state_ptr(HS, bh, p, NS, BF: tl.constexpr, BDV: tl.constexpr, ff, vv):
 
 
 @triton.jit
-def _pair_ptr(PB, bh, c, slot, NT, BT: tl.constexpr, NSLOT: tl.constexpr):
-    """[BT, BT] pointers to block ``slot`` of query chunk c in a [B*H, NT, NSLOT, BT, BT] tensor of score-shaped
-    blocks: slot 0 holds the keys of chunk c - 1, slot 1 (if NSLOT = 2) those of chunk c (rows: queries, columns:
-    keys)."""
+def _pair_ptr(PB, bh, c, slot, NT, BT: tl.constexpr):
+    """[BT, BT] pointers to block ``slot`` of query chunk c in a [B*H, NT, 2, BT, BT] tensor of score-shaped blocks:
+    slot 0 holds the keys of chunk c - 1, slot 1 those of chunk c (rows: queries, columns: keys)."""
     r = tl.arange(0, BT)
-    return PB + ((bh.to(tl.int64) * NT + c) * NSLOT + slot) * (BT * BT) + r[:, None] * BT + r[None, :]
-
-
-@triton.jit
-def _win_ptr(PB, bh, c, NT, BT: tl.constexpr):
-    """[BT, BT] pointers to the window block of query chunk c in a [B*H, NT, BT, BT] tensor: row r (query c BT + r)
-    holds, in column u, its weight for key c BT + u where u <= r and for key (c - 1) BT + u where u > r. With a window
-    w <= BT these are all the keys of its window (the other key of each column is more than w back): the two blocks
-    of a query chunk's softmax terms packed into one."""
-    r = tl.arange(0, BT)
-    return PB + (bh.to(tl.int64) * NT + c) * (BT * BT) + r[:, None] * BT + r[None, :]
-
-
-@triton.jit
-def _cur_part(BT: tl.constexpr):
-    """[BT, BT] mask of a window block's entries for the keys of the query's own chunk (column <= row)."""
-    r = tl.arange(0, BT)
-    return r[None, :] <= r[:, None]
+    return PB + ((bh.to(tl.int64) * NT + c) * 2 + slot) * (BT * BT) + r[:, None] * BT + r[None, :]
 
 
 @triton.jit
@@ -519,13 +501,13 @@ def _bwd_q_kernel(
                 da += dZ[:, None]
                 dqf = tl.dot(da.to(DT), _load_tile(kfp, j, ff, T, F, sft), dqf, input_precision=PREC)
         if SAVE_DW and not DO_SM:  # the softmax side of this call stored them (launched first)
-            da = tl.load(_pair_ptr(DWL, pid_bh, i, 0, NT, BT, 1 + CUR_LIN))
+            da = tl.load(_pair_ptr(DWL, pid_bh, i, 0, NT, BT))
         else:
             da = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT)
         dqf = tl.dot(da, _load_tile(kfp, jp, ff, T, F, sft), dqf, input_precision=PREC)
         if CUR_LIN:
             if SAVE_DW and not DO_SM:
-                da = tl.load(_pair_ptr(DWL, pid_bh, i, 1, NT, BT, 1 + CUR_LIN))
+                da = tl.load(_pair_ptr(DWL, pid_bh, i, 1, NT, BT))
             else:
                 da = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT)
             dqf = tl.dot(da, _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
@@ -541,34 +523,32 @@ def _bwd_q_kernel(
         ap = (i - 1) * BT + tl.argmax(s, axis=1)
         p0 = tl.exp(s - m[:, None])
         if SAVE_P:
-            tl.store(_win_ptr(PS, pid_bh, i, NT, BT), (gamma * p0).to(DT), mask=~_cur_part(BT))
+            tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
             dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
             dW_p += dZ[:, None]
         if LINEAR != 0 and SAVE_DW:
-            da = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT)
-            tl.store(_pair_ptr(DWL, pid_bh, i, 0, NT, BT, 1 + CUR_LIN), da)
+            tl.store(_pair_ptr(DWL, pid_bh, i, 0, NT, BT), tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT))
         pw0_p = p0 * dW_p
         s = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
         idx = tl.where(mp >= tl.max(s, axis=1), ap, i * BT + tl.argmax(s, axis=1))
         p0 = tl.exp(s - m[:, None])
         if SAVE_P:
-            tl.store(_win_ptr(PS, pid_bh, i, NT, BT), (gamma * p0).to(DT), mask=_cur_part(BT))
+            tl.store(_pair_ptr(PS, pid_bh, i, 1, NT, BT), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
             dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
             dW_c += dZ[:, None]
         if LINEAR != 0 and SAVE_DW and CUR_LIN:
-            da = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT)
-            tl.store(_pair_ptr(DWL, pid_bh, i, 1, NT, BT, 1 + CUR_LIN), da)
+            tl.store(_pair_ptr(DWL, pid_bh, i, 1, NT, BT), tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT))
         pw0_c = p0 * dW_c
         row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
         rsum = gamma * row
         ds = (gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)).to(DT)
-        tl.store(_win_ptr(DS, pid_bh, i, NT, BT), ds, mask=~_cur_part(BT))
+        tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT), ds)
         # the key tiles are reloaded (L2) rather than kept live across the score / softmax work
         dq = tl.dot(ds, _load_tile(kp, jp, dd, T, D, skt), input_precision=PREC)
         ds = (gamma * pw0_c - tl.where(n[None, :] == idx[:, None], rsum[:, None], 0.0)).to(DT)
-        tl.store(_win_ptr(DS, pid_bh, i, NT, BT), ds, mask=_cur_part(BT))
+        tl.store(_pair_ptr(DS, pid_bh, i, 1, NT, BT), ds)
         dq = tl.dot(ds, _load_tile(kp, n, dd, T, D, skt), dq, input_precision=PREC)
         _store_tile(_head(DQ, b, h, sqb, sqh), dq * scale, n, dd, T, D, sqt)
         tl.store(DG + pid_bh.to(tl.int64) * NT + i, tl.sum(row, axis=0))
@@ -594,8 +574,7 @@ def _bwd_dv_block(
     where lin_on (a runtime flag, so that the caller's loop over the query chunks stays a loop: unrolled, the blocks
     spill)."""
     if SOFTMAX and SAVE_P:
-        w = tl.load(_win_ptr(PS, pid_bh, c, NT, BT), mask=(n < T)[:, None] & (_cur_part(BT) == (t == 0)) & (t < 2),
-                    other=0.0)
+        w = tl.load(_pair_ptr(PS, pid_bh, c, 1 - t, NT, BT), mask=(n < T)[:, None] & (t < 2), other=0.0)
         w = w.to(tl.float32)
     elif SOFTMAX:
         q = _load_tile(qp, n, tl.arange(0, BD), T, D, sqt)
@@ -667,8 +646,7 @@ def _bwd_dk_pass(
         qp = _head(Q, b, h, sqb, sqh)
         for t in range(2):
             n = j + t * BT
-            ds = tl.load(_win_ptr(DS, pid_bh, i + t, NT, BT), mask=(n < T)[:, None] & (_cur_part(BT) == (t == 0)),
-                         other=0.0)
+            ds = tl.load(_pair_ptr(DS, pid_bh, i + t, 1 - t, NT, BT), mask=(n < T)[:, None], other=0.0)
             dk = tl.dot(tl.trans(ds), _load_tile(qp, n, dd, T, D, sqt), dk, input_precision=PREC)
     _store_tile(_head(DK, b, hk, skb, skh), dk * scale, j, dd, T, D, skt)
 
@@ -729,8 +707,7 @@ def _bwd_kf_kernel(
     for t in tl.static_range(1 - CUR_LIN, 2):
         n = j + t * BT
         if SAVE_DW:  # the query side's block: slot 1 - t of query chunk i + t
-            da = tl.load(_pair_ptr(DWL, pid_bh, i + t, 1 - t, NT, BT, 1 + CUR_LIN), mask=(n < T)[:, None],
-                         other=0.0)
+            da = tl.load(_pair_ptr(DWL, pid_bh, i + t, 1 - t, NT, BT), mask=(n < T)[:, None], other=0.0)
         else:
             do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
             dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
@@ -1069,14 +1046,14 @@ class HybridAttentionFunction(torch.autograd.Function):
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
-        # the query side's softmax weights gamma p0 and score gradients ds, one [BT, BT] window block per query
-        # chunk, and its local linear terms' dW (one or two blocks), for the key side, in the dtype of q
+        # the query side's softmax weights gamma p0 and score gradients ds, two [BT, BT] blocks per query chunk, for
+        # the key side: each the size of q at D = 2 BT, in its dtype
         ps = ds = dwl = dg  # dummies, never read
         save_dw = SAVE_DW and softmax and bool(lin)
-        if softmax:  # (window blocks, _win_ptr: each half the size of q at D = 2 BT)
-            ds = torch.empty(B * H, NT, BT, BT, device=dev, dtype=q.dtype)
+        if softmax:
+            ds = torch.empty(B * H, NT, 2, BT, BT, device=dev, dtype=q.dtype)
             ps = torch.empty_like(ds) if SAVE_P else ps
-            dwl = torch.empty(B * H, NT, 1 + cur_lin, BT, BT, device=dev, dtype=q.dtype) if save_dw else dwl
+            dwl = torch.empty_like(ds) if save_dw else dwl
 
         def strides():  # of q, k, v, the features and do; bwd_kf takes the last three
             return (
