@@ -19,9 +19,13 @@ unless KEEP_STATES):
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
   _delta_kernel writes delta = do . o, dZ and, for the reverse state pass, dA in the dtype of do.
   The state pass, run in reverse on phi(q) and dA, gives dh[p] = sum_{query chunks >= SC p + SC + 1} phi(q)^T dA
-  and dz[p]; key chunk i adds the query chunks i+2 .. SC p + SC exactly.
-  Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h).
-  Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh.
+  and dz[p]; key chunk i adds the query chunks i+2 .. SC p + SC exactly. From SIDE_STREAM_MIN_CHUNKS chunks the
+  state passes run on a second CUDA stream, beside the delta kernel and the query side's softmax launch.
+  Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h). Its softmax side stores the
+  [BT, BT] blocks of ds, gamma p0 (SAVE_P) and the local linear terms' dW (SAVE_DW) of its two key chunks in the
+  dtype of the dots, for the kernels after it.
+  Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh and those blocks (no scores computed
+  again there).
 GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
 in registers and writes them once, in the dtype of k/v.
 """
