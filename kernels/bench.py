@@ -433,23 +433,22 @@ def launch_probe(T: int = 2048, reps: int = 300) -> dict:
     """Host microseconds of one launch of the delta kernel (6 tensors, 11 scalars) at the benchmark shapes, by path:
     Triton's ``fn[grid](...)`` (binding and specialising every argument, then the launcher), and the compiled kernel's
     launcher alone, called with the tensors themselves or with their addresses (which it does not check)."""
-    import inspect
-
     from triton import knobs
     from triton.runtime import driver
 
     from .hybrid_attention import chunk
+    from .launch import Plans
 
     q, _, _, _, _, _, do = make_inputs(T)
     zd = torch.rand(B * H, T, device="cuda") + 1
     delta, rb, dA = torch.empty_like(zd), torch.empty_like(zd), torch.empty_like(do)
-    args = (q, do, zd, delta, rb, dA, *q.stride()[:3], *do.stride()[:3], *dA.stride()[:3], T, H)
+    tensors = (q, do, zd, delta, rb, dA)
+    scalars = (*q.stride()[:3], *do.stride()[:3], *dA.stride()[:3], T, H)
+    args = (*tensors, *scalars)
     meta = dict(DV=D, BDV=D, BT=chunk.BT, HAS_DA=True, num_warps=4, num_stages=1)
     grid = (-(-T // chunk.BT), B * H)
     kernel = chunk._delta_kernel[grid](*args, **meta)
-    bound = inspect.signature(chunk._delta_kernel.fn).bind(*args, **{k: v for k, v in meta.items() if "num_" not in k})
-    bound.apply_defaults()
-    vals = list(bound.arguments.values())
+    vals = list(Plans().bind(chunk._delta_kernel, tensors, scalars, meta))  # as a launch plan binds them
     ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in vals]
     stream = driver.active.get_current_stream(driver.active.get_current_device())
     hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)

@@ -45,10 +45,7 @@ class _Record:
         if kernel is None or self.entries is None:  # not compiled (warmup) or not a real kernel: record nothing
             self.entries = None
             return kernel
-        consts = {k: v for k, v in meta.items() if k not in _OPTIONS}
-        bound = self.plans.signature(fn).bind(*tensors, *scalars, **consts)
-        bound.apply_defaults()
-        tail = tuple(bound.arguments.values())[len(tensors):]
+        tail = self.plans.bind(fn, tensors, scalars, meta)[len(tensors):]
         g = tuple(grid) + (1,) * (3 - len(grid))
         self.entries.append((fn, grid, kernel.run, kernel.function, kernel.packed_metadata, g[0], g[1], g[2], tail))
         return kernel
@@ -128,6 +125,15 @@ class Plans:
         if sig is None:
             sig = self._signatures[fn] = inspect.signature(fn.fn)
         return sig
+
+    def bind(self, fn, tensors: Sequence, scalars: Sequence, meta: dict) -> tuple:
+        """Every argument of ``fn`` in signature order, as its compiled launcher takes them after the launch
+        metadata: the tensors, the scalars, then the constexprs of ``meta`` (launch options left out), defaults
+        applied."""
+        consts = {k: v for k, v in meta.items() if k not in _OPTIONS}
+        bound = self.signature(fn).bind(*tensors, *scalars, **consts)
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
 
     def clear(self):
         self._plans.clear()

@@ -93,6 +93,12 @@ def test_a_replay_sends_each_launch_to_the_stream_current_at_that_launch():
     assert [args[3] for _, args in log] == [5, 9, 5]
 
 
+def test_bind_gives_every_argument_in_signature_order_without_launch_options():
+    fn, x, y = FakeJit([]), torch.zeros(1), torch.ones(1)
+    bound = Plans().bind(fn, (x, y), (5, 0.5), dict(BLOCK=16, num_warps=4, num_stages=2))
+    assert bound[0] is x and bound[1] is y and bound[2:] == (5, 0.5, 16, False)
+
+
 def test_other_keys_record_their_own_plan_and_the_least_recent_goes_past_the_limit():
     log = []
     fn, plans = FakeJit(log), Plans(limit=2)
