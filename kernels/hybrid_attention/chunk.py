@@ -110,6 +110,7 @@ KV_SPLIT = False
 SAVE_P = True
 # SAVE_DW: the softmax side also stores the blocks of the local linear terms' gradient da (dW on L(n)), read by the
 # linear side (Q_SPLIT) and by dk_feat (unless SIDE_KF: it runs before the query side) instead of computing dW again.
+# H200, one run: 32K 4.32 against 4.41 ms forward+backward, 8K 1.41 against 1.37 (peak at 32K 2.65 against 2.40 GiB).
 SAVE_DW = True
 SIDE_STREAM = True
 SIDE_STREAM_MIN_CHUNKS = 512
