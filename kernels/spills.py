@@ -12,7 +12,7 @@ shared memory of the compiled kernel. Any spill means registers ran out: the goa
 
 Compiling needs no driver: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``. The kernel
 arguments follow one convention in chunk.py (pointers first, then strides, then scalars, then constexprs), from
-which the signature is built here: pointers get the data dtype (fp32 for row statistics and z, int32 for IDX),
+which the signature is built here: pointers get the data dtype (fp32 for row statistics and z),
 pointers and strides divisibility 16 as a real launch on aligned, contiguous tensors gives them.
 """
 
@@ -39,7 +39,7 @@ MODES = {"hybrid": (True, 1), "overlap": (True, 2), "la_only": (False, 2), "swa_
 DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (tl.float32, "ieee")}
 # pointers holding the data dtype (q, k, v, features, do, outputs and gradients in the input dtype, the per-chunk
 # states);
-# all other pointers are fp32 (row statistics, z, fp32 gradient buffers) except IDX (int32)
+# all other pointers are fp32 (row statistics, z, fp32 gradient buffers)
 DATA_PTRS = {"X", "Y", "HS", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_",
              "PS", "DS", "DWL"}
 FLOAT_SCALARS = {"scale", "eps"}
@@ -55,7 +55,7 @@ def _signature(fn, constexprs: dict, dtype: str):
         is_stride = name.startswith("s") and name.islower()
         in_pointers = in_pointers and not is_stride
         if in_pointers:
-            sig[name] = "*" + ("i32" if name == "IDX" else dtype if name in DATA_PTRS else "fp32")
+            sig[name] = "*" + (dtype if name in DATA_PTRS else "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"

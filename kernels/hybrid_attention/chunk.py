@@ -934,9 +934,9 @@ def _side_wanted(NT: int, lin: int) -> bool:
     return bool(SIDE_STREAM and lin and NT >= SIDE_STREAM_MIN_CHUNKS)
 
 
-def _side(x: torch.Tensor, NT: int, lin: int) -> _Side | None:
-    """The side stream for this backward call, or None (see SIDE_STREAM)."""
-    if not (_side_wanted(NT, lin) and x.is_cuda) or INTERPRETED:
+def _side(x: torch.Tensor, wanted: bool) -> _Side | None:
+    """The side stream for this backward call, or None (see SIDE_STREAM); ``wanted``: ``_side_wanted``."""
+    if not (wanted and x.is_cuda) or INTERPRETED:
         return None
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return None
@@ -1010,7 +1010,8 @@ class HybridAttentionFunction(torch.autograd.Function):
         cur_lin = _cur_lin(lin, window)
         dev = q.device
         # the state passes go to a side stream, beside the delta kernel and the softmax side of the query side
-        side = _side(q, NT, lin)
+        side_wanted = _side_wanted(NT, lin)
+        side = _side(q, side_wanted)
         main = torch.cuda.current_stream(dev) if side else None
         state_launch = side.launch(launch) if side else launch
         if side:  # the side stream starts after everything queued so far (do, the saved tensors)
@@ -1022,7 +1023,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin and not kept:  # (before delta: it needs none of the backward's buffers)
             hs, zs = chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
-                                  launch=state_launch, side=_side_wanted(NT, lin))
+                                  launch=state_launch, side=side_wanted)
             if side:
                 side.states.record(side.stream)
         elif lin:
@@ -1039,7 +1040,7 @@ class HybridAttentionFunction(torch.autograd.Function):
                 side.stream.wait_event(side.delta)
             # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
             dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
-                                    launch=state_launch, side=_side_wanted(NT, lin))
+                                    launch=state_launch, side=side_wanted)
             if side:
                 side.reverse.record(side.stream)
                 dA.record_stream(side.stream)  # read there: not reused before the reverse pass is done
