@@ -2,7 +2,7 @@
 
     python -m linearize.kernels.spills [--modes hybrid overlap la_only swa_only] [--dtype bf16] [--warps 4 8]
                                        [--stages 1 2] [--out-bv 64 128] [--state-blocks 64 128]
-                                       [--stride 1 2 4] [--rev-stride 1 2] [--save-p]
+                                       [--stride 1 2 4] [--rev-stride 1 2] [--save-p] [--window-blocks]
 
 Each kernel of ``hybrid_attention/chunk.py`` is compiled by Triton for the benchmark shapes (D = F = Dv = 128,
 DESIGN.md section 8; 64-token chunks) with the launch settings the host code uses (``chunk.LAUNCH``, block sizes
@@ -100,6 +100,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     dt, prec = DTYPES[dtype]
     # CUR_LIN as for the benchmark's window (w = BT): the same chunk's linear block only where the mode has one
     cur = chunk._cur_lin(lin, chunk.BT)
+    ndw = 1 + cur if chunk.WINDOW_BLOCKS else 2  # slots of the local dW blocks, as the host allocates them
     heads = dict(D=D, DV=DV, F=F, BD=D, BDV=DV, BF=F, BT=chunk.BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur, DT=dt,
                  PREC=prec)
     # the weighted z dot of the reverse pass takes fp32 operands at 3xTF32 for 16-bit inputs
@@ -118,12 +119,12 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,
-                SAVE_DW=chunk.SAVE_DW and softmax and bool(lin))
+                SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw)
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", both))
     if softmax and lin:
         out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
         out.append(("bwd_q softmax side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_LIN=False)))
-    both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride, SAVE_P=chunk.SAVE_P)
+    both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride, SAVE_P=chunk.SAVE_P, WIN=chunk.WINDOW_BLOCKS)
     out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", both))
     if softmax:
         out.append(("bwd_kv dv (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DK=False)))
@@ -131,7 +132,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if lin:
         out.append(("bwd_kf", chunk._bwd_kf_kernel, "bwd_kf",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
-                         SC=rev_stride, GROUP=chunk.GROUP_HEADS, SAVE_DW=chunk.SAVE_DW and softmax)))
+                         SC=rev_stride, GROUP=chunk.GROUP_HEADS, SAVE_DW=chunk.SAVE_DW and softmax, NDW=ndw)))
     return out
 
 
@@ -144,6 +145,7 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, nargs="*",
                     help="num_stages to try (default: chunk.LAUNCH, chunk.LAUNCH_FP32 for fp32)")
     ap.add_argument("--save-p", action="store_true", help="compile with chunk.SAVE_P on")
+    ap.add_argument("--window-blocks", action="store_true", help="compile with chunk.WINDOW_BLOCKS on")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
     ap.add_argument("--state-blocks", type=int, nargs="+", default=[chunk.STATE_BF],
                     help="state pass F and Dv block (square)")
@@ -154,11 +156,12 @@ def main(argv=None):
     ap.add_argument("--kernels", nargs="*", help="only kernels whose name starts with one of these")
     args = ap.parse_args(argv)
     chunk.SAVE_P = chunk.SAVE_P or args.save_p
+    chunk.WINDOW_BLOCKS = chunk.WINDOW_BLOCKS or args.window_blocks
 
     print(f"# triton {triton.__version__}, sm_90a, D=F=Dv={D}, BT={chunk.BT}, {args.dtype}; bytes per thread")
     print("| mode | kernel | SC | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    seen = set()
+    seen, failed = set(), 0
     grid = itertools.product(args.modes, args.out_bv, args.state_blocks, args.stride, args.rev_stride)
     for mode, out_bv, sb, sc, rsc in grid:
         for name, fn, launch, constexprs in kernel_configs(mode, args.dtype, out_bv, sb, sc, rsc):
@@ -176,11 +179,15 @@ def main(argv=None):
                 try:
                     st = compile_stats(fn, constexprs, args.dtype, warps, stages)
                 except Exception as err:  # one configuration that does not compile must not hide the others
+                    failed += 1
                     print(f"| {mode} | {name} | {sc} | {warps} | {stages} | failed: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:80]} | | | | |", flush=True)
                     continue
                 print(f"| {mode} | {name} | {sc} | {warps} | {stages} | {st['registers']} | {st['spill_stores']} | "
                       f"{st['spill_loads']} | {st['stack']} | {st['shared'] / 1024:.0f} |", flush=True)
+    if failed:
+        print(f"# {failed} configuration(s) failed to compile", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ SAVE_P = True
 # linear side (Q_SPLIT) and by dk_feat (unless SIDE_KF: it runs before the query side) instead of computing dW again.
 # H200, one run: 32K 4.32 against 4.41 ms forward+backward, 8K 1.41 against 1.37 (peak at 32K 2.65 against 2.40 GiB).
 SAVE_DW = True
+# WINDOW_BLOCKS: ds and gamma p0 as one [BT, BT] block per query chunk instead of two: with w <= BT the two blocks of
+# a query chunk's softmax terms have disjoint supports (the previous chunk's keys above the diagonal, its own on and
+# below it), written and read with masks. Half the bytes of both buffers (0.5 GiB at 32K, 32 heads).
+WINDOW_BLOCKS = False
 SIDE_STREAM = True
 SIDE_STREAM_MIN_CHUNKS = 512
 SIDE_KF = False
@@ -181,11 +185,40 @@ def _state_ptr(HS, bh, p, NS, BF: tl.constexpr, BDV: tl.constexpr, ff, vv):
 
 
 @triton.jit
-def _pair_ptr(PB, bh, c, slot, NT, BT: tl.constexpr):
-    """[BT, BT] pointers to block ``slot`` of query chunk c in a [B*H, NT, 2, BT, BT] tensor of score-shaped blocks:
-    slot 0 holds the keys of chunk c - 1, slot 1 those of chunk c (rows: queries, columns: keys)."""
+def _pair_ptr(PB, bh, c, slot, NT, BT: tl.constexpr, NSLOT: tl.constexpr = 2):
+    """[BT, BT] pointers to block ``slot`` of query chunk c in a [B*H, NT, NSLOT, BT, BT] tensor of score-shaped
+    blocks: slot 0 holds the keys of chunk c - 1, slot 1 (NSLOT = 2) those of chunk c (rows: queries, columns: keys)."""
     r = tl.arange(0, BT)
-    return PB + ((bh.to(tl.int64) * NT + c) * 2 + slot) * (BT * BT) + r[:, None] * BT + r[None, :]
+    return PB + ((bh.to(tl.int64) * NT + c) * NSLOT + slot) * (BT * BT) + r[:, None] * BT + r[None, :]
+
+
+@triton.jit
+def _win_part(slot, BT: tl.constexpr):
+    """[BT, BT] mask of block ``slot``'s entries in a window block (WINDOW_BLOCKS): row r (query c BT + r) holds in
+    column u its weight for key c BT + u where u <= r (slot 1, its own chunk) and for key (c - 1) BT + u where u > r
+    (slot 0). With w <= BT these are all the keys of its window: the other key of a column is more than w back."""
+    r = tl.arange(0, BT)
+    return (r[None, :] <= r[:, None]) == (slot == 1)
+
+
+@triton.jit
+def _blk_store(PB, bh, c, slot, NT, x, BT: tl.constexpr, WIN: tl.constexpr):
+    """Store block ``slot`` of query chunk c's softmax terms: in its own [BT, BT] block of a [B*H, NT, 2, BT, BT]
+    tensor, or (WIN) in its part of the chunk's window block of a [B*H, NT, BT, BT] one."""
+    if WIN:
+        tl.store(_pair_ptr(PB, bh, c, 0, NT, BT, 1), x, mask=_win_part(slot, BT))
+    else:
+        tl.store(_pair_ptr(PB, bh, c, slot, NT, BT), x)
+
+
+@triton.jit
+def _blk_load(PB, bh, c, slot, NT, mask, BT: tl.constexpr, WIN: tl.constexpr):
+    """Load what ``_blk_store`` stored, 0 outside ``mask`` (and, WIN, outside the block's part)."""
+    if WIN:
+        x = tl.load(_pair_ptr(PB, bh, c, 0, NT, BT, 1), mask=mask & _win_part(slot, BT), other=0.0)
+    else:
+        x = tl.load(_pair_ptr(PB, bh, c, slot, NT, BT), mask=mask, other=0.0)
+    return x
 
 
 @triton.jit
@@ -462,7 +495,7 @@ def _bwd_q_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True, SC: tl.constexpr = 1, GROUP: tl.constexpr = False,
-    SAVE_P: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
+    SAVE_P: tl.constexpr = False, SAVE_DW: tl.constexpr = False, WIN: tl.constexpr = False, NDW: tl.constexpr = 2,
 ):
     """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, dgamma); one launch with both, or one
     launch each (Q_SPLIT: fewer live registers per program, dW computed twice). The softmax side also stores, for the
@@ -506,13 +539,13 @@ def _bwd_q_kernel(
                 da += dZ[:, None]
                 dqf = tl.dot(da.to(DT), _load_tile(kfp, j, ff, T, F, sft), dqf, input_precision=PREC)
         if SAVE_DW and not DO_SM:  # the softmax side of this call stored them (launched first)
-            da = tl.load(_pair_ptr(DWL, pid_bh, i, 0, NT, BT))
+            da = tl.load(_pair_ptr(DWL, pid_bh, i, 0, NT, BT, NDW))
         else:
             da = tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT)
         dqf = tl.dot(da, _load_tile(kfp, jp, ff, T, F, sft), dqf, input_precision=PREC)
         if CUR_LIN:
             if SAVE_DW and not DO_SM:
-                da = tl.load(_pair_ptr(DWL, pid_bh, i, 1, NT, BT))
+                da = tl.load(_pair_ptr(DWL, pid_bh, i, 1, NT, BT, NDW))
             else:
                 da = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT)
             dqf = tl.dot(da, _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
@@ -528,32 +561,46 @@ def _bwd_q_kernel(
         ap = (i - 1) * BT + tl.argmax(s, axis=1)
         p0 = tl.exp(s - m[:, None])
         if SAVE_P:
-            tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT), (gamma * p0).to(DT))
+            if WIN:
+                tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT, 1), (gamma * p0).to(DT), mask=_win_part(0, BT))
+            else:
+                tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
             dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
             dW_p += dZ[:, None]
         if LINEAR != 0 and SAVE_DW:
-            tl.store(_pair_ptr(DWL, pid_bh, i, 0, NT, BT), tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT))
+            tl.store(_pair_ptr(DWL, pid_bh, i, 0, NT, BT, NDW),
+                     tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT))
         pw0_p = p0 * dW_p
         s = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
         idx = tl.where(mp >= tl.max(s, axis=1), ap, i * BT + tl.argmax(s, axis=1))
         p0 = tl.exp(s - m[:, None])
         if SAVE_P:
-            tl.store(_pair_ptr(PS, pid_bh, i, 1, NT, BT), (gamma * p0).to(DT))
+            if WIN:
+                tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT, 1), (gamma * p0).to(DT), mask=_win_part(1, BT))
+            else:
+                tl.store(_pair_ptr(PS, pid_bh, i, 1, NT, BT), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
             dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
             dW_c += dZ[:, None]
         if LINEAR != 0 and SAVE_DW and CUR_LIN:
-            tl.store(_pair_ptr(DWL, pid_bh, i, 1, NT, BT), tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT))
+            tl.store(_pair_ptr(DWL, pid_bh, i, 1, NT, BT, NDW),
+                     tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT))
         pw0_c = p0 * dW_c
         row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
         rsum = gamma * row
         ds = (gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)).to(DT)
-        tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT), ds)
+        if WIN:
+            tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT, 1), ds, mask=_win_part(0, BT))
+        else:
+            tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT), ds)
         # the key tiles are reloaded (L2) rather than kept live across the score / softmax work
         dq = tl.dot(ds, _load_tile(kp, jp, dd, T, D, skt), input_precision=PREC)
         ds = (gamma * pw0_c - tl.where(n[None, :] == idx[:, None], rsum[:, None], 0.0)).to(DT)
-        tl.store(_pair_ptr(DS, pid_bh, i, 1, NT, BT), ds)
+        if WIN:
+            tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT, 1), ds, mask=_win_part(1, BT))
+        else:
+            tl.store(_pair_ptr(DS, pid_bh, i, 1, NT, BT), ds)
         dq = tl.dot(ds, _load_tile(kp, n, dd, T, D, skt), dq, input_precision=PREC)
         _store_tile(_head(DQ, b, h, sqb, sqh), dq * scale, n, dd, T, D, sqt)
         tl.store(DG + pid_bh.to(tl.int64) * NT + i, tl.sum(row, axis=0))
@@ -572,14 +619,14 @@ def _bwd_dv_block(
     scale, dv,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
     BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    SAVE_P: tl.constexpr,
+    SAVE_P: tl.constexpr, WIN: tl.constexpr,
 ):
     """dv_j += sum_n W_nj dA_n over the query rows n of query chunk c = i + t; W = gamma p0 (SAVE_P: the query side's
     block, slot 1 - t of chunk c, none for t >= 2, past the window; else from the scores) plus the linear weights
     where lin_on (a runtime flag, so that the caller's loop over the query chunks stays a loop: unrolled, the blocks
     spill)."""
     if SOFTMAX and SAVE_P:
-        w = tl.load(_pair_ptr(PS, pid_bh, c, 1 - t, NT, BT), mask=(n < T)[:, None] & (t < 2), other=0.0)
+        w = _blk_load(PS, pid_bh, c, 1 - t, NT, (n < T)[:, None] & (t < 2), BT, WIN)
         w = w.to(tl.float32)
     elif SOFTMAX:
         q = _load_tile(qp, n, tl.arange(0, BD), T, D, sqt)
@@ -603,7 +650,7 @@ def _bwd_dv_pass(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
     BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr, SC: tl.constexpr, SAVE_P: tl.constexpr,
+    PREC: tl.constexpr, SC: tl.constexpr, SAVE_P: tl.constexpr, WIN: tl.constexpr,
 ):
     """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v."""
     vv = tl.arange(0, BDV)
@@ -632,14 +679,14 @@ def _bwd_dv_pass(
         for t in range(nq):
             dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, PS, kp, skt, kfp, gamma, pid_bh, i + t, t,
                                j + t * BT, j, t + CUR_LIN > 0, T, NT, window, scale, dv,
-                               D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, DT, PREC, SAVE_P)
+                               D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, DT, PREC, SAVE_P, WIN)
     _store_tile(_head(DV_, b, hk, svb, svh), dv, j, vv, T, DV, svt)
 
 
 @triton.jit
 def _bwd_dk_pass(
     Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale,
-    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, WIN: tl.constexpr,
 ):
     """dk_j = scale sum_n ds_nj q_n of key chunk i of kv head hk over the query rows of chunks i and i + 1 and its G
     query heads (ds from the query side: gamma p0 dW - [j = argmax_n] r_n); written in the dtype of k."""
@@ -651,7 +698,7 @@ def _bwd_dk_pass(
         qp = _head(Q, b, h, sqb, sqh)
         for t in range(2):
             n = j + t * BT
-            ds = tl.load(_pair_ptr(DS, pid_bh, i + t, 1 - t, NT, BT), mask=(n < T)[:, None], other=0.0)
+            ds = _blk_load(DS, pid_bh, i + t, 1 - t, NT, (n < T)[:, None], BT, WIN)
             dk = tl.dot(tl.trans(ds), _load_tile(qp, n, dd, T, D, sqt), dk, input_precision=PREC)
     _store_tile(_head(DK, b, hk, skb, skh), dk * scale, j, dd, T, D, skt)
 
@@ -666,6 +713,7 @@ def _bwd_kv_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1, SAVE_P: tl.constexpr = False,
+    WIN: tl.constexpr = False,
 ):
     """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
     the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
@@ -679,9 +727,9 @@ def _bwd_kv_kernel(
     if DO_DV:
         _bwd_dv_pass(Q, K, QF, KF, GAMMA, DO, M, ZD, PS, DHS, DV_, b, hk, i, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window,
-                     scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, SAVE_P)
+                     scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, SAVE_P, WIN)
     if SOFTMAX and DO_DK:
-        _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC)
+        _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC, WIN)
 
 
 @triton.jit
@@ -691,7 +739,7 @@ def _bwd_kf_kernel(
     T, H, G, NT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SC: tl.constexpr = 1,
-    GROUP: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
+    GROUP: tl.constexpr = False, SAVE_DW: tl.constexpr = False, NDW: tl.constexpr = 2,
 ):
     """dphi(k_j) = sum_n da_nj phi(q_n) (queries of chunks i, i+1 on L(n); those of chunk i only if CUR_LIN)
     + v_j dh_j^T + dz_j."""
@@ -712,7 +760,8 @@ def _bwd_kf_kernel(
     for t in tl.static_range(1 - CUR_LIN, 2):
         n = j + t * BT
         if SAVE_DW:  # the query side's block: slot 1 - t of query chunk i + t
-            da = tl.load(_pair_ptr(DWL, pid_bh, i + t, 1 - t, NT, BT), mask=(n < T)[:, None], other=0.0)
+            da = tl.load(_pair_ptr(DWL, pid_bh, i + t, 1 - t, NT, BT, NDW), mask=(n < T)[:, None],
+                         other=0.0)
         else:
             do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
             dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
@@ -723,9 +772,10 @@ def _bwd_kf_kernel(
         for c in tl.range(i + 2, tl.minimum(p * SC + SC + 1, NT), num_stages=1):
             n = c * BT + tl.arange(0, BT)
             do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
-            da = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
-            da = tl.where((n < T)[:, None], da, 0.0)
-            dkf = tl.dot(tl.trans(da.to(DT)), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
+            # (its own name: the blocks above leave da in the dtype of the dots, a loop must keep a carried type)
+            dw = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
+            dw = tl.where((n < T)[:, None], dw, 0.0)
+            dkf = tl.dot(tl.trans(dw.to(DT)), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
     _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
 
 
@@ -874,7 +924,7 @@ def _cur_lin(lin: int, window: int) -> int:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF,
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF,
             SIDE_STATE_BLOCKS, tuple(LAUNCH.items()),
             LAUNCH_FP32)
 
@@ -1052,14 +1102,18 @@ class HybridAttentionFunction(torch.autograd.Function):
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
-        # the query side's softmax weights gamma p0 and score gradients ds, two [BT, BT] blocks per query chunk, for
-        # the key side: each the size of q at D = 2 BT, in its dtype
+        # the query side's softmax weights gamma p0 and score gradients ds for the key side, in the dtype of q: two
+        # [BT, BT] blocks per query chunk (the size of q at D = 2 BT), or one window block (WINDOW_BLOCKS); the local
+        # linear terms' dW: one block per query chunk, two if CUR_LIN
         ps = ds = dwl = dg  # dummies, never read
         save_dw = SAVE_DW and softmax and bool(lin)
+        # (two slots unless the window blocks are on: the pointers of all three buffers then share their offsets,
+        # which the softmax side's registers need: ptxas, 112 B of spills a thread against 124 with one slot)
+        ndw = 1 + cur_lin if WINDOW_BLOCKS else 2
         if softmax:
-            ds = torch.empty(B * H, NT, 2, BT, BT, device=dev, dtype=q.dtype)
+            ds = torch.empty(B * H, NT, *(() if WINDOW_BLOCKS else (2,)), BT, BT, device=dev, dtype=q.dtype)
             ps = torch.empty_like(ds) if SAVE_P else ps
-            dwl = torch.empty_like(ds) if save_dw else dwl
+            dwl = torch.empty(B * H, NT, ndw, BT, BT, device=dev, dtype=q.dtype) if save_dw else dwl
 
         def strides():  # of q, k, v, the features and do; bwd_kf takes the last three
             return (
@@ -1081,7 +1135,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf), lambda: (
                 (*strides()[6:], T, H, G, NT, window),
                 dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC, SC=_stride(True),
-                     **group, SAVE_DW=save_dw and not SIDE_KF, **_options("bwd_kf", big, q.dtype)),
+                     **group, SAVE_DW=save_dw and not SIDE_KF, NDW=ndw, **_options("bwd_kf", big, q.dtype)),
             ))  # fmt: skip
 
         # SIDE_KF: right after the reverse states, on the side stream beside the query and key sides (the launch
@@ -1100,7 +1154,8 @@ class HybridAttentionFunction(torch.autograd.Function):
                 main.wait_event(side.states)
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dwl, dg),
-                   rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P, SAVE_DW=save_dw))
+                   rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P, SAVE_DW=save_dw,
+                        WIN=WINDOW_BLOCKS, NDW=ndw))
         del hs, zs, kept
         if side:
             main.wait_event(side.reverse)
@@ -1108,7 +1163,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
             launch(_bwd_kv_kernel, (NT, B * Hkv), (q, k, q_feat, k_feat, gam, do, M, ZD, ps, ds, dhs, dk, dv),
-                   rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P))
+                   rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS))
         if lin and not SIDE_KF:
             kf(launch)
         elif side:

@@ -246,6 +246,27 @@ def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, in
                         window=24, softmax=softmax, linear=linear)
 
 
+# (mode, window): the hybrid at w = BT (no linear terms in the own chunk) and below it (CUR_LIN), the overlap and
+# sliding-window-only modes (no local dW blocks)
+WINDOW_BLOCK_CASES = [("hybrid", 64), ("hybrid", 33), ("overlap", 64), ("swa_only", 20)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,w", WINDOW_BLOCK_CASES, ids=[f"{m}-w{w}" for m, w in WINDOW_BLOCK_CASES])
+def test_triton_interpreter_window_blocks_give_the_bits_of_block_pairs(mode, w, monkeypatch, interpret):
+    """WINDOW_BLOCKS packs a query chunk's two blocks of ds and gamma p0 into one: every entry it drops is an exact
+    zero of the pair layout (outside the window), so outputs and gradients must be bit-identical."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=w, softmax=softmax, linear=linear)
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 3)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    monkeypatch.setattr(chunk, "WINDOW_BLOCKS", True)
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    assert torch.equal(out, ref_out)
+    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+        assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
+
+
 # (mode, window): w = 64 = BT, the same chunk's linear block is all masked in the hybrid and skipped (CUR_LIN = 0);
 # w = 63 keeps it (the diagonal blocks have keys at distance 63 on L(n)); 7 chunks
 SKIP_CASES = [("hybrid", 64), ("hybrid", 63), ("overlap", 64), ("la_only", 64)]
@@ -322,6 +343,37 @@ def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weight
     assert_close("state h", ref_hs, hs[:, :, :F, :DV], torch.float32)
     assert_close("state z", ref_zs, zs[:, :, :F], torch.float32)
     assert (hs[:, :, F:] == 0).all() and (hs[:, :, :, DV:] == 0).all(), "padding of the states must be zero"
+
+
+def _ptxas_missing() -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(90)
+    except Exception as err:  # no NVIDIA backend or no bundled ptxas: nothing to compile with
+        return f"triton cannot compile for sm_90a here: {type(err).__name__}: {err}"
+    return None
+
+
+@pytest.mark.skipif(chunk is None, reason="triton is not installed")
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_under_the_tuned_options():
+    """The interpreter runs the kernels as Python and checks none of what the compiler checks (e.g. that a value
+    carried through a loop keeps its type: dk_feat at REV_STATE_STRIDE = 2 with the stored dW blocks did not
+    compile). Compile the backward kernels for an H100 (no GPU needed) with the strides and stored-block options
+    that the benchmark's tune variants set: a forward state per 4 chunks, a reverse one per 2, window blocks."""
+    import subprocess
+    import sys
+
+    why = _ptxas_missing()
+    if why:
+        pytest.skip(why)
+    cmd = [sys.executable, "-m", "linearize.kernels.spills", "--modes", "hybrid", "overlap", "--stride", "4",
+           "--rev-stride", "2", "--window-blocks", "--kernels", "bwd"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    failed = [line for line in res.stdout.splitlines() if "failed" in line]
+    assert res.returncode == 0 and not failed, "\n".join(failed) or res.stderr[-3000:]
+    assert res.stdout.count("| bwd_kf |") == 2, res.stdout
 
 
 @needs_interpreter
@@ -469,6 +521,40 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
         for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
             assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
     assert len(sides) == 3 and all(s is not None for s in sides), "the backward did not take the side stream"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+@pytest.mark.parametrize("mode", ["hybrid", "overlap", "swa_only"])
+def test_triton_gpu_window_blocks_give_the_bits_of_block_pairs(mode, monkeypatch):
+    """As the interpreter test, compiled, in bf16, at the benchmark's head dims."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=64, softmax=softmax, linear=linear)
+    inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=13)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    monkeypatch.setattr(chunk, "WINDOW_BLOCKS", True)
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    assert torch.equal(out, ref_out)
+    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+        assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
+
+
+# the benchmark's tune variants that change what the kernels compute, at the benchmark's head dims (the bf16 tier
+# above runs the defaults): reverse states per 2 chunks with the stored blocks (whose dk_feat kernel did not
+# compile before session 9), kept states, window blocks, together
+OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
+               "kept-window-rev2": {"KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2}}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_triton_gpu_options_match_naive(options, monkeypatch):
+    for name, value in OPTION_SETS[options].items():
+        monkeypatch.setattr(chunk, name, value)
+    inputs, do = make_inputs(1, 1000, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=17)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.bfloat16, f"triton-gpu-{options}",
+                        window=64, softmax=True, linear="outside")
 
 
 @pytest.mark.gpu
