@@ -16,7 +16,7 @@ is the time the call takes to return on the CPU (when it is close to the CUDA ti
     python -m linearize.kernels.bench --T 8192 32768 --tune --profile --out $OUT/bench_tune.json
 
 --tune also times the hybrid op under variants of its launch settings (block sizes, warps, stages: ``TUNE``;
-the JSON's "tune" rows); --profile records the CUDA time of each kernel of one forward+backward ("profile").
+the JSON's "tune" rows; --rounds N interleaves the variants in N rounds, so that drift reaches them alike); --profile records the CUDA time of each kernel of one forward+backward ("profile").
 The settings the timed op ran with are in the JSON's "kernel_config".
 
     python -m linearize.kernels.bench --T 32768 --state-probe 32768 --host-breakdown 2048
@@ -79,7 +79,7 @@ def make_inputs(T: int, dtype=torch.bfloat16, seed: int = 0):
     return q, k, v, qf, kf, gamma, do
 
 
-def cuda_time(fn, reps: int, warmup: int = 3, warmup_ms: float = 200.0) -> tuple[float, float]:
+def cuda_samples(fn, reps: int, warmup: int = 3, warmup_ms: float = 200.0) -> tuple[list, list]:
     """Median milliseconds of fn() over reps, timed with CUDA events after warm-up (at least ``warmup`` calls and
     ``warmup_ms`` of wall time; with 3 calls alone the table's row of the hybrid op at 32K read 5-9% slower than its
     tune row later in the same run, in three runs of session 8), and the median host time of the call (from an
@@ -102,6 +102,12 @@ def cuda_time(fn, reps: int, warmup: int = 3, warmup_ms: float = 200.0) -> tuple
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return times, host
+
+
+def cuda_time(fn, reps: int, **warm) -> tuple[float, float]:
+    """``cuda_samples``' medians."""
+    times, host = cuda_samples(fn, reps, **warm)
     return statistics.median(times), statistics.median(host)
 
 
@@ -202,6 +208,7 @@ TUNE = {
     "default": {},
     "launch plans off": {"LAUNCH_PLANS": False},
     "keep states": {"KEEP_STATES": True},
+    "keep states, one stream": {"KEEP_STATES": True, "SIDE_STREAM": False},
     "one stream": {"SIDE_STREAM": False},
     "softmax weights recomputed on the key side": {"SAVE_P": False},
     "local dW recomputed": {"SAVE_DW": False},
@@ -274,19 +281,68 @@ def with_settings(overrides: dict, fn):
             setattr(chunk, name, value)
 
 
-def tune(Ts, reps, variants=None) -> list[dict]:
+def tune(Ts, reps, variants=None, rounds: int = 1) -> list[dict]:
+    """The hybrid op under each TUNE variant at each T. rounds > 1 interleaves them: every variant is timed once (its
+    compile and warm-up), then ``rounds`` times more over ceil(reps / rounds) calls, the order of the variants reversed
+    every other round, on one set of inputs; each row is the median of all its rounds' calls. Clock and heat drift
+    over the minutes of a run then reach every variant alike (run one after the other, the same forward kernels read
+    0.99 to 1.11 ms at 32K in one run)."""
     unknown = sorted(set(variants or ()) - set(TUNE))
     if unknown:
         raise SystemExit(f"unknown --variants {unknown}; known: {list(TUNE)}")
+    names = [name for name in TUNE if not variants or name in variants]
     rows = []
     for T in Ts:
-        for name, overrides in TUNE.items():
-            if variants and name not in variants:
+        if rounds <= 1:
+            for name in names:
+                row = with_settings(TUNE[name], functools.partial(measure, "hybrid (ours)", ours, T, reps))
+                row.update(variant=name, overrides={k: str(v) for k, v in TUNE[name].items()})
+                rows.append(row)
+                print("# tune " + json.dumps(row), flush=True)
+            continue
+        rows += _tune_interleaved(T, reps, names, rounds)
+    return rows
+
+
+def _tune_interleaved(T, reps, names, rounds) -> list[dict]:
+    fwd, step = ours(T)
+    samples = {name: {"fwd": ([], []), "fwd_bwd": ([], [])} for name in names}
+    failed = {}
+    per_round = -(-reps // rounds)
+    for r in range(rounds + 1):
+        for name in names if r % 2 == 0 else names[::-1]:
+            if name in failed:
                 continue
-            row = with_settings(overrides, functools.partial(measure, "hybrid (ours)", ours, T, reps))
-            row.update(variant=name, overrides={k: str(v) for k, v in overrides.items()})
-            rows.append(row)
-            print("# tune " + json.dumps(row), flush=True)
+            warm = {} if r == 0 else dict(warmup=1, warmup_ms=0.0)  # round 0: compile and warm up, not kept
+
+            def go(warm=warm):
+                with torch.no_grad():
+                    f = cuda_samples(fwd, per_round, **warm)
+                return f, cuda_samples(step, per_round, **warm)
+
+            try:
+                f, fb = with_settings(TUNE[name], go)
+            except Exception as err:  # a variant failing must not hide the others' numbers
+                failed[name] = f"{type(err).__name__}: {err}"
+                traceback.print_exc()
+                continue
+            if r > 0:
+                for key, got in (("fwd", f), ("fwd_bwd", fb)):
+                    samples[name][key][0].extend(got[0])
+                    samples[name][key][1].extend(got[1])
+    rows = []
+    for name in names:
+        row = {"op": "hybrid (ours)", "T": T, "variant": name, "overrides": {k: str(v) for k, v in TUNE[name].items()},
+               "rounds": rounds, "calls": rounds * per_round}
+        if name in failed:
+            row["skipped"] = failed[name]
+        else:
+            for key, (times, host) in samples[name].items():
+                row[f"{key}_ms"], row[f"{key}_host_ms"] = statistics.median(times), statistics.median(host)
+            row["peak_gib"] = with_settings(TUNE[name], lambda: peak_gib(step))
+        rows.append(row)
+        print("# tune " + json.dumps(row), flush=True)
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -582,6 +638,8 @@ def main(argv=None):
     ap.add_argument("--out", default="kernels/bench_results.json")
     ap.add_argument("--tune", action="store_true", help="also time the hybrid op under the TUNE variants")
     ap.add_argument("--variants", nargs="+", metavar="NAME", help="with --tune: only these TUNE variants")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --tune: time the variants interleaved, in this many rounds (1: one after the other)")
     ap.add_argument("--profile", action="store_true", help="also record CUDA time per kernel of the hybrid op")
     ap.add_argument("--no-naive", action="store_true", help="do not time the naive reference (it still checks)")
     ap.add_argument("--state-probe", type=int, nargs="*", metavar="T",
@@ -639,7 +697,7 @@ def main(argv=None):
               "check": {"T": args.check_T, "rel_rms_err": checks, "ok": ok}, "reps": args.reps, "rows": rows,
               "kernel_config": kernel_config()}
     if args.tune:
-        result["tune"] = tune(args.T, args.reps, args.variants)
+        result["tune"] = tune(args.T, args.reps, args.variants, args.rounds)
     if args.profile:
         result["profile"] = [r for T in args.T for r in profile(T)]
     if args.state_probe:
