@@ -333,12 +333,13 @@ def _tune_interleaved(T, reps, names, rounds) -> list[dict]:
     rows = []
     for name in names:
         row = {"op": "hybrid (ours)", "T": T, "variant": name, "overrides": {k: str(v) for k, v in TUNE[name].items()},
-               "rounds": rounds, "calls": rounds * per_round}
+               "rounds": rounds}
         if name in failed:
             row["skipped"] = failed[name]
         else:
             for key, (times, host) in samples[name].items():
                 row[f"{key}_ms"], row[f"{key}_host_ms"] = statistics.median(times), statistics.median(host)
+                row[f"{key}_calls"] = len(times)
             row["peak_gib"] = with_settings(TUNE[name], lambda: peak_gib(step))
         rows.append(row)
         print("# tune " + json.dumps(row), flush=True)

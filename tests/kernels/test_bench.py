@@ -1,0 +1,80 @@
+"""The benchmark's orchestration of tune variants (kernels/bench.py), with stand-ins for the timed op and the clock.
+
+The timings themselves need a GPU (CUDA events); what is checked here is which variant is timed when, under which
+settings and warm-up, and which samples make up each row.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from linearize.kernels import bench
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """TUNE of three variants; ``with_settings`` records the variant it runs under, ``cuda_samples`` logs every call
+    and returns 100 ms in round 0 (compile and warm-up: must not reach a row) and the variant's own time after."""
+    variants = {"a": {}, "b": {"X": 1}, "c": {"Y": 2}}
+    own = {"a": 1.0, "b": 2.0, "c": 3.0}
+    log, current = [], {}
+    fwd, step = object(), object()
+
+    def with_settings(overrides, fn):
+        current["name"] = next(n for n, o in variants.items() if o is overrides)
+        return fn()
+
+    def cuda_samples(fn, reps, **warm):
+        name = current["name"]
+        if name in state["fail"]:
+            raise RuntimeError(f"variant {name} broke")
+        log.append((name, "fwd" if fn is fwd else "fwd_bwd", reps, warm))
+        t = 100.0 if warm == {} else own[name] + (0.5 if fn is step else 0.0)
+        return [t] * reps, [0.1] * reps
+
+    state = {"fail": set()}
+    monkeypatch.setattr(bench, "TUNE", variants)
+    monkeypatch.setattr(bench, "ours", lambda T: (fwd, step))
+    monkeypatch.setattr(bench, "with_settings", with_settings)
+    monkeypatch.setattr(bench, "cuda_samples", cuda_samples)
+    monkeypatch.setattr(bench, "peak_gib", lambda fn: 0.25)
+    return log, state
+
+
+def test_tune_rounds_interleave_the_variants_and_keep_only_the_timed_rounds(stand_ins):
+    log, _ = stand_ins
+    rows = bench.tune([64], reps=5, rounds=3)
+    order = [name for name, kind, *_ in log if kind == "fwd"]
+    # round 0 (warm-up) a b c, then the order reversed every other round
+    assert order == list("abc") + list("cba") + list("abc") + list("cba")
+    assert all(warm == {} for _, _, _, warm in log[:6])  # round 0: the full warm-up, with compiles
+    assert all(warm == {"warmup": 1, "warmup_ms": 0.0} for _, _, _, warm in log[6:])
+    assert {reps for _, _, reps, _ in log} == {2}  # ceil(5 / 3) calls a round
+    assert [r["variant"] for r in rows] == list("abc")
+    for row, t in zip(rows, (1.0, 2.0, 3.0)):
+        assert row["fwd_ms"] == t and row["fwd_bwd_ms"] == t + 0.5, "a warm-up sample reached the median"
+        assert row["fwd_calls"] == row["fwd_bwd_calls"] == 6, "the medians are not over the timed rounds alone"
+        assert row["rounds"] == 3 and row["peak_gib"] == 0.25 and row["T"] == 64
+
+
+def test_tune_rounds_report_a_failing_variant_and_time_the_others(stand_ins):
+    log, state = stand_ins
+    state["fail"].add("b")
+    rows = bench.tune([64], reps=4, rounds=2)
+    assert "b" not in {name for name, *_ in log}
+    by = {r["variant"]: r for r in rows}
+    assert by["b"]["skipped"] == "RuntimeError: variant b broke" and "fwd_ms" not in by["b"]
+    assert by["a"]["fwd_ms"] == 1.0 and by["c"]["fwd_bwd_ms"] == 3.5
+
+
+def test_tune_without_rounds_times_each_variant_once_in_turn(stand_ins, monkeypatch):
+    measured = []
+    monkeypatch.setattr(bench, "measure", lambda op, build, T, reps: measured.append(T) or {"op": op, "T": T})
+    rows = bench.tune([64, 128], reps=3, variants=["c", "a"])
+    assert measured == [64, 64, 128, 128]
+    assert [(r["T"], r["variant"]) for r in rows] == [(64, "a"), (64, "c"), (128, "a"), (128, "c")]
+
+
+def test_tune_rejects_unknown_variants(stand_ins):
+    with pytest.raises(SystemExit, match="unknown --variants"):
+        bench.tune([64], reps=3, variants=["nope"])
