@@ -59,6 +59,13 @@ def run(fn, inputs, do, **kw):
     return out, [None if x is None else next(grads) for x in inputs]
 
 
+def assert_same_bits(out, grads, ref_out, ref_grads):
+    """Two runs of the op gave bit-identical outputs and gradients (None where the reference has None)."""
+    assert torch.equal(out, ref_out)
+    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+        assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
+
+
 def check_against_naive(fn, inputs, do, dtype, label, **kw):
     ref_inputs = [None if x is None else x.detach().float().requires_grad_() for x in inputs]
     ref_out, ref_grads = run(hybrid_attention_naive, ref_inputs, do.float(), **kw)
@@ -262,9 +269,7 @@ def test_triton_interpreter_window_blocks_give_the_bits_of_block_pairs(mode, w, 
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "WINDOW_BLOCKS", True)
     out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    assert torch.equal(out, ref_out)
-    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
-        assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
+    assert_same_bits(out, grads, ref_out, ref_grads)
 
 
 # (mode, window): w = 64 = BT, the same chunk's linear block is all masked in the hybrid and skipped (CUR_LIN = 0);
@@ -480,9 +485,7 @@ def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypat
     replays = chunk.PLANS.replays
     for _ in range(3):
         out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-        assert torch.equal(out, ref_out)
-        for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
-            assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
+        assert_same_bits(out, grads, ref_out, ref_grads)
     assert chunk.PLANS.replays - replays == 4, "calls 2 and 3 did not replay their forward and backward"
     assert len(chunk.PLANS) == 2
 
@@ -517,9 +520,7 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
     monkeypatch.setattr(chunk, "_side", lambda *a: sides.append(real(*a)) or sides[-1])
     for _ in range(3):  # recorded, then replayed
         out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-        assert torch.equal(out, ref_out)
-        for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
-            assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
+        assert_same_bits(out, grads, ref_out, ref_grads)
     assert len(sides) == 3 and all(s is not None for s in sides), "the backward did not take the side stream"
 
 
@@ -534,9 +535,7 @@ def test_triton_gpu_window_blocks_give_the_bits_of_block_pairs(mode, monkeypatch
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "WINDOW_BLOCKS", True)
     out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    assert torch.equal(out, ref_out)
-    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
-        assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
+    assert_same_bits(out, grads, ref_out, ref_grads)
 
 
 # the benchmark's tune variants that change what the kernels compute, at the benchmark's head dims (the bf16 tier
