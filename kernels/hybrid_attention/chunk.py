@@ -23,7 +23,7 @@ unless KEEP_STATES):
   state passes run on a second CUDA stream, beside the delta kernel and the query side's softmax launch.
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h). Its softmax side stores the
   [BT, BT] blocks of ds, gamma p0 (SAVE_P) and the local linear terms' dW (SAVE_DW) of its two key chunks in the
-  dtype of the dots, for the kernels after it.
+  dtype of the dots, for the kernels after it (WINDOW_BLOCKS: ds and gamma p0 in one window block per query chunk).
   Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh and those blocks (no scores computed
   again there).
 GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
@@ -924,9 +924,8 @@ def _cur_lin(lin: int, window: int) -> int:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF,
-            SIDE_STATE_BLOCKS, tuple(LAUNCH.items()),
-            LAUNCH_FP32)
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS,
+            SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):

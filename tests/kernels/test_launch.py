@@ -196,3 +196,32 @@ def test_plan_key_of_the_hybrid_op(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(chunk, "INTERPRETED", True)
     assert chunk._plan_key("fwd", q, k, extra=(64,)) is None
+
+
+def test_plan_key_covers_every_setting_of_the_op(monkeypatch):
+    """A replayed plan launches the kernels its first call compiled, with the buffers that call allocated: a setting
+    of chunk.py missing from the key would replay a plan of other settings (e.g. window blocks read as block pairs).
+    Every setting the benchmark knows (bench.KNOBS) and LAUNCH, changed alone, must change the key."""
+    from linearize.kernels import bench
+    from linearize.kernels.hybrid_attention import chunk
+
+    monkeypatch.setattr(chunk, "INTERPRETED", False)
+    q, k = torch.randn(1, 70, 2, 16), torch.randn(1, 70, 1, 16)
+    key = chunk._plan_key("fwd", q, k, extra=(64,))
+    for name in (*bench.KNOBS, "LAUNCH"):
+        if name == "LAUNCH_PLANS":  # (off: no key at all, checked above)
+            continue
+        value = getattr(chunk, name)
+        if isinstance(value, bool):
+            other = not value
+        elif isinstance(value, int):
+            other = value * 2 or 1
+        elif value is None:
+            other = (32, 32)
+        elif isinstance(value, dict):
+            other = {**value, "fwd": (8, 1)}
+        else:
+            other = tuple(2 * x for x in value)
+        with monkeypatch.context() as m:
+            m.setattr(chunk, name, other)
+            assert chunk._plan_key("fwd", q, k, extra=(64,)) != key, f"{name} is not part of the plan key"
