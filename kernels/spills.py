@@ -124,12 +124,13 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if softmax and lin:
         out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
         out.append(("bwd_q softmax side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_LIN=False)))
-    both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride, SAVE_P=chunk.SAVE_P, WIN=chunk.WINDOW_BLOCKS)
+    both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride, SAVE_P=chunk.SAVE_P, WIN=chunk.WINDOW_BLOCKS,
+                WITH_KF=chunk.KF_IN_KV and bool(lin), SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), NDW=ndw)
     out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", both))
     if softmax:
         out.append(("bwd_kv dv (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DK=False)))
         out.append(("bwd_kv dk (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DV=False)))
-    if lin:
+    if lin and not chunk.KF_IN_KV:
         out.append(("bwd_kf", chunk._bwd_kf_kernel, "bwd_kf",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
                          SC=rev_stride, GROUP=chunk.GROUP_HEADS, SAVE_DW=chunk.SAVE_DW and softmax, NDW=ndw)))
@@ -146,6 +147,7 @@ def main(argv=None):
                     help="num_stages to try (default: chunk.LAUNCH, chunk.LAUNCH_FP32 for fp32)")
     ap.add_argument("--save-p", action="store_true", help="compile with chunk.SAVE_P on")
     ap.add_argument("--window-blocks", action="store_true", help="compile with chunk.WINDOW_BLOCKS on")
+    ap.add_argument("--kf-in-kv", action="store_true", help="compile with chunk.KF_IN_KV on")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
     ap.add_argument("--state-blocks", type=int, nargs="+", default=[chunk.STATE_BF],
                     help="state pass F and Dv block (square)")
@@ -157,6 +159,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     chunk.SAVE_P = chunk.SAVE_P or args.save_p
     chunk.WINDOW_BLOCKS = chunk.WINDOW_BLOCKS or args.window_blocks
+    chunk.KF_IN_KV = chunk.KF_IN_KV or args.kf_in_kv
 
     print(f"# triton {triton.__version__}, sm_90a, D=F=Dv={D}, BT={chunk.BT}, {args.dtype}; bytes per thread")
     print("| mode | kernel | SC | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")

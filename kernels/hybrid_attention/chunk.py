@@ -116,6 +116,11 @@ SAVE_DW = True
 # a query chunk's softmax terms have disjoint supports (the previous chunk's keys above the diagonal, its own on and
 # below it), written and read with masks. Half the bytes of both buffers (0.5 GiB at 32K, 32 heads).
 WINDOW_BLOCKS = False
+# KF_IN_KV: dk_feat in the key side's dv pass instead of a kernel of its own (_bwd_kf_kernel): that pass already
+# loads each head's reverse state and the query rows with linear terms on its keys, which _bwd_kf_kernel loads again
+# (at 32K, 32 heads: the reverse states alone are 0.5 GB at REV_STATE_STRIDE = 1), and v once for the G heads of the
+# group; for a second fp32 accumulator live in the pass. Not timed on a GPU yet.
+KF_IN_KV = False
 SIDE_STREAM = True
 SIDE_STREAM_MIN_CHUNKS = 512
 SIDE_KF = False
@@ -645,14 +650,32 @@ def _bwd_dv_block(
 
 
 @triton.jit
+def _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, c, t, n, j, T, NT, window, dkf,
+              DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+              LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SAVE_DW: tl.constexpr, NDW: tl.constexpr):
+    """dkf_j += sum_n da_nj phi(q_n) over the rows n of query chunk c = i + t, da = dW on L(n): from the query side's
+    block (SAVE_DW, t < 2: slot 1 - t of chunk c) or from do and v_j."""
+    if SAVE_DW and t < 2:
+        da = tl.load(_pair_ptr(DWL, pid_bh, c, 1 - t, NT, BT, NDW), mask=(n < T)[:, None], other=0.0)
+    else:
+        do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
+        dw = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
+        da = tl.where(_lin_mask(n, j, T, window, LINEAR), dw, 0.0).to(DT)
+    return tl.dot(tl.trans(da), _load_tile(qfp, n, tl.arange(0, BF), T, F, sft), dkf, input_precision=PREC)
+
+
+@triton.jit
 def _bwd_dv_pass(
-    Q, K, QF, KF, GAMMA, DO, M, ZD, PS, DHS, DV_, b, hk, i, j,
+    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, b, hk, i, j,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
     BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr, SC: tl.constexpr, SAVE_P: tl.constexpr, WIN: tl.constexpr,
+    PREC: tl.constexpr, SC: tl.constexpr, SAVE_P: tl.constexpr, WIN: tl.constexpr, WITH_KF: tl.constexpr,
+    SAVE_DW: tl.constexpr, NDW: tl.constexpr,
 ):
-    """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v."""
+    """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v. WITH_KF
+    (KF_IN_KV): dk_feat of each of those heads too, from the reverse state and the query rows this pass reads, in
+    place of _bwd_kf_kernel (written per query head, in the dtype of the features)."""
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
     kp = _head(K, b, hk, skb, skh)
@@ -662,6 +685,8 @@ def _bwd_dv_pass(
     if LINEAR != 0 and SC > 1:
         nq = tl.maximum(tl.minimum(p * SC + SC + 1, NT) - i, 2)
     dv = tl.zeros([BT, BDV], dtype=tl.float32)
+    if WITH_KF:
+        v = _load_tile(_head(V, b, hk, svb, svh), j, vv, T, DV, svt)
     for g in range(G):
         h = hk * G + g
         pid_bh = b * H + h
@@ -673,13 +698,23 @@ def _bwd_dv_pass(
         kfp = _head(KF, b, h, sfb, sfh)
         if LINEAR != 0:  # queries of chunks >= SC p + SC + 1 through the reverse state of the group: dh^T phi(k_j)
             kf = _load_tile(kfp, j, ff, T, F, sft)
-            dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv)), dv, input_precision=PREC)
+            dh = tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv))
+            dv = tl.dot(kf, dh, dv, input_precision=PREC)
+            if WITH_KF:  # v_j dh^T + dz, then the rows of the query chunks below
+                dkf = tl.dot(v, tl.trans(dh), input_precision=PREC)
+                dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)[None, :]
         # one loop over the query chunks, not a second one for those past the window (a second copy of the block's
         # code made the kernel spill). The same chunk's linear terms only if CUR_LIN.
         for t in range(nq):
             dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, PS, kp, skt, kfp, gamma, pid_bh, i + t, t,
                                j + t * BT, j, t + CUR_LIN > 0, T, NT, window, scale, dv,
                                D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, DT, PREC, SAVE_P, WIN)
+            if WITH_KF:
+                if t + CUR_LIN > 0:  # the query chunks with linear terms on these keys: as lin_on above
+                    dkf = _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, i + t, t, j + t * BT, j, T,
+                                    NT, window, dkf, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
+        if WITH_KF:
+            _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
     _store_tile(_head(DV_, b, hk, svb, svh), dv, j, vv, T, DV, svt)
 
 
@@ -705,19 +740,21 @@ def _bwd_dk_pass(
 
 @triton.jit
 def _bwd_kv_kernel(
-    Q, K, QF, KF, GAMMA, DO, M, ZD, PS, DS, DHS,
-    DK, DV_,
+    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DS, DWL, DHS, DZS,
+    DK, DV_, DKF,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1, SAVE_P: tl.constexpr = False,
-    WIN: tl.constexpr = False,
+    WIN: tl.constexpr = False, WITH_KF: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
+    NDW: tl.constexpr = 2,
 ):
     """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
     the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
-    live at a time. DO_DV / DO_DK: both passes in one launch, or one launch each (KV_SPLIT)."""
+    live at a time. DO_DV / DO_DK: both passes in one launch, or one launch each (KV_SPLIT). WITH_KF: the dv pass
+    also writes dk_feat (KF_IN_KV)."""
     i = tl.program_id(0)
     pid_bk = tl.program_id(1)  # batch * kv head
     Hkv = H // G
@@ -725,9 +762,10 @@ def _bwd_kv_kernel(
     hk = pid_bk % Hkv
     j = i * BT + tl.arange(0, BT)
     if DO_DV:
-        _bwd_dv_pass(Q, K, QF, KF, GAMMA, DO, M, ZD, PS, DHS, DV_, b, hk, i, j,
+        _bwd_dv_pass(Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, b, hk, i, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window,
-                     scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, SAVE_P, WIN)
+                     scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, SAVE_P, WIN,
+                     WITH_KF and LINEAR != 0, SAVE_DW, NDW)
     if SOFTMAX and DO_DK:
         _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC, WIN)
 
@@ -758,24 +796,13 @@ def _bwd_kf_kernel(
     dkf = tl.dot(v, tl.trans(tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv))), input_precision=PREC)
     dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)[None, :]
     for t in tl.static_range(1 - CUR_LIN, 2):
-        n = j + t * BT
-        if SAVE_DW:  # the query side's block: slot 1 - t of query chunk i + t
-            da = tl.load(_pair_ptr(DWL, pid_bh, i + t, 1 - t, NT, BT, NDW), mask=(n < T)[:, None],
-                         other=0.0)
-        else:
-            do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
-            dW = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
-            da = tl.where(_lin_mask(n, j, T, window, LINEAR), dW, 0.0).to(DT)
-        dkf = tl.dot(tl.trans(da), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
-    # query chunks i + 2 .. SC p + SC, between these keys and the reverse state: linear, masked past T only
+        dkf = _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, i + t, t, j + t * BT, j, T, NT, window, dkf,
+                        DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
+    # query chunks i + 2 .. SC p + SC, between these keys and the reverse state: all linear
     if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
         for c in tl.range(i + 2, tl.minimum(p * SC + SC + 1, NT), num_stages=1):
-            n = c * BT + tl.arange(0, BT)
-            do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
-            # (its own name: the blocks above leave da in the dtype of the dots, a loop must keep a carried type)
-            dw = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
-            dw = tl.where((n < T)[:, None], dw, 0.0)
-            dkf = tl.dot(tl.trans(dw.to(DT)), _load_tile(qfp, n, ff, T, F, sft), dkf, input_precision=PREC)
+            dkf = _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, c, 2, c * BT + tl.arange(0, BT), j, T,
+                            NT, window, dkf, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
     _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
 
 
@@ -924,8 +951,8 @@ def _cur_lin(lin: int, window: int) -> int:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS,
-            SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, KF_IN_KV, SIDE_STREAM,
+            SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1129,17 +1156,19 @@ class HybridAttentionFunction(torch.autograd.Function):
                 DT=DT, PREC=PREC, SC=sc, **switches, **_options(options, big, q.dtype)))
 
         group = dict(GROUP=GROUP_HEADS)
+        kf_in_kv = KF_IN_KV and bool(lin)  # dk_feat in the key side's dv pass: no _bwd_kf_kernel
+        side_kf = SIDE_KF and lin and not kf_in_kv
 
         def kf(launch):  # dk_feat, from the reverse states
             launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf), lambda: (
                 (*strides()[6:], T, H, G, NT, window),
                 dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC, SC=_stride(True),
-                     **group, SAVE_DW=save_dw and not SIDE_KF, NDW=ndw, **_options("bwd_kf", big, q.dtype)),
+                     **group, SAVE_DW=save_dw and not side_kf, NDW=ndw, **_options("bwd_kf", big, q.dtype)),
             ))  # fmt: skip
 
         # SIDE_KF: right after the reverse states, on the side stream beside the query and key sides (the launch
         # order depends on the settings alone, not on whether this call has a side stream: a launch plan replays it)
-        if lin and SIDE_KF:
+        if side_kf:
             kf(state_launch)
             if side:
                 side.kf.record(side.stream)
@@ -1161,11 +1190,13 @@ class HybridAttentionFunction(torch.autograd.Function):
         # the key side reads the query side's blocks: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
-            launch(_bwd_kv_kernel, (NT, B * Hkv), (q, k, q_feat, k_feat, gam, do, M, ZD, ps, ds, dhs, dk, dv),
-                   rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS))
-        if lin and not SIDE_KF:
+            launch(_bwd_kv_kernel, (NT, B * Hkv),
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf),
+                   rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS,
+                        WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw))
+        if lin and not side_kf and not kf_in_kv:
             kf(launch)
-        elif side:
+        elif side and side_kf:
             main.wait_event(side.kf)  # the join: every tensor the side stream used outlives this point
         launch.done()
         # terms absent from the function get None, as autograd gives for unused inputs of the reference

@@ -272,6 +272,32 @@ def test_triton_interpreter_window_blocks_give_the_bits_of_block_pairs(mode, w, 
     assert_same_bits(out, grads, ref_out, ref_grads)
 
 
+# (mode, window, settings): dk_feat in the key side's dv pass (KF_IN_KV) with the stored dW blocks (hybrid at w = BT
+# and below it: CUR_LIN), without them (overlap: SAVE_DW off), in linear-only mode (no softmax, no stored blocks), at
+# reverse strides 1, 2 and 4 (the query chunks between the keys and the reverse state), with the key side split
+KF_IN_KV_CASES = [
+    ("hybrid", 64, {}),
+    ("hybrid", 33, {"REV_STATE_STRIDE": 2}),
+    ("overlap", 64, {"SAVE_DW": False, "REV_STATE_STRIDE": 2}),
+    ("la_only", 64, {"REV_STATE_STRIDE": 4}),
+    ("hybrid", 64, {"KV_SPLIT": True, "SIDE_KF": True, "REV_STATE_STRIDE": 2}),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,w,settings", KF_IN_KV_CASES,
+                         ids=[f"{m}-w{w}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+                              for m, w, o in KF_IN_KV_CASES])
+def test_triton_interpreter_dk_feat_in_the_key_side(mode, w, settings, monkeypatch, interpret):
+    monkeypatch.setattr(chunk, "KF_IN_KV", True)
+    for name, value in settings.items():
+        monkeypatch.setattr(chunk, name, value)
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 11)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=w, softmax=softmax, linear=linear)
+
+
 # (mode, window): w = 64 = BT, the same chunk's linear block is all masked in the hybrid and skipped (CUR_LIN = 0);
 # w = 63 keeps it (the diagonal blocks have keys at distance 63 on L(n)); 7 chunks
 SKIP_CASES = [("hybrid", 64), ("hybrid", 63), ("overlap", 64), ("la_only", 64)]
@@ -360,25 +386,37 @@ def _ptxas_missing() -> str | None:
     return None
 
 
+# spills arguments -> (kernel name, rows expected): the backward kernels at a forward state per 4 chunks, a reverse
+# one per 2 and window blocks; the key side with dk_feat in its dv pass (then no _bwd_kf_kernel)
+COMPILE_SETS = {
+    "strides-window-blocks": (["--stride", "4", "--rev-stride", "2", "--window-blocks", "--kernels", "bwd"],
+                              "bwd_kf", 2),
+    "dk_feat-in-the-key-side": (["--rev-stride", "2", "--kf-in-kv", "--kernels", "bwd_kv", "bwd_kf"], "bwd_kv", 6),
+}
+
+
 @pytest.mark.skipif(chunk is None, reason="triton is not installed")
 @pytest.mark.slow
-def test_kernels_compile_for_sm90_under_the_tuned_options():
+@pytest.mark.parametrize("options", list(COMPILE_SETS))
+def test_kernels_compile_for_sm90_under_the_tuned_options(options):
     """The interpreter runs the kernels as Python and checks none of what the compiler checks (e.g. that a value
     carried through a loop keeps its type: dk_feat at REV_STATE_STRIDE = 2 with the stored dW blocks did not
-    compile). Compile the backward kernels for an H100 (no GPU needed) with the strides and stored-block options
-    that the benchmark's tune variants set: a forward state per 4 chunks, a reverse one per 2, window blocks."""
+    compile). Compile the backward kernels for an H100 (no GPU needed), hybrid and overlap, with the strides and
+    stored-block options that the benchmark's tune variants set."""
     import subprocess
     import sys
 
     why = _ptxas_missing()
     if why:
         pytest.skip(why)
-    cmd = [sys.executable, "-m", "linearize.kernels.spills", "--modes", "hybrid", "overlap", "--stride", "4",
-           "--rev-stride", "2", "--window-blocks", "--kernels", "bwd"]
+    args, name, rows = COMPILE_SETS[options]
+    cmd = [sys.executable, "-m", "linearize.kernels.spills", "--modes", "hybrid", "overlap", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     failed = [line for line in res.stdout.splitlines() if "failed" in line]
     assert res.returncode == 0 and not failed, "\n".join(failed) or res.stderr[-3000:]
-    assert res.stdout.count("| bwd_kf |") == 2, res.stdout
+    assert res.stdout.count(f"| {name}") == rows, res.stdout
+    if options == "dk_feat-in-the-key-side":
+        assert "| bwd_kf |" not in res.stdout, "KF_IN_KV still compiles _bwd_kf_kernel"
 
 
 @needs_interpreter
@@ -540,17 +578,18 @@ def test_triton_gpu_window_blocks_give_the_bits_of_block_pairs(mode, monkeypatch
 
 # the benchmark's tune variants that change what the kernels compute, at the benchmark's head dims (the bf16 tier
 # above runs the defaults): reverse states per 2 chunks with the stored blocks (whose dk_feat kernel did not
-# compile before session 9), kept states, window blocks, together
+# compile before session 9), kept states, window blocks, together; dk_feat in the key side (not yet run on a GPU)
 OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
-               "kept-window-rev2": {"KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2}}
+               "kept-window-rev2": {"KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2},
+               "dk_feat-in-the-key-side-8-warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}}}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
 @pytest.mark.parametrize("options", list(OPTION_SETS))
 def test_triton_gpu_options_match_naive(options, monkeypatch):
-    for name, value in OPTION_SETS[options].items():
-        monkeypatch.setattr(chunk, name, value)
+    for name, value in OPTION_SETS[options].items():  # (a dict updates the setting's dict, as bench.with_settings)
+        monkeypatch.setattr(chunk, name, {**getattr(chunk, name), **value} if isinstance(value, dict) else value)
     inputs, do = make_inputs(1, 1000, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=17)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.bfloat16, f"triton-gpu-{options}",
                         window=64, softmax=True, linear="outside")
