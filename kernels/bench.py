@@ -224,6 +224,8 @@ TUNE = {
     "side states 128x128, 8 warps, 2 stages": {"SIDE_STATE_BLOCKS": (128, 128), "LAUNCH": {"side_state": (8, 2)}},
     "dk_feat on the side stream": {"SIDE_KF": True},
     "dk_feat in the key side": {"KF_IN_KV": True},
+    "fused forward": {"FUSED_FWD": True},
+    "fused forward, keep states": {"FUSED_FWD": True, "KEEP_STATES": True},
     "dk_feat in the key side, 8 warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}},
     "keep states, dk_feat on the side stream": {"KEEP_STATES": True, "SIDE_KF": True},
     "a state per chunk": {"STATE_STRIDE": 1},
@@ -257,7 +259,7 @@ STATE_VARIANTS = {
 # tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
 KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_STRIDE", "GROUP_HEADS", "STATE_Z_DOT",
-         "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW", "WINDOW_BLOCKS", "KF_IN_KV",
+         "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW", "WINDOW_BLOCKS", "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32")
 

@@ -42,6 +42,7 @@ DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers)
 DATA_PTRS = {"X", "Y", "HS", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_",
              "PS", "DS", "DWL"}
+INT_PTRS = {"READY"}  # the fused forward's per-state counts and ticket
 FLOAT_SCALARS = {"scale", "eps"}
 
 
@@ -55,7 +56,7 @@ def _signature(fn, constexprs: dict, dtype: str):
         is_stride = name.startswith("s") and name.islower()
         in_pointers = in_pointers and not is_stride
         if in_pointers:
-            sig[name] = "*" + (dtype if name in DATA_PTRS else "fp32")
+            sig[name] = "*" + ("i32" if name in INT_PTRS else dtype if name in DATA_PTRS else "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
@@ -116,6 +117,10 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                     dict(state, PHASE=0, REVERSE=True, HAS_RB=True, SC=rev_stride)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd",
                 dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS)))
+    if lin and chunk.FUSED_FWD:
+        out.append((f"fwd fused (BV={out_bv})", chunk._fwd_fused_kernel, "fwd_fused",
+                    dict(heads, BV=out_bv, SC=stride, SBK=state_blocks, SBV=state_blocks, Z_DOT=chunk.STATE_Z_DOT,
+                         ZPREC=state["ZPREC"], NTHREADS=32 * chunk.LAUNCH["fwd_fused"][0])))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,
@@ -148,6 +153,7 @@ def main(argv=None):
     ap.add_argument("--save-p", action="store_true", help="compile with chunk.SAVE_P on")
     ap.add_argument("--window-blocks", action="store_true", help="compile with chunk.WINDOW_BLOCKS on")
     ap.add_argument("--kf-in-kv", action="store_true", help="compile with chunk.KF_IN_KV on")
+    ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
     ap.add_argument("--state-blocks", type=int, nargs="+", default=[chunk.STATE_BF],
                     help="state pass F and Dv block (square)")
@@ -160,6 +166,7 @@ def main(argv=None):
     chunk.SAVE_P = chunk.SAVE_P or args.save_p
     chunk.WINDOW_BLOCKS = chunk.WINDOW_BLOCKS or args.window_blocks
     chunk.KF_IN_KV = chunk.KF_IN_KV or args.kf_in_kv
+    chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
 
     print(f"# triton {triton.__version__}, sm_90a, D=F=Dv={D}, BT={chunk.BT}, {args.dtype}; bytes per thread")
     print("| mode | kernel | SC | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")

@@ -121,6 +121,14 @@ WINDOW_BLOCKS = False
 # (at 32K, 32 heads: the reverse states alone are 0.5 GB at REV_STATE_STRIDE = 1), and v once for the G heads of the
 # group; for a second fp32 accumulator live in the pass. Not timed on a GPU yet.
 KF_IN_KV = False
+# FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
+# programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
+# STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
+# for its state to be counted in a per-state flag. Tickets follow the order in which programs start, so no output
+# program can wait on a state pass that is not running (the scheme of decoupled look-back scans). Apart, the output
+# kernel cannot start before the state pass ends (0.31 + 0.67 ms at 32K on an H200); fused, its programs use the
+# SMs the state pass leaves idle. Not timed on a GPU yet; one segment only (STATE_SEG = 0).
+FUSED_FWD = False
 SIDE_STREAM = True
 SIDE_STREAM_MIN_CHUNKS = 512
 SIDE_KF = False
@@ -132,7 +140,8 @@ SIDE_STATE_BLOCKS = None
 # a thread; the forward no longer does, since the same chunk's linear block is skipped at w >= BT) and are still
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
 # 6.36 -> 5.46 ms against 8 warps (H200).
-LAUNCH = {"state": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "delta": (4, 1)}
+LAUNCH = {"state": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3), "bwd_q": (4, 1), "bwd_kv": (4, 1),
+          "bwd_kf": (4, 1), "delta": (4, 1)}
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
 # 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
@@ -305,9 +314,34 @@ def _chunk_state_kernel(
     x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
     ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was; two bf16 dots of x with rb split in a
     high and a low bf16 part were no faster on an H200)."""
-    pid_kv = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seg = tl.program_id(2)
+    _state_scan(X, Y, RB, HS, ZS, TOT, ZTOT, X, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                sxb, sxt, sxh, syb, syt, syh, T, H, GY, NS, L, NTOT,
+                F, DV, BF, BDV, BK, BV, BT, PHASE, REVERSE, HAS_RB, DT, PREC, Z_DOT, ZPREC, SC, False)
+
+
+@triton.jit
+def _signal(flag, NTHREADS: tl.constexpr):
+    """Add NTHREADS to the counter at ``flag``, one release at GPU scope from each thread of the program (a
+    [NTHREADS] block has one element a thread): each orders that thread's own earlier stores before the count. A
+    barrier and one thread's release would order them all as well, but the barrier stops Triton from pipelining the
+    state pass's loop."""
+    tl.atomic_add(flag + tl.zeros([NTHREADS], dtype=tl.int32), tl.full([NTHREADS], 1, dtype=tl.int32), sem="release",
+                  scope="gpu")
+
+
+@triton.jit
+def _state_scan(
+    X, Y, RB, HS, ZS, TOT, ZTOT, READY, pid_kv, pid_bh, seg,
+    sxb, sxt, sxh, syb, syt, syh,
+    T, H, GY, NS, L, NTOT,
+    F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    Z_DOT: tl.constexpr, ZPREC: tl.constexpr, SC: tl.constexpr, SIGNAL: tl.constexpr, NTHREADS: tl.constexpr = 128,
+):
+    """The body of ``_chunk_state_kernel`` for one (state block, batch * head, segment). SIGNAL (the fused forward,
+    one segment, forward only): once state p's block is stored, READY[bh, p] counts it (``_signal``), one step late,
+    so that each release waits for the stores of the step before rather than those just issued."""
     pid_k = pid_kv // (BDV // BV)
     pid_v = pid_kv % (BDV // BV)
     b = pid_bh // H
@@ -345,6 +379,9 @@ def _chunk_state_kernel(
         else:
             p = t
             start = p * SC * BT - BT
+        if SIGNAL:
+            if t > 0:
+                _signal(READY + pid_bh.to(tl.int64) * NS + p - 1, NTHREADS)
         if PHASE != 1:
             tl.store(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
             tl.store(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + zoff, z, mask=z_owner)
@@ -361,6 +398,8 @@ def _chunk_state_kernel(
         else:
             z += tl.sum(x.to(tl.float32), axis=0)
         S = tl.dot(tl.trans(x), y.to(DT), S, input_precision=PREC)
+    if SIGNAL:
+        _signal(READY + pid_bh.to(tl.int64) * NS + NS - 1, NTHREADS)
     if PHASE == 1:
         tl.store(_state_ptr(TOT, pid_bh, seg, NTOT, BF, BDV, ff, vv), S)
         tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + seg) * BF + zoff, z, mask=z_owner)
@@ -423,7 +462,24 @@ def _fwd_kernel(
 ):
     """One program per (query chunk, Dv block, batch * head); the state of its group is read from HS (state pass)."""
     i, pid_bh = _chunk_and_head(0, 2, G, GROUP)
-    pid_v = tl.program_id(1)
+    _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, Q, i, tl.program_id(1), pid_bh, 0,
+               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G, NT, window, scale,
+               eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, False)
+
+
+@triton.jit
+def _fwd_chunk(
+    Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY, i, pid_v, pid_bh, need,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh,
+    T, H, G, NT, window, scale, eps,
+    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SC: tl.constexpr, WAIT: tl.constexpr,
+):
+    """The body of ``_fwd_kernel`` for query chunk i, Dv block pid_v, batch * head pid_bh. WAIT (the fused
+    forward): after the local blocks, wait until READY[bh, p] counts ``need`` blocks of its state (an acquire at GPU
+    scope), and read the state past L1 (an SM may hold lines of an earlier call's states at the same address)."""
     b = pid_bh // H
     h = pid_bh % H
     n = i * BT + tl.arange(0, BT)
@@ -438,8 +494,17 @@ def _fwd_kernel(
     if LINEAR != 0:  # keys of chunks <= SC p - 2 through the state, read right before its dot
         p = i // SC
         NS = tl.cdiv(NT, SC)
-        acc = tl.dot(qf, tl.load(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv)), acc, input_precision=PREC)
-        z = tl.load(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)
+        if WAIT:
+            rp = READY + pid_bh.to(tl.int64) * NS + p
+            while tl.atomic_add(rp, 0, sem="acquire", scope="gpu") < need:
+                pass
+            tl.debug_barrier()
+            hs = tl.load(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv), cache_modifier=".cg")
+            acc = tl.dot(qf, hs, acc, input_precision=PREC)
+            z = tl.load(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff, cache_modifier=".cg")
+        else:
+            acc = tl.dot(qf, tl.load(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv)), acc, input_precision=PREC)
+            z = tl.load(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)
         zacc += tl.sum(qf.to(tl.float32) * z[None, :], axis=1)
         # key chunks SC p - 1 .. i - 2, between the state and the local blocks: more than BT >= w tokens back, so
         # every term is linear and unmasked
@@ -452,6 +517,40 @@ def _fwd_kernel(
                 acc = tl.dot(a.to(DT), _load_tile(vp, j, vv, T, DV, svt), acc, input_precision=PREC)
                 zacc += tl.sum(a, axis=1)
     _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, vv, T, sob, sot, soh, DV)
+
+
+@triton.jit
+def _fwd_fused_kernel(
+    Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh,
+    T, H, G, NT, window, scale, eps, NPROD, NKV, NV, BHKV,
+    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SC: tl.constexpr, SBK: tl.constexpr, SBV: tl.constexpr, Z_DOT: tl.constexpr, ZPREC: tl.constexpr,
+    NTHREADS: tl.constexpr,
+):
+    """The forward in one launch (FUSED_FWD): the state pass and the output programs side by side. Each program
+    takes a ticket from the counter after READY's per-state counts (tickets follow the order in which programs
+    start, so every producer is running before any output program can wait on it): tickets < NPROD run the state
+    pass of one (state block, batch * head), adding NTHREADS (= 32 num_warps) to READY[bh, p] once their block of
+    state p is stored; the others are output programs in chunk-major order (the G heads of a kv head adjacent), each
+    waiting, after its local blocks, until its state's count reaches NKV NTHREADS."""
+    NS = tl.cdiv(NT, SC)
+    ticket = tl.atomic_add(READY + BHKV * G * NS, 1)
+    if ticket < NPROD:
+        _state_scan(KF, V, ZS, HS, ZS, ZS, ZS, READY, ticket % NKV, ticket // NKV, 0,
+                    sfb, sft, sfh, svb, svt, svh, T, H, G, NS, NS, 1,
+                    F, DV, BF, BDV, SBK, SBV, BT, 0, False, False, DT, PREC, Z_DOT, ZPREC, SC, True, NTHREADS)
+    else:
+        c = ticket - NPROD
+        g = c % G
+        c = c // G
+        bhk = c % BHKV
+        c = c // BHKV
+        _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY, c // NV, c % NV, bhk * G + g, NKV * NTHREADS,
+                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G, NT, window,
+                   scale, eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -951,7 +1050,7 @@ def _cur_lin(lin: int, window: int) -> int:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, KF_IN_KV, SIDE_STREAM,
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, KF_IN_KV, FUSED_FWD, SIDE_STREAM,
             SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
 
 
@@ -1047,19 +1146,34 @@ class HybridAttentionFunction(torch.autograd.Function):
         M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         hs = zs = M  # dummies when there is no linear term
-        if lin:
+        fused = FUSED_FWD and bool(lin) and STATE_SEG == 0
+        if lin and not fused:
             hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
                                   launch=launch)
         BV = min(OUT_BV, BDV)
-        tensors = (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD)
-        launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV), tensors, lambda: (
-            (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-             v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
-             o.stride(0), o.stride(1), o.stride(2), T, H, G, NT, window, scale, eps),
-            dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
-                 CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(False),
-                 GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype)),
-        ))  # fmt: skip
+        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
+                   o.stride(0), o.stride(1), o.stride(2))
+        meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
+                    CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(False))
+        if fused:  # the state pass and the output programs in one launch, the latter waiting on READY
+            NS = _n_states(T, False)
+            _, _, BK, BVS = _state_tiles(F, Dv)
+            nkv = (BF // BK) * (BDV // BVS)
+            hs = torch.empty(B * H, NS, BF, BDV, device=dev, dtype=q.dtype)
+            zs = torch.empty(B * H, NS, BF, device=dev, dtype=torch.float32)
+            ready = torch.zeros(B * H * NS + 1, device=dev, dtype=torch.int32)  # per-state counts, then the ticket
+            options = _options("fwd_fused", big, q.dtype)
+            launch(_fwd_fused_kernel, (nkv * B * H + NT * (BDV // BV) * B * H,),
+                   (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, ready), lambda: (
+                (*strides, T, H, G, NT, window, scale, eps, nkv * B * H, nkv, BDV // BV, B * Hkv),
+                dict(meta, SBK=BK, SBV=BVS, Z_DOT=STATE_Z_DOT, ZPREC="ieee" if q.dtype == torch.float32 else "tf32x3",
+                     NTHREADS=32 * options["num_warps"], **options),
+            ))  # fmt: skip
+        else:
+            launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV), (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD),
+                   lambda: ((*strides, T, H, G, NT, window, scale, eps),
+                            dict(meta, GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype))))
         launch.done()
         # unless KEEP_STATES the states are recomputed in the backward: [NT / SC, F, Dv] per head is 2 / SC times
         # the size of q

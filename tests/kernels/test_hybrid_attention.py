@@ -298,6 +298,38 @@ def test_triton_interpreter_dk_feat_in_the_key_side(mode, w, settings, monkeypat
                         window=w, softmax=softmax, linear=linear)
 
 
+# (mode, window, settings): the fused forward (FUSED_FWD) with one state block per head and the whole Dv per output
+# program (the defaults at these head dims), with state and output blocks of 16 (4 state blocks counted per state,
+# 2 Dv blocks per chunk), at forward strides 1, 2 and 4, with the states kept for the backward
+FUSED_CASES = [
+    ("hybrid", 64, {}),
+    ("hybrid", 33, {"STATE_BF": 16, "STATE_BV": 16, "OUT_BV": 16, "STATE_STRIDE": 4}),
+    ("overlap", 64, {"STATE_STRIDE": 1, "KEEP_STATES": True}),
+    ("la_only", 64, {"STATE_BF": 16, "OUT_BV": 16}),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,w,settings", FUSED_CASES,
+                         ids=[f"{m}-w{w}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+                              for m, w, o in FUSED_CASES])
+def test_triton_interpreter_fused_forward(mode, w, settings, monkeypatch, interpret):
+    """The interpreter runs the programs one after the other in ticket order: this checks the fused forward's
+    arithmetic and its mapping of tickets to state blocks and output chunks, not the waiting (a GPU test does)."""
+    monkeypatch.setattr(chunk, "FUSED_FWD", True)
+    for name, value in settings.items():
+        monkeypatch.setattr(chunk, name, value)
+    launched = []
+    real = chunk._fwd_fused_kernel
+    monkeypatch.setattr(chunk, "_fwd_fused_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 23)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=w, softmax=softmax, linear=linear)
+    assert len(launched) == 1, "the forward did not take the fused kernel"
+
+
 # (mode, window): w = 64 = BT, the same chunk's linear block is all masked in the hybrid and skipped (CUR_LIN = 0);
 # w = 63 keeps it (the diagonal blocks have keys at distance 63 on L(n)); 7 chunks
 SKIP_CASES = [("hybrid", 64), ("hybrid", 63), ("overlap", 64), ("la_only", 64)]
@@ -392,6 +424,7 @@ COMPILE_SETS = {
     "strides-window-blocks": (["--stride", "4", "--rev-stride", "2", "--window-blocks", "--kernels", "bwd"],
                               "bwd_kf", 2),
     "dk_feat-in-the-key-side": (["--rev-stride", "2", "--kf-in-kv", "--kernels", "bwd_kv", "bwd_kf"], "bwd_kv", 6),
+    "fused-forward": (["--stride", "1", "2", "--fused-fwd", "--kernels", "fwd fused"], "fwd fused", 4),
 }
 
 
@@ -578,10 +611,13 @@ def test_triton_gpu_window_blocks_give_the_bits_of_block_pairs(mode, monkeypatch
 
 # the benchmark's tune variants that change what the kernels compute, at the benchmark's head dims (the bf16 tier
 # above runs the defaults): reverse states per 2 chunks with the stored blocks (whose dk_feat kernel did not
-# compile before session 9), kept states, window blocks, together; dk_feat in the key side (not yet run on a GPU)
+# compile before session 9), kept states, window blocks, together; dk_feat in the key side and the fused forward (not
+# yet run on a GPU: if the fused forward's waiting were wrong this case would hang, so run it alone under `timeout`
+# first)
 OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
                "kept-window-rev2": {"KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2},
-               "dk_feat-in-the-key-side-8-warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}}}
+               "dk_feat-in-the-key-side-8-warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}},
+               "fused-forward": {"FUSED_FWD": True}}
 
 
 @pytest.mark.gpu
