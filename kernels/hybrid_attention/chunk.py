@@ -119,7 +119,7 @@ WINDOW_BLOCKS = False
 # KF_IN_KV: dk_feat in the key side's dv pass instead of a kernel of its own (_bwd_kf_kernel): that pass already
 # loads each head's reverse state and the query rows with linear terms on its keys, which _bwd_kf_kernel loads again
 # (at 32K, 32 heads: the reverse states alone are 0.5 GB at REV_STATE_STRIDE = 1), and v once for the G heads of the
-# group; for a second fp32 accumulator live in the pass. Not timed on a GPU yet.
+# group; for a second fp32 accumulator live in the pass. Not timed on a GPU yet. (SIDE_KF then has no kernel to move.)
 KF_IN_KV = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
@@ -216,18 +216,10 @@ def _win_part(slot, BT: tl.constexpr):
 
 
 @triton.jit
-def _blk_store(PB, bh, c, slot, NT, x, BT: tl.constexpr, WIN: tl.constexpr):
-    """Store block ``slot`` of query chunk c's softmax terms: in its own [BT, BT] block of a [B*H, NT, 2, BT, BT]
-    tensor, or (WIN) in its part of the chunk's window block of a [B*H, NT, BT, BT] one."""
-    if WIN:
-        tl.store(_pair_ptr(PB, bh, c, 0, NT, BT, 1), x, mask=_win_part(slot, BT))
-    else:
-        tl.store(_pair_ptr(PB, bh, c, slot, NT, BT), x)
-
-
-@triton.jit
 def _blk_load(PB, bh, c, slot, NT, mask, BT: tl.constexpr, WIN: tl.constexpr):
-    """Load what ``_blk_store`` stored, 0 outside ``mask`` (and, WIN, outside the block's part)."""
+    """Load block ``slot`` of query chunk c's softmax terms, 0 outside ``mask``: its own [BT, BT] block of a
+    [B*H, NT, 2, BT, BT] tensor, or (WIN) its part of the chunk's window block of a [B*H, NT, BT, BT] one. (The
+    query side stores them inline: through a helper its softmax side spills 140 B a thread, against 112.)"""
     if WIN:
         x = tl.load(_pair_ptr(PB, bh, c, 0, NT, BT, 1), mask=mask & _win_part(slot, BT), other=0.0)
     else:
@@ -895,8 +887,8 @@ def _bwd_kf_kernel(
     dkf = tl.dot(v, tl.trans(tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv))), input_precision=PREC)
     dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)[None, :]
     for t in tl.static_range(1 - CUR_LIN, 2):
-        dkf = _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, i + t, t, j + t * BT, j, T, NT, window, dkf,
-                        DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
+        dkf = _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, i + t, t, j + t * BT, j, T, NT, window,
+                        dkf, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
     # query chunks i + 2 .. SC p + SC, between these keys and the reverse state: all linear
     if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
         for c in tl.range(i + 2, tl.minimum(p * SC + SC + 1, NT), num_stages=1):
