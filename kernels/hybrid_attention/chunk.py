@@ -82,10 +82,13 @@ REV_STATE_STRIDE = 1
 # forward+backward against 1.007 / 4.804 apart (the overlap mode's _fwd_kernel spills 120 B a thread grouped, 72
 # apart; not timed).
 GROUP_HEADS = True
-# KEEP_STATES: the forward's per-chunk states stay alive for the backward: one state pass fewer per step (9.68 ->
-# 8.86 ms at 32K), but NT F Dv per head more saved memory per layer (2x the size of q at F = Dv = D, bf16).
-# Off by default, as FlashAttention and fla recompute rather than keep.
-KEEP_STATES = False
+# KEEP_STATES: the forward's states stay alive for the backward: one state pass fewer per step, for NT / SC F Dv per
+# head more saved memory per layer (2 / SC times the size of q at F = Dv = D: the size of q at SC = 2, bf16). On by
+# default since the tenth pass: 0.10-0.25 ms faster at 32K (4.2 against 4.4 ms forward+backward on an H200) in every
+# one of nine tune runs over three sessions, and the target is the speed at long context; the peak of one layer's
+# forward+backward does not change (the states are alive in the forward either way). Off: recompute them, as
+# FlashAttention and fla do, for the smallest activation memory.
+KEEP_STATES = True
 # STATE_Z_DOT: the state pass sums phi(k) (forward) or rb phi(q) (reverse) for z with a dot instead of a column sum
 # per step (the weighted one in fp32 operands): 5.97 -> 5.51 ms forward+backward at 32K on an H200.
 STATE_Z_DOT = True
@@ -102,7 +105,9 @@ KV_SPLIT = False
 # programs hold registers on most SMs; at 32K the query-side kernels took 1.54 ms against 0.96 alone), so the overlap
 # pays only when the passes are long. H200, forward+backward against one stream: 32K 4.32 against 4.52 ms, 16K 2.39
 # against 2.34, 8K 1.41 against 1.38 (slower, as in two earlier calls).
-# SIDE_KF: _bwd_kf_kernel too runs on the side stream, after the reverse states, beside the key-side backward.
+# SIDE_KF: _bwd_kf_kernel too runs on the side stream, after the reverse states and the first launch of the query
+# side (its softmax side, which stores the dW blocks dk_feat reads), beside the rest of the query side and the key
+# side. (Before the tenth pass it ran before the query side, recomputing dW: no faster, H200 32K 4.605 vs 4.606 ms.)
 # SAVE_P: the query side's softmax side stores its blocks of softmax weights gamma p0 as well as those of ds (always
 # stored), and the key side's dv pass reads them instead of computing the scores again. ptxas: the softmax side
 # spills 84 B a thread with the stores, 20 without; the key side 0 with, 96 / 120 without. H200, 32K: 4.40 against
@@ -1080,7 +1085,7 @@ class _Side:
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
-        self.fork, self.delta, self.states, self.reverse, self.kf = (torch.cuda.Event() for _ in range(5))
+        self.fork, self.delta, self.states, self.reverse, self.q0, self.kf = (torch.cuda.Event() for _ in range(6))
 
     def launch(self, launch):
         """``launch`` with its kernels sent to the side stream; tensors stay allocated on the op's stream."""
@@ -1269,27 +1274,31 @@ class HybridAttentionFunction(torch.autograd.Function):
             launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf), lambda: (
                 (*strides()[6:], T, H, G, NT, window),
                 dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC, SC=_stride(True),
-                     **group, SAVE_DW=save_dw and not side_kf, NDW=ndw, **_options("bwd_kf", big, q.dtype)),
+                     **group, SAVE_DW=save_dw, NDW=ndw, **_options("bwd_kf", big, q.dtype)),
             ))  # fmt: skip
 
-        # SIDE_KF: right after the reverse states, on the side stream beside the query and key sides (the launch
-        # order depends on the settings alone, not on whether this call has a side stream: a launch plan replays it)
-        if side_kf:
-            kf(state_launch)
-            if side:
-                side.kf.record(side.stream)
         # the softmax side first: it needs no state, and runs beside the state passes on the side stream
         if Q_SPLIT and softmax and lin:
             q_parts = [dict(DO_LIN=False, DO_SM=True), dict(DO_LIN=True, DO_SM=False)]
         else:
             q_parts = [{}]
-        for part in q_parts:
+        for i, part in enumerate(q_parts):
             if side and not kept and part.get("DO_LIN", True):
                 main.wait_event(side.states)
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dwl, dg),
                    rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P, SAVE_DW=save_dw,
                         WIN=WINDOW_BLOCKS, NDW=ndw))
+            # SIDE_KF: once the first query-side launch has stored its dW blocks, on the side stream after the
+            # reverse states (the launch order depends on the settings alone, not on whether this call has a side
+            # stream: a launch plan replays it)
+            if side_kf and i == 0:
+                if side:
+                    side.q0.record(main)
+                    side.stream.wait_event(side.q0)
+                kf(state_launch)
+                if side:
+                    side.kf.record(side.stream)
         del hs, zs, kept
         if side:
             main.wait_event(side.reverse)

@@ -236,8 +236,8 @@ def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, in
     """The launch variants the benchmark tunes compute the same function: states kept from the forward, the
     query-side and key-side backward in two launches each, the two-level state scan, z by column sums, a forward
     state for every chunk and a reverse one per 4 chunks, the programs of one head's chunks in a row (GROUP_HEADS
-    off), dk_feat launched before the query side (SIDE_KF; the streams themselves need a GPU), the backward's state
-    passes in tiles of their own (SIDE_STATE_BLOCKS)."""
+    off), dk_feat launched right after the query side's softmax side, from its stored dW blocks (SIDE_KF; the
+    streams themselves need a GPU), the backward's state passes in tiles of their own (SIDE_STATE_BLOCKS)."""
     for name in ("KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SIDE_KF"):
         monkeypatch.setattr(chunk, name, True)
     monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
@@ -251,6 +251,19 @@ def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, in
     inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=5)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
                         window=24, softmax=softmax, linear=linear)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,w", [("hybrid", 64), ("hybrid", 33), ("la_only", 64)])
+def test_triton_interpreter_recomputed_states(mode, w, monkeypatch, interpret):
+    """KEEP_STATES off (the states are not kept from the forward but recomputed by the backward's first state
+    pass, on the side stream where it is on): the path of the smallest saved memory."""
+    monkeypatch.setattr(chunk, "KEEP_STATES", False)
+    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 29)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=w, softmax=softmax, linear=linear)
 
 
 # (mode, window): the hybrid at w = BT (no linear terms in the own chunk) and below it (CUR_LIN), the overlap and
@@ -571,12 +584,16 @@ def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
 @pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only"])
-@pytest.mark.parametrize("side_kf,keep", [(False, False), (True, False), (False, True)],
-                         ids=["states", "states-and-dk_feat", "kept-states"])
+@pytest.mark.parametrize("side_kf,keep", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["states", "states-and-dk_feat", "kept-states", "kept-states-and-dk_feat"])
 def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, monkeypatch):
     """SIDE_STREAM runs the same kernels with the state passes (and, SIDE_KF, dk_feat) on a second stream: every
     output and gradient must be bit-identical to the one-stream run, through Triton's path and through replayed
-    launch plans. A missing wait would let a kernel read a state or dk_feat buffer before it is written."""
+    launch plans. A missing wait would let a kernel read a buffer before it is written; so that such a read cannot
+    find the numbers of the run before, the allocator's cache is filled with NaN before every run, and each run
+    holds every launch of one stream back by ~1 ms (the op's stream and the side stream in turn), so that a kernel
+    whose wait is missing runs before its producer instead of after it by chance (session 10: with the dk_feat
+    kernel's wait on the query side removed, the test without these passed)."""
     softmax, linear = MODES[mode]
     kw = dict(window=64, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=11)
@@ -589,10 +606,45 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
     sides = []
     real = chunk._side
     monkeypatch.setattr(chunk, "_side", lambda *a: sides.append(real(*a)) or sides[-1])
-    for _ in range(3):  # recorded, then replayed
+    held = []  # the stream held back in this run: "op" or "side"
+    start = chunk.PLANS.start
+
+    def holding_start(key, stream):
+        launch, op_stream = start(key, stream), torch.cuda.current_stream()
+
+        def held_launch(fn, grid, tensors, rest):
+            if (torch.cuda.current_stream() == op_stream) == (held[-1] == "op"):
+                torch.cuda._sleep(2_000_000)
+            return launch(fn, grid, tensors, rest)
+
+        held_launch.done = launch.done
+        return held_launch
+
+    monkeypatch.setattr(chunk.PLANS, "start", holding_start)
+    for stream in ("op", "side", "op", "side"):  # recorded, then replayed
+        held.append(stream)
+        _poison_cuda_cache()
         out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
         assert_same_bits(out, grads, ref_out, ref_grads)
-    assert len(sides) == 3 and all(s is not None for s in sides), "the backward did not take the side stream"
+    assert len(sides) == 4 and all(s is not None for s in sides), "the backward did not take the side stream"
+
+
+def _poison_cuda_cache():
+    """Fill every free block of the CUDA caching allocator with NaN bytes (0xFF), after adding free segments to it
+    (one of 1 GiB for allocations of 1 MB and more, 2 MB ones for the smaller ones): the free parts of the segments
+    still in use hold the buffers of the last run."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    fresh = [torch.empty(1 << 30, dtype=torch.uint8, device="cuda")]
+    fresh += [torch.empty(1 << 19, dtype=torch.uint8, device="cuda") for _ in range(256)]  # 4 per 2 MB segment
+    del fresh
+    sizes = [b["size"] for seg in torch.cuda.memory_snapshot() for b in seg["blocks"] if b["state"] == "inactive"]
+    # (exact sizes, largest first: the allocator's best fit then hands out each free block whole)
+    fill = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sorted(sizes, reverse=True)]
+    for x in fill:
+        x.fill_(0xFF)
+    del fill
+    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
