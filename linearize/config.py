@@ -19,6 +19,11 @@ STAGES = ("transfer", "finetune", "evaluate", "diagnose")
 SSD_GRANULARITIES = ("step", "layer", "sequence")
 
 
+class MissingInputError(FileNotFoundError):
+    """An input the run needs (a data file or directory, a model file) is absent; the message names the fix. The
+    entrypoints print it without a traceback."""
+
+
 @dataclass
 class TinyModelConfig:
     """A randomly initialised model built in memory (tests, smoke runs). Never downloads."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from linearize.config import MissingInputError
 from linearize.tasks import resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,22 @@ def load_examples(cfg: DictConfig) -> tuple[list[dict], str]:
     if data_dir is not None and cfg.local_file:
         path = Path(data_dir) / cfg.local_file
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Training data {path} is missing. Point eval.data_dir (or $LINEARIZE_DATA_DIR) at a folder that "
                 f"holds {cfg.local_file}, or set data.local_file=null to read {cfg.hub_id} from the hub."
             )
         ds = load_dataset("json", data_files=str(path), split="train")
         source = str(path)
     elif cfg.hub_id:
-        ds = load_dataset(cfg.hub_id, split=cfg.hub_split)
+        try:
+            ds = load_dataset(cfg.hub_id, split=cfg.hub_split)
+        except Exception as err:  # offline, a wrong id, ...: the fix, not the frames of datasets
+            raise MissingInputError(
+                f"No data directory was found (data.data_dir / eval.data_dir and $LINEARIZE_DATA_DIR are unset, and "
+                f"there is no ../shared/data beside the project), and the hub copy of the training data, "
+                f"{cfg.hub_id}, could not be read ({type(err).__name__}: {err}). Point $LINEARIZE_DATA_DIR (or "
+                f"eval.data_dir=...) at a folder laid out like ../shared/data, with {cfg.local_file}, or go online."
+            ) from None
         source = f"hf://{cfg.hub_id}:{cfg.hub_split}"
     else:
         raise ValueError("data: no data directory found and no data.hub_id set")

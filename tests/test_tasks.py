@@ -486,3 +486,26 @@ def test_task_limits_override_limit_per_task(tmp_path, monkeypatch):
     assert details["base"]["arc_easy"]["metrics"]["sample_len"] == 2
     assert details["base"]["piqa"]["metrics"]["sample_len"] == 5
 
+
+
+def test_training_data_without_a_data_directory_or_the_hub_names_the_fix(monkeypatch):
+    """No data directory anywhere and the hub unreachable (an offline machine): the error names the variable and
+    the option that fix it, not the frames of datasets."""
+    from omegaconf import OmegaConf
+
+    from linearize import data
+    from linearize.config import MissingInputError
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'yahma/alpaca-cleaned' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(data, "resolve_data_dir", lambda value: None)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    cfg = OmegaConf.create({"data_dir": None, "local_file": "alpaca/alpaca_data_1k.json",
+                            "hub_id": "yahma/alpaca-cleaned", "hub_split": "train", "max_examples": None})
+    with pytest.raises(MissingInputError) as info:
+        data.load_examples(cfg)
+    msg = str(info.value)
+    assert "$LINEARIZE_DATA_DIR" in msg and "eval.data_dir" in msg and "alpaca/alpaca_data_1k.json" in msg
+    assert "yahma/alpaca-cleaned" in msg and "ConnectionError" in msg
+    assert info.value.__cause__ is None and info.value.__suppress_context__

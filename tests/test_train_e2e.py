@@ -77,3 +77,5 @@ def test_missing_data_names_the_fix(tmp_path):
     proc = run_train(tmp_path / "run", "stages=[transfer]", "logger=none", env_extra={"LINEARIZE_DATA_DIR": str(empty)})
     assert proc.returncode != 0
     assert "alpaca_data_1k.json" in proc.stderr and "data.local_file" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, "a missing input must print its message, not a traceback"
+    assert (tmp_path / "run" / "failed.json").is_file()

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from linearize.config import MissingInputError
+
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
@@ -88,7 +90,7 @@ def resolve_data_dir(value: str | os.PathLike | None) -> Path | None:
         if given not in (None, ""):
             path = Path(given).expanduser().resolve()
             if not path.is_dir():
-                raise FileNotFoundError(f"{source}={given!s}: no such directory")
+                raise MissingInputError(f"{source}={given!s}: no such directory")
             return path
     for candidate in (TASK_DIR.parents[1] / ".." / "shared" / "data", Path.cwd() / ".." / "shared" / "data"):
         if candidate.is_dir():
@@ -130,7 +132,7 @@ def build_tasks(
         return official, TaskManager()
     data_dir = Path(data_dir).expanduser().resolve()
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist")
+        raise MissingInputError(f"data directory {data_dir} does not exist")
     for task in official:
         check_files(task, data_dir, chosen)
     _quiet_metadata_hint()

@@ -28,6 +28,8 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice as wino
 from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_target as winogrande_doc_to_target  # noqa: F401
 from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_text as winogrande_doc_to_text  # noqa: F401
 
+from linearize.config import MissingInputError
+
 log = logging.getLogger(__name__)
 
 # Key under which the ARC and MMLU loaders return the split picked in config; their YAMLs set `test_split: eval`.
@@ -121,7 +123,7 @@ def check_files(task: str, data_dir: Path, splits: dict[str, str] | None = None)
         )
     else:
         msg += " Point eval.data_dir (or $LINEARIZE_DATA_DIR) at a directory laid out like ../shared/data."
-    raise FileNotFoundError(msg)
+    raise MissingInputError(msg)
 
 
 def _data_dir(data_dir: str | Path | None, task: str) -> Path:
