@@ -84,10 +84,10 @@ REV_STATE_STRIDE = 1
 GROUP_HEADS = True
 # KEEP_STATES: the forward's states stay alive for the backward: one state pass fewer per step, for NT / SC F Dv per
 # head more saved memory per layer (2 / SC times the size of q at F = Dv = D: the size of q at SC = 2, bf16). On by
-# default since the tenth pass: 0.10-0.25 ms faster at 32K (4.2 against 4.4 ms forward+backward on an H200) in every
-# one of nine tune runs over three sessions, and the target is the speed at long context; the peak of one layer's
-# forward+backward does not change (the states are alive in the forward either way). Off: recompute them, as
-# FlashAttention and fla do, for the smallest activation memory.
+# default since the tenth pass: faster at 32K in each of the 13 tune runs that timed it (sessions 5-10; 0.10-0.25 ms
+# since the eighth pass, 4.23 against 4.41 ms forward+backward in the tenth's interleaved run, H200), and the target
+# is the speed at long context; the peak of one layer's forward+backward does not change (the states are alive in
+# the forward either way). Off: recompute them, as FlashAttention and fla do, for the smallest activation memory.
 KEEP_STATES = True
 # STATE_Z_DOT: the state pass sums phi(k) (forward) or rb phi(q) (reverse) for z with a dot instead of a column sum
 # per step (the weighted one in fp32 operands): 5.97 -> 5.51 ms forward+backward at 32K on an H200.
