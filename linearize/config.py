@@ -20,8 +20,8 @@ SSD_GRANULARITIES = ("step", "layer", "sequence")
 
 
 class MissingInputError(FileNotFoundError):
-    """An input the run needs (a data file or directory, a model file) is absent; the message names the fix. The
-    entrypoints print it without a traceback."""
+    """An input the run needs (a data file or directory, a model file) is absent; the message names the fix.
+    ``linearize.train`` prints it without a traceback (the other entrypoints still raise it as it is)."""
 
 
 @dataclass
