@@ -214,9 +214,9 @@ TUNE = {
     "side stream from 8K": {"SIDE_STREAM_MIN_CHUNKS": 128},
     "softmax weights recomputed on the key side": {"SAVE_P": False},
     "local dW recomputed": {"SAVE_DW": False},
-    "window blocks": {"WINDOW_BLOCKS": True},
-    "window blocks, reverse states per 2 chunks": {"WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2},
-    "window blocks, states recomputed": {"WINDOW_BLOCKS": True, "KEEP_STATES": False},
+    # (WINDOW_BLOCKS is on by default since the eleventh pass; the variants before it read "window blocks")
+    "block pairs": {"WINDOW_BLOCKS": False},
+    "block pairs, reverse states per 2 chunks": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
     "key side in two launches": {"KV_SPLIT": True},
     "side stream from 16K": {"SIDE_STREAM_MIN_CHUNKS": 256},
     "side states 128x128, 8 warps": {"SIDE_STATE_BLOCKS": (128, 128)},

@@ -2,7 +2,7 @@
 
     python -m linearize.kernels.spills [--modes hybrid overlap la_only swa_only] [--dtype bf16] [--warps 4 8]
                                        [--stages 1 2] [--out-bv 64 128] [--state-blocks 64 128]
-                                       [--stride 1 2 4] [--rev-stride 1 2] [--save-p] [--window-blocks]
+                                       [--stride 1 2 4] [--rev-stride 1 2] [--save-p] [--pair-blocks]
 
 Each kernel of ``hybrid_attention/chunk.py`` is compiled by Triton for the benchmark shapes (D = F = Dv = 128,
 DESIGN.md section 8; 64-token chunks) with the launch settings the host code uses (``chunk.LAUNCH``, block sizes
@@ -151,7 +151,7 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, nargs="*",
                     help="num_stages to try (default: chunk.LAUNCH, chunk.LAUNCH_FP32 for fp32)")
     ap.add_argument("--save-p", action="store_true", help="compile with chunk.SAVE_P on")
-    ap.add_argument("--window-blocks", action="store_true", help="compile with chunk.WINDOW_BLOCKS on")
+    ap.add_argument("--pair-blocks", action="store_true", help="compile with chunk.WINDOW_BLOCKS off (block pairs)")
     ap.add_argument("--kf-in-kv", action="store_true", help="compile with chunk.KF_IN_KV on")
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
@@ -164,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--kernels", nargs="*", help="only kernels whose name starts with one of these")
     args = ap.parse_args(argv)
     chunk.SAVE_P = chunk.SAVE_P or args.save_p
-    chunk.WINDOW_BLOCKS = chunk.WINDOW_BLOCKS or args.window_blocks
+    chunk.WINDOW_BLOCKS = chunk.WINDOW_BLOCKS and not args.pair_blocks
     chunk.KF_IN_KV = chunk.KF_IN_KV or args.kf_in_kv
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
 

@@ -119,8 +119,13 @@ SAVE_P = True
 SAVE_DW = True
 # WINDOW_BLOCKS: ds and gamma p0 as one [BT, BT] block per query chunk instead of two: with w <= BT the two blocks of
 # a query chunk's softmax terms have disjoint supports (the previous chunk's keys above the diagonal, its own on and
-# below it), written and read with masks. Half the bytes of both buffers (0.5 GiB at 32K, 32 heads).
-WINDOW_BLOCKS = False
+# below it). The softmax side merges its two score blocks into that window block before any softmax work (one block
+# of p0, dW and ds live, each stored once and whole; ptxas: 28 B of spills a thread against 112) and the key side
+# loads a window block whole and keeps its part in registers. Half the bytes of both buffers (0.5 GiB at 32K, 32
+# heads). H200, 32K, interleaved (eleventh pass): 3.936 against 4.195 ms forward+backward, 8K 1.284 against 1.330.
+# (The ninth pass wrote and read the two parts with triangular masks, one predicate an element: no faster.) False:
+# the pair layout, two blocks per query chunk.
+WINDOW_BLOCKS = True
 # KF_IN_KV: dk_feat in the key side's dv pass instead of a kernel of its own (_bwd_kf_kernel): that pass already
 # loads each head's reverse state and the query rows with linear terms on its keys, which _bwd_kf_kernel loads again
 # (at 32K, 32 heads: the reverse states alone are 0.5 GB at REV_STATE_STRIDE = 1), and v once for the G heads of the
@@ -228,8 +233,10 @@ def _blk_load(PB, bh, c, slot, NT, mask, BT: tl.constexpr, WIN: tl.constexpr):
     """Load block ``slot`` of query chunk c's softmax terms, 0 outside ``mask``: its own [BT, BT] block of a
     [B*H, NT, 2, BT, BT] tensor, or (WIN) its part of the chunk's window block of a [B*H, NT, BT, BT] one. (The
     query side stores them inline: through a helper its softmax side spills 140 B a thread, against 112.)"""
-    if WIN:
-        x = tl.load(_pair_ptr(PB, bh, c, 0, NT, BT, 1), mask=mask & _win_part(slot, BT), other=0.0)
+    if WIN:  # the whole block, then the slot's part in registers: a triangular mask on the load would cost its
+        # vector width (one predicate per element)
+        x = tl.load(_pair_ptr(PB, bh, c, 0, NT, BT, 1), mask=mask, other=0.0)
+        x = tl.where(_win_part(slot, BT), x, 0.0)
     else:
         x = tl.load(_pair_ptr(PB, bh, c, slot, NT, BT), mask=mask, other=0.0)
     return x
@@ -654,7 +661,46 @@ def _bwd_q_kernel(
                 da = tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT)
             dqf = tl.dot(da, _load_tile(kfp, n, ff, T, F, sft), dqf, input_precision=PREC)
         _store_tile(_head(DQF, b, h, sfb, sfh), dqf, n, ff, T, F, sft)
-    if SOFTMAX and DO_SM:
+    if SOFTMAX and DO_SM and WIN:
+        # window blocks (w <= BT): row r sees key iBT + u of its own chunk for u <= r and key (i-1)BT + u for u > r
+        # (every other key of a column is more than w back, its score -inf), so the two score blocks merge into one
+        # window block before the softmax work: one block of p0, dW and ds live instead of two, each stored once
+        # and whole. Every value is the pair layout's: the bits are the same.
+        gamma = tl.load(GAMMA + h).to(tl.float32)
+        m = _load_row(M + rowp, n, T, 0.0)
+        q = _load_tile(_head(Q, b, h, sqb, sqh), n, dd, T, D, sqt)
+        own = _win_part(1, BT)
+        s = tl.where(own, _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC),
+                     _scores(q, kp, n, jp, T, window, scale, skt, D, BD, SOFTMAX, PREC))
+        key = tl.where(own, n[None, :], jp[None, :])
+        # the arg max: the first maximum in key order (chunk i - 1's keys first), as the pair layout takes it
+        idx = tl.min(tl.where(s == tl.max(s, axis=1)[:, None], key, 2147483647), axis=1)
+        p0 = tl.exp(s - m[:, None])
+        if SAVE_P:
+            tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT, 1), (gamma * p0).to(DT))
+        if LINEAR == 0 or not DO_LIN:
+            dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
+            dW_p += dZ[:, None]
+        if LINEAR != 0 and SAVE_DW:
+            tl.store(_pair_ptr(DWL, pid_bh, i, 0, NT, BT, NDW),
+                     tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT))
+        if LINEAR == 0 or not DO_LIN:
+            dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
+            dW_c += dZ[:, None]
+        if LINEAR != 0 and SAVE_DW and CUR_LIN:
+            tl.store(_pair_ptr(DWL, pid_bh, i, 1, NT, BT, NDW),
+                     tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT))
+        pw0 = p0 * tl.where(own, dW_c, dW_p)
+        # the row sums block by block, as the pair layout adds them (the other block's entries are exact zeros)
+        row = tl.sum(tl.where(own, 0.0, pw0), axis=1) + tl.sum(tl.where(own, pw0, 0.0), axis=1)
+        rsum = gamma * row
+        ds = (gamma * pw0 - tl.where(key == idx[:, None], rsum[:, None], 0.0)).to(DT)
+        tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT, 1), ds)
+        dq = tl.dot(tl.where(own, 0.0, ds).to(DT), _load_tile(kp, jp, dd, T, D, skt), input_precision=PREC)
+        dq = tl.dot(tl.where(own, ds, 0.0).to(DT), _load_tile(kp, n, dd, T, D, skt), dq, input_precision=PREC)
+        _store_tile(_head(DQ, b, h, sqb, sqh), dq * scale, n, dd, T, D, sqt)
+        tl.store(DG + pid_bh.to(tl.int64) * NT + i, tl.sum(row, axis=0))
+    if SOFTMAX and DO_SM and not WIN:
         gamma = tl.load(GAMMA + h).to(tl.float32)
         m = _load_row(M + rowp, n, T, 0.0)
         q = _load_tile(_head(Q, b, h, sqb, sqh), n, dd, T, D, sqt)
@@ -665,10 +711,7 @@ def _bwd_q_kernel(
         ap = (i - 1) * BT + tl.argmax(s, axis=1)
         p0 = tl.exp(s - m[:, None])
         if SAVE_P:
-            if WIN:
-                tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT, 1), (gamma * p0).to(DT), mask=_win_part(0, BT))
-            else:
-                tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT), (gamma * p0).to(DT))
+            tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
             dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
             dW_p += dZ[:, None]
@@ -680,10 +723,7 @@ def _bwd_q_kernel(
         idx = tl.where(mp >= tl.max(s, axis=1), ap, i * BT + tl.argmax(s, axis=1))
         p0 = tl.exp(s - m[:, None])
         if SAVE_P:
-            if WIN:
-                tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT, 1), (gamma * p0).to(DT), mask=_win_part(1, BT))
-            else:
-                tl.store(_pair_ptr(PS, pid_bh, i, 1, NT, BT), (gamma * p0).to(DT))
+            tl.store(_pair_ptr(PS, pid_bh, i, 1, NT, BT), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
             dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
             dW_c += dZ[:, None]
@@ -694,17 +734,11 @@ def _bwd_q_kernel(
         row = tl.sum(pw0_p, axis=1) + tl.sum(pw0_c, axis=1)
         rsum = gamma * row
         ds = (gamma * pw0_p - tl.where(jp[None, :] == idx[:, None], rsum[:, None], 0.0)).to(DT)
-        if WIN:
-            tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT, 1), ds, mask=_win_part(0, BT))
-        else:
-            tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT), ds)
+        tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT), ds)
         # the key tiles are reloaded (L2) rather than kept live across the score / softmax work
         dq = tl.dot(ds, _load_tile(kp, jp, dd, T, D, skt), input_precision=PREC)
         ds = (gamma * pw0_c - tl.where(n[None, :] == idx[:, None], rsum[:, None], 0.0)).to(DT)
-        if WIN:
-            tl.store(_pair_ptr(DS, pid_bh, i, 0, NT, BT, 1), ds, mask=_win_part(1, BT))
-        else:
-            tl.store(_pair_ptr(DS, pid_bh, i, 1, NT, BT), ds)
+        tl.store(_pair_ptr(DS, pid_bh, i, 1, NT, BT), ds)
         dq = tl.dot(ds, _load_tile(kp, n, dd, T, D, skt), dq, input_precision=PREC)
         _store_tile(_head(DQ, b, h, sqb, sqh), dq * scale, n, dd, T, D, sqt)
         tl.store(DG + pid_bh.to(tl.int64) * NT + i, tl.sum(row, axis=0))

@@ -274,11 +274,14 @@ WINDOW_BLOCK_CASES = [("hybrid", 64), ("hybrid", 33), ("overlap", 64), ("swa_onl
 @needs_interpreter
 @pytest.mark.parametrize("mode,w", WINDOW_BLOCK_CASES, ids=[f"{m}-w{w}" for m, w in WINDOW_BLOCK_CASES])
 def test_triton_interpreter_window_blocks_give_the_bits_of_block_pairs(mode, w, monkeypatch, interpret):
-    """WINDOW_BLOCKS packs a query chunk's two blocks of ds and gamma p0 into one: every entry it drops is an exact
-    zero of the pair layout (outside the window), so outputs and gradients must be bit-identical."""
+    """WINDOW_BLOCKS (the default) packs a query chunk's two blocks of ds and gamma p0 into one, and the softmax side
+    merges its two score blocks into it: every entry it drops is an exact zero of the pair layout (outside the
+    window), and its row sums, arg max and dq add the same terms in the same order, so under the interpreter (no
+    fused multiply-adds) outputs and gradients must be bit-identical to the pair layout's."""
     softmax, linear = MODES[mode]
     kw = dict(window=w, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 3)
+    monkeypatch.setattr(chunk, "WINDOW_BLOCKS", False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "WINDOW_BLOCKS", True)
     out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
@@ -431,11 +434,13 @@ def _ptxas_missing() -> str | None:
     return None
 
 
-# spills arguments -> (kernel name, rows expected): the backward kernels at a forward state per 4 chunks, a reverse
-# one per 2 and window blocks; the key side with dk_feat in its dv pass (then no _bwd_kf_kernel)
+# spills arguments -> (kernel name, rows expected): the backward kernels at a forward state per 4 chunks and a
+# reverse one per 2, with window blocks (the default) and with block pairs; the key side with dk_feat in its dv pass
+# (then no _bwd_kf_kernel)
 COMPILE_SETS = {
-    "strides-window-blocks": (["--stride", "4", "--rev-stride", "2", "--window-blocks", "--kernels", "bwd"],
-                              "bwd_kf", 2),
+    "strides-window-blocks": (["--stride", "4", "--rev-stride", "2", "--kernels", "bwd"], "bwd_kf", 2),
+    "strides-block-pairs": (["--stride", "4", "--rev-stride", "2", "--pair-blocks", "--kernels", "bwd"],
+                            "bwd_kf", 2),
     "dk_feat-in-the-key-side": (["--rev-stride", "2", "--kf-in-kv", "--kernels", "bwd_kv", "bwd_kf"], "bwd_kv", 6),
     "fused-forward": (["--stride", "1", "2", "--fused-fwd", "--kernels", "fwd fused"], "fwd fused", 4),
 }
@@ -650,24 +655,40 @@ def _poison_cuda_cache():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
 @pytest.mark.parametrize("mode", ["hybrid", "overlap", "swa_only"])
-def test_triton_gpu_window_blocks_give_the_bits_of_block_pairs(mode, monkeypatch):
-    """As the interpreter test, compiled, in bf16, at the benchmark's head dims."""
+def test_triton_gpu_window_blocks_match_block_pairs(mode, monkeypatch):
+    """As the interpreter test, compiled, in bf16, at the benchmark's head dims. Compiled, the pair layout's row sums
+    fuse each product p0 dW into the additions (FMA) while the window block's add selected values, so r_n, and with
+    it ds, dq, dk and dgamma, may differ in their last bits; what does not depend on r_n (the output, dv, dq_feat,
+    dk_feat) must still be bit-identical, and the rest within 1e-3 relative RMS (bf16's tolerance against the naive
+    reference is 2e-2)."""
     softmax, linear = MODES[mode]
     kw = dict(window=64, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=13)
+    monkeypatch.setattr(chunk, "WINDOW_BLOCKS", False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "WINDOW_BLOCKS", True)
     out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    assert_same_bits(out, grads, ref_out, ref_grads)
+    assert torch.equal(out, ref_out)
+    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+        assert (g is None) == (ref is None), name
+        if g is None:
+            continue
+        rel = ((g.float() - ref.float()).norm() / ref.float().norm()).item()
+        print(f"{mode} {name}: rel RMS difference {rel:.2e}, {(g != ref).sum().item()} of {g.numel()} differ")
+        if name in ("dv", "dq_feat", "dk_feat"):
+            assert torch.equal(g, ref), name
+        else:
+            assert rel <= 1e-3, f"{name}: rel RMS difference {rel:.2e} between window blocks and block pairs"
 
 
 # the benchmark's tune variants that change what the kernels compute, at the benchmark's head dims (the bf16 tier
 # above runs the defaults): reverse states per 2 chunks with the stored blocks (whose dk_feat kernel did not
-# compile before session 9), kept states, window blocks, together; dk_feat in the key side and the fused forward (if
+# compile before session 9), kept states, window blocks, together; block pairs (the layout before the eleventh pass); dk_feat in the key side and the fused forward (if
 # the fused forward's waiting were wrong this case would hang: after a change to it, run it alone under `timeout`
 # first; it passed on an H200 in session 10)
 OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
                "kept-window-rev2": {"KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2},
+               "block-pairs-rev2": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
                "dk_feat-in-the-key-side-8-warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}},
                "fused-forward": {"FUSED_FWD": True}}
 
