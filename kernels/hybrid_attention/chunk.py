@@ -32,7 +32,9 @@ in registers and writes them once, in the dtype of k/v.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -874,7 +876,7 @@ def _bwd_dk_pass(
 @triton.jit
 def _bwd_kv_kernel(
     Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DS, DWL, DHS, DZS,
-    DK, DV_, DKF,
+    DK, DV_, DKF, DG, DGS,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -882,7 +884,7 @@ def _bwd_kv_kernel(
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1, SAVE_P: tl.constexpr = False,
     WIN: tl.constexpr = False, WITH_KF: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
-    NDW: tl.constexpr = 2,
+    NDW: tl.constexpr = 2, DG_SUM: tl.constexpr = False,
 ):
     """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
     the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
@@ -901,6 +903,16 @@ def _bwd_kv_kernel(
                      WITH_KF and LINEAR != 0, SAVE_DW, NDW)
     if SOFTMAX and DO_DK:
         _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC, WIN)
+    if SOFTMAX and DO_DK and DG_SUM:
+        if i == 0:  # dgamma of the group's heads from the query side's chunk partials DG (written before this
+            # launch): DGS[b H + h] = sum over the chunks, here rather than in a torch launch of its own (host time)
+            for g in range(G):
+                bh = (b * H + hk * G + g).to(tl.int64)
+                acc = tl.zeros([BT], dtype=tl.float32)
+                for c0 in range(0, NT, BT):
+                    cc = c0 + tl.arange(0, BT)
+                    acc += tl.load(DG + bh * NT + cc, mask=cc < NT, other=0.0)
+                tl.store(DGS + bh, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -1116,6 +1128,20 @@ def _stream():
     return driver.active.get_current_stream(driver.active.get_current_device())
 
 
+_STREAMS: dict = {}
+
+
+def _stream_of(key) -> Callable[[], int]:
+    """The stream lookup of a replayed call: the raw stream current on the key's device (the current device, on which
+    Triton launches) at each launch, without Triton's lookup of the current device every time (host time at 2K)."""
+    current = -1 if key is None else key[1]
+    fn = _STREAMS.get(current)
+    if fn is None:
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        fn = _STREAMS[current] = _stream if raw is None or current < 0 else functools.partial(raw, current)
+    return fn
+
+
 class _Side:
     """The side stream of one device (SIDE_STREAM) and the events of a backward call's fork and joins, kept for the
     next calls: a wait takes the event as last recorded before it, so recording it again later is safe."""
@@ -1171,7 +1197,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         gam = gamma if gamma is not None else torch.ones(H, device=q.device, dtype=torch.float32)
         gam = gam.float().contiguous()
         key = _plan_key("fwd", q, k, v, q_feat_t, k_feat_t, gam, extra=(window, softmax, lin, scale, eps))
-        launch = PLANS.start(key, _stream)
+        launch = PLANS.start(key, _stream_of(key))
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
         big = max(BD, BDV, BF) >= 128
         NT = _cdiv(T, BT)
@@ -1227,7 +1253,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         do = _c(do)
         # the forward's key covers every saved input; o and the buffers below are fresh (aligned) allocations
         key = None if fkey is None else _plan_key("bwd", do, extra=(fkey,))
-        launch = PLANS.start(key, _stream)
+        launch = PLANS.start(key, _stream_of(key))
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
         big = max(BD, BDV, BF) >= 128
         DT, PREC = _dot_dtype(q.dtype), _prec(q.dtype)
@@ -1276,6 +1302,8 @@ class HybridAttentionFunction(torch.autograd.Function):
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dg = torch.empty(B * H, NT, device=dev, dtype=torch.float32)
+        dg_sum = has_gamma and softmax
+        dgs = torch.empty(B * H, device=dev, dtype=torch.float32) if dg_sum else dg  # (a dummy without dgamma)
         # the query side's softmax weights gamma p0 and score gradients ds for the key side, in the dtype of q: two
         # [BT, BT] blocks per query chunk (the size of q at D = 2 BT), or one window block (WINDOW_BLOCKS); the local
         # linear terms' dW: one block per query chunk, two if CUR_LIN
@@ -1343,16 +1371,16 @@ class HybridAttentionFunction(torch.autograd.Function):
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
             launch(_bwd_kv_kernel, (NT, B * Hkv),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf),
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs),
                    rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS,
-                        WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw))
+                        WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw, DG_SUM=dg_sum))
         if lin and not side_kf and not kf_in_kv:
             kf(launch)
         elif side and side_kf:
             main.wait_event(side.kf)  # the join: every tensor the side stream used outlives this point
         launch.done()
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
-        dgamma = dg.view(B, H, NT).sum((0, 2)) if has_gamma and softmax else None
+        dgamma = (dgs.view(B, H).sum(0) if B > 1 else dgs) if dg_sum else None
         if dgamma is not None and dgamma.dtype != ctx.gamma_dtype:
             dgamma = dgamma.to(ctx.gamma_dtype)
         if not softmax:
