@@ -32,9 +32,7 @@ in registers and writes them once, in the dtype of k/v.
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 
 import torch
 import triton
@@ -1128,19 +1126,6 @@ def _stream():
     return driver.active.get_current_stream(driver.active.get_current_device())
 
 
-_STREAMS: dict = {}
-
-
-def _stream_of(key) -> Callable[[], int]:
-    """The stream lookup of a replayed call: the raw stream current on the key's device (the current device, on which
-    Triton launches) at each launch, without Triton's lookup of the current device every time (host time at 2K)."""
-    current = -1 if key is None else key[1]
-    fn = _STREAMS.get(current)
-    if fn is None:
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        fn = _STREAMS[current] = _stream if raw is None or current < 0 else functools.partial(raw, current)
-    return fn
-
 
 class _Side:
     """The side stream of one device (SIDE_STREAM) and the events of a backward call's fork and joins, kept for the
@@ -1197,7 +1182,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         gam = gamma if gamma is not None else torch.ones(H, device=q.device, dtype=torch.float32)
         gam = gam.float().contiguous()
         key = _plan_key("fwd", q, k, v, q_feat_t, k_feat_t, gam, extra=(window, softmax, lin, scale, eps))
-        launch = PLANS.start(key, _stream_of(key))
+        launch = PLANS.start(key, _stream)
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
         big = max(BD, BDV, BF) >= 128
         NT = _cdiv(T, BT)
@@ -1253,7 +1238,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         do = _c(do)
         # the forward's key covers every saved input; o and the buffers below are fresh (aligned) allocations
         key = None if fkey is None else _plan_key("bwd", do, extra=(fkey,))
-        launch = PLANS.start(key, _stream_of(key))
+        launch = PLANS.start(key, _stream)
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
         big = max(BD, BDV, BF) >= 128
         DT, PREC = _dot_dtype(q.dtype), _prec(q.dtype)
