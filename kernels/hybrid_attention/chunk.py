@@ -23,9 +23,10 @@ unless KEEP_STATES):
   state passes run on a second CUDA stream, beside the delta kernel and the query side's softmax launch.
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h). Its softmax side stores the
   [BT, BT] blocks of ds, gamma p0 (SAVE_P) and the local linear terms' dW (SAVE_DW) of its two key chunks in the
-  dtype of the dots, for the kernels after it (WINDOW_BLOCKS: ds and gamma p0 in one window block per query chunk).
-  Key side: dk, dv (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh and those blocks (no scores computed
-  again there).
+  dtype of the dots, for the kernels after it (WINDOW_BLOCKS, the default: ds and gamma p0 in one window block per
+  query chunk, its two score blocks merged before the softmax work).
+  Key side: dk, dv and dgamma's sum over the chunks (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh and
+  those blocks (no scores computed again there).
 GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
 in registers and writes them once, in the dtype of k/v.
 """
