@@ -284,6 +284,15 @@ def _weights(s, m, gamma, qf, kfp, n, j, T, window, sft,
 
 
 @triton.jit
+def _dw_block(do, inv, dZ, vp, j, vv, T, DV: tl.constexpr, svt, PREC: tl.constexpr):
+    """dW_nj = dA_n . v_j + dZ_n of the rows of (do, 1 / Zd, dZ) from ``_row_grads`` against value rows j (v_j loaded
+    here): do v_j^T with its rows scaled by 1 / Zd."""
+    dw = tl.dot(do, tl.trans(_load_tile(vp, j, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
+    dw += dZ[:, None]
+    return dw
+
+
+@triton.jit
 def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr):
     """The row gradients dA_n = do_n / Zd_n and dZ_n = -(do_n . o_n) / Zd_n of query rows n, as (do `[BT, BDV]` in
     the dtype of the dots, 1 / Zd `[BT]`, dZ `[BT]`): dA enters every dot linearly in its rows, so the dots take do
@@ -631,10 +640,8 @@ def _bwd_q_kernel(
     # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
     if LINEAR != 0 and DO_LIN and not (SAVE_DW and not DO_SM):  # (the softmax side alone computes each block where
         # it uses it; the linear side alone with SAVE_DW reads the local blocks)
-        dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
-        dW_p += dZ[:, None]
-        dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
-        dW_c += dZ[:, None]
+        dW_p = _dw_block(do, inv, dZ, vp, jp, vv, T, DV, svt, PREC)
+        dW_c = _dw_block(do, inv, dZ, vp, n, vv, T, DV, svt, PREC)
     # the linear side first: its accumulator dies before the softmax side's score blocks are live
     if LINEAR != 0 and DO_LIN:
         # keys of chunks <= SC p - 2: S dA_n + z dZ_n from the state of the group, then key chunks SC p - 1 .. i - 2
@@ -647,8 +654,7 @@ def _bwd_q_kernel(
         if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
             for c in tl.range(tl.maximum(p * SC - 1, 0), i - 1, num_stages=1):
                 j = c * BT + tl.arange(0, BT)
-                da = tl.dot(do, tl.trans(_load_tile(vp, j, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
-                da += dZ[:, None]
+                da = _dw_block(do, inv, dZ, vp, j, vv, T, DV, svt, PREC)
                 dqf = tl.dot(da.to(DT), _load_tile(kfp, j, ff, T, F, sft), dqf, input_precision=PREC)
         if SAVE_DW and not DO_SM:  # the softmax side of this call stored them (launched first)
             da = tl.load(_pair_ptr(DWL, pid_bh, i, 0, NT, BT, NDW))
@@ -666,7 +672,8 @@ def _bwd_q_kernel(
         # window blocks (w <= BT): row r sees key iBT + u of its own chunk for u <= r and key (i-1)BT + u for u > r
         # (every other key of a column is more than w back, its score -inf), so the two score blocks merge into one
         # window block before the softmax work: one block of p0, dW and ds live instead of two, each stored once
-        # and whole. Every value is the pair layout's: the bits are the same.
+        # and whole. Every term is the pair layout's, added in its order: under the interpreter the bits are the same
+        # (compiled, the pair layout's row sums fuse each product into its addition, these do not).
         gamma = tl.load(GAMMA + h).to(tl.float32)
         m = _load_row(M + rowp, n, T, 0.0)
         q = _load_tile(_head(Q, b, h, sqb, sqh), n, dd, T, D, sqt)
@@ -680,14 +687,12 @@ def _bwd_q_kernel(
         if SAVE_P:
             tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT, 1), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
-            dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
-            dW_p += dZ[:, None]
+            dW_p = _dw_block(do, inv, dZ, vp, jp, vv, T, DV, svt, PREC)
         if LINEAR != 0 and SAVE_DW:
             tl.store(_pair_ptr(DWL, pid_bh, i, 0, NT, BT, NDW),
                      tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT))
         if LINEAR == 0 or not DO_LIN:
-            dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
-            dW_c += dZ[:, None]
+            dW_c = _dw_block(do, inv, dZ, vp, n, vv, T, DV, svt, PREC)
         if LINEAR != 0 and SAVE_DW and CUR_LIN:
             tl.store(_pair_ptr(DWL, pid_bh, i, 1, NT, BT, NDW),
                      tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT))
@@ -714,8 +719,7 @@ def _bwd_q_kernel(
         if SAVE_P:
             tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
-            dW_p = tl.dot(do, tl.trans(_load_tile(vp, jp, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
-            dW_p += dZ[:, None]
+            dW_p = _dw_block(do, inv, dZ, vp, jp, vv, T, DV, svt, PREC)
         if LINEAR != 0 and SAVE_DW:
             tl.store(_pair_ptr(DWL, pid_bh, i, 0, NT, BT, NDW),
                      tl.where(_lin_mask(n, jp, T, window, LINEAR), dW_p, 0.0).to(DT))
@@ -726,8 +730,7 @@ def _bwd_q_kernel(
         if SAVE_P:
             tl.store(_pair_ptr(PS, pid_bh, i, 1, NT, BT), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
-            dW_c = tl.dot(do, tl.trans(_load_tile(vp, n, vv, T, DV, svt)), input_precision=PREC) * inv[:, None]
-            dW_c += dZ[:, None]
+            dW_c = _dw_block(do, inv, dZ, vp, n, vv, T, DV, svt, PREC)
         if LINEAR != 0 and SAVE_DW and CUR_LIN:
             tl.store(_pair_ptr(DWL, pid_bh, i, 1, NT, BT, NDW),
                      tl.where(_lin_mask(n, n, T, window, LINEAR), dW_c, 0.0).to(DT))
@@ -1125,7 +1128,6 @@ def _hooked(*hooks) -> bool:
 
 def _stream():
     return driver.active.get_current_stream(driver.active.get_current_device())
-
 
 
 class _Side:

@@ -683,9 +683,9 @@ def test_triton_gpu_window_blocks_match_block_pairs(mode, monkeypatch):
 
 # the benchmark's tune variants that change what the kernels compute, at the benchmark's head dims (the bf16 tier
 # above runs the defaults): reverse states per 2 chunks with the stored blocks (whose dk_feat kernel did not
-# compile before session 9), kept states, window blocks, together; block pairs (the layout before the eleventh pass); dk_feat in the key side and the fused forward (if
-# the fused forward's waiting were wrong this case would hang: after a change to it, run it alone under `timeout`
-# first; it passed on an H200 in session 10)
+# compile before session 9), kept states, window blocks, together; block pairs (the layout before the eleventh
+# pass); dk_feat in the key side and the fused forward (if the fused forward's waiting were wrong this case would
+# hang: after a change to it, run it alone under `timeout` first; it passed on an H200 in session 10)
 OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
                "kept-window-rev2": {"KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2},
                "block-pairs-rev2": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
