@@ -217,6 +217,10 @@ TUNE = {
     # (WINDOW_BLOCKS is on by default since the eleventh pass; the variants before it read "window blocks")
     "block pairs": {"WINDOW_BLOCKS": False},
     "block pairs, reverse states per 2 chunks": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
+    "forward blocks": {"FWD_P": True, "FWD_LIN": True},
+    "forward p0 blocks": {"FWD_P": True},
+    "forward linear blocks": {"FWD_LIN": True},
+    "no forward blocks": {"FWD_P": False, "FWD_LIN": False},
     "key side in two launches": {"KV_SPLIT": True},
     "side stream from 16K": {"SIDE_STREAM_MIN_CHUNKS": 256},
     "side states 128x128, 8 warps": {"SIDE_STATE_BLOCKS": (128, 128)},
@@ -260,7 +264,8 @@ STATE_VARIANTS = {
 # tried on an H200 at 32K and slower than the default in both directions (kernels/bench_tune_h200_launch_states.json):
 # 32x64, 32x32 at 1 / 2 / 4 warps, 16x64, 32x128, 32x32 in segments of 64
 KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_STRIDE", "GROUP_HEADS", "STATE_Z_DOT",
-         "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW", "WINDOW_BLOCKS", "KF_IN_KV", "FUSED_FWD",
+         "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW", "WINDOW_BLOCKS", "FWD_P", "FWD_LIN",
+         "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32")
 

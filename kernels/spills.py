@@ -2,7 +2,7 @@
 
     python -m linearize.kernels.spills [--modes hybrid overlap la_only swa_only] [--dtype bf16] [--warps 4 8]
                                        [--stages 1 2] [--out-bv 64 128] [--state-blocks 64 128]
-                                       [--stride 1 2 4] [--rev-stride 1 2] [--save-p] [--pair-blocks]
+                                       [--stride 1 2 4] [--rev-stride 1 2] [--save-p] [--pair-blocks] [--fwd-blocks]
 
 Each kernel of ``hybrid_attention/chunk.py`` is compiled by Triton for the benchmark shapes (D = F = Dv = 128,
 DESIGN.md section 8; 64-token chunks) with the launch settings the host code uses (``chunk.LAUNCH``, block sizes
@@ -41,8 +41,8 @@ DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (
 # states);
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers)
 DATA_PTRS = {"X", "Y", "HS", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_",
-             "PS", "DS", "DWL"}
-INT_PTRS = {"READY"}  # the fused forward's per-state counts and ticket
+             "PS", "DS", "DWL", "PB", "LB"}
+INT_PTRS = {"READY", "ARG"}  # the fused forward's per-state counts and ticket, the forward's arg maxes
 FLOAT_SCALARS = {"scale", "eps"}
 
 
@@ -101,7 +101,10 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     dt, prec = DTYPES[dtype]
     # CUR_LIN as for the benchmark's window (w = BT): the same chunk's linear block only where the mode has one
     cur = chunk._cur_lin(lin, chunk.BT)
-    ndw = 1 + cur if chunk.WINDOW_BLOCKS else 2  # slots of the local dW blocks, as the host allocates them
+    ndw = chunk._ndw(lin, chunk.BT)  # slots of the local dW blocks, as the host allocates them
+    # the forward's blocks for the backward (FWD_P, FWD_LIN), as the host decides for inputs that want gradients
+    fwd_p = chunk.FWD_P and softmax and chunk.WINDOW_BLOCKS
+    fwd_blocks = dict(FWD_P=fwd_p, FWD_LIN=chunk.FWD_LIN and bool(lin), NDW=ndw)
     heads = dict(D=D, DV=DV, F=F, BD=D, BDV=DV, BF=F, BT=chunk.BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur, DT=dt,
                  PREC=prec)
     # the weighted z dot of the reverse pass takes fp32 operands at 3xTF32 for 16-bit inputs
@@ -116,22 +119,26 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
                     dict(state, PHASE=0, REVERSE=True, HAS_RB=True, SC=rev_stride)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd",
-                dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS)))
+                dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, FWD_P=False, FWD_LIN=False, NDW=ndw)))
+    if fwd_blocks["FWD_P"] or fwd_blocks["FWD_LIN"]:
+        out.append((f"fwd, blocks for the backward (BV={out_bv})", chunk._fwd_kernel, "fwd",
+                    dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, **fwd_blocks)))
     if lin and chunk.FUSED_FWD:
         out.append((f"fwd fused (BV={out_bv})", chunk._fwd_fused_kernel, "fwd_fused",
                     dict(heads, BV=out_bv, SC=stride, SBK=state_blocks, SBV=state_blocks, Z_DOT=chunk.STATE_Z_DOT,
-                         ZPREC=state["ZPREC"], NTHREADS=32 * chunk.LAUNCH["fwd_fused"][0])))
+                         ZPREC=state["ZPREC"], NTHREADS=32 * chunk.LAUNCH["fwd_fused"][0], **fwd_blocks)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,
-                SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw)
+                SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p)
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", both))
     if softmax and lin:
         out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
         out.append(("bwd_q softmax side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_LIN=False)))
     both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride, SAVE_P=chunk.SAVE_P, WIN=chunk.WINDOW_BLOCKS,
                 WITH_KF=chunk.KF_IN_KV and bool(lin), SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), NDW=ndw,
-                DG_SUM=bool(softmax))  # (the benchmark's gamma: dgamma summed in the key side)
+                DG_SUM=bool(softmax), FWD_P=fwd_p, FWD_LIN=fwd_blocks["FWD_LIN"])  # (the benchmark's gamma: dgamma
+    # summed in the key side)
     out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", both))
     if softmax:
         out.append(("bwd_kv dv (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DK=False)))
@@ -155,6 +162,8 @@ def main(argv=None):
     ap.add_argument("--pair-blocks", action="store_true", help="compile with chunk.WINDOW_BLOCKS off (block pairs)")
     ap.add_argument("--kf-in-kv", action="store_true", help="compile with chunk.KF_IN_KV on")
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
+    ap.add_argument("--fwd-blocks", action="store_true",
+                    help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
     ap.add_argument("--state-blocks", type=int, nargs="+", default=[chunk.STATE_BF],
                     help="state pass F and Dv block (square)")
@@ -168,6 +177,8 @@ def main(argv=None):
     chunk.WINDOW_BLOCKS = chunk.WINDOW_BLOCKS and not args.pair_blocks
     chunk.KF_IN_KV = chunk.KF_IN_KV or args.kf_in_kv
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
+    chunk.FWD_P = chunk.FWD_P or args.fwd_blocks
+    chunk.FWD_LIN = chunk.FWD_LIN or args.fwd_blocks
 
     print(f"# triton {triton.__version__}, sm_90a, D=F=Dv={D}, BT={chunk.BT}, {args.dtype}; bytes per thread")
     print("| mode | kernel | SC | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")

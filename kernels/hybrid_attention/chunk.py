@@ -127,6 +127,16 @@ SAVE_DW = True
 # (The ninth pass wrote and read the two parts with triangular masks, one predicate an element: no faster.) False:
 # the pair layout, two blocks per query chunk.
 WINDOW_BLOCKS = True
+# FWD_P: a forward whose inputs want gradients stores, for the backward, each query chunk's window block of p0 and
+# each row's arg max (the first maximum in key order, as the backward took it): the softmax side then computes no
+# scores (no q, no key tiles for them, two [BT, BT, D] dots and a block of exp less) and stores no gamma p0, and the
+# key side reads p0 from there. Needs WINDOW_BLOCKS. A forward without gradients (torch.no_grad, inference) stores
+# nothing. 16-bit inputs: p0 enters ds and r_n rounded to their dtype, as gamma p0 entered dv before.
+FWD_P = False
+# FWD_LIN: that forward also stores the local linear terms a = phi(q).phi(k) on L(n) of its one or two key chunks
+# (the layout of the softmax side's dW blocks), which the key side's dv pass reads instead of computing them again
+# (no phi(q) tiles, one [BT, BT, F] dot less per query chunk and head).
+FWD_LIN = False
 # KF_IN_KV: dk_feat in the key side's dv pass instead of a kernel of its own (_bwd_kf_kernel): that pass already
 # loads each head's reverse state and the query rows with linear terms on its keys, which _bwd_kf_kernel loads again
 # (at 32K, 32 heads: the reverse states alone are 0.5 GB at REV_STATE_STRIDE = 1), and v once for the G heads of the
@@ -277,10 +287,17 @@ def _weights(s, m, gamma, qf, kfp, n, j, T, window, sft,
         p0 = tl.zeros([n.shape[0], j.shape[0]], dtype=tl.float32)
     w = gamma * p0
     if LINEAR != 0:
-        kf = _load_tile(kfp, j, tl.arange(0, BF), T, F, sft)
-        a = tl.dot(qf, tl.trans(kf), input_precision=PREC)
-        w += tl.where(_lin_mask(n, j, T, window, LINEAR), a, 0.0)
+        w += _lin_block(qf, kfp, n, j, T, window, sft, F, BF, LINEAR, PREC)
     return p0, w
+
+
+@triton.jit
+def _lin_block(qf, kfp, n, j, T, window, sft, F: tl.constexpr, BF: tl.constexpr, LINEAR: tl.constexpr,
+               PREC: tl.constexpr):
+    """The local linear terms a_nj = phi(q_n).phi(k_j) of query rows n (tile qf) and key rows j (loaded here), zero
+    off L(n)."""
+    a = tl.dot(qf, tl.trans(_load_tile(kfp, j, tl.arange(0, BF), T, F, sft)), input_precision=PREC)
+    return tl.where(_lin_mask(n, j, T, window, LINEAR), a, 0.0)
 
 
 @triton.jit
@@ -428,13 +445,17 @@ def _state_scan(
 
 
 @triton.jit
-def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv,
-               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, window, scale,
+def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep,
+               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, NT, window, scale,
                D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
                BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr,
-               DT: tl.constexpr, PREC: tl.constexpr):
+               DT: tl.constexpr, PREC: tl.constexpr, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False,
+               NDW: tl.constexpr = 1):
     """Numerator [BT, len(vv)], normaliser and window row max of query chunk i from the key chunks i-1 and i.
-    CUR_LIN = 0: the linear terms of key chunk i are all masked (hybrid with w >= BT) and their dot is skipped."""
+    CUR_LIN = 0: the linear terms of key chunk i are all masked (hybrid with w >= BT) and their dot is skipped.
+    For the backward (where ``keep`` [BT]: in the first Dv block's program), FWD_P: the chunk's window block of p0 into PB
+    and each row's arg max (the first maximum in key order) into ARG; FWD_LIN: the local linear blocks a on L(n) into
+    LB (slot 0: keys of chunk i-1; slot 1, if CUR_LIN: its own), each in the dtype of the dots."""
     n = i * BT + tl.arange(0, BT)
     jp = n - BT
     kp = _head(K, b, h // G, skb, skh)
@@ -448,10 +469,40 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv,
     s_c = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
     # the row max runs over the window only; rows past T (all -inf) get 0
     m = tl.where(n < T, tl.maximum(tl.max(s_p, axis=1), tl.max(s_c, axis=1)), 0.0)
-    _, w = _weights(s_p, m, gamma, qf, kfp, n, jp, T, window, sft, F, BF, SOFTMAX, LINEAR, PREC)
+    if SOFTMAX and FWD_P:
+        # the window block (WINDOW_BLOCKS): one exp for both key chunks; every entry either block drops is exp(-inf)
+        # = 0 there, so W and the sums below are those of the two blocks, bit for bit
+        own = _win_part(1, BT)
+        s = tl.where(own, s_c, s_p)
+        key = tl.where(own, n[None, :], jp[None, :])
+        tl.store(ARG + pid_bh.to(tl.int64) * T + n,
+                 tl.min(tl.where(s == tl.max(s, axis=1)[:, None], key, 2147483647), axis=1), mask=(n < T) & keep)
+        p0 = tl.exp(s - m[:, None])
+        tl.store(_pair_ptr(PB, pid_bh, i, 0, NT, BT, 1), p0.to(DT), mask=keep[:, None])
+        w = tl.where(own, 0.0, gamma * p0)
+        if LINEAR != 0:
+            a = _lin_block(qf, kfp, n, jp, T, window, sft, F, BF, LINEAR, PREC)
+            if FWD_LIN:
+                tl.store(_pair_ptr(LB, pid_bh, i, 0, NT, BT, NDW), a.to(DT), mask=keep[:, None])
+            w += a
+    else:
+        _, w = _weights(s_p, m, gamma, qf, kfp, n, jp, T, window, sft, F, BF, SOFTMAX, 0, PREC)
+        if LINEAR != 0:
+            a = _lin_block(qf, kfp, n, jp, T, window, sft, F, BF, LINEAR, PREC)
+            if FWD_LIN:
+                tl.store(_pair_ptr(LB, pid_bh, i, 0, NT, BT, NDW), a.to(DT), mask=keep[:, None])
+            w += a
     acc = tl.dot(w.to(DT), _load_tile(vp, jp, vv, T, DV, svt), input_precision=PREC)
     zacc = tl.sum(w, axis=1)
-    _, w = _weights(s_c, m, gamma, qf, kfp, n, n, T, window, sft, F, BF, SOFTMAX, LINEAR * CUR_LIN, PREC)
+    if SOFTMAX and FWD_P:
+        w = tl.where(own, gamma * p0, 0.0)
+    else:
+        _, w = _weights(s_c, m, gamma, qf, kfp, n, n, T, window, sft, F, BF, SOFTMAX, 0, PREC)
+    if LINEAR * CUR_LIN != 0:
+        a = _lin_block(qf, kfp, n, n, T, window, sft, F, BF, LINEAR, PREC)
+        if FWD_LIN:
+            tl.store(_pair_ptr(LB, pid_bh, i, 1, NT, BT, NDW), a.to(DT), mask=keep[:, None])
+        w += a
     acc = tl.dot(w.to(DT), _load_tile(vp, n, vv, T, DV, svt), acc, input_precision=PREC)
     zacc += tl.sum(w, axis=1)
     return acc, zacc, m
@@ -469,30 +520,32 @@ def _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, vv, T, sob
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD,
+    Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, PB, ARG, LB,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh,
     T, H, G, NT, window, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    SC: tl.constexpr = 1, GROUP: tl.constexpr = False,
+    SC: tl.constexpr = 1, GROUP: tl.constexpr = False, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False,
+    NDW: tl.constexpr = 1,
 ):
-    """One program per (query chunk, Dv block, batch * head); the state of its group is read from HS (state pass)."""
+    """One program per (query chunk, Dv block, batch * head); the state of its group is read from HS (state pass).
+    FWD_P / FWD_LIN: blocks for the backward (``_fwd_local``)."""
     i, pid_bh = _chunk_and_head(0, 2, G, GROUP)
-    _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, Q, i, tl.program_id(1), pid_bh, 0,
+    _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, Q, PB, ARG, LB, i, tl.program_id(1), pid_bh, 0,
                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G, NT, window, scale,
-               eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, False)
+               eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, False, FWD_P, FWD_LIN, NDW)
 
 
 @triton.jit
 def _fwd_chunk(
-    Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY, i, pid_v, pid_bh, need,
+    Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY, PB, ARG, LB, i, pid_v, pid_bh, need,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh,
     T, H, G, NT, window, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    SC: tl.constexpr, WAIT: tl.constexpr,
+    SC: tl.constexpr, WAIT: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr, NDW: tl.constexpr,
 ):
     """The body of ``_fwd_kernel`` for query chunk i, Dv block pid_v, batch * head pid_bh. WAIT (the fused
     forward): after the local blocks, wait until READY[bh, p] counts ``need`` blocks of its state (an acquire at GPU
@@ -505,9 +558,10 @@ def _fwd_chunk(
     qf = tl.zeros([BT, BF], dtype=DT)
     if LINEAR != 0:
         qf = _load_tile(_head(QF, b, h, sfb, sfh), n, ff, T, F, sft)
-    acc, zacc, m = _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv,
-                              sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, window, scale,
-                              D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC)
+    keep = tl.arange(0, BT) + pid_v * BT < BT  # [BT]: all True in the first Dv block's program, else all False
+    acc, zacc, m = _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep,
+                              sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, NT, window, scale,
+                              D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, FWD_P, FWD_LIN, NDW)
     if LINEAR != 0:  # keys of chunks <= SC p - 2 through the state, read right before its dot
         p = i // SC
         NS = tl.cdiv(NT, SC)
@@ -538,14 +592,14 @@ def _fwd_chunk(
 
 @triton.jit
 def _fwd_fused_kernel(
-    Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY,
+    Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY, PB, ARG, LB,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh,
     T, H, G, NT, window, scale, eps, NPROD, NKV, NV, BHKV,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     SC: tl.constexpr, SBK: tl.constexpr, SBV: tl.constexpr, Z_DOT: tl.constexpr, ZPREC: tl.constexpr,
-    NTHREADS: tl.constexpr,
+    NTHREADS: tl.constexpr, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1,
 ):
     """The forward in one launch (FUSED_FWD): the state pass and the output programs side by side. Each program
     takes a ticket from the counter after READY's per-state counts (tickets follow the order in which programs
@@ -565,9 +619,10 @@ def _fwd_fused_kernel(
         c = c // G
         bhk = c % BHKV
         c = c // BHKV
-        _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY, c // NV, c % NV, bhk * G + g, NKV * NTHREADS,
-                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G, NT, window,
-                   scale, eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, True)
+        _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY, PB, ARG, LB, c // NV, c % NV, bhk * G + g,
+                   NKV * NTHREADS, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G,
+                   NT, window, scale, eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, True,
+                   FWD_P, FWD_LIN, NDW)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -609,7 +664,7 @@ def _delta_kernel(
 @triton.jit
 def _bwd_q_kernel(
     Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, HS, ZS,
-    DQ, DQF, PS, DS, DWL, DG,
+    DQ, DQF, PS, DS, DWL, DG, ARG,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -617,13 +672,16 @@ def _bwd_q_kernel(
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True, SC: tl.constexpr = 1, GROUP: tl.constexpr = False,
     SAVE_P: tl.constexpr = False, SAVE_DW: tl.constexpr = False, WIN: tl.constexpr = False, NDW: tl.constexpr = 2,
+    FWD_P: tl.constexpr = False,
 ):
     """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, dgamma); one launch with both, or one
     launch each (Q_SPLIT: fewer live registers per program, dW computed twice). The softmax side also stores, for the
     key side, its two [BT, BT] blocks of score gradients ds (DS) and, with SAVE_P, of softmax weights gamma p0 (PS),
     in the dtype of the dots: the key side reads them instead of computing the scores and dW again. SAVE_DW: it also
     stores the local linear terms' gradient blocks da = dW on L(n) (DWL; the same chunk's only if CUR_LIN), which the
-    linear side of a split launch and dk_feat read instead of computing dW again."""
+    linear side of a split launch and dk_feat read instead of computing dW again. FWD_P (with WIN): the window
+    block of p0 and the arg maxes come from the forward (PS, ARG): no scores are computed and nothing is stored in
+    PS."""
     i, pid_bh = _chunk_and_head(0, 1, G, GROUP)
     b = pid_bh // H
     h = pid_bh % H
@@ -675,17 +733,21 @@ def _bwd_q_kernel(
         # and whole. Every term is the pair layout's, added in its order: under the interpreter the bits are the same
         # (compiled, the pair layout's row sums fuse each product into its addition, these do not).
         gamma = tl.load(GAMMA + h).to(tl.float32)
-        m = _load_row(M + rowp, n, T, 0.0)
-        q = _load_tile(_head(Q, b, h, sqb, sqh), n, dd, T, D, sqt)
         own = _win_part(1, BT)
-        s = tl.where(own, _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC),
-                     _scores(q, kp, n, jp, T, window, scale, skt, D, BD, SOFTMAX, PREC))
         key = tl.where(own, n[None, :], jp[None, :])
-        # the arg max: the first maximum in key order (chunk i - 1's keys first), as the pair layout takes it
-        idx = tl.min(tl.where(s == tl.max(s, axis=1)[:, None], key, 2147483647), axis=1)
-        p0 = tl.exp(s - m[:, None])
-        if SAVE_P:
-            tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT, 1), (gamma * p0).to(DT))
+        if FWD_P:  # (rows past T: p0 = 0, their arg max unused)
+            p0 = tl.load(_pair_ptr(PS, pid_bh, i, 0, NT, BT, 1)).to(tl.float32)
+            idx = _load_row(ARG + rowp, n, T, 0)
+        else:
+            m = _load_row(M + rowp, n, T, 0.0)
+            q = _load_tile(_head(Q, b, h, sqb, sqh), n, dd, T, D, sqt)
+            s = tl.where(own, _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC),
+                         _scores(q, kp, n, jp, T, window, scale, skt, D, BD, SOFTMAX, PREC))
+            # the arg max: the first maximum in key order (chunk i - 1's keys first), as the pair layout takes it
+            idx = tl.min(tl.where(s == tl.max(s, axis=1)[:, None], key, 2147483647), axis=1)
+            p0 = tl.exp(s - m[:, None])
+            if SAVE_P:
+                tl.store(_pair_ptr(PS, pid_bh, i, 0, NT, BT, 1), (gamma * p0).to(DT))
         if LINEAR == 0 or not DO_LIN:
             dW_p = _dw_block(do, inv, dZ, vp, jp, vv, T, DV, svt, PREC)
         if LINEAR != 0 and SAVE_DW:
@@ -757,19 +819,21 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_dv_block(
-    qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, PS, kp, skt, kfp, gamma, pid_bh, c, t, n, j, lin_on, T, NT, window,
+    qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, PS, LB, kp, skt, kfp, gamma, pid_bh, c, t, n, j, lin_on, T, NT, window,
     scale, dv,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
     BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    SAVE_P: tl.constexpr, WIN: tl.constexpr,
+    SAVE_P: tl.constexpr, WIN: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr, NDW: tl.constexpr,
 ):
     """dv_j += sum_n W_nj dA_n over the query rows n of query chunk c = i + t; W = gamma p0 (SAVE_P: the query side's
-    block, slot 1 - t of chunk c, none for t >= 2, past the window; else from the scores) plus the linear weights
-    where lin_on (a runtime flag, so that the caller's loop over the query chunks stays a loop: unrolled, the blocks
-    spill)."""
-    if SOFTMAX and SAVE_P:
+    block, slot 1 - t of chunk c, none for t >= 2, past the window; FWD_P: the forward's block of p0; else from the
+    scores) plus the linear weights where lin_on (a runtime flag, so that the caller's loop over the query chunks
+    stays a loop: unrolled, the blocks spill; FWD_LIN: the forward's blocks for t < 2)."""
+    if SOFTMAX and (SAVE_P or FWD_P):
         w = _blk_load(PS, pid_bh, c, 1 - t, NT, (n < T)[:, None] & (t < 2), BT, WIN)
         w = w.to(tl.float32)
+        if FWD_P:
+            w = gamma * w
     elif SOFTMAX:
         q = _load_tile(qp, n, tl.arange(0, BD), T, D, sqt)
         s = _scores(q, kp, n, j, T, window, scale, skt, D, BD, SOFTMAX, PREC)
@@ -778,9 +842,16 @@ def _bwd_dv_block(
         w = tl.zeros([BT, BT], dtype=tl.float32)
     if LINEAR != 0:
         if lin_on:
-            qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
-            a = tl.dot(qf, tl.trans(_load_tile(kfp, j, tl.arange(0, BF), T, F, sft)), input_precision=PREC)
-            w += tl.where(_lin_mask(n, j, T, window, LINEAR), a, 0.0)
+            if FWD_LIN:
+                if t < 2:
+                    w += tl.load(_pair_ptr(LB, pid_bh, c, 1 - t, NT, BT, NDW), mask=(n < T)[:, None],
+                                 other=0.0).to(tl.float32)
+                else:
+                    w += _lin_block(_load_tile(qfp, n, tl.arange(0, BF), T, F, sft), kfp, n, j, T, window, sft, F, BF,
+                                    LINEAR, PREC)
+            else:
+                w += _lin_block(_load_tile(qfp, n, tl.arange(0, BF), T, F, sft), kfp, n, j, T, window, sft, F, BF,
+                                LINEAR, PREC)
     w = w * (1.0 / _load_row(ZD + rowp, n, T, 1.0))[:, None]  # W_nj dA_n = (W_nj / Zd_n) do_n
     do = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(DT)
     return tl.dot(tl.trans(w.to(DT)), do, dv, input_precision=PREC)
@@ -803,12 +874,12 @@ def _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, c, t, n, j, T
 
 @triton.jit
 def _bwd_dv_pass(
-    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, b, hk, i, j,
+    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, LB, b, hk, i, j,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
     BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr,
     PREC: tl.constexpr, SC: tl.constexpr, SAVE_P: tl.constexpr, WIN: tl.constexpr, WITH_KF: tl.constexpr,
-    SAVE_DW: tl.constexpr, NDW: tl.constexpr,
+    SAVE_DW: tl.constexpr, NDW: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr,
 ):
     """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v. WITH_KF
     (KF_IN_KV): dk_feat of each of those heads too, from the reverse state and the query rows this pass reads, in
@@ -843,9 +914,9 @@ def _bwd_dv_pass(
         # one loop over the query chunks, not a second one for those past the window (a second copy of the block's
         # code made the kernel spill). The same chunk's linear terms only if CUR_LIN.
         for t in range(nq):
-            dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, PS, kp, skt, kfp, gamma, pid_bh, i + t, t,
-                               j + t * BT, j, t + CUR_LIN > 0, T, NT, window, scale, dv,
-                               D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, DT, PREC, SAVE_P, WIN)
+            dv = _bwd_dv_block(qp, qfp, dop, rowp, sqt, sft, sdt, M, ZD, PS, LB, kp, skt, kfp, gamma, pid_bh, i + t,
+                               t, j + t * BT, j, t + CUR_LIN > 0, T, NT, window, scale, dv,
+                               D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, DT, PREC, SAVE_P, WIN, FWD_P, FWD_LIN, NDW)
             if WITH_KF:
                 if t + CUR_LIN > 0:  # the query chunks with linear terms on these keys: as lin_on above
                     dkf = _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, i + t, t, j + t * BT, j, T,
@@ -878,7 +949,7 @@ def _bwd_dk_pass(
 @triton.jit
 def _bwd_kv_kernel(
     Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DS, DWL, DHS, DZS,
-    DK, DV_, DKF, DG, DGS,
+    DK, DV_, DKF, DG, DGS, LB,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -886,12 +957,13 @@ def _bwd_kv_kernel(
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1, SAVE_P: tl.constexpr = False,
     WIN: tl.constexpr = False, WITH_KF: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
-    NDW: tl.constexpr = 2, DG_SUM: tl.constexpr = False,
+    NDW: tl.constexpr = 2, DG_SUM: tl.constexpr = False, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False,
 ):
     """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
     the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
     live at a time. DO_DV / DO_DK: both passes in one launch, or one launch each (KV_SPLIT). WITH_KF: the dv pass
-    also writes dk_feat (KF_IN_KV)."""
+    also writes dk_feat (KF_IN_KV). FWD_P / FWD_LIN: the dv pass reads the forward's blocks of p0 (in PS) and of the
+    local linear terms (LB)."""
     i = tl.program_id(0)
     pid_bk = tl.program_id(1)  # batch * kv head
     Hkv = H // G
@@ -899,10 +971,10 @@ def _bwd_kv_kernel(
     hk = pid_bk % Hkv
     j = i * BT + tl.arange(0, BT)
     if DO_DV:
-        _bwd_dv_pass(Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, b, hk, i, j,
+        _bwd_dv_pass(Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, LB, b, hk, i, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window,
                      scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, SAVE_P, WIN,
-                     WITH_KF and LINEAR != 0, SAVE_DW, NDW)
+                     WITH_KF and LINEAR != 0, SAVE_DW, NDW, FWD_P, FWD_LIN)
     if SOFTMAX and DO_DK:
         _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC, WIN)
     if SOFTMAX and DO_DK and DG_SUM:
@@ -1095,11 +1167,17 @@ def _cur_lin(lin: int, window: int) -> int:
     return int(lin == 2 or (lin == 1 and window < BT))
 
 
+def _ndw(lin: int, window: int) -> int:
+    """Slots per query chunk of the blocks of local linear terms (the softmax side's dW, the forward's a): one per
+    key chunk with such terms under WINDOW_BLOCKS (the own chunk's only if CUR_LIN), else always two."""
+    return 1 + _cur_lin(lin, window) if WINDOW_BLOCKS else 2
+
+
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, KF_IN_KV, FUSED_FWD, SIDE_STREAM,
-            SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, FUSED_FWD,
+            SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1184,7 +1262,12 @@ class HybridAttentionFunction(torch.autograd.Function):
             assert q_feat_t.stride() == k_feat_t.stride()
         gam = gamma if gamma is not None else torch.ones(H, device=q.device, dtype=torch.float32)
         gam = gam.float().contiguous()
-        key = _plan_key("fwd", q, k, v, q_feat_t, k_feat_t, gam, extra=(window, softmax, lin, scale, eps))
+        # the blocks the backward reads from the forward (FWD_P, FWD_LIN), only where a gradient is wanted
+        grad = any(ctx.needs_input_grad[:6])
+        fwd_p = FWD_P and softmax and WINDOW_BLOCKS and grad
+        fwd_lin = FWD_LIN and bool(lin) and grad
+        key = _plan_key("fwd", q, k, v, q_feat_t, k_feat_t, gam,
+                        extra=(window, softmax, lin, scale, eps, fwd_p, fwd_lin))
         launch = PLANS.start(key, _stream)
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
         big = max(BD, BDV, BF) >= 128
@@ -1194,6 +1277,12 @@ class HybridAttentionFunction(torch.autograd.Function):
         M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         hs = zs = M  # dummies when there is no linear term
+        ndw = _ndw(lin, window)
+        # p0's window blocks and the arg maxes for the softmax side and the key side, the local linear blocks for the
+        # key side: [BT, BT] blocks in the dtype of q
+        pb = torch.empty(B * H, NT, BT, BT, device=dev, dtype=q.dtype) if fwd_p else M
+        arg = torch.empty(B * H, T, device=dev, dtype=torch.int32) if fwd_p else M
+        lb = torch.empty(B * H, NT, ndw, BT, BT, device=dev, dtype=q.dtype) if fwd_lin else M
         fused = FUSED_FWD and bool(lin) and STATE_SEG == 0
         if lin and not fused:
             hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
@@ -1203,7 +1292,8 @@ class HybridAttentionFunction(torch.autograd.Function):
                    v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
                    o.stride(0), o.stride(1), o.stride(2))
         meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
-                    CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(False))
+                    CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(False),
+                    FWD_P=fwd_p, FWD_LIN=fwd_lin, NDW=ndw)
         if fused:  # the state pass and the output programs in one launch, the latter waiting on READY
             NS = _n_states(T, False)
             _, _, BK, BVS = _state_tiles(F, Dv)
@@ -1213,28 +1303,33 @@ class HybridAttentionFunction(torch.autograd.Function):
             ready = torch.zeros(B * H * NS + 1, device=dev, dtype=torch.int32)  # per-state counts, then the ticket
             options = _options("fwd_fused", big, q.dtype)
             launch(_fwd_fused_kernel, (nkv * B * H + NT * (BDV // BV) * B * H,),
-                   (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, ready), lambda: (
+                   (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, ready, pb, arg, lb), lambda: (
                 (*strides, T, H, G, NT, window, scale, eps, nkv * B * H, nkv, BDV // BV, B * Hkv),
                 dict(meta, SBK=BK, SBV=BVS, Z_DOT=STATE_Z_DOT, ZPREC="ieee" if q.dtype == torch.float32 else "tf32x3",
                      NTHREADS=32 * options["num_warps"], **options),
             ))  # fmt: skip
         else:
-            launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV), (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD),
+            launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV),
+                   (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, pb, arg, lb),
                    lambda: ((*strides, T, H, G, NT, window, scale, eps),
                             dict(meta, GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype))))
         launch.done()
         # unless KEEP_STATES the states are recomputed in the backward: [NT / SC, F, Dv] per head is 2 / SC times
         # the size of q
         saved = (hs, zs) if lin and KEEP_STATES else ()
-        ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD, *saved)
-        ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None, key)
+        blocks = ((pb, arg) if fwd_p else ()) + ((lb,) if fwd_lin else ())
+        ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD, *saved, *blocks)
+        ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None, key, len(saved), fwd_p, fwd_lin)
         ctx.gamma_dtype = None if gamma is None else gamma.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, q_feat, k_feat, gam, o, M, ZD, *kept = ctx.saved_tensors
-        window, softmax, lin, scale, NT, F, has_gamma, fkey = ctx.cfg
+        q, k, v, q_feat, k_feat, gam, o, M, ZD, *rest = ctx.saved_tensors
+        window, softmax, lin, scale, NT, F, has_gamma, fkey, n_kept, fwd_p, fwd_lin = ctx.cfg
+        kept, rest = rest[:n_kept], rest[n_kept:]
+        pb, arg = rest[:2] if fwd_p else (M, M)  # (dummies, never read)
+        lb = rest[-1] if fwd_lin else M
         B, T, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
         G = H // Hkv
@@ -1299,10 +1394,10 @@ class HybridAttentionFunction(torch.autograd.Function):
         save_dw = SAVE_DW and softmax and bool(lin)
         # (two slots unless the window blocks are on: the pointers of all three buffers then share their offsets,
         # which the softmax side's registers need: ptxas, 112 B of spills a thread against 124 with one slot)
-        ndw = 1 + cur_lin if WINDOW_BLOCKS else 2
+        ndw = _ndw(lin, window)
         if softmax:
             ds = torch.empty(B * H, NT, *(() if WINDOW_BLOCKS else (2,)), BT, BT, device=dev, dtype=q.dtype)
-            ps = torch.empty_like(ds) if SAVE_P else ps
+            ps = pb if fwd_p else torch.empty_like(ds) if SAVE_P else ps
             dwl = torch.empty(B * H, NT, ndw, BT, BT, device=dev, dtype=q.dtype) if save_dw else dwl
 
         def strides():  # of q, k, v, the features and do; bwd_kf takes the last three
@@ -1339,9 +1434,9 @@ class HybridAttentionFunction(torch.autograd.Function):
             if side and not kept and part.get("DO_LIN", True):
                 main.wait_event(side.states)
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dwl, dg),
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dwl, dg, arg),
                    rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P, SAVE_DW=save_dw,
-                        WIN=WINDOW_BLOCKS, NDW=ndw))
+                        WIN=WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p))
             # SIDE_KF: once the first query-side launch has stored its dW blocks, on the side stream after the
             # reverse states (the launch order depends on the settings alone, not on whether this call has a side
             # stream: a launch plan replays it)
@@ -1359,9 +1454,10 @@ class HybridAttentionFunction(torch.autograd.Function):
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         for part in kv_parts:
             launch(_bwd_kv_kernel, (NT, B * Hkv),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs),
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs, lb),
                    rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS,
-                        WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw, DG_SUM=dg_sum))
+                        WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw, DG_SUM=dg_sum,
+                        FWD_P=fwd_p, FWD_LIN=fwd_lin))
         if lin and not side_kf and not kf_in_kv:
             kf(launch)
         elif side and side_kf:

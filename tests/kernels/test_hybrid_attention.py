@@ -288,6 +288,44 @@ def test_triton_interpreter_window_blocks_give_the_bits_of_block_pairs(mode, w, 
     assert_same_bits(out, grads, ref_out, ref_grads)
 
 
+# (mode, window, settings): the hybrid at w = BT and below it (CUR_LIN: two linear blocks a query chunk), the overlap
+# mode (softmax and linear terms on the same keys), linear-only (no p0 blocks) and sliding-window-only (no linear
+# blocks), with a reverse state per 2 chunks (the key side's query chunks past the stored blocks) and the key side
+# split, with the fused forward, and without the query side's stored blocks (SAVE_P, SAVE_DW off)
+FWD_BLOCK_CASES = [
+    ("hybrid", 64, {}),
+    ("hybrid", 33, {"REV_STATE_STRIDE": 2}),
+    ("overlap", 64, {"KV_SPLIT": True}),
+    ("la_only", 64, {}),
+    ("swa_only", 20, {}),
+    ("hybrid", 64, {"FUSED_FWD": True, "SAVE_P": False, "SAVE_DW": False}),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,w,settings", FWD_BLOCK_CASES,
+                         ids=[f"{m}-w{w}-{'-'.join(s) or 'defaults'}" for m, w, s in FWD_BLOCK_CASES])
+def test_triton_interpreter_forward_blocks_give_the_bits_of_recomputation(mode, w, settings, monkeypatch,
+                                                                          interpret):
+    """FWD_P / FWD_LIN: the forward stores p0's window blocks, the arg maxes and the local linear blocks, and the
+    backward reads them instead of computing them again. In fp32 each stored value is the one the backward would have
+    computed from the same operands (one exp of the merged window block is the exp of each block's entries; the arg
+    max the first maximum in the same key order), so outputs and gradients must be bit-identical to recomputation;
+    a forward under torch.no_grad stores nothing and gives the same output."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=w, softmax=softmax, linear=linear)
+    for name, value in settings.items():
+        monkeypatch.setattr(chunk, name, value)
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 7)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    monkeypatch.setattr(chunk, "FWD_P", True)
+    monkeypatch.setattr(chunk, "FWD_LIN", True)
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    assert_same_bits(out, grads, ref_out, ref_grads)
+    with torch.no_grad():
+        assert torch.equal(chunk.hybrid_attention_chunk(*inputs, **kw), ref_out)
+
+
 # (mode, window, settings): dk_feat in the key side's dv pass (KF_IN_KV) with the stored dW blocks (hybrid at w = BT
 # and below it: CUR_LIN), without them (overlap: SAVE_DW off), in linear-only mode (no softmax, no stored blocks), at
 # reverse strides 1, 2 and 4 (the query chunks between the keys and the reverse state), with the key side split
@@ -681,6 +719,34 @@ def test_triton_gpu_window_blocks_match_block_pairs(mode, monkeypatch):
             assert rel <= 1e-3, f"{name}: rel RMS difference {rel:.2e} between window blocks and block pairs"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+@pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only", "swa_only"])
+def test_triton_gpu_forward_blocks_match_recomputation(mode, monkeypatch):
+    """As the interpreter test, compiled, in bf16, at the benchmark's head dims: with the forward's blocks the
+    backward reads p0 and a rounded to bf16 where it computed them in fp32 (and the forward's arg max, from the
+    forward's scores), so the gradients may differ in their last bits: within 1e-2 relative RMS of recomputation
+    (bf16's tolerance against the naive reference is 2e-2); the output is bit-identical."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=64, softmax=softmax, linear=linear)
+    inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=19)
+    for value in (False, True):
+        monkeypatch.setattr(chunk, "FWD_P", value)
+        monkeypatch.setattr(chunk, "FWD_LIN", value)
+        got = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+        if not value:
+            ref_out, ref_grads = got
+    out, grads = got
+    assert torch.equal(out, ref_out)
+    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+        assert (g is None) == (ref is None), name
+        if g is None:
+            continue
+        rel = ((g.float() - ref.float()).norm() / ref.float().norm()).item()
+        print(f"{mode} {name}: rel RMS difference {rel:.2e}")
+        assert rel <= 1e-2, f"{name}: rel RMS difference {rel:.2e} between forward blocks and recomputation"
+
+
 # the benchmark's tune variants that change what the kernels compute, at the benchmark's head dims (the bf16 tier
 # above runs the defaults): reverse states per 2 chunks with the stored blocks (whose dk_feat kernel did not
 # compile before session 9), kept states, window blocks, together; block pairs (the layout before the eleventh
@@ -690,7 +756,9 @@ OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
                "kept-window-rev2": {"KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2},
                "block-pairs-rev2": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
                "dk_feat-in-the-key-side-8-warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}},
-               "fused-forward": {"FUSED_FWD": True}}
+               "fused-forward": {"FUSED_FWD": True},
+               "forward-blocks": {"FWD_P": True, "FWD_LIN": True},
+               "forward-blocks-rev2-fused": {"FWD_P": True, "FWD_LIN": True, "REV_STATE_STRIDE": 2, "FUSED_FWD": True}}
 
 
 @pytest.mark.gpu
