@@ -218,6 +218,7 @@ TUNE = {
     "block pairs": {"WINDOW_BLOCKS": False},
     "block pairs, reverse states per 2 chunks": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
     "forward blocks": {"FWD_P": True, "FWD_LIN": True},
+    "forward blocks, one stream": {"FWD_P": True, "FWD_LIN": True, "SIDE_STREAM": False},
     "forward p0 blocks": {"FWD_P": True},
     "forward linear blocks": {"FWD_LIN": True},
     "no forward blocks": {"FWD_P": False, "FWD_LIN": False},
@@ -378,6 +379,16 @@ def profile(T: int, iters: int = 5) -> list[dict]:
     rows.sort(key=lambda r: -r["ms"])
     for r in rows[:15]:
         print(f"# profile T={T} {r['ms']:8.3f} ms  x{r['calls']:.0f}  {r['kernel'][:90]}", flush=True)
+    return rows
+
+
+def profile_variants(Ts, names) -> list[dict]:
+    """``profile`` under each TUNE variant of ``names`` (rows tagged with it)."""
+    rows = []
+    for name in names:
+        print(f"# profile variant: {name}", flush=True)
+        for T in Ts:
+            rows += [dict(r, variant=name) for r in with_settings(TUNE[name], functools.partial(profile, T))]
     return rows
 
 
@@ -652,6 +663,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1,
                     help="with --tune: time the variants interleaved, in this many rounds (1: one after the other)")
     ap.add_argument("--profile", action="store_true", help="also record CUDA time per kernel of the hybrid op")
+    ap.add_argument("--profile-variants", nargs="+", metavar="NAME", default=["default"],
+                    help="with --profile: under these TUNE variants (default: the defaults)")
     ap.add_argument("--no-naive", action="store_true", help="do not time the naive reference (it still checks)")
     ap.add_argument("--state-probe", type=int, nargs="*", metavar="T",
                     help="also time the state pass alone under STATE_VARIANTS at these T")
@@ -710,7 +723,7 @@ def main(argv=None):
     if args.tune:
         result["tune"] = tune(args.T, args.reps, args.variants, args.rounds)
     if args.profile:
-        result["profile"] = [r for T in args.T for r in profile(T)]
+        result["profile"] = profile_variants(args.T, args.profile_variants)
     if args.state_probe:
         result["state_probe"] = [r for T in args.state_probe for r in state_probe(T, args.reps)]
     if args.host_breakdown:

@@ -119,14 +119,16 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
                     dict(state, PHASE=0, REVERSE=True, HAS_RB=True, SC=rev_stride)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd",
-                dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, FWD_P=False, FWD_LIN=False, NDW=ndw)))
+                dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, FWD_P=False,
+                     FWD_LIN=False, NDW=ndw)))
     if fwd_blocks["FWD_P"] or fwd_blocks["FWD_LIN"]:
         out.append((f"fwd, blocks for the backward (BV={out_bv})", chunk._fwd_kernel, "fwd",
-                    dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, **fwd_blocks)))
+                    dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, **fwd_blocks)))
     if lin and chunk.FUSED_FWD:
         out.append((f"fwd fused (BV={out_bv})", chunk._fwd_fused_kernel, "fwd_fused",
                     dict(heads, BV=out_bv, SC=stride, SBK=state_blocks, SBV=state_blocks, Z_DOT=chunk.STATE_Z_DOT,
-                         ZPREC=state["ZPREC"], NTHREADS=32 * chunk.LAUNCH["fwd_fused"][0], **fwd_blocks)))
+                         ZPREC=state["ZPREC"], NTHREADS=32 * chunk.LAUNCH["fwd_fused"][0], WIN=chunk.WINDOW_BLOCKS,
+                         **fwd_blocks)))
     out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,

@@ -132,7 +132,7 @@ WINDOW_BLOCKS = True
 # scores (no q, no key tiles for them, two [BT, BT, D] dots and a block of exp less) and stores no gamma p0, and the
 # key side reads p0 from there. Needs WINDOW_BLOCKS. A forward without gradients (torch.no_grad, inference) stores
 # nothing. 16-bit inputs: p0 enters ds and r_n rounded to their dtype, as gamma p0 entered dv before.
-FWD_P = False
+FWD_P = True
 # FWD_LIN: that forward also stores the local linear terms a = phi(q).phi(k) on L(n) of its one or two key chunks
 # (the layout of the softmax side's dW blocks), which the key side's dv pass reads instead of computing them again
 # (no phi(q) tiles, one [BT, BT, F] dot less per query chunk and head).
@@ -449,11 +449,11 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep
                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, NT, window, scale,
                D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
                BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr,
-               DT: tl.constexpr, PREC: tl.constexpr, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False,
-               NDW: tl.constexpr = 1):
+               DT: tl.constexpr, PREC: tl.constexpr, WIN: tl.constexpr = False, FWD_P: tl.constexpr = False,
+               FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1):
     """Numerator [BT, len(vv)], normaliser and window row max of query chunk i from the key chunks i-1 and i.
     CUR_LIN = 0: the linear terms of key chunk i are all masked (hybrid with w >= BT) and their dot is skipped.
-    For the backward (where ``keep`` [BT]: in the first Dv block's program), FWD_P: the chunk's window block of p0 into PB
+    WIN (WINDOW_BLOCKS): p0 of both key chunks from one window block of scores. For the backward (where ``keep`` [BT]: in the first Dv block's program), FWD_P: the chunk's window block of p0 into PB
     and each row's arg max (the first maximum in key order) into ARG; FWD_LIN: the local linear blocks a on L(n) into
     LB (slot 0: keys of chunk i-1; slot 1, if CUR_LIN: its own), each in the dtype of the dots."""
     n = i * BT + tl.arange(0, BT)
@@ -469,16 +469,18 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep
     s_c = _scores(q, kp, n, n, T, window, scale, skt, D, BD, SOFTMAX, PREC)
     # the row max runs over the window only; rows past T (all -inf) get 0
     m = tl.where(n < T, tl.maximum(tl.max(s_p, axis=1), tl.max(s_c, axis=1)), 0.0)
-    if SOFTMAX and FWD_P:
-        # the window block (WINDOW_BLOCKS): one exp for both key chunks; every entry either block drops is exp(-inf)
-        # = 0 there, so W and the sums below are those of the two blocks, bit for bit
+    if SOFTMAX and WIN:
+        # the window block: one exp for both key chunks; every entry either block drops is exp(-inf) = 0 there, so W
+        # and the sums below are those of the two blocks, bit for bit under the interpreter
         own = _win_part(1, BT)
         s = tl.where(own, s_c, s_p)
-        key = tl.where(own, n[None, :], jp[None, :])
-        tl.store(ARG + pid_bh.to(tl.int64) * T + n,
-                 tl.min(tl.where(s == tl.max(s, axis=1)[:, None], key, 2147483647), axis=1), mask=(n < T) & keep)
+        if FWD_P:
+            key = tl.where(own, n[None, :], jp[None, :])
+            tl.store(ARG + pid_bh.to(tl.int64) * T + n,
+                     tl.min(tl.where(s == tl.max(s, axis=1)[:, None], key, 2147483647), axis=1), mask=(n < T) & keep)
         p0 = tl.exp(s - m[:, None])
-        tl.store(_pair_ptr(PB, pid_bh, i, 0, NT, BT, 1), p0.to(DT), mask=keep[:, None])
+        if FWD_P:
+            tl.store(_pair_ptr(PB, pid_bh, i, 0, NT, BT, 1), p0.to(DT), mask=keep[:, None])
         w = tl.where(own, 0.0, gamma * p0)
         if LINEAR != 0:
             a = _lin_block(qf, kfp, n, jp, T, window, sft, F, BF, LINEAR, PREC)
@@ -494,7 +496,7 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep
             w += a
     acc = tl.dot(w.to(DT), _load_tile(vp, jp, vv, T, DV, svt), input_precision=PREC)
     zacc = tl.sum(w, axis=1)
-    if SOFTMAX and FWD_P:
+    if SOFTMAX and WIN:
         w = tl.where(own, gamma * p0, 0.0)
     else:
         _, w = _weights(s_c, m, gamma, qf, kfp, n, n, T, window, sft, F, BF, SOFTMAX, 0, PREC)
@@ -526,15 +528,16 @@ def _fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    SC: tl.constexpr = 1, GROUP: tl.constexpr = False, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False,
-    NDW: tl.constexpr = 1,
+    SC: tl.constexpr = 1, GROUP: tl.constexpr = False, WIN: tl.constexpr = False, FWD_P: tl.constexpr = False,
+    FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1,
 ):
     """One program per (query chunk, Dv block, batch * head); the state of its group is read from HS (state pass).
     FWD_P / FWD_LIN: blocks for the backward (``_fwd_local``)."""
     i, pid_bh = _chunk_and_head(0, 2, G, GROUP)
     _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, Q, PB, ARG, LB, i, tl.program_id(1), pid_bh, 0,
                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G, NT, window, scale,
-               eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, False, FWD_P, FWD_LIN, NDW)
+               eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, False, WIN, FWD_P, FWD_LIN,
+               NDW)
 
 
 @triton.jit
@@ -545,7 +548,8 @@ def _fwd_chunk(
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    SC: tl.constexpr, WAIT: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr, NDW: tl.constexpr,
+    SC: tl.constexpr, WAIT: tl.constexpr, WIN: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr,
+    NDW: tl.constexpr,
 ):
     """The body of ``_fwd_kernel`` for query chunk i, Dv block pid_v, batch * head pid_bh. WAIT (the fused
     forward): after the local blocks, wait until READY[bh, p] counts ``need`` blocks of its state (an acquire at GPU
@@ -561,7 +565,7 @@ def _fwd_chunk(
     keep = tl.arange(0, BT) + pid_v * BT < BT  # [BT]: all True in the first Dv block's program, else all False
     acc, zacc, m = _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep,
                               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, NT, window, scale,
-                              D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, FWD_P, FWD_LIN, NDW)
+                              D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, WIN, FWD_P, FWD_LIN, NDW)
     if LINEAR != 0:  # keys of chunks <= SC p - 2 through the state, read right before its dot
         p = i // SC
         NS = tl.cdiv(NT, SC)
@@ -599,7 +603,8 @@ def _fwd_fused_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     SC: tl.constexpr, SBK: tl.constexpr, SBV: tl.constexpr, Z_DOT: tl.constexpr, ZPREC: tl.constexpr,
-    NTHREADS: tl.constexpr, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1,
+    NTHREADS: tl.constexpr, WIN: tl.constexpr = False, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False,
+    NDW: tl.constexpr = 1,
 ):
     """The forward in one launch (FUSED_FWD): the state pass and the output programs side by side. Each program
     takes a ticket from the counter after READY's per-state counts (tickets follow the order in which programs
@@ -622,7 +627,7 @@ def _fwd_fused_kernel(
         _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY, PB, ARG, LB, c // NV, c % NV, bhk * G + g,
                    NKV * NTHREADS, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G,
                    NT, window, scale, eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, True,
-                   FWD_P, FWD_LIN, NDW)
+                   WIN, FWD_P, FWD_LIN, NDW)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1249,7 +1254,7 @@ def _side(x: torch.Tensor, wanted: bool) -> _Side | None:
 
 class HybridAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps):
+    def forward(ctx, q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps, grad):
         B, T, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
         G = H // Hkv
@@ -1262,8 +1267,8 @@ class HybridAttentionFunction(torch.autograd.Function):
             assert q_feat_t.stride() == k_feat_t.stride()
         gam = gamma if gamma is not None else torch.ones(H, device=q.device, dtype=torch.float32)
         gam = gam.float().contiguous()
-        # the blocks the backward reads from the forward (FWD_P, FWD_LIN), only where a gradient is wanted
-        grad = any(ctx.needs_input_grad[:6])
+        # the blocks the backward reads from the forward (FWD_P, FWD_LIN), only where a gradient is wanted (grad: the
+        # caller's grad mode and inputs; ctx.needs_input_grad is set under torch.no_grad too)
         fwd_p = FWD_P and softmax and WINDOW_BLOCKS and grad
         fwd_lin = FWD_LIN and bool(lin) and grad
         key = _plan_key("fwd", q, k, v, q_feat_t, k_feat_t, gam,
@@ -1293,7 +1298,7 @@ class HybridAttentionFunction(torch.autograd.Function):
                    o.stride(0), o.stride(1), o.stride(2))
         meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
                     CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(False),
-                    FWD_P=fwd_p, FWD_LIN=fwd_lin, NDW=ndw)
+                    WIN=WINDOW_BLOCKS, FWD_P=fwd_p, FWD_LIN=fwd_lin, NDW=ndw)
         if fused:  # the state pass and the output programs in one launch, the latter waiting on READY
             NS = _n_states(T, False)
             _, _, BK, BVS = _state_tiles(F, Dv)
@@ -1470,7 +1475,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         if not softmax:
             dq = dk = None
         dqf_out, dkf_out = (dqf, dkf) if lin else (None, None)
-        return dq, dk, dv, dqf_out, dkf_out, dgamma, None, None, None, None, None
+        return dq, dk, dv, dqf_out, dkf_out, dgamma, None, None, None, None, None, None
 
 
 def hybrid_attention_chunk(
@@ -1508,4 +1513,5 @@ def hybrid_attention_chunk(
     else:  # feature maps often run in fp32; the dots take them in the dtype of q (bf16 tensor cores)
         q_feat = q_feat if q_feat.dtype == q.dtype else q_feat.to(q.dtype)
         k_feat = k_feat if k_feat.dtype == q.dtype else k_feat.to(q.dtype)
-    return HybridAttentionFunction.apply(q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps)
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, q_feat, k_feat, gamma))
+    return HybridAttentionFunction.apply(q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps, grad)
