@@ -481,6 +481,10 @@ COMPILE_SETS = {
                             "bwd_kf", 2),
     "dk_feat-in-the-key-side": (["--rev-stride", "2", "--kf-in-kv", "--kernels", "bwd_kv", "bwd_kf"], "bwd_kv", 6),
     "fused-forward": (["--stride", "1", "2", "--fused-fwd", "--kernels", "fwd fused"], "fwd fused", 4),
+    # the forward that stores p0, the arg maxes and the linear blocks, and the key side that reads both (FWD_LIN is
+    # off by default) at a reverse state per 2 chunks (the query chunks past the stored blocks)
+    "forward-blocks": (["--rev-stride", "2", "--fwd-blocks", "--kernels", "fwd, blocks", "bwd_kv"],
+                       "fwd, blocks", 2),
 }
 
 
