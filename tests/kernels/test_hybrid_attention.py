@@ -719,10 +719,12 @@ def test_triton_gpu_window_blocks_match_block_pairs(mode, monkeypatch):
     different products into their additions (FMA): the pair layout's forward computes each block's p0 and W, the
     window block's forward selects them from one block first, and likewise the backward's row sums r_n; so every
     result may differ in its last bits, within 1e-3 relative RMS (bf16's tolerance against the naive reference is
-    2e-2)."""
+    2e-2). The forward's p0 blocks (FWD_P, which need window blocks) are off in both runs: they round p0 to bf16,
+    which moves dq and dk by ~3.6e-3 relative RMS (the test below)."""
     softmax, linear = MODES[mode]
     kw = dict(window=64, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=13)
+    monkeypatch.setattr(chunk, "FWD_P", False)
     monkeypatch.setattr(chunk, "WINDOW_BLOCKS", False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "WINDOW_BLOCKS", True)
