@@ -15,7 +15,7 @@ the state S = sum phi(k) v^T, z = sum phi(k). As in flash-linear-attention's chu
     query's own key chunk are all masked and their dots are skipped (CUR_LIN = 0).
 
 Backward (FlashAttention-style recomputation; o, the row max m and the normaliser Zd are saved, h is recomputed
-unless KEEP_STATES):
+unless KEEP_STATES, p0 unless FWD_P):
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
   _delta_kernel writes delta = do . o, dZ and, for the reverse state pass, dA in the dtype of do.
   The state pass, run in reverse on phi(q) and dA, gives dh[p] = sum_{query chunks >= SC p + SC + 1} phi(q)^T dA
@@ -24,7 +24,9 @@ unless KEEP_STATES):
   Query side (_bwd_q_kernel): dq, dq_feat, dgamma and the row term of the max (from h). Its softmax side stores the
   [BT, BT] blocks of ds, gamma p0 (SAVE_P) and the local linear terms' dW (SAVE_DW) of its two key chunks in the
   dtype of the dots, for the kernels after it (WINDOW_BLOCKS, the default: ds and gamma p0 in one window block per
-  query chunk, its two score blocks merged before the softmax work).
+  query chunk, its two score blocks merged before the softmax work). With FWD_P (the default) a forward that needs
+  gradients stores each chunk's window block of p0 and the rows' arg maxes, and the softmax side reads them instead
+  of computing its scores again.
   Key side: dk, dv and dgamma's sum over the chunks (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh and
   those blocks (no scores computed again there).
 GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
@@ -131,11 +133,17 @@ WINDOW_BLOCKS = True
 # each row's arg max (the first maximum in key order, as the backward took it): the softmax side then computes no
 # scores (no q, no key tiles for them, two [BT, BT, D] dots and a block of exp less) and stores no gamma p0, and the
 # key side reads p0 from there. Needs WINDOW_BLOCKS. A forward without gradients (torch.no_grad, inference) stores
-# nothing. 16-bit inputs: p0 enters ds and r_n rounded to their dtype, as gamma p0 entered dv before.
+# nothing. 16-bit inputs: p0 enters ds and r_n rounded to their dtype, as gamma p0 entered dv before (dq, dk vs the
+# naive reference at T = 1000: 3.5e-3 against 3.0e-3). H200, 32K, three interleaved runs (twelfth pass): 3.854 /
+# 3.891 / 3.900 against 3.914 / 3.932 / 3.953 ms forward+backward (profile, one stream: the query side's two
+# launches 0.899 against 1.062 ms, _fwd_kernel 0.771 against 0.665 with the stores); 8K 1.297 / 1.329 / 1.223
+# against 1.321 / 1.307 / 1.288 (noise); peak memory the same (the p0 blocks replace the backward's gamma p0 ones).
 FWD_P = True
 # FWD_LIN: that forward also stores the local linear terms a = phi(q).phi(k) on L(n) of its one or two key chunks
 # (the layout of the softmax side's dW blocks), which the key side's dv pass reads instead of computing them again
-# (no phi(q) tiles, one [BT, BT, F] dot less per query chunk and head).
+# (no phi(q) tiles, one [BT, BT, F] dot less per query chunk and head). H200, 32K, interleaved: with FWD_P 3.864 /
+# 3.898 / 3.867 against 3.854 / 3.891 / 3.900 ms (alone 3.944 against 3.914), 0.13 GiB more; the key side took
+# 0.762 ms against 0.772 (profile): its linear dots were not what bounds it. Off.
 FWD_LIN = False
 # KF_IN_KV: dk_feat in the key side's dv pass instead of a kernel of its own (_bwd_kf_kernel): that pass already
 # loads each head's reverse state and the query rows with linear terms on its keys, which _bwd_kf_kernel loads again
