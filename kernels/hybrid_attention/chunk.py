@@ -286,17 +286,13 @@ def _lin_mask(n, j, T, window, LINEAR: tl.constexpr):
 
 
 @triton.jit
-def _weights(s, m, gamma, qf, kfp, n, j, T, window, sft,
-             F: tl.constexpr, BF: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr):
-    """p0 = exp(s - m) (zero outside the window) and W = gamma p0 + phi(q).phi(k) on L(n); phi(k) rows j loaded here."""
+def _softmax_weights(s, m, gamma, SOFTMAX: tl.constexpr):
+    """gamma p0 = gamma exp(s - m) of a block of scores (zero outside the window; all zero without softmax terms)."""
     if SOFTMAX:
-        p0 = tl.exp(s - m[:, None])
+        w = gamma * tl.exp(s - m[:, None])
     else:
-        p0 = tl.zeros([n.shape[0], j.shape[0]], dtype=tl.float32)
-    w = gamma * p0
-    if LINEAR != 0:
-        w += _lin_block(qf, kfp, n, j, T, window, sft, F, BF, LINEAR, PREC)
-    return p0, w
+        w = tl.zeros(s.shape, dtype=tl.float32)
+    return w
 
 
 @triton.jit
@@ -490,24 +486,19 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep
         if FWD_P:
             tl.store(_pair_ptr(PB, pid_bh, i, 0, NT, BT, 1), p0.to(DT), mask=keep[:, None])
         w = tl.where(own, 0.0, gamma * p0)
-        if LINEAR != 0:
-            a = _lin_block(qf, kfp, n, jp, T, window, sft, F, BF, LINEAR, PREC)
-            if FWD_LIN:
-                tl.store(_pair_ptr(LB, pid_bh, i, 0, NT, BT, NDW), a.to(DT), mask=keep[:, None])
-            w += a
     else:
-        _, w = _weights(s_p, m, gamma, qf, kfp, n, jp, T, window, sft, F, BF, SOFTMAX, 0, PREC)
-        if LINEAR != 0:
-            a = _lin_block(qf, kfp, n, jp, T, window, sft, F, BF, LINEAR, PREC)
-            if FWD_LIN:
-                tl.store(_pair_ptr(LB, pid_bh, i, 0, NT, BT, NDW), a.to(DT), mask=keep[:, None])
-            w += a
+        w = _softmax_weights(s_p, m, gamma, SOFTMAX)
+    if LINEAR != 0:
+        a = _lin_block(qf, kfp, n, jp, T, window, sft, F, BF, LINEAR, PREC)
+        if FWD_LIN:
+            tl.store(_pair_ptr(LB, pid_bh, i, 0, NT, BT, NDW), a.to(DT), mask=keep[:, None])
+        w += a
     acc = tl.dot(w.to(DT), _load_tile(vp, jp, vv, T, DV, svt), input_precision=PREC)
     zacc = tl.sum(w, axis=1)
     if SOFTMAX and WIN:
         w = tl.where(own, gamma * p0, 0.0)
     else:
-        _, w = _weights(s_c, m, gamma, qf, kfp, n, n, T, window, sft, F, BF, SOFTMAX, 0, PREC)
+        w = _softmax_weights(s_c, m, gamma, SOFTMAX)
     if LINEAR * CUR_LIN != 0:
         a = _lin_block(qf, kfp, n, n, T, window, sft, F, BF, LINEAR, PREC)
         if FWD_LIN:
