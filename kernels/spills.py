@@ -103,8 +103,8 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     cur = chunk._cur_lin(lin, chunk.BT)
     ndw = chunk._ndw(lin, chunk.BT)  # slots of the local dW blocks, as the host allocates them
     # the forward's blocks for the backward (FWD_P, FWD_LIN), as the host decides for inputs that want gradients
-    fwd_p = chunk.FWD_P and softmax and chunk.WINDOW_BLOCKS
-    fwd_blocks = dict(FWD_P=fwd_p, FWD_LIN=chunk.FWD_LIN and bool(lin), NDW=ndw)
+    fwd_p, fwd_lin = chunk._fwd_blocks(softmax, lin, grad=True)
+    fwd_blocks = dict(FWD_P=fwd_p, FWD_LIN=fwd_lin, NDW=ndw)
     heads = dict(D=D, DV=DV, F=F, BD=D, BDV=DV, BF=F, BT=chunk.BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur, DT=dt,
                  PREC=prec)
     # the weighted z dot of the reverse pass takes fp32 operands at 3xTF32 for 16-bit inputs
@@ -121,7 +121,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd",
                 dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, FWD_P=False,
                      FWD_LIN=False, NDW=ndw)))
-    if fwd_blocks["FWD_P"] or fwd_blocks["FWD_LIN"]:
+    if fwd_p or fwd_lin:
         out.append((f"fwd, blocks for the backward (BV={out_bv})", chunk._fwd_kernel, "fwd",
                     dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, **fwd_blocks)))
     if lin and chunk.FUSED_FWD:
@@ -137,10 +137,10 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if softmax and lin:
         out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
         out.append(("bwd_q softmax side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_LIN=False)))
+    # (DG_SUM: the benchmark's gamma, dgamma summed in the key side)
     both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride, SAVE_P=chunk.SAVE_P, WIN=chunk.WINDOW_BLOCKS,
                 WITH_KF=chunk.KF_IN_KV and bool(lin), SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), NDW=ndw,
-                DG_SUM=bool(softmax), FWD_P=fwd_p, FWD_LIN=fwd_blocks["FWD_LIN"])  # (the benchmark's gamma: dgamma
-    # summed in the key side)
+                DG_SUM=bool(softmax), FWD_P=fwd_p, FWD_LIN=fwd_lin)
     out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", both))
     if softmax:
         out.append(("bwd_kv dv (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DK=False)))

@@ -457,8 +457,8 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep
                FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1):
     """Numerator [BT, len(vv)], normaliser and window row max of query chunk i from the key chunks i-1 and i.
     CUR_LIN = 0: the linear terms of key chunk i are all masked (hybrid with w >= BT) and their dot is skipped.
-    WIN (WINDOW_BLOCKS): p0 of both key chunks from one window block of scores. For the backward (where ``keep`` [BT]: in the first Dv block's program), FWD_P: the chunk's window block of p0 into PB
-    and each row's arg max (the first maximum in key order) into ARG; FWD_LIN: the local linear blocks a on L(n) into
+    WIN (WINDOW_BLOCKS): p0 of both key chunks from one window block of scores. For the backward (where ``keep``
+    [BT]: in the first Dv block's program), FWD_P: the chunk's window block of p0 into PB and each row's arg max (the first maximum in key order) into ARG; FWD_LIN: the local linear blocks a on L(n) into
     LB (slot 0: keys of chunk i-1; slot 1, if CUR_LIN: its own), each in the dtype of the dots."""
     n = i * BT + tl.arange(0, BT)
     jp = n - BT
@@ -1177,6 +1177,12 @@ def _ndw(lin: int, window: int) -> int:
     return 1 + _cur_lin(lin, window) if WINDOW_BLOCKS else 2
 
 
+def _fwd_blocks(softmax: bool, lin: int, grad: bool) -> tuple[bool, bool]:
+    """(FWD_P, FWD_LIN) as a forward applies them: p0's window blocks where there are softmax terms and window blocks,
+    the local linear blocks where there are linear terms, both only where a gradient is wanted."""
+    return bool(FWD_P and softmax and WINDOW_BLOCKS and grad), bool(FWD_LIN and lin and grad)
+
+
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
@@ -1268,8 +1274,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         gam = gam.float().contiguous()
         # the blocks the backward reads from the forward (FWD_P, FWD_LIN), only where a gradient is wanted (grad: the
         # caller's grad mode and inputs; ctx.needs_input_grad is set under torch.no_grad too)
-        fwd_p = FWD_P and softmax and WINDOW_BLOCKS and grad
-        fwd_lin = FWD_LIN and bool(lin) and grad
+        fwd_p, fwd_lin = _fwd_blocks(softmax, lin, grad)
         key = _plan_key("fwd", q, k, v, q_feat_t, k_feat_t, gam,
                         extra=(window, softmax, lin, scale, eps, fwd_p, fwd_lin))
         launch = PLANS.start(key, _stream)
