@@ -111,6 +111,81 @@ def cuda_time(fn, reps: int, **warm) -> tuple[float, float]:
     return statistics.median(times), statistics.median(host)
 
 
+_SLEEP_CYCLES_PER_MS: list[float] = []
+
+
+def _sleep_ms(ms: float) -> None:
+    """Queue a kernel that keeps the GPU busy for about ``ms`` (``torch.cuda._sleep``, calibrated once)."""
+    if not _SLEEP_CYCLES_PER_MS:
+        torch.cuda._sleep(1_000_000)  # (loads the kernel)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_MS.append(10_000_000 / start.elapsed_time(end))
+    torch.cuda._sleep(int(ms * _SLEEP_CYCLES_PER_MS[0]))
+
+
+def cuda_time_queued(fn, reps: int, lead_ms: float = 3.0) -> float:
+    """Median milliseconds of fn() between CUDA events with the GPU kept busy by a ``lead_ms`` sleep kernel queued
+    before the start event: the host's work before fn()'s first launch (Python, allocations, the autograd call) then
+    overlaps the sleep instead of showing as idle GPU time inside the measurement, as it does in a model whose earlier
+    layers keep the queue full. ``cuda_samples`` minus this is the host latency a lone call exposes. (lead_ms must
+    exceed that latency; the op's later launches must also keep ahead of the GPU, as the host column shows.)"""
+    cuda_samples(fn, 3, warmup_ms=0.0)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _sleep_ms(lead_ms)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def first_launch_us(fn, reps: int = 50) -> float:
+    """Median host microseconds from calling fn() (the hybrid op, forward or forward+backward) to its first kernel
+    launch: Python, input checks, the plan key and the allocations before the first state pass or output kernel."""
+    from .hybrid_attention import chunk
+
+    real = chunk.PLANS.start
+    stamp: list[float] = []
+
+    def start(key, stream):
+        inner = real(key, stream)
+
+        def launch(*args):
+            if not stamp:
+                stamp.append(time.perf_counter())
+            return inner(*args)
+
+        launch.done = inner.done
+        return launch
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    got = []
+    chunk.PLANS.start = start
+    try:
+        for _ in range(reps + 3):  # the first 3 not kept
+            sync()  # (an idle queue, as for cuda_samples' host time)
+            stamp.clear()
+            t0 = time.perf_counter()
+            fn()
+            if not stamp:
+                raise RuntimeError("fn() launched no kernel through chunk.PLANS")
+            got.append((stamp[0] - t0) * 1e6)
+    finally:
+        chunk.PLANS.start = real
+        sync()
+    return statistics.median(got[3:])
+
+
 def peak_gib(fn) -> float:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -619,14 +694,22 @@ def check(T: int) -> dict:
     return res
 
 
-def measure(name, build, T, reps, do_bwd=True):
+def measure(name, build, T, reps, do_bwd=True, queued=False):
+    """One row of the table: forward (no grad) and forward+backward of ``build(T)``. queued: also the times with the
+    GPU queue kept busy before each call (``cuda_time_queued``), and for our op the host latency to its first launch."""
     row = {"op": name, "T": T}
     try:
         fwd, step = build(T)
         with torch.no_grad():
             row["fwd_ms"], row["fwd_host_ms"] = cuda_time(fwd, reps)
+            if queued:
+                row["fwd_queued_ms"] = cuda_time_queued(fwd, reps)
+                if name == "hybrid (ours)":
+                    row["fwd_first_launch_us"] = first_launch_us(fwd)
         if do_bwd:
             row["fwd_bwd_ms"], row["fwd_bwd_host_ms"] = cuda_time(step, reps)
+            if queued:
+                row["fwd_bwd_queued_ms"] = cuda_time_queued(step, reps)
             row["peak_gib"] = peak_gib(step)
         else:
             row["peak_gib"] = peak_gib(lambda: fwd())
@@ -666,6 +749,9 @@ def main(argv=None):
     ap.add_argument("--profile-variants", nargs="+", metavar="NAME", default=["default"],
                     help="with --profile: under these TUNE variants (default: the defaults)")
     ap.add_argument("--no-naive", action="store_true", help="do not time the naive reference (it still checks)")
+    ap.add_argument("--queued", action="store_true",
+                    help="also time every op with the GPU queue kept busy before each call (no host latency in the "
+                         "measurement) and our op's host latency to its first launch")
     ap.add_argument("--state-probe", type=int, nargs="*", metavar="T",
                     help="also time the state pass alone under STATE_VARIANTS at these T")
     ap.add_argument("--host-breakdown", type=int, nargs="*", metavar="T",
@@ -690,9 +776,9 @@ def main(argv=None):
 
     rows = []
     for T in args.T:
-        rows.append(measure("hybrid (ours)", ours, T, args.reps))
+        rows.append(measure("hybrid (ours)", ours, T, args.reps, queued=args.queued))
         for name, build in PEERS.items():
-            rows.append(measure(name, build, T, args.reps))
+            rows.append(measure(name, build, T, args.reps, queued=args.queued))
         if args.no_naive:
             rows.append({"op": "naive", "T": T, "skipped": "--no-naive"})
         elif naive_fits(T, bwd=False):
@@ -747,6 +833,23 @@ def main(argv=None):
               f"{fmt(r.get('peak_gib'), 2)} | {fmt(r.get('fwd_ms_vs_best_peer'), 2)} | "
               f"{fmt(r.get('fwd_bwd_ms_vs_best_peer'), 2)} | {fmt(r.get('fwd_ms_vs_swa_plus_la'), 2)} | "
               f"{fmt(r.get('fwd_bwd_ms_vs_swa_plus_la'), 2)} |")
+    if args.queued:
+        print("\nQueued: each call timed with the GPU kept busy before it (the host's work before the first launch "
+              "hidden, as inside a model)")
+        print("| T | op | fwd ms, per call / queued | fwd+bwd ms, per call / queued | fwd+bwd queued / (SWA+LA) "
+              "| host us to first launch |")
+        print("|---|---|---|---|---|---|")
+        for T in args.T:
+            at = {r["op"]: r for r in rows if r["T"] == T and "skipped" not in r}
+            la = [at.get(p, {}).get("fwd_bwd_queued_ms") for p in ("flex_swa", "fla_chunk_la")]
+            for r in at.values():
+                if "fwd_queued_ms" not in r:
+                    continue
+                ratio = (r["fwd_bwd_queued_ms"] / sum(la) if None not in la and r.get("fwd_bwd_queued_ms")
+                         and r["op"] == "hybrid (ours)" else None)
+                print(f"| {T} | {r['op']} | {fmt(r.get('fwd_ms'))} / {fmt(r.get('fwd_queued_ms'))} | "
+                      f"{fmt(r.get('fwd_bwd_ms'))} / {fmt(r.get('fwd_bwd_queued_ms'))} | {fmt(ratio, 2)} | "
+                      f"{fmt(r.get('fwd_first_launch_us'), 0)} |")
     if result.get("tune"):
         print("\n| T | variant | fwd ms | fwd+bwd ms | host ms fwd+bwd | peak GiB |")
         print("|---|---|---|---|---|---|")

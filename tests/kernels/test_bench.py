@@ -78,3 +78,38 @@ def test_tune_without_rounds_times_each_variant_once_in_turn(stand_ins, monkeypa
 def test_tune_rejects_unknown_variants(stand_ins):
     with pytest.raises(SystemExit, match="unknown --variants"):
         bench.tune([64], reps=3, variants=["nope"])
+
+
+def test_first_launch_us_times_the_host_work_before_the_first_launch_only(monkeypatch):
+    """first_launch_us wraps chunk.PLANS.start: a call that works ~3 ms before its first launch and ~20 ms after it
+    must read ~3 ms; the wrapper passes the launches through and is removed afterwards."""
+    import time
+
+    from linearize.kernels.hybrid_attention import chunk
+
+    launched = []
+
+    class Launcher:
+        def __call__(self, *args):
+            launched.append(args)
+
+        def done(self):
+            launched.append("done")
+
+    real = chunk.PLANS.start
+    monkeypatch.setattr(chunk.PLANS, "start", lambda key, stream: Launcher())
+
+    def op():
+        time.sleep(0.003)
+        launch = chunk.PLANS.start(None, None)
+        launch("kernel a")
+        time.sleep(0.020)
+        launch("kernel b")
+        launch.done()
+
+    us = bench.first_launch_us(op, reps=3)
+    assert 2_500 < us < 15_000, us
+    assert launched[:3] == [("kernel a",), ("kernel b",), "done"]
+    assert chunk.PLANS.start is not real and chunk.PLANS.start(None, None).__class__ is Launcher  # restored
+    with pytest.raises(RuntimeError, match="launched no kernel"):
+        bench.first_launch_us(lambda: None, reps=1)
