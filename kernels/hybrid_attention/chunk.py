@@ -1282,27 +1282,34 @@ class HybridAttentionFunction(torch.autograd.Function):
         big = max(BD, BDV, BF) >= 128
         NT = _cdiv(T, BT)
         dev = q.device
+        fused = FUSED_FWD and bool(lin) and STATE_SEG == 0
+        # the state pass first: it needs none of the buffers below, and the GPU starts on it while they are allocated
+        if lin and not fused:
+            hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
+                                  launch=launch)
         o = torch.empty(B, T, H, Dv, device=dev, dtype=v.dtype)
         M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
-        hs = zs = M  # dummies when there is no linear term
+        if not lin:
+            hs = zs = M  # dummies when there is no linear term
         ndw = _ndw(lin, window)
         # p0's window blocks and the arg maxes for the softmax side and the key side, the local linear blocks for the
         # key side: [BT, BT] blocks in the dtype of q
         pb = torch.empty(B * H, NT, BT, BT, device=dev, dtype=q.dtype) if fwd_p else M
         arg = torch.empty(B * H, T, device=dev, dtype=torch.int32) if fwd_p else M
         lb = torch.empty(B * H, NT, ndw, BT, BT, device=dev, dtype=q.dtype) if fwd_lin else M
-        fused = FUSED_FWD and bool(lin) and STATE_SEG == 0
-        if lin and not fused:
-            hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
-                                  launch=launch)
         BV = min(OUT_BV, BDV)
-        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1), q_feat_t.stride(2),
-                   o.stride(0), o.stride(1), o.stride(2))
-        meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
-                    CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype), SC=_stride(False),
-                    WIN=WINDOW_BLOCKS, FWD_P=fwd_p, FWD_LIN=fwd_lin, NDW=ndw)
+
+        def rest(*scalars, **switches):  # the launch's arguments after the tensors, bound only when it is not
+            # replayed (its strides and constexprs took ~20 us of host time a call when they were bound every call)
+            strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                       v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1),
+                       q_feat_t.stride(2), o.stride(0), o.stride(1), o.stride(2))
+            meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
+                        CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype),
+                        SC=_stride(False), WIN=WINDOW_BLOCKS, FWD_P=fwd_p, FWD_LIN=fwd_lin, NDW=ndw)
+            return (*strides, T, H, G, NT, window, scale, eps, *scalars), dict(meta, **switches)
+
         if fused:  # the state pass and the output programs in one launch, the latter waiting on READY
             NS = _n_states(T, False)
             _, _, BK, BVS = _state_tiles(F, Dv)
@@ -1312,16 +1319,14 @@ class HybridAttentionFunction(torch.autograd.Function):
             ready = torch.zeros(B * H * NS + 1, device=dev, dtype=torch.int32)  # per-state counts, then the ticket
             options = _options("fwd_fused", big, q.dtype)
             launch(_fwd_fused_kernel, (nkv * B * H + NT * (BDV // BV) * B * H,),
-                   (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, ready, pb, arg, lb), lambda: (
-                (*strides, T, H, G, NT, window, scale, eps, nkv * B * H, nkv, BDV // BV, B * Hkv),
-                dict(meta, SBK=BK, SBV=BVS, Z_DOT=STATE_Z_DOT, ZPREC="ieee" if q.dtype == torch.float32 else "tf32x3",
-                     NTHREADS=32 * options["num_warps"], **options),
+                   (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, ready, pb, arg, lb), lambda: rest(
+                nkv * B * H, nkv, BDV // BV, B * Hkv, SBK=BK, SBV=BVS, Z_DOT=STATE_Z_DOT,
+                ZPREC="ieee" if q.dtype == torch.float32 else "tf32x3", NTHREADS=32 * options["num_warps"], **options,
             ))  # fmt: skip
         else:
             launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV),
                    (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, pb, arg, lb),
-                   lambda: ((*strides, T, H, G, NT, window, scale, eps),
-                            dict(meta, GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype))))
+                   lambda: rest(GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype)))
         launch.done()
         # unless KEEP_STATES the states are recomputed in the backward: [NT / SC, F, Dv] per head is 2 / SC times
         # the size of q
