@@ -5,7 +5,7 @@
 # with its own time limit so that a late phase running out of time still leaves the earlier results:
 #   1. python -m linearize.kernels.bench            training op vs SDPA / flex SWA / fla chunk LA (checks first)
 #   2. experiments/bench_decode.py                  decode step: fused hybrid vs softmax + KV cache
-#   3. pytest tests/kernels -m gpu                  the GPU test tier (Triton vs the naive reference)
+#   3. pytest tests/ops -m gpu                  the GPU test tier (Triton vs the naive reference)
 #   4. python -m linearize.kernels.bench --tune     launch-setting variants of the training op (not by default)
 # Logs and JSON go to $OUT (the device tool brings them back). Knobs: OUT, PHASES (default "bench decode tests"),
 # T_BENCH, T_TUNE, DECODE_CONTEXTS, TESTS_K (a pytest -k filter for the GPU tier), XDIST_N (its processes, default 8),
@@ -57,7 +57,7 @@ if has tests; then
   xdist=$(python -c "import xdist" 2>/dev/null && echo "-n ${XDIST_N:-8}")
   # shellcheck disable=SC2086
   # -k: xdist workers still compiling when the budget ends would otherwise live on and disturb later timings
-  timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/kernels -q -m gpu -p no:cacheprovider $xdist ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
+  timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/ops -q -m gpu -p no:cacheprovider $xdist ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
     tee "$OUT/gpu_tests.log" | tail -15
 fi
 

@@ -12,6 +12,9 @@ forward and forward+backward with CUDA events (median of --reps after warm-up) f
   naive           the quadratic reference, where it fits in memory
 Peak GiB is the peak of memory allocated during one forward+backward beyond what the inputs already held; host ms
 is the time the call takes to return on the CPU (when it is close to the CUDA time, launching is the bottleneck).
+With --queued every op is timed a second way, with a sleep kernel queued before each call's start event so that the
+host's work before its first launch overlaps it (as inside a model, whose earlier layers keep the queue full), and our
+op's host time to its first launch is recorded; the table of those prints last.
 
     python -m linearize.kernels.bench --T 8192 32768 --tune --profile --out $OUT/bench_tune.json
 
@@ -146,12 +149,15 @@ def cuda_time_queued(fn, reps: int, lead_ms: float = 3.0) -> float:
     return statistics.median(times)
 
 
-def first_launch_us(fn, reps: int = 50) -> float:
-    """Median host microseconds from calling fn() (the hybrid op, forward or forward+backward) to its first kernel
-    launch: Python, input checks, the plan key and the allocations before the first state pass or output kernel."""
-    from .hybrid_attention import chunk
+def first_launch_samples(fn, reps: int, module=None) -> list[float]:
+    """Host microseconds from calling fn() (the hybrid op, forward or forward+backward) to its first kernel launch,
+    one sample a call, each from an idle queue: Python, input checks, the plan key and the allocations before the
+    first state pass or output kernel. module: the chunk module whose ``PLANS`` fn launches through (default: ours;
+    experiments/host_ab.py passes an earlier version)."""
+    if module is None:
+        from .hybrid_attention import chunk as module
 
-    real = chunk.PLANS.start
+    real = module.PLANS.start
     stamp: list[float] = []
 
     def start(key, stream):
@@ -170,9 +176,9 @@ def first_launch_us(fn, reps: int = 50) -> float:
             torch.cuda.synchronize()
 
     got = []
-    chunk.PLANS.start = start
+    module.PLANS.start = start
     try:
-        for _ in range(reps + 3):  # the first 3 not kept
+        for _ in range(reps):
             sync()  # (an idle queue, as for cuda_samples' host time)
             stamp.clear()
             t0 = time.perf_counter()
@@ -181,9 +187,14 @@ def first_launch_us(fn, reps: int = 50) -> float:
                 raise RuntimeError("fn() launched no kernel through chunk.PLANS")
             got.append((stamp[0] - t0) * 1e6)
     finally:
-        chunk.PLANS.start = real
+        module.PLANS.start = real
         sync()
-    return statistics.median(got[3:])
+    return got
+
+
+def first_launch_us(fn, reps: int = 50) -> float:
+    """Median of ``first_launch_samples`` over reps calls after 3 not kept."""
+    return statistics.median(first_launch_samples(fn, reps + 3)[3:])
 
 
 def peak_gib(fn) -> float:
