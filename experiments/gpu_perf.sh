@@ -5,7 +5,7 @@
 # with its own time limit so that a late phase running out of time still leaves the earlier results:
 #   1. python -m linearize.kernels.bench            training op vs SDPA / flex SWA / fla chunk LA (checks first)
 #   2. experiments/bench_decode.py                  decode step: fused hybrid vs softmax + KV cache
-#   3. pytest tests/ops -m gpu                  the GPU test tier (Triton vs the naive reference)
+#   3. pytest tests/ops -m gpu                      the GPU test tier (Triton vs the naive reference)
 #   4. python -m linearize.kernels.bench --tune     launch-setting variants of the training op (not by default)
 # Logs and JSON go to $OUT (the device tool brings them back). Knobs: OUT, PHASES (default "bench decode tests"),
 # T_BENCH, T_TUNE, DECODE_CONTEXTS, TESTS_K (a pytest -k filter for the GPU tier), XDIST_N (its processes, default 8),
