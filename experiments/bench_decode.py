@@ -199,9 +199,11 @@ class Step:
         self.graph = self.out = None
 
     def eager(self):
+        from linearize.cache import cache_kwargs
+
         return self.forward(
-            input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, past_key_values=self.cache,
-            use_cache=True,
+            input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
+            **cache_kwargs(self.model, self.cache), use_cache=True,
         ).logits  # fmt: skip
 
     def capture(self, warmup_calls):
@@ -258,7 +260,7 @@ def check_correctness(device, compile_: bool = False) -> dict:
     the static softmax cache, and (``compile_``) the static cache through ``torch.compile``. 32 decoded tokens with
     window 16: the hybrid ring buffer wraps twice."""
     from linearize.attention import softmax_attention
-    from linearize.cache import HybridCache
+    from linearize.cache import HybridCache, cache_kwargs
 
     model = convert_model(build(SHAPES["smollm2_135m"], torch.float32, device, 4096, layers=4), window=16)
     T, P = 72, 40
@@ -272,12 +274,12 @@ def check_correctness(device, compile_: bool = False) -> dict:
                 forward = None
                 if name.startswith("hybrid"):
                     cache, mask = HybridCache(model, fused=False if name == "hybrid_ref" else FUSED), None
-                    pre = model(input_ids=ids[:, :P], past_key_values=cache, use_cache=True).logits
+                    pre = model(input_ids=ids[:, :P], **cache_kwargs(model, cache), use_cache=True).logits
                 else:
                     from transformers import StaticCache
 
                     cache = StaticCache(config=model.config, max_cache_len=T + 8)
-                    pre = model(input_ids=ids[:, :P], past_key_values=cache, use_cache=True).logits
+                    pre = model(input_ids=ids[:, :P], **cache_kwargs(model, cache), use_cache=True).logits
                     mask = torch.zeros(2, 1, 1, T + 8, dtype=torch.bool, device=device)
                     mask[..., :P] = True
                     if name == "softmax_static_compile":

@@ -323,6 +323,7 @@ TUNE = {
     "a state per chunk": {"STATE_STRIDE": 1},
     "a state per 4 chunks": {"STATE_STRIDE": 4},
     "reverse states per 2 chunks": {"REV_STATE_STRIDE": 2},
+    "reverse states per 2 chunks, one stream": {"REV_STATE_STRIDE": 2, "SIDE_STREAM": False},
     "heads of a kv group apart": {"GROUP_HEADS": False},
     "bwd_kv 2 stages": {"LAUNCH": {"bwd_kv": (4, 2)}},
     "bwd_q 2 stages": {"LAUNCH": {"bwd_q": (4, 2)}},

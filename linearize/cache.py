@@ -24,11 +24,13 @@ counter advance in one launch); ``update`` then returns the ring buffer itself a
 the attention op expects) and keeps a reference to the new key/value for the kernel. The PyTorch path above stays the
 reference and serves prefill, multi-token steps, the CPU and shapes the kernel does not take. ``generate`` uses the cache automatically once
 :func:`use_hybrid_cache` has hooked the model (``linearize.attention.convert`` does it); ``HybridCache(model)`` can also
-be passed explicitly as ``past_key_values``.
+be passed explicitly (``cache_kwargs`` gives the keyword the installed transformers takes for it).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 import warnings
 
@@ -268,7 +270,7 @@ class HybridCacheLayer(CacheLayerMixin):
 class HybridCache(Cache):
     """Cache of a converted model: one :class:`HybridCacheLayer` per decoder layer. Size independent of length.
 
-    Usage: ``model.generate(**inputs, past_key_values=HybridCache(model))``, or just ``model.generate(**inputs)``
+    Usage: ``model.generate(**inputs, **cache_kwargs(model, HybridCache(model)))``, or just ``model.generate(**inputs)``
     once the model is hooked by :func:`use_hybrid_cache`. ``fused``: see :class:`HybridCacheLayer`.
     """
 
@@ -283,6 +285,18 @@ class HybridCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by all cache tensors."""
         return sum(layer.nbytes() for layer in self.layers)
+
+
+@functools.cache
+def _cache_keyword(forward) -> str:
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache: Cache) -> dict:
+    """``{name: cache}`` for ``model(...)`` / ``model.generate(...)``: transformers >= 5.2x names the argument ``cache``
+    (``past_key_values`` is deprecated there and goes in 5.40), earlier versions ``past_key_values``."""
+    return {_cache_keyword(type(model).forward): cache}
 
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):

@@ -12,7 +12,7 @@ from conftest import load_triton_module
 from omegaconf import OmegaConf
 
 from linearize.attention import attention_mode, convert, hybrid_layers
-from linearize.cache import HybridCache
+from linearize.cache import HybridCache, cache_kwargs
 from linearize.kernels.hybrid_attention.decode import hybrid_attention_decode, hybrid_state_update
 from linearize.kernels.hybrid_attention.naive import hybrid_attention_naive
 from linearize.models import byte_tokenizer, tiny_model
@@ -70,7 +70,7 @@ def _cached_logits(model, ids, prefill, step=1, attention_mask=None, fused=None)
         if attention_mask is not None:
             pos = (attention_mask[:, :b].long().cumsum(-1) - 1).clamp_min(0)[:, a:b]
             kw["position_ids"] = pos
-        out = model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True, **kw)
+        out = model(input_ids=ids[:, a:b], **cache_kwargs(model, cache), use_cache=True, **kw)
         outs.append(out.logits)
     return torch.cat(outs, dim=1), cache
 
@@ -263,12 +263,12 @@ def test_explicit_dynamic_cache_is_exact_but_warns():
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
         cache = DynamicCache()
-        a = model(input_ids=ids[:, :7], past_key_values=cache, use_cache=True).logits
+        a = model(input_ids=ids[:, :7], **cache_kwargs(model, cache), use_cache=True).logits
         with pytest.warns(RuntimeWarning, match="memory grows"):
             import linearize.cache as cache_mod
 
             cache_mod._warned = False
-            b = model(input_ids=ids[:, 7:], past_key_values=cache, use_cache=True).logits
+            b = model(input_ids=ids[:, 7:], **cache_kwargs(model, cache), use_cache=True).logits
     _assert_close(torch.cat([a, b], 1), full, "dynamic cache")
 
 
@@ -289,7 +289,7 @@ def test_cache_memory_does_not_grow():
         cache = HybridCache(model)
         with torch.no_grad():
             model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                           past_key_values=cache)  # fmt: skip
+                           **cache_kwargs(model, cache))  # fmt: skip
         assert cache.get_seq_length() == 9 + n - 1
         sizes[n] = cache.nbytes()
         tensors = [t for layer in cache.layers for t in (layer.keys, layer.values, layer.valid, layer.pos, layer.S,
@@ -455,7 +455,7 @@ def test_fused_decode_mixed_with_multi_token_steps(fused_kernel):
     bounds = [0, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 19, 20, 21, 22, 23, 24]
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
-        outs = [model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True).logits
+        outs = [model(input_ids=ids[:, a:b], **cache_kwargs(model, cache), use_cache=True).logits
                 for a, b in zip(bounds[:-1], bounds[1:])]  # fmt: skip
     assert fused_kernel.calls == 13 * model.config.num_hidden_layers
     _assert_close(torch.cat(outs, 1), full, "fused + multi-token steps")
@@ -491,9 +491,9 @@ def test_fused_generate_matches_reference_generate(fused_kernel):
     model = model.to(DEV)
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
-        ref = model.generate(**batch, past_key_values=HybridCache(model, fused=False), **kw)
+        ref = model.generate(**batch, **cache_kwargs(model, HybridCache(model, fused=False)), **kw)
         assert fused_kernel.calls == 0
-        got = model.generate(**batch, past_key_values=HybridCache(model, fused=True), **kw)
+        got = model.generate(**batch, **cache_kwargs(model, HybridCache(model, fused=True)), **kw)
     assert fused_kernel.calls == 11 * model.config.num_hidden_layers
     assert got.tolist() == ref.tolist()
 
