@@ -255,6 +255,19 @@ def test_generate_sampling_runs_and_is_seeded():
     assert a.shape == (1, 15) and a.tolist() == b.tolist()
 
 
+def test_cache_kwargs_names_the_forward_argument():
+    """The keyword is one the installed transformers' forward takes, and the deprecated one only where it must be."""
+    import inspect
+
+    model, _ = _converted(kind="hybrid", window=4)
+    cache = HybridCache(model)
+    (name,) = cache_kwargs(model, cache)
+    params = inspect.signature(type(model).forward).parameters
+    assert name in params
+    assert name == ("cache" if "cache" in params else "past_key_values")
+    assert cache_kwargs(model, cache)[name] is cache
+
+
 def test_explicit_dynamic_cache_is_exact_but_warns():
     from transformers import DynamicCache
 
