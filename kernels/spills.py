@@ -145,7 +145,14 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if softmax:
         out.append(("bwd_kv dv (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DK=False)))
         out.append(("bwd_kv dk (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DV=False)))
-    if lin and not chunk.KF_IN_KV:
+    if lin and chunk.KF_DV:  # dk_feat and dv's linear terms per kv head; the key side's dv pass without them
+        out.append(("bwd_kfdv (KF_DV)", chunk._bwd_kfdv_kernel, "bwd_kfdv",
+                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
+                         SC=rev_stride, SAVE_DW=chunk.SAVE_DW and softmax, NDW=ndw)))
+        if softmax:
+            out.append(("bwd_kv (KF_DV)", chunk._bwd_kv_kernel, "bwd_kv",
+                        dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DV_INIT=True)))
+    if lin and not chunk.KF_IN_KV and not chunk.KF_DV:
         out.append(("bwd_kf", chunk._bwd_kf_kernel, "bwd_kf",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
                          SC=rev_stride, GROUP=chunk.GROUP_HEADS, SAVE_DW=chunk.SAVE_DW and softmax, NDW=ndw)))
@@ -163,6 +170,7 @@ def main(argv=None):
     ap.add_argument("--save-p", action="store_true", help="compile with chunk.SAVE_P on")
     ap.add_argument("--pair-blocks", action="store_true", help="compile with chunk.WINDOW_BLOCKS off (block pairs)")
     ap.add_argument("--kf-in-kv", action="store_true", help="compile with chunk.KF_IN_KV on")
+    ap.add_argument("--kf-dv", action="store_true", help="compile with chunk.KF_DV on")
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
@@ -179,6 +187,7 @@ def main(argv=None):
     chunk.WINDOW_BLOCKS = chunk.WINDOW_BLOCKS and not args.pair_blocks
     chunk.KF_IN_KV = chunk.KF_IN_KV or args.kf_in_kv
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
+    chunk.KF_DV = chunk.KF_DV or args.kf_dv
     chunk.FWD_P = chunk.FWD_P or args.fwd_blocks
     chunk.FWD_LIN = chunk.FWD_LIN or args.fwd_blocks
 

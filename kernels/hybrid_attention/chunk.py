@@ -151,6 +151,13 @@ FWD_LIN = False
 # group; for a second fp32 accumulator live in the pass. H200, 32K, interleaved: 4.739 (4 warps, 452 B of spills a
 # thread) and 5.185 ms (8 warps) against 4.445 forward+backward. (SIDE_KF then has no kernel to move.)
 KF_IN_KV = False
+# KF_DV: dv's linear terms on a key chunk (phi(k) dh through the reverse state, and the local linear blocks) in the
+# dk_feat kernel, which then runs per kv head over its G query heads (_bwd_kfdv_kernel) and writes them to an fp32
+# buffer [B, T, Hkv, Dv] that the key side's dv pass starts from; the key side then reads no reverse state, phi(k) or
+# phi(q) (at 32K, 32 heads: 0.5 GB of reverse states and 0.27 GB each of phi(k) and phi(q) tiles fewer), for that
+# buffer (0.13 GB written and read) and do read by dk_feat. Without softmax terms the kernel writes dv itself and the
+# key side is not launched. (KF_IN_KV, SIDE_KF: ignored.)
+KF_DV = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -173,7 +180,7 @@ SIDE_STATE_BLOCKS = None
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
 # 6.36 -> 5.46 ms against 8 warps (H200).
 LAUNCH = {"state": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3), "bwd_q": (4, 1), "bwd_kv": (4, 1),
-          "bwd_kf": (4, 1), "delta": (4, 1)}
+          "bwd_kf": (4, 1), "bwd_kfdv": (8, 1), "delta": (4, 1)}
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
 # 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
@@ -878,16 +885,17 @@ def _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, c, t, n, j, T
 
 @triton.jit
 def _bwd_dv_pass(
-    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, LB, b, hk, i, j,
+    Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, LB, DVL, b, hk, i, j,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr,
     BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr,
     PREC: tl.constexpr, SC: tl.constexpr, SAVE_P: tl.constexpr, WIN: tl.constexpr, WITH_KF: tl.constexpr,
-    SAVE_DW: tl.constexpr, NDW: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr,
+    SAVE_DW: tl.constexpr, NDW: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr, DV_INIT: tl.constexpr,
 ):
     """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v. WITH_KF
     (KF_IN_KV): dk_feat of each of those heads too, from the reverse state and the query rows this pass reads, in
-    place of _bwd_kf_kernel (written per query head, in the dtype of the features)."""
+    place of _bwd_kf_kernel (written per query head, in the dtype of the features). DV_INIT (KF_DV; the host then
+    passes LINEAR = 0): dv starts from its linear terms, written to DVL by _bwd_kfdv_kernel."""
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
     kp = _head(K, b, hk, skb, skh)
@@ -896,7 +904,10 @@ def _bwd_dv_pass(
     nq = 2  # query chunks seen exactly: i, i + 1 and, for SC > 1, i + 2 .. SC p + SC (linear terms only)
     if LINEAR != 0 and SC > 1:
         nq = tl.maximum(tl.minimum(p * SC + SC + 1, NT) - i, 2)
-    dv = tl.zeros([BT, BDV], dtype=tl.float32)
+    if DV_INIT:
+        dv = _load_tile(_head(DVL, b, hk, svb, svh), j, vv, T, DV, svt).to(tl.float32)
+    else:
+        dv = tl.zeros([BT, BDV], dtype=tl.float32)
     if WITH_KF:
         v = _load_tile(_head(V, b, hk, svb, svh), j, vv, T, DV, svt)
     for g in range(G):
@@ -953,7 +964,7 @@ def _bwd_dk_pass(
 @triton.jit
 def _bwd_kv_kernel(
     Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DS, DWL, DHS, DZS,
-    DK, DV_, DKF, DG, DGS, LB,
+    DK, DV_, DKF, DG, DGS, LB, DVL,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -962,6 +973,7 @@ def _bwd_kv_kernel(
     DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1, SAVE_P: tl.constexpr = False,
     WIN: tl.constexpr = False, WITH_KF: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
     NDW: tl.constexpr = 2, DG_SUM: tl.constexpr = False, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False,
+    DV_INIT: tl.constexpr = False,
 ):
     """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
     the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
@@ -975,10 +987,10 @@ def _bwd_kv_kernel(
     hk = pid_bk % Hkv
     j = i * BT + tl.arange(0, BT)
     if DO_DV:
-        _bwd_dv_pass(Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, LB, b, hk, i, j,
+        _bwd_dv_pass(Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, LB, DVL, b, hk, i, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window,
                      scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, SAVE_P, WIN,
-                     WITH_KF and LINEAR != 0, SAVE_DW, NDW, FWD_P, FWD_LIN)
+                     WITH_KF and LINEAR != 0, SAVE_DW, NDW, FWD_P, FWD_LIN, DV_INIT)
     if SOFTMAX and DO_DK:
         _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC, WIN)
     if SOFTMAX and DO_DK and DG_SUM:
@@ -1027,6 +1039,78 @@ def _bwd_kf_kernel(
             dkf = _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, c, 2, c * BT + tl.arange(0, BT), j, T,
                             NT, window, dkf, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
     _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
+
+
+@triton.jit
+def _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, t, j, T, NT, window, dkf, dv,
+                DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+                LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SAVE_DW: tl.constexpr, NDW: tl.constexpr):
+    """The rows n of query chunk c = i + t against key rows j (phi(k_j): kf): dkf_j += sum_n da_nj phi(q_n) (da from
+    the query side's block where SAVE_DW and t < 2, else from do and v_j) and dv_j += sum_n a_nj dA_n, both on L(n)."""
+    n = c * BT + tl.arange(0, BT)
+    qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
+    do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
+    if SAVE_DW and t < 2:
+        da = tl.load(_pair_ptr(DWL, pid_bh, c, 1 - t, NT, BT, NDW), mask=(n < T)[:, None], other=0.0)
+    else:
+        dw = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
+        da = tl.where(_lin_mask(n, j, T, window, LINEAR), dw, 0.0).to(DT)
+    dkf = tl.dot(tl.trans(da), qf, dkf, input_precision=PREC)
+    a = tl.dot(qf, tl.trans(kf), input_precision=PREC)
+    a = tl.where(_lin_mask(n, j, T, window, LINEAR), a, 0.0) * inv[:, None]  # a_nj dA_n = (a_nj / Zd_n) do_n
+    dv = tl.dot(tl.trans(a.to(DT)), do, dv, input_precision=PREC)
+    return dkf, dv
+
+
+@triton.jit
+def _bwd_kfdv_kernel(
+    QF, KF, V, DO, ZD, DELTA, DHS, DZS, DWL, DKF, DVL,
+    svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
+    T, H, G, NT, window,
+    DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+    LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SC: tl.constexpr = 1,
+    SAVE_DW: tl.constexpr = False, NDW: tl.constexpr = 2,
+):
+    """KF_DV: dk_feat of the G query heads of kv head hk for key chunk i (as _bwd_kf_kernel) and dv's linear terms
+    on these keys, summed over the G heads: phi(k_j) dh (the queries past the reverse state) and sum_n a_nj dA_n over
+    the query rows with local linear terms (a = phi(q_n).phi(k_j) on L(n)), into DVL [B, T, Hkv, Dv] (fp32 where the
+    key side adds its softmax terms, in the dtype of v without them). Each head's reverse state, phi(k) and phi(q)
+    tiles are read once, here, instead of once by the key side and again by dk_feat."""
+    i = tl.program_id(0)
+    pid_bk = tl.program_id(1)  # batch * kv head
+    Hkv = H // G
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    j = i * BT + tl.arange(0, BT)
+    vv = tl.arange(0, BDV)
+    ff = tl.arange(0, BF)
+    v = _load_tile(_head(V, b, hk, svb, svh), j, vv, T, DV, svt)
+    p = i // SC
+    NS = tl.cdiv(NT, SC)
+    c_end = tl.minimum(p * SC + SC + 1, NT)  # query chunks i + 2 .. SC p + SC: between the keys and the state
+    dv = tl.zeros([BT, BDV], dtype=tl.float32)
+    for g in range(G):
+        h = hk * G + g
+        pid_bh = b * H + h
+        qfp = _head(QF, b, h, sfb, sfh)
+        dop = _head(DO, b, h, sdb, sdh)
+        rowp = pid_bh.to(tl.int64) * T
+        kf = _load_tile(_head(KF, b, h, sfb, sfh), j, ff, T, F, sft)
+        dh = tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv))
+        dv = tl.dot(kf, dh, dv, input_precision=PREC)
+        dkf = tl.dot(v, tl.trans(dh), input_precision=PREC)
+        dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)[None, :]
+        # the query chunks with linear terms on these keys: i (if CUR_LIN) and i + 1 (their dW blocks stored by the
+        # query side, SAVE_DW), then i + 2 .. SC p + SC
+        for t in tl.static_range(1 - CUR_LIN, 2):
+            dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, i + t, t, j, T, NT, window,
+                                  dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
+        if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
+            for c in tl.range(i + 2, c_end, num_stages=1):
+                dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, 2, j, T, NT, window,
+                                      dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
+        _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
+    _store_tile(_head(DVL, b, hk, svb, svh), dv, j, vv, T, DV, svt)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1186,7 +1270,7 @@ def _fwd_blocks(softmax: bool, lin: int, grad: bool) -> tuple[bool, bool]:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, FUSED_FWD,
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
 
 
@@ -1425,12 +1509,15 @@ class HybridAttentionFunction(torch.autograd.Function):
             # tensors; sc: the stride of the states the kernel reads (forward ones on the query side, reverse ones on
             # the key side)
             return lambda: ((*strides(), T, H, G, NT, window, scale), dict(
-                D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
-                DT=DT, PREC=PREC, SC=sc, **switches, **_options(options, big, q.dtype)))
+                dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BT=BT, SOFTMAX=softmax, LINEAR=lin, CUR_LIN=cur_lin,
+                     DT=DT, PREC=PREC, SC=sc), **switches, **_options(options, big, q.dtype)))
 
         group = dict(GROUP=GROUP_HEADS)
-        kf_in_kv = KF_IN_KV and bool(lin)  # dk_feat in the key side's dv pass: no _bwd_kf_kernel
-        side_kf = SIDE_KF and lin and not kf_in_kv
+        kf_dv = KF_DV and bool(lin)  # dk_feat and dv's linear terms in one kernel, per kv head
+        kf_in_kv = KF_IN_KV and bool(lin) and not kf_dv  # dk_feat in the key side's dv pass: no _bwd_kf_kernel
+        side_kf = SIDE_KF and lin and not kf_in_kv and not kf_dv
+        # KF_DV: dv's linear terms, fp32, for the key side's dv pass to start from (dv itself without softmax terms)
+        dvl = (torch.empty(B, T, Hkv, Dv, device=dev, dtype=torch.float32) if softmax else dv) if kf_dv else dv
 
         def kf(launch):  # dk_feat, from the reverse states
             launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf), lambda: (
@@ -1464,15 +1551,23 @@ class HybridAttentionFunction(torch.autograd.Function):
         del hs, zs, kept
         if side:
             main.wait_event(side.reverse)
+        if kf_dv:  # before the key side, which starts its dv from dvl
+            launch(_bwd_kfdv_kernel, (NT, B * Hkv), (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
+                   lambda: ((*strides()[6:], T, H, G, NT, window), dict(
+                       DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
+                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, **_options("bwd_kfdv", big, q.dtype))))
         # the key side reads the query side's blocks: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
-        for part in kv_parts:
+        # (KF_DV: its dv pass has no linear terms left; without softmax terms there is nothing left to launch)
+        kv_lin = dict(LINEAR=0, CUR_LIN=0, FWD_LIN=False) if kf_dv else dict(FWD_LIN=fwd_lin)
+        for part in kv_parts if softmax or not kf_dv else []:
             launch(_bwd_kv_kernel, (NT, B * Hkv),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs, lb),
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs, lb,
+                    dvl),
                    rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS,
                         WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw, DG_SUM=dg_sum,
-                        FWD_P=fwd_p, FWD_LIN=fwd_lin))
-        if lin and not side_kf and not kf_in_kv:
+                        FWD_P=fwd_p, DV_INIT=kf_dv and part.get("DO_DV", True), **kv_lin))
+        if lin and not side_kf and not kf_in_kv and not kf_dv:
             kf(launch)
         elif side and side_kf:
             main.wait_event(side.kf)  # the join: every tensor the side stream used outlives this point

@@ -352,6 +352,30 @@ def test_triton_interpreter_dk_feat_in_the_key_side(mode, w, settings, monkeypat
                         window=w, softmax=softmax, linear=linear)
 
 
+# dk_feat and dv's linear terms in one kernel per kv head (KF_DV), the key side's dv pass starting from them: the
+# cases above (with KF_IN_KV and SIDE_KF set too in the last, which KF_DV overrides)
+@needs_interpreter
+@pytest.mark.parametrize("mode,w,settings", KF_IN_KV_CASES,
+                         ids=[f"{m}-w{w}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+                              for m, w, o in KF_IN_KV_CASES])
+def test_triton_interpreter_dk_feat_and_linear_dv_in_one_kernel(mode, w, settings, monkeypatch, interpret):
+    monkeypatch.setattr(chunk, "KF_DV", True)
+    monkeypatch.setattr(chunk, "KF_IN_KV", "KV_SPLIT" in settings)
+    for name, value in settings.items():
+        monkeypatch.setattr(chunk, name, value)
+    softmax, linear = MODES[mode]
+    launched = []
+    for name in ("_bwd_kfdv_kernel", "_bwd_kf_kernel", "_bwd_kv_kernel"):
+        real = getattr(chunk, name)
+        monkeypatch.setattr(chunk, name, type("Spy", (), {
+            "__getitem__": lambda self, grid, real=real, name=name: launched.append(name) or real[grid]})())
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 12)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=w, softmax=softmax, linear=linear)
+    assert "_bwd_kfdv_kernel" in launched and "_bwd_kf_kernel" not in launched
+    assert ("_bwd_kv_kernel" in launched) == softmax
+
+
 # (mode, window, settings): the fused forward (FUSED_FWD) with one state block per head and the whole Dv per output
 # program (the defaults at these head dims), with state and output blocks of 16 (4 state blocks counted per state,
 # 2 Dv blocks per chunk), at forward strides 1, 2 and 4, with the states kept for the backward
@@ -766,6 +790,9 @@ OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
                "kept-window-rev2": {"KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2},
                "block-pairs-rev2": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
                "dk_feat-in-the-key-side-8-warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}},
+               "dk_feat-and-linear-dv-per-kv-head": {"KF_DV": True},
+               "dk_feat-and-linear-dv-per-kv-head-4-warps-rev2": {"KF_DV": True, "LAUNCH": {"bwd_kfdv": (4, 1)},
+                                                                  "REV_STATE_STRIDE": 2},
                "fused-forward": {"FUSED_FWD": True},
                "forward-blocks": {"FWD_P": True, "FWD_LIN": True},
                "forward-blocks-rev2-fused": {"FWD_P": True, "FWD_LIN": True, "REV_STATE_STRIDE": 2, "FUSED_FWD": True}}
