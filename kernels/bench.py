@@ -325,7 +325,7 @@ TUNE = {
     "reverse states per 2 chunks": {"REV_STATE_STRIDE": 2},
     "reverse states per 2 chunks, one stream": {"REV_STATE_STRIDE": 2, "SIDE_STREAM": False},
     "dk_feat and linear dv per kv head": {"KF_DV": True},
-    "dk_feat and linear dv per kv head, 4 warps": {"KF_DV": True, "LAUNCH": {"bwd_kfdv": (4, 1)}},
+    "dk_feat and linear dv per kv head, 8 warps": {"KF_DV": True, "LAUNCH": {"bwd_kfdv": (8, 1)}},
     "dk_feat and linear dv per kv head, one stream": {"KF_DV": True, "SIDE_STREAM": False},
     "dk_feat and linear dv per kv head, reverse states per 2 chunks": {"KF_DV": True, "REV_STATE_STRIDE": 2},
     "heads of a kv group apart": {"GROUP_HEADS": False},
