@@ -161,6 +161,10 @@ KF_IN_KV = False
 # stream, 8 warps): the key side 0.902 -> 0.484 ms, but this kernel 1.127 against dk_feat's 0.443. Its dv half alone
 # takes 254 registers (ptxas): the lead is a layout of it that does not spill. Off.
 KF_DV = False
+# KF_DV_SPLIT: _bwd_kfdv_kernel as this many programs per (key chunk, kv head), each with 1 / KF_DV_SPLIT of dk_feat's
+# F columns and of dv's Dv columns (smaller accumulators, for more programs that read phi(k), phi(q) and parts of the
+# reverse state again, from L2 where they run close together).
+KF_DV_SPLIT = 2
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1045,24 +1049,31 @@ def _bwd_kf_kernel(
 
 
 @triton.jit
-def _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, t, j, T, NT, window, dkf, dv,
+def _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, t, j, fq, vq, T, NT, window, dkf, dv,
                 DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                 LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SAVE_DW: tl.constexpr, NDW: tl.constexpr):
-    """The rows n of query chunk c = i + t against key rows j (phi(k_j): kf): dkf_j += sum_n da_nj phi(q_n) (da from
-    the query side's block where SAVE_DW and t < 2, else from do and v_j) and dv_j += sum_n a_nj dA_n, both on L(n)."""
+    """The rows n of query chunk c = i + t against key rows j (phi(k_j): kf), for the feature columns fq of dk_feat
+    and the value columns vq of dv: dkf_j += sum_n da_nj phi(q_n) (da from the query side's block where SAVE_DW and
+    t < 2, else from do and v_j) and dv_j += sum_n a_nj dA_n, both on L(n). a^T = phi(k) phi(q)^T is computed as
+    such: phi(k) is the first operand of both of the kernel's dots with it, and a^T enters the dv dot untransposed."""
     n = c * BT + tl.arange(0, BT)
     qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
-    do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
+    inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
     if SAVE_DW and t < 2:
         da = tl.load(_pair_ptr(DWL, pid_bh, c, 1 - t, NT, BT, NDW), mask=(n < T)[:, None], other=0.0)
     else:
+        do, _, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
         dw = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
         da = tl.where(_lin_mask(n, j, T, window, LINEAR), dw, 0.0).to(DT)
-    dkf = tl.dot(tl.trans(da), qf, dkf, input_precision=PREC)
-    a = tl.dot(qf, tl.trans(kf), input_precision=PREC)
-    a = tl.where(_lin_mask(n, j, T, window, LINEAR), a, 0.0) * inv[:, None]  # a_nj dA_n = (a_nj / Zd_n) do_n
-    dv = tl.dot(tl.trans(a.to(DT)), do, dv, input_precision=PREC)
-    return dkf, dv
+    dkf = tl.dot(tl.trans(da), _load_tile(qfp, n, fq, T, F, sft), dkf, input_precision=PREC)
+    aT = tl.dot(kf, tl.trans(qf), input_precision=PREC)
+    off = n[None, :] - j[:, None]
+    valid = (j[:, None] >= 0) & (j[:, None] < T) & (n[None, :] < T) & (off >= 0)
+    if LINEAR == 1:
+        valid = valid & (off >= window)
+    aT = tl.where(valid, aT, 0.0) * inv[None, :]  # a_nj dA_n = (a_nj / Zd_n) do_n
+    do = _load_tile(dop, n, vq, T, DV, sdt).to(DT)
+    return dkf, tl.dot(aT.to(DT), do, dv, input_precision=PREC)
 
 
 @triton.jit
@@ -1072,26 +1083,31 @@ def _bwd_kfdv_kernel(
     T, H, G, NT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SC: tl.constexpr = 1,
-    SAVE_DW: tl.constexpr = False, NDW: tl.constexpr = 2,
+    SAVE_DW: tl.constexpr = False, NDW: tl.constexpr = 2, NSPLIT: tl.constexpr = 1,
 ):
     """KF_DV: dk_feat of the G query heads of kv head hk for key chunk i (as _bwd_kf_kernel) and dv's linear terms
     on these keys, summed over the G heads: phi(k_j) dh (the queries past the reverse state) and sum_n a_nj dA_n over
     the query rows with local linear terms (a = phi(q_n).phi(k_j) on L(n)), into DVL [B, T, Hkv, Dv] (fp32 where the
     key side adds its softmax terms, in the dtype of v without them). Each head's reverse state, phi(k) and phi(q)
-    tiles are read once, here, instead of once by the key side and again by dk_feat."""
+    tiles are read here, instead of once by the key side and again by dk_feat. NSPLIT (KF_DV_SPLIT): program s of
+    the grid's third axis takes the s-th of NSPLIT parts of dk_feat's F columns and of dv's Dv columns (two smaller
+    accumulators; each reads the rows of the state its dk_feat part needs and the columns its dv part needs)."""
     i = tl.program_id(0)
     pid_bk = tl.program_id(1)  # batch * kv head
+    s = tl.program_id(2)
     Hkv = H // G
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
     j = i * BT + tl.arange(0, BT)
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
+    fq = s * (BF // NSPLIT) + tl.arange(0, BF // NSPLIT)
+    vq = s * (BDV // NSPLIT) + tl.arange(0, BDV // NSPLIT)
     v = _load_tile(_head(V, b, hk, svb, svh), j, vv, T, DV, svt)
     p = i // SC
     NS = tl.cdiv(NT, SC)
     c_end = tl.minimum(p * SC + SC + 1, NT)  # query chunks i + 2 .. SC p + SC: between the keys and the state
-    dv = tl.zeros([BT, BDV], dtype=tl.float32)
+    dv = tl.zeros([BT, BDV // NSPLIT], dtype=tl.float32)
     for g in range(G):
         h = hk * G + g
         pid_bh = b * H + h
@@ -1099,21 +1115,20 @@ def _bwd_kfdv_kernel(
         dop = _head(DO, b, h, sdb, sdh)
         rowp = pid_bh.to(tl.int64) * T
         kf = _load_tile(_head(KF, b, h, sfb, sfh), j, ff, T, F, sft)
-        dh = tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv))
-        dv = tl.dot(kf, dh, dv, input_precision=PREC)
-        dkf = tl.dot(v, tl.trans(dh), input_precision=PREC)
-        dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)[None, :]
+        dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vq)), dv, input_precision=PREC)
+        dkf = tl.dot(v, tl.trans(tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, fq, vv))), input_precision=PREC)
+        dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + fq)[None, :]
         # the query chunks with linear terms on these keys: i (if CUR_LIN) and i + 1 (their dW blocks stored by the
         # query side, SAVE_DW), then i + 2 .. SC p + SC
         for t in tl.static_range(1 - CUR_LIN, 2):
-            dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, i + t, t, j, T, NT, window,
-                                  dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
+            dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, i + t, t, j, fq, vq, T, NT,
+                                  window, dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
         if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
             for c in tl.range(i + 2, c_end, num_stages=1):
-                dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, 2, j, T, NT, window,
-                                      dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
-        _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
-    _store_tile(_head(DVL, b, hk, svb, svh), dv, j, vv, T, DV, svt)
+                dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, 2, j, fq, vq, T,
+                                      NT, window, dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
+        _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, fq, T, F, sft)
+    _store_tile(_head(DVL, b, hk, svb, svh), dv, j, vq, T, DV, svt)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1273,8 +1288,8 @@ def _fwd_blocks(softmax: bool, lin: int, grad: bool) -> tuple[bool, bool]:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
-            SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, KF_DV_SPLIT,
+            FUSED_FWD, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1555,10 +1570,12 @@ class HybridAttentionFunction(torch.autograd.Function):
         if side:
             main.wait_event(side.reverse)
         if kf_dv:  # before the key side, which starts its dv from dvl
-            launch(_bwd_kfdv_kernel, (NT, B * Hkv), (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
+            nsplit = KF_DV_SPLIT if min(BF, BDV) >= 16 * KF_DV_SPLIT else 1  # (dot operands of >= 16 columns)
+            launch(_bwd_kfdv_kernel, (NT, B * Hkv, nsplit),
+                   (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
                    lambda: ((*strides()[6:], T, H, G, NT, window), dict(
                        DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
-                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, **_options("bwd_kfdv", big, q.dtype))))
+                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, NSPLIT=nsplit, **_options("bwd_kfdv", big, q.dtype))))
         # the key side reads the query side's blocks: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         # (KF_DV: its dv pass has no linear terms left; without softmax terms there is nothing left to launch)

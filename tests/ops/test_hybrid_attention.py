@@ -353,11 +353,15 @@ def test_triton_interpreter_dk_feat_in_the_key_side(mode, w, settings, monkeypat
 
 
 # dk_feat and dv's linear terms in one kernel per kv head (KF_DV), the key side's dv pass starting from them: the
-# cases above (with KF_IN_KV and SIDE_KF set too in the last, which KF_DV overrides)
+# cases above (with KF_IN_KV and SIDE_KF set too in the last, which KF_DV overrides; in 2 parts per program, the
+# default at these head dims), and one in a single part
+KF_DV_CASES = KF_IN_KV_CASES + [("hybrid", 33, {"KF_DV_SPLIT": 1, "REV_STATE_STRIDE": 2})]
+
+
 @needs_interpreter
-@pytest.mark.parametrize("mode,w,settings", KF_IN_KV_CASES,
+@pytest.mark.parametrize("mode,w,settings", KF_DV_CASES,
                          ids=[f"{m}-w{w}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-                              for m, w, o in KF_IN_KV_CASES])
+                              for m, w, o in KF_DV_CASES])
 def test_triton_interpreter_dk_feat_and_linear_dv_in_one_kernel(mode, w, settings, monkeypatch, interpret):
     monkeypatch.setattr(chunk, "KF_DV", True)
     monkeypatch.setattr(chunk, "KF_IN_KV", "KV_SPLIT" in settings)
@@ -791,8 +795,8 @@ OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
                "block-pairs-rev2": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
                "dk_feat-in-the-key-side-8-warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}},
                "dk_feat-and-linear-dv-per-kv-head": {"KF_DV": True},
-               "dk_feat-and-linear-dv-per-kv-head-8-warps-rev2": {"KF_DV": True, "LAUNCH": {"bwd_kfdv": (8, 1)},
-                                                                  "REV_STATE_STRIDE": 2},
+               "dk_feat-and-linear-dv-per-kv-head-in-4-parts-8-warps-rev2": {
+                   "KF_DV": True, "KF_DV_SPLIT": 4, "LAUNCH": {"bwd_kfdv": (8, 1)}, "REV_STATE_STRIDE": 2},
                "fused-forward": {"FUSED_FWD": True},
                "forward-blocks": {"FWD_P": True, "FWD_LIN": True},
                "forward-blocks-rev2-fused": {"FWD_P": True, "FWD_LIN": True, "REV_STATE_STRIDE": 2, "FUSED_FWD": True}}
