@@ -159,7 +159,7 @@ KF_IN_KV = False
 # key side is not launched. (KF_IN_KV, SIDE_KF: ignored.) H100, 32K, interleaved (3 rounds): 4.303 ms forward+backward
 # at 4 warps (ptxas: 255 registers, 236 B of spills a thread), 4.543 at 8 warps (96 B), against 4.289; per kernel (one
 # stream, 8 warps): the key side 0.902 -> 0.484 ms, but this kernel 1.127 against dk_feat's 0.443. Its dv half alone
-# takes 254 registers (ptxas): the lead is a layout of it that does not spill. Off.
+# takes 254 registers (ptxas): hence KF_DV_SPLIT below (not timed yet). Off.
 KF_DV = False
 # KF_DV_SPLIT: _bwd_kfdv_kernel as this many programs per (key chunk, kv head), each with 1 / KF_DV_SPLIT of dk_feat's
 # F columns and of dv's Dv columns (smaller accumulators, for more programs that read phi(k), phi(q) and parts of the
