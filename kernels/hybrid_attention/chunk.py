@@ -291,9 +291,17 @@ def _scores(q, kp, n, j, T, window, scale, skt,
 
 @triton.jit
 def _lin_mask(n, j, T, window, LINEAR: tl.constexpr):
-    """Where the local linear terms apply: keys outside the window (LINEAR=1) or all causal keys (LINEAR=2)."""
-    off = n[:, None] - j[None, :]
-    valid = (j[None, :] >= 0) & (j[None, :] < T) & (n[:, None] < T) & (off >= 0)
+    """Where the local linear terms apply: keys outside the window (LINEAR=1) or all causal keys (LINEAR=2); rows
+    are the queries n, columns the keys j."""
+    return _lin_valid(n[:, None], j[None, :], T, window, LINEAR)
+
+
+@triton.jit
+def _lin_valid(n, j, T, window, LINEAR: tl.constexpr):
+    """``_lin_mask`` of query and key indices already laid out to broadcast (n[None, :] against j[:, None] gives it
+    transposed: keys as rows)."""
+    off = n - j
+    valid = (j >= 0) & (j < T) & (n < T) & (off >= 0)
     if LINEAR == 1:
         valid = valid & (off >= window)
     return valid
@@ -879,15 +887,25 @@ def _bwd_dv_block(
 def _kf_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, pid_bh, c, t, n, j, T, NT, window, dkf,
               DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
               LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SAVE_DW: tl.constexpr, NDW: tl.constexpr):
-    """dkf_j += sum_n da_nj phi(q_n) over the rows n of query chunk c = i + t, da = dW on L(n): from the query side's
-    block (SAVE_DW, t < 2: slot 1 - t of chunk c) or from do and v_j."""
+    """dkf_j += sum_n da_nj phi(q_n) over the rows n of query chunk c = i + t (``_lin_da``)."""
+    da = _lin_da(dop, rowp, sdt, ZD, DELTA, DWL, v, pid_bh, c, t, n, j, T, NT, window, DV, BDV, BT, LINEAR, DT, PREC,
+                 SAVE_DW, NDW)
+    return tl.dot(tl.trans(da), _load_tile(qfp, n, tl.arange(0, BF), T, F, sft), dkf, input_precision=PREC)
+
+
+@triton.jit
+def _lin_da(dop, rowp, sdt, ZD, DELTA, DWL, v, pid_bh, c, t, n, j, T, NT, window, DV: tl.constexpr,
+            BDV: tl.constexpr, BT: tl.constexpr, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+            SAVE_DW: tl.constexpr, NDW: tl.constexpr):
+    """da = dW on L(n) of the rows n of query chunk c = i + t against key rows j, in the dtype of the dots: the query
+    side's block (SAVE_DW, t < 2: slot 1 - t of chunk c) or computed from do and v_j."""
     if SAVE_DW and t < 2:
         da = tl.load(_pair_ptr(DWL, pid_bh, c, 1 - t, NT, BT, NDW), mask=(n < T)[:, None], other=0.0)
     else:
         do, inv, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
         dw = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
         da = tl.where(_lin_mask(n, j, T, window, LINEAR), dw, 0.0).to(DT)
-    return tl.dot(tl.trans(da), _load_tile(qfp, n, tl.arange(0, BF), T, F, sft), dkf, input_precision=PREC)
+    return da
 
 
 @triton.jit
@@ -1053,25 +1071,16 @@ def _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, t, j
                 DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                 LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SAVE_DW: tl.constexpr, NDW: tl.constexpr):
     """The rows n of query chunk c = i + t against key rows j (phi(k_j): kf), for the feature columns fq of dk_feat
-    and the value columns vq of dv: dkf_j += sum_n da_nj phi(q_n) (da from the query side's block where SAVE_DW and
-    t < 2, else from do and v_j) and dv_j += sum_n a_nj dA_n, both on L(n). a^T = phi(k) phi(q)^T is computed as
-    such: phi(k) is the first operand of both of the kernel's dots with it, and a^T enters the dv dot untransposed."""
+    and the value columns vq of dv: dkf_j += sum_n da_nj phi(q_n) (``_lin_da``) and dv_j += sum_n a_nj dA_n on L(n).
+    a^T = phi(k) phi(q)^T is computed as such: phi(k) is the first operand of both of the kernel's dots with it, and
+    a^T enters the dv dot untransposed."""
     n = c * BT + tl.arange(0, BT)
-    qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
-    inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
-    if SAVE_DW and t < 2:
-        da = tl.load(_pair_ptr(DWL, pid_bh, c, 1 - t, NT, BT, NDW), mask=(n < T)[:, None], other=0.0)
-    else:
-        do, _, dZ = _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
-        dw = tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dZ[:, None]
-        da = tl.where(_lin_mask(n, j, T, window, LINEAR), dw, 0.0).to(DT)
+    da = _lin_da(dop, rowp, sdt, ZD, DELTA, DWL, v, pid_bh, c, t, n, j, T, NT, window, DV, BDV, BT, LINEAR, DT, PREC,
+                 SAVE_DW, NDW)
     dkf = tl.dot(tl.trans(da), _load_tile(qfp, n, fq, T, F, sft), dkf, input_precision=PREC)
-    aT = tl.dot(kf, tl.trans(qf), input_precision=PREC)
-    off = n[None, :] - j[:, None]
-    valid = (j[:, None] >= 0) & (j[:, None] < T) & (n[None, :] < T) & (off >= 0)
-    if LINEAR == 1:
-        valid = valid & (off >= window)
-    aT = tl.where(valid, aT, 0.0) * inv[None, :]  # a_nj dA_n = (a_nj / Zd_n) do_n
+    aT = tl.dot(kf, tl.trans(_load_tile(qfp, n, tl.arange(0, BF), T, F, sft)), input_precision=PREC)
+    aT = tl.where(_lin_valid(n[None, :], j[:, None], T, window, LINEAR), aT, 0.0)
+    aT = aT * (1.0 / _load_row(ZD + rowp, n, T, 1.0))[None, :]  # a_nj dA_n = (a_nj / Zd_n) do_n
     do = _load_tile(dop, n, vq, T, DV, sdt).to(DT)
     return dkf, tl.dot(aT.to(DT), do, dv, input_precision=PREC)
 
@@ -1288,8 +1297,9 @@ def _fwd_blocks(softmax: bool, lin: int, grad: bool) -> tuple[bool, bool]:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, KF_DV_SPLIT,
-            FUSED_FWD, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV,
+            KF_DV_SPLIT, FUSED_FWD, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS,
+            tuple(LAUNCH.items()), LAUNCH_FP32)
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1535,7 +1545,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         kf_in_kv = KF_IN_KV and bool(lin) and not kf_dv  # dk_feat in the key side's dv pass: no _bwd_kf_kernel
         side_kf = SIDE_KF and lin and not kf_in_kv and not kf_dv
         # KF_DV: dv's linear terms, fp32, for the key side's dv pass to start from (dv itself without softmax terms)
-        dvl = (torch.empty(B, T, Hkv, Dv, device=dev, dtype=torch.float32) if softmax else dv) if kf_dv else dv
+        dvl = torch.empty(B, T, Hkv, Dv, device=dev, dtype=torch.float32) if kf_dv and softmax else dv
 
         def kf(launch):  # dk_feat, from the reverse states
             launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf), lambda: (
@@ -1575,12 +1585,15 @@ class HybridAttentionFunction(torch.autograd.Function):
                    (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
                    lambda: ((*strides()[6:], T, H, G, NT, window), dict(
                        DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
-                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, NSPLIT=nsplit, **_options("bwd_kfdv", big, q.dtype))))
+                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, NSPLIT=nsplit,
+                       **_options("bwd_kfdv", big, q.dtype))))
         # the key side reads the query side's blocks: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
-        # (KF_DV: its dv pass has no linear terms left; without softmax terms there is nothing left to launch)
+        if kf_dv and not softmax:  # _bwd_kfdv_kernel wrote dv: nothing is left for the key side
+            kv_parts = []
+        # (KF_DV: the dv pass has no linear terms left)
         kv_lin = dict(LINEAR=0, CUR_LIN=0, FWD_LIN=False) if kf_dv else dict(FWD_LIN=fwd_lin)
-        for part in kv_parts if softmax or not kf_dv else []:
+        for part in kv_parts:
             launch(_bwd_kv_kernel, (NT, B * Hkv),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs, lb,
                     dvl),

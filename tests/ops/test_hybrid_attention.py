@@ -102,6 +102,11 @@ def dgamma_term_magnitude(inputs, do, *, window, softmax=True, linear="outside",
     return (p0 * dw).abs().sum((0, 2, 3)).max().item()
 
 
+def settings_ids(cases):
+    """Test ids of (mode, window, settings) cases."""
+    return [f"{m}-w{w}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "defaults") for m, w, o in cases]
+
+
 def case_id(B, T, H, KV, D, w, dtype, mode):
     return f"B{B}-T{T}-H{H}-KV{KV}-D{D}-w{w}-{dtype}-{mode}"
 
@@ -340,8 +345,7 @@ KF_IN_KV_CASES = [
 
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", KF_IN_KV_CASES,
-                         ids=[f"{m}-w{w}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-                              for m, w, o in KF_IN_KV_CASES])
+                         ids=settings_ids(KF_IN_KV_CASES))
 def test_triton_interpreter_dk_feat_in_the_key_side(mode, w, settings, monkeypatch, interpret):
     monkeypatch.setattr(chunk, "KF_IN_KV", True)
     for name, value in settings.items():
@@ -360,8 +364,7 @@ KF_DV_CASES = KF_IN_KV_CASES + [("hybrid", 33, {"KF_DV_SPLIT": 1, "REV_STATE_STR
 
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", KF_DV_CASES,
-                         ids=[f"{m}-w{w}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-                              for m, w, o in KF_DV_CASES])
+                         ids=settings_ids(KF_DV_CASES))
 def test_triton_interpreter_dk_feat_and_linear_dv_in_one_kernel(mode, w, settings, monkeypatch, interpret):
     monkeypatch.setattr(chunk, "KF_DV", True)
     monkeypatch.setattr(chunk, "KF_IN_KV", "KV_SPLIT" in settings)
@@ -393,8 +396,7 @@ FUSED_CASES = [
 
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", FUSED_CASES,
-                         ids=[f"{m}-w{w}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-                              for m, w, o in FUSED_CASES])
+                         ids=settings_ids(FUSED_CASES))
 def test_triton_interpreter_fused_forward(mode, w, settings, monkeypatch, interpret):
     """The interpreter runs the programs one after the other in ticket order: this checks the fused forward's
     arithmetic and its mapping of tickets to state blocks and output chunks, not the waiting (a GPU test does)."""
