@@ -330,7 +330,13 @@ TUNE = {
     "dk_feat and linear dv per kv head, in 4 parts": {"KF_DV": True, "KF_DV_SPLIT": 4},
     "dk_feat and linear dv per kv head, in 4 parts, 8 warps": {"KF_DV": True, "KF_DV_SPLIT": 4,
                                                                "LAUNCH": {"bwd_kfdv": (8, 1)}},
+    "dk_feat and linear dv per kv head, 8 warps, in 2 parts": {"KF_DV": True, "KF_DV_SPLIT": 2,
+                                                               "LAUNCH": {"bwd_kfdv": (8, 1)}},
     "dk_feat and linear dv per kv head, one stream": {"KF_DV": True, "SIDE_STREAM": False},
+    "dk_feat and linear dv per kv head, in 4 parts, one stream": {"KF_DV": True, "KF_DV_SPLIT": 4,
+                                                                  "SIDE_STREAM": False},
+    "dk_feat and linear dv per kv head, in 4 parts, 8 warps, one stream": {
+        "KF_DV": True, "KF_DV_SPLIT": 4, "SIDE_STREAM": False, "LAUNCH": {"bwd_kfdv": (8, 1)}},
     "dk_feat and linear dv per kv head, reverse states per 2 chunks": {"KF_DV": True, "REV_STATE_STRIDE": 2},
     "heads of a kv group apart": {"GROUP_HEADS": False},
     "bwd_kv 2 stages": {"LAUNCH": {"bwd_kv": (4, 2)}},

@@ -362,6 +362,17 @@ def test_triton_interpreter_dk_feat_in_the_key_side(mode, w, settings, monkeypat
 KF_DV_CASES = KF_IN_KV_CASES + [("hybrid", 33, {"KF_DV_SPLIT": 1, "REV_STATE_STRIDE": 2})]
 
 
+def spy_launches(monkeypatch, *names):
+    """Replace chunk's kernels of these names by spies that launch them and record each launch's grid by name."""
+    launched = {}
+    for name in names:
+        real = getattr(chunk, name)
+        monkeypatch.setattr(chunk, name, type("Spy", (), {
+            "__getitem__": lambda self, grid, real=real, name=name:
+                launched.setdefault(name, []).append(grid) or real[grid]})())
+    return launched
+
+
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", KF_DV_CASES,
                          ids=settings_ids(KF_DV_CASES))
@@ -371,16 +382,26 @@ def test_triton_interpreter_dk_feat_and_linear_dv_in_one_kernel(mode, w, setting
     for name, value in settings.items():
         monkeypatch.setattr(chunk, name, value)
     softmax, linear = MODES[mode]
-    launched = []
-    for name in ("_bwd_kfdv_kernel", "_bwd_kf_kernel", "_bwd_kv_kernel"):
-        real = getattr(chunk, name)
-        monkeypatch.setattr(chunk, name, type("Spy", (), {
-            "__getitem__": lambda self, grid, real=real, name=name: launched.append(name) or real[grid]})())
+    launched = spy_launches(monkeypatch, "_bwd_kfdv_kernel", "_bwd_kf_kernel", "_bwd_kv_kernel")
     inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 12)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
                         window=w, softmax=softmax, linear=linear)
     assert "_bwd_kfdv_kernel" in launched and "_bwd_kf_kernel" not in launched
     assert ("_bwd_kv_kernel" in launched) == softmax
+
+
+@needs_interpreter
+def test_triton_interpreter_dk_feat_and_linear_dv_in_4_parts(monkeypatch, interpret):
+    """KF_DV_SPLIT = 4 (the layout that compiles without spills at the benchmark's head dims) needs head dims of at
+    least 64: each part's dot operands have >= 16 columns."""
+    monkeypatch.setattr(chunk, "KF_DV", True)
+    monkeypatch.setattr(chunk, "KF_DV_SPLIT", 4)
+    monkeypatch.setattr(chunk, "REV_STATE_STRIDE", 2)
+    launched = spy_launches(monkeypatch, "_bwd_kfdv_kernel")
+    inputs, do = make_inputs(1, 200, 4, 2, 64, 64, torch.float32, seed=5)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=47, softmax=True, linear="outside")
+    assert [grid[2] for grid in launched["_bwd_kfdv_kernel"]] == [4]
 
 
 # (mode, window, settings): the fused forward (FUSED_FWD) with one state block per head and the whole Dv per output
