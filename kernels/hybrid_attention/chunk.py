@@ -1099,11 +1099,13 @@ def _bwd_kfdv_kernel(
     the query rows with local linear terms (a = phi(q_n).phi(k_j) on L(n)), into DVL [B, T, Hkv, Dv] (fp32 where the
     key side adds its softmax terms, in the dtype of v without them). Each head's reverse state, phi(k) and phi(q)
     tiles are read here, instead of once by the key side and again by dk_feat. NSPLIT (KF_DV_SPLIT): program s of
-    the grid's third axis takes the s-th of NSPLIT parts of dk_feat's F columns and of dv's Dv columns (two smaller
-    accumulators; each reads the rows of the state its dk_feat part needs and the columns its dv part needs)."""
-    i = tl.program_id(0)
+    the grid's first axis (NSPLIT per key chunk, next to each other in launch order so that the parts of one chunk
+    run together and share its tiles in L2) takes the s-th of NSPLIT parts of dk_feat's F columns and of dv's Dv
+    columns (two smaller accumulators; each reads the rows of the state its dk_feat part needs and the columns its dv
+    part needs)."""
+    i = tl.program_id(0) // NSPLIT
+    s = tl.program_id(0) % NSPLIT
     pid_bk = tl.program_id(1)  # batch * kv head
-    s = tl.program_id(2)
     Hkv = H // G
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
@@ -1581,7 +1583,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             main.wait_event(side.reverse)
         if kf_dv:  # before the key side, which starts its dv from dvl
             nsplit = KF_DV_SPLIT if min(BF, BDV) >= 16 * KF_DV_SPLIT else 1  # (dot operands of >= 16 columns)
-            launch(_bwd_kfdv_kernel, (NT, B * Hkv, nsplit),
+            launch(_bwd_kfdv_kernel, (NT * nsplit, B * Hkv),
                    (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
                    lambda: ((*strides()[6:], T, H, G, NT, window), dict(
                        DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,

@@ -401,7 +401,7 @@ def test_triton_interpreter_dk_feat_and_linear_dv_in_4_parts(monkeypatch, interp
     inputs, do = make_inputs(1, 200, 4, 2, 64, 64, torch.float32, seed=5)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
                         window=47, softmax=True, linear="outside")
-    assert [grid[2] for grid in launched["_bwd_kfdv_kernel"]] == [4]
+    assert [grid[0] for grid in launched["_bwd_kfdv_kernel"]] == [4 * -(-200 // chunk.BT)]  # 4 parts per chunk
 
 
 # (mode, window, settings): the fused forward (FUSED_FWD) with one state block per head and the whole Dv per output
