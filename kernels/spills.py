@@ -148,7 +148,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if lin and chunk.KF_DV:  # dk_feat and dv's linear terms per kv head; the key side's dv pass without them
         out.append(("bwd_kfdv (KF_DV)", chunk._bwd_kfdv_kernel, "bwd_kfdv",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
-                         SC=rev_stride, SAVE_DW=chunk.SAVE_DW and softmax, NDW=ndw, NSPLIT=chunk.KF_DV_SPLIT)))
+                         SC=rev_stride, SAVE_DW=chunk.SAVE_DW and softmax, NDW=ndw)))
         if softmax:
             out.append(("bwd_kv (KF_DV)", chunk._bwd_kv_kernel, "bwd_kv",
                         dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DV_INIT=True)))

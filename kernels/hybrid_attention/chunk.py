@@ -159,12 +159,10 @@ KF_IN_KV = False
 # key side is not launched. (KF_IN_KV, SIDE_KF: ignored.) H100, 32K, interleaved (3 rounds): 4.303 ms forward+backward
 # at 4 warps (ptxas: 255 registers, 236 B of spills a thread), 4.543 at 8 warps (96 B), against 4.289; per kernel (one
 # stream, 8 warps): the key side 0.902 -> 0.484 ms, but this kernel 1.127 against dk_feat's 0.443. Its dv half alone
-# takes 254 registers (ptxas): hence KF_DV_SPLIT below (not timed yet). Off.
+# takes 254 registers (ptxas). Split into 2 or 4 programs per (key chunk, kv head), each with a part of dk_feat's F
+# columns and of dv's Dv columns (fewer spills), it was slower still: H200, 32K, 3 rounds, 4.091 (2 parts), 4.672 (4
+# parts) and 6.016 ms (4 parts, 8 warps) against 3.822; that layout was removed (kernel README, fifteenth pass). Off.
 KF_DV = False
-# KF_DV_SPLIT: _bwd_kfdv_kernel as this many programs per (key chunk, kv head), each with 1 / KF_DV_SPLIT of dk_feat's
-# F columns and of dv's Dv columns (smaller accumulators, for more programs that read phi(k), phi(q) and parts of the
-# reverse state again, from L2 where they run close together).
-KF_DV_SPLIT = 2
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1067,21 +1065,22 @@ def _bwd_kf_kernel(
 
 
 @triton.jit
-def _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, t, j, fq, vq, T, NT, window, dkf, dv,
+def _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, t, j, T, NT, window, dkf, dv,
                 DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                 LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SAVE_DW: tl.constexpr, NDW: tl.constexpr):
-    """The rows n of query chunk c = i + t against key rows j (phi(k_j): kf), for the feature columns fq of dk_feat
-    and the value columns vq of dv: dkf_j += sum_n da_nj phi(q_n) (``_lin_da``) and dv_j += sum_n a_nj dA_n on L(n).
+    """The rows n of query chunk c = i + t against key rows j (phi(k_j): kf): dkf_j += sum_n da_nj phi(q_n)
+    (``_lin_da``) and dv_j += sum_n a_nj dA_n on L(n).
     a^T = phi(k) phi(q)^T is computed as such: phi(k) is the first operand of both of the kernel's dots with it, and
     a^T enters the dv dot untransposed."""
     n = c * BT + tl.arange(0, BT)
     da = _lin_da(dop, rowp, sdt, ZD, DELTA, DWL, v, pid_bh, c, t, n, j, T, NT, window, DV, BDV, BT, LINEAR, DT, PREC,
                  SAVE_DW, NDW)
-    dkf = tl.dot(tl.trans(da), _load_tile(qfp, n, fq, T, F, sft), dkf, input_precision=PREC)
-    aT = tl.dot(kf, tl.trans(_load_tile(qfp, n, tl.arange(0, BF), T, F, sft)), input_precision=PREC)
+    qf = _load_tile(qfp, n, tl.arange(0, BF), T, F, sft)
+    dkf = tl.dot(tl.trans(da), qf, dkf, input_precision=PREC)
+    aT = tl.dot(kf, tl.trans(qf), input_precision=PREC)
     aT = tl.where(_lin_valid(n[None, :], j[:, None], T, window, LINEAR), aT, 0.0)
     aT = aT * (1.0 / _load_row(ZD + rowp, n, T, 1.0))[None, :]  # a_nj dA_n = (a_nj / Zd_n) do_n
-    do = _load_tile(dop, n, vq, T, DV, sdt).to(DT)
+    do = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(DT)
     return dkf, tl.dot(aT.to(DT), do, dv, input_precision=PREC)
 
 
@@ -1092,19 +1091,14 @@ def _bwd_kfdv_kernel(
     T, H, G, NT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SC: tl.constexpr = 1,
-    SAVE_DW: tl.constexpr = False, NDW: tl.constexpr = 2, NSPLIT: tl.constexpr = 1,
+    SAVE_DW: tl.constexpr = False, NDW: tl.constexpr = 2,
 ):
     """KF_DV: dk_feat of the G query heads of kv head hk for key chunk i (as _bwd_kf_kernel) and dv's linear terms
     on these keys, summed over the G heads: phi(k_j) dh (the queries past the reverse state) and sum_n a_nj dA_n over
     the query rows with local linear terms (a = phi(q_n).phi(k_j) on L(n)), into DVL [B, T, Hkv, Dv] (fp32 where the
     key side adds its softmax terms, in the dtype of v without them). Each head's reverse state, phi(k) and phi(q)
-    tiles are read here, instead of once by the key side and again by dk_feat. NSPLIT (KF_DV_SPLIT): program s of
-    the grid's first axis (NSPLIT per key chunk, next to each other in launch order so that the parts of one chunk
-    run together and share its tiles in L2) takes the s-th of NSPLIT parts of dk_feat's F columns and of dv's Dv
-    columns (two smaller accumulators; each reads the rows of the state its dk_feat part needs and the columns its dv
-    part needs)."""
-    i = tl.program_id(0) // NSPLIT
-    s = tl.program_id(0) % NSPLIT
+    tiles are read here, instead of once by the key side and again by dk_feat."""
+    i = tl.program_id(0)
     pid_bk = tl.program_id(1)  # batch * kv head
     Hkv = H // G
     b = pid_bk // Hkv
@@ -1112,13 +1106,11 @@ def _bwd_kfdv_kernel(
     j = i * BT + tl.arange(0, BT)
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
-    fq = s * (BF // NSPLIT) + tl.arange(0, BF // NSPLIT)
-    vq = s * (BDV // NSPLIT) + tl.arange(0, BDV // NSPLIT)
     v = _load_tile(_head(V, b, hk, svb, svh), j, vv, T, DV, svt)
     p = i // SC
     NS = tl.cdiv(NT, SC)
     c_end = tl.minimum(p * SC + SC + 1, NT)  # query chunks i + 2 .. SC p + SC: between the keys and the state
-    dv = tl.zeros([BT, BDV // NSPLIT], dtype=tl.float32)
+    dv = tl.zeros([BT, BDV], dtype=tl.float32)
     for g in range(G):
         h = hk * G + g
         pid_bh = b * H + h
@@ -1126,20 +1118,21 @@ def _bwd_kfdv_kernel(
         dop = _head(DO, b, h, sdb, sdh)
         rowp = pid_bh.to(tl.int64) * T
         kf = _load_tile(_head(KF, b, h, sfb, sfh), j, ff, T, F, sft)
-        dv = tl.dot(kf, tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vq)), dv, input_precision=PREC)
-        dkf = tl.dot(v, tl.trans(tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, fq, vv))), input_precision=PREC)
-        dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + fq)[None, :]
+        dh = tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv))
+        dv = tl.dot(kf, dh, dv, input_precision=PREC)
+        dkf = tl.dot(v, tl.trans(dh), input_precision=PREC)
+        dkf += tl.load(DZS + (pid_bh.to(tl.int64) * NS + p) * BF + ff)[None, :]
         # the query chunks with linear terms on these keys: i (if CUR_LIN) and i + 1 (their dW blocks stored by the
         # query side, SAVE_DW), then i + 2 .. SC p + SC
         for t in tl.static_range(1 - CUR_LIN, 2):
-            dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, i + t, t, j, fq, vq, T, NT,
+            dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, i + t, t, j, T, NT,
                                   window, dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
         if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
             for c in tl.range(i + 2, c_end, num_stages=1):
-                dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, 2, j, fq, vq, T,
+                dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, 2, j, T,
                                       NT, window, dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
-        _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, fq, T, F, sft)
-    _store_tile(_head(DVL, b, hk, svb, svh), dv, j, vq, T, DV, svt)
+        _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
+    _store_tile(_head(DVL, b, hk, svb, svh), dv, j, vv, T, DV, svt)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1300,7 +1293,7 @@ def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV,
-            KF_DV_SPLIT, FUSED_FWD, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS,
+            FUSED_FWD, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS,
             tuple(LAUNCH.items()), LAUNCH_FP32)
 
 
@@ -1582,12 +1575,11 @@ class HybridAttentionFunction(torch.autograd.Function):
         if side:
             main.wait_event(side.reverse)
         if kf_dv:  # before the key side, which starts its dv from dvl
-            nsplit = KF_DV_SPLIT if min(BF, BDV) >= 16 * KF_DV_SPLIT else 1  # (dot operands of >= 16 columns)
-            launch(_bwd_kfdv_kernel, (NT * nsplit, B * Hkv),
+            launch(_bwd_kfdv_kernel, (NT, B * Hkv),
                    (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
                    lambda: ((*strides()[6:], T, H, G, NT, window), dict(
                        DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
-                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, NSPLIT=nsplit,
+                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw,
                        **_options("bwd_kfdv", big, q.dtype))))
         # the key side reads the query side's blocks: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]

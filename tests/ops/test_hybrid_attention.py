@@ -356,12 +356,6 @@ def test_triton_interpreter_dk_feat_in_the_key_side(mode, w, settings, monkeypat
                         window=w, softmax=softmax, linear=linear)
 
 
-# dk_feat and dv's linear terms in one kernel per kv head (KF_DV), the key side's dv pass starting from them: the
-# cases above (with KF_IN_KV and SIDE_KF set too in the last, which KF_DV overrides; in 2 parts per program, the
-# default at these head dims), and one in a single part
-KF_DV_CASES = KF_IN_KV_CASES + [("hybrid", 33, {"KF_DV_SPLIT": 1, "REV_STATE_STRIDE": 2})]
-
-
 def spy_launches(monkeypatch, *names):
     """Replace chunk's kernels of these names by spies that launch them and record each launch's grid by name."""
     launched = {}
@@ -373,9 +367,11 @@ def spy_launches(monkeypatch, *names):
     return launched
 
 
+# dk_feat and dv's linear terms in one kernel per kv head (KF_DV), the key side's dv pass starting from them: the
+# cases above (with KF_IN_KV and SIDE_KF set too in the last, which KF_DV overrides)
 @needs_interpreter
-@pytest.mark.parametrize("mode,w,settings", KF_DV_CASES,
-                         ids=settings_ids(KF_DV_CASES))
+@pytest.mark.parametrize("mode,w,settings", KF_IN_KV_CASES,
+                         ids=settings_ids(KF_IN_KV_CASES))
 def test_triton_interpreter_dk_feat_and_linear_dv_in_one_kernel(mode, w, settings, monkeypatch, interpret):
     monkeypatch.setattr(chunk, "KF_DV", True)
     monkeypatch.setattr(chunk, "KF_IN_KV", "KV_SPLIT" in settings)
@@ -386,22 +382,9 @@ def test_triton_interpreter_dk_feat_and_linear_dv_in_one_kernel(mode, w, setting
     inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 12)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
                         window=w, softmax=softmax, linear=linear)
-    assert "_bwd_kfdv_kernel" in launched and "_bwd_kf_kernel" not in launched
+    assert [grid[0] for grid in launched["_bwd_kfdv_kernel"]] == [-(-330 // chunk.BT)]  # one program per key chunk
+    assert "_bwd_kf_kernel" not in launched
     assert ("_bwd_kv_kernel" in launched) == softmax
-
-
-@needs_interpreter
-def test_triton_interpreter_dk_feat_and_linear_dv_in_4_parts(monkeypatch, interpret):
-    """KF_DV_SPLIT = 4 (the layout that compiles without spills at the benchmark's head dims) needs head dims of at
-    least 64: each part's dot operands have >= 16 columns."""
-    monkeypatch.setattr(chunk, "KF_DV", True)
-    monkeypatch.setattr(chunk, "KF_DV_SPLIT", 4)
-    monkeypatch.setattr(chunk, "REV_STATE_STRIDE", 2)
-    launched = spy_launches(monkeypatch, "_bwd_kfdv_kernel")
-    inputs, do = make_inputs(1, 200, 4, 2, 64, 64, torch.float32, seed=5)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
-                        window=47, softmax=True, linear="outside")
-    assert [grid[0] for grid in launched["_bwd_kfdv_kernel"]] == [4 * -(-200 // chunk.BT)]  # 4 parts per chunk
 
 
 # (mode, window, settings): the fused forward (FUSED_FWD) with one state block per head and the whole Dv per output
@@ -818,8 +801,8 @@ OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
                "block-pairs-rev2": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
                "dk_feat-in-the-key-side-8-warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}},
                "dk_feat-and-linear-dv-per-kv-head": {"KF_DV": True},
-               "dk_feat-and-linear-dv-per-kv-head-in-4-parts-8-warps-rev2": {
-                   "KF_DV": True, "KF_DV_SPLIT": 4, "LAUNCH": {"bwd_kfdv": (8, 1)}, "REV_STATE_STRIDE": 2},
+               "dk_feat-and-linear-dv-per-kv-head-8-warps-rev2": {
+                   "KF_DV": True, "LAUNCH": {"bwd_kfdv": (8, 1)}, "REV_STATE_STRIDE": 2},
                "fused-forward": {"FUSED_FWD": True},
                "forward-blocks": {"FWD_P": True, "FWD_LIN": True},
                "forward-blocks-rev2-fused": {"FWD_P": True, "FWD_LIN": True, "REV_STATE_STRIDE": 2, "FUSED_FWD": True}}
