@@ -157,8 +157,8 @@ KF_IN_KV = False
 # phi(q) (at 32K, 32 heads: 0.5 GB of reverse states and 0.27 GB each of phi(k) and phi(q) tiles fewer), for that
 # buffer (0.13 GB written and read) and do read by dk_feat. Without softmax terms the kernel writes dv itself and the
 # key side is not launched. (KF_IN_KV, SIDE_KF: ignored.) H100, 32K, interleaved (3 rounds): 4.303 ms forward+backward
-# at 4 warps (ptxas: 255 registers, 236 B of spills a thread), 4.543 at 8 warps (96 B), against 4.289; per kernel (one
-# stream, 8 warps): the key side 0.902 -> 0.484 ms, but this kernel 1.127 against dk_feat's 0.443. Its dv half alone
+# at 4 warps (ptxas then: 255 registers, 236 B of spills a thread; 328 B now), 4.543 at 8 warps, against 4.289; per
+# kernel (one stream, 8 warps): the key side 0.902 -> 0.484 ms, but this kernel 1.127 against dk_feat's 0.443. Its dv half alone
 # takes 254 registers (ptxas). Split into 2 or 4 programs per (key chunk, kv head), each with a part of dk_feat's F
 # columns and of dv's Dv columns (fewer spills), it was slower still: H200, 32K, 3 rounds, 4.091 (2 parts), 4.672 (4
 # parts) and 6.016 ms (4 parts, 8 warps) against 3.822; that layout was removed (kernel README, fifteenth pass). Off.
