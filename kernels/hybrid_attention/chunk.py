@@ -158,10 +158,11 @@ KF_IN_KV = False
 # buffer (0.13 GB written and read) and do read by dk_feat. Without softmax terms the kernel writes dv itself and the
 # key side is not launched. (KF_IN_KV, SIDE_KF: ignored.) H100, 32K, interleaved (3 rounds): 4.303 ms forward+backward
 # at 4 warps (ptxas then: 255 registers, 236 B of spills a thread; 328 B now), 4.543 at 8 warps, against 4.289; per
-# kernel (one stream, 8 warps): the key side 0.902 -> 0.484 ms, but this kernel 1.127 against dk_feat's 0.443. Its dv half alone
-# takes 254 registers (ptxas). Split into 2 or 4 programs per (key chunk, kv head), each with a part of dk_feat's F
-# columns and of dv's Dv columns (fewer spills), it was slower still: H200, 32K, 3 rounds, 4.091 (2 parts), 4.672 (4
-# parts) and 6.016 ms (4 parts, 8 warps) against 3.822; that layout was removed (kernel README, fifteenth pass). Off.
+# kernel (one stream, 8 warps): the key side 0.902 -> 0.484 ms, but this kernel 1.127 against dk_feat's 0.443. Its
+# dv half alone takes 254 registers (ptxas). Split into 2 or 4 programs per (key chunk, kv head), each with a part
+# of dk_feat's F columns and of dv's Dv columns (fewer spills), it was slower still: H200, 32K, 3 rounds, 4.091 (2
+# parts), 4.672 (4 parts) and 6.016 ms (4 parts, 8 warps) against 3.822; that layout was removed (kernel README,
+# fifteenth pass). Off.
 KF_DV = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
@@ -1125,12 +1126,12 @@ def _bwd_kfdv_kernel(
         # the query chunks with linear terms on these keys: i (if CUR_LIN) and i + 1 (their dW blocks stored by the
         # query side, SAVE_DW), then i + 2 .. SC p + SC
         for t in tl.static_range(1 - CUR_LIN, 2):
-            dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, i + t, t, j, T, NT,
-                                  window, dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
+            dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, i + t, t, j, T, NT, window,
+                                  dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
         if SC > 1:  # (not software-pipelined: its buffers would cost the kernel its occupancy)
             for c in tl.range(i + 2, c_end, num_stages=1):
-                dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, 2, j, T,
-                                      NT, window, dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
+                dkf, dv = _kfdv_block(qfp, dop, rowp, sft, sdt, ZD, DELTA, DWL, v, kf, pid_bh, c, 2, j, T, NT, window,
+                                      dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
     _store_tile(_head(DVL, b, hk, svb, svh), dv, j, vv, T, DV, svt)
 
@@ -1292,9 +1293,8 @@ def _fwd_blocks(softmax: bool, lin: int, grad: bool) -> tuple[bool, bool]:
 def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV,
-            FUSED_FWD, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS,
-            tuple(LAUNCH.items()), LAUNCH_FP32)
+            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
+            SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1575,12 +1575,10 @@ class HybridAttentionFunction(torch.autograd.Function):
         if side:
             main.wait_event(side.reverse)
         if kf_dv:  # before the key side, which starts its dv from dvl
-            launch(_bwd_kfdv_kernel, (NT, B * Hkv),
-                   (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
+            launch(_bwd_kfdv_kernel, (NT, B * Hkv), (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
                    lambda: ((*strides()[6:], T, H, G, NT, window), dict(
                        DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
-                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw,
-                       **_options("bwd_kfdv", big, q.dtype))))
+                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, **_options("bwd_kfdv", big, q.dtype))))
         # the key side reads the query side's blocks: after it
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         if kf_dv and not softmax:  # _bwd_kfdv_kernel wrote dv: nothing is left for the key side
