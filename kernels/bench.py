@@ -343,6 +343,13 @@ TUNE = {
     "state 64x32": {"STATE_BV": 32},
     "state 32x32": {"STATE_BF": 32, "STATE_BV": 32},
     "state 32x32 2 warps": {"STATE_BF": 32, "STATE_BV": 32, "LAUNCH": {"state": (2, 3)}},
+    # register caps (chunk.MAXNREG): 3 programs of 4 warps an SM instead of 2 where a kernel uses more than 168
+    "bwd_q at most 168 registers": {"MAXNREG": {"bwd_q": 168}},
+    "state passes at most 168 registers": {"MAXNREG": {"state": 168}},
+    "bwd_kv at most 168 registers": {"MAXNREG": {"bwd_kv": 168}},
+    "fwd at most 168 registers": {"MAXNREG": {"fwd": 168}},
+    "bwd_q and state passes at most 168 registers": {"MAXNREG": {"bwd_q": 168, "state": 168}},
+    "bwd_q at most 168 registers, one stream": {"MAXNREG": {"bwd_q": 168}, "SIDE_STREAM": False},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -359,7 +366,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW", "WINDOW_BLOCKS", "FWD_P", "FWD_LIN",
          "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
-         "LAUNCH_PLANS", "LAUNCH_FP32")
+         "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG")
 
 
 def kernel_config() -> dict:

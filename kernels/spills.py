@@ -65,14 +65,15 @@ def _signature(fn, constexprs: dict, dtype: str):
     return sig, attrs
 
 
-def compile_stats(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int) -> dict:
-    """Compile ``fn`` for sm_90a and read ``ptxas -v``: registers, spill bytes, stack and shared memory."""
+def compile_stats(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
+    """Compile ``fn`` for sm_90a and read ``ptxas -v``: registers, spill bytes, stack and shared memory (``maxnreg``:
+    a cap on the registers a thread, as ``chunk.MAXNREG`` sets it)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     sig, attrs = _signature(fn, constexprs, dtype)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as fh:
@@ -182,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--rev-stride", type=int, nargs="+", default=[chunk.REV_STATE_STRIDE],
                     help="chunks per reverse state (REV_STATE_STRIDE)")
     ap.add_argument("--kernels", nargs="*", help="only kernels whose name starts with one of these")
+    ap.add_argument("--maxnreg", type=int, nargs="*",
+                    help="register caps a thread to try (default: chunk.MAXNREG, none for a kernel not in it)")
     args = ap.parse_args(argv)
     chunk.SAVE_P = chunk.SAVE_P or args.save_p
     chunk.WINDOW_BLOCKS = chunk.WINDOW_BLOCKS and not args.pair_blocks
@@ -192,8 +195,8 @@ def main(argv=None):
     chunk.FWD_LIN = chunk.FWD_LIN or args.fwd_blocks
 
     print(f"# triton {triton.__version__}, sm_90a, D=F=Dv={D}, BT={chunk.BT}, {args.dtype}; bytes per thread")
-    print("| mode | kernel | SC | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | kernel | SC | warps | stages | cap | registers | spill stores B | spill loads B | stack B | shared KiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     seen, failed = set(), 0
     grid = itertools.product(args.modes, args.out_bv, args.state_blocks, args.stride, args.rev_stride)
     for mode, out_bv, sb, sc, rsc in grid:
@@ -208,15 +211,17 @@ def main(argv=None):
                 name = f"{name} ({sb}x{sb})"
             warps0, stages0 = chunk.LAUNCH_FP32 if args.dtype == "fp32" else chunk.LAUNCH[launch]
             sc = constexprs.get("SC", "-")
-            for warps, stages in itertools.product(args.warps or [warps0], args.stages or [stages0]):
+            caps = args.maxnreg or [None if args.dtype == "fp32" else chunk.MAXNREG.get(launch)]
+            for warps, stages, cap in itertools.product(args.warps or [warps0], args.stages or [stages0], caps):
                 try:
-                    st = compile_stats(fn, constexprs, args.dtype, warps, stages)
+                    st = compile_stats(fn, constexprs, args.dtype, warps, stages, cap)
                 except Exception as err:  # one configuration that does not compile must not hide the others
                     failed += 1
-                    print(f"| {mode} | {name} | {sc} | {warps} | {stages} | failed: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:80]} | | | | |", flush=True)
+                    print(f"| {mode} | {name} | {sc} | {warps} | {stages} | {cap or '-'} | failed: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0][:80]} | | | | |", flush=True)
                     continue
-                print(f"| {mode} | {name} | {sc} | {warps} | {stages} | {st['registers']} | {st['spill_stores']} | "
+                print(f"| {mode} | {name} | {sc} | {warps} | {stages} | {cap or '-'} | {st['registers']} | "
+                      f"{st['spill_stores']} | "
                       f"{st['spill_loads']} | {st['stack']} | {st['shared'] / 1024:.0f} |", flush=True)
     if failed:
         print(f"# {failed} configuration(s) failed to compile", file=sys.stderr)

@@ -191,6 +191,11 @@ LAUNCH = {"state": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4,
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
 # 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
 LAUNCH_FP32 = (8, 1)
+# MAXNREG: a cap on the registers a thread of a kernel's 16-bit launch may use (ptxas .maxnreg; none by default).
+# With 4 warps a program, an SM holds 2 programs of up to 255 registers, 3 of up to 168 and 4 of up to 128 (64K
+# registers an SM): a cap trades spills (local memory, cached in L1) for more programs in flight to hide the
+# latency of their loads. `python -m linearize.kernels.spills --maxnreg N` shows what a cap spills.
+MAXNREG: dict[str, int] = {}
 # Launch plans (kernels/launch.py): the first forward / backward call of a key (shapes, strides, dtype, mode and the
 # settings above) launches through Triton and records every compiled kernel with its arguments; later calls of that
 # key hand only the tensors to the launchers. LAUNCH_PLANS = False launches every kernel through fn[grid](...).
@@ -1164,6 +1169,8 @@ def _options(name: str, big: bool, dtype: torch.dtype) -> dict:
         warps, stages = LAUNCH_FP32
     else:
         warps, stages = LAUNCH[name]
+        if MAXNREG.get(name):
+            return dict(num_warps=warps, num_stages=stages, maxnreg=MAXNREG[name])
     return dict(num_warps=warps, num_stages=stages)
 
 
@@ -1294,7 +1301,8 @@ def _switches() -> tuple:
     """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
-            SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32)
+            SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
+            tuple(MAXNREG.items()))
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
