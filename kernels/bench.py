@@ -350,6 +350,9 @@ TUNE = {
     "fwd at most 168 registers": {"MAXNREG": {"fwd": 168}},
     "bwd_q and state passes at most 168 registers": {"MAXNREG": {"bwd_q": 168, "state": 168}},
     "bwd_q at most 168 registers, one stream": {"MAXNREG": {"bwd_q": 168}, "SIDE_STREAM": False},
+    "reverse pass on do": {"REV_DO": True},
+    "reverse pass on do, one stream": {"REV_DO": True, "SIDE_STREAM": False},
+    "reverse pass on do, at most 168 registers": {"REV_DO": True, "MAXNREG": {"state": 168}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -366,7 +369,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW", "WINDOW_BLOCKS", "FWD_P", "FWD_LIN",
          "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
-         "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG")
+         "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO")
 
 
 def kernel_config() -> dict:

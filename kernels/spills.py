@@ -118,7 +118,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
         out.append(("state totals (fwd)", chunk._chunk_state_kernel, "state",
                     dict(state, PHASE=1, REVERSE=False, HAS_RB=False, SC=stride)))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",
-                    dict(state, PHASE=0, REVERSE=True, HAS_RB=True, SC=rev_stride)))
+                    dict(state, PHASE=0, REVERSE=True, HAS_RB=True, SC=rev_stride, HAS_RS=chunk.REV_DO)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd",
                 dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, FWD_P=False,
                      FWD_LIN=False, NDW=ndw)))
@@ -130,7 +130,8 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                     dict(heads, BV=out_bv, SC=stride, SBK=state_blocks, SBV=state_blocks, Z_DOT=chunk.STATE_Z_DOT,
                          ZPREC=state["ZPREC"], NTHREADS=32 * chunk.LAUNCH["fwd_fused"][0], WIN=chunk.WINDOW_BLOCKS,
                          **fwd_blocks)))
-    out.append(("delta", chunk._delta_kernel, "delta", dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin))))
+    out.append(("delta", chunk._delta_kernel, "delta",
+                dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin) and not chunk.REV_DO)))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,
                 SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p)
@@ -172,6 +173,7 @@ def main(argv=None):
     ap.add_argument("--pair-blocks", action="store_true", help="compile with chunk.WINDOW_BLOCKS off (block pairs)")
     ap.add_argument("--kf-in-kv", action="store_true", help="compile with chunk.KF_IN_KV on")
     ap.add_argument("--kf-dv", action="store_true", help="compile with chunk.KF_DV on")
+    ap.add_argument("--rev-do", action="store_true", help="compile with chunk.REV_DO on (the reverse pass on do)")
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
@@ -191,6 +193,7 @@ def main(argv=None):
     chunk.KF_IN_KV = chunk.KF_IN_KV or args.kf_in_kv
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
     chunk.KF_DV = chunk.KF_DV or args.kf_dv
+    chunk.REV_DO = chunk.REV_DO or args.rev_do
     chunk.FWD_P = chunk.FWD_P or args.fwd_blocks
     chunk.FWD_LIN = chunk.FWD_LIN or args.fwd_blocks
 

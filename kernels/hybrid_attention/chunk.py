@@ -164,6 +164,11 @@ KF_IN_KV = False
 # parts), 4.672 (4 parts) and 6.016 ms (4 parts, 8 warps) against 3.822; that layout was removed (kernel README,
 # fifteenth pass). Off.
 KF_DV = False
+# REV_DO: the reverse state pass reads do itself and scales the rows of phi(q) by 1 / Zd in registers (its dot's A
+# operand), so that the delta kernel writes no dA = do / Zd (at 32K, 32 heads: 0.27 GB written and read fewer). The
+# delta kernel's docstring has why dA exists: the pass once scaled do's rows (the dot's B operand, through shared
+# memory) and took 1.9x as long.
+REV_DO = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -359,13 +364,13 @@ def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.conste
 
 @triton.jit
 def _chunk_state_kernel(
-    X, Y, RB, HS, ZS, TOT, ZTOT,
+    X, Y, RB, RS, HS, ZS, TOT, ZTOT,
     sxb, sxt, sxh, syb, syt, syh,
     T, H, GY, NS, L, NTOT,
     F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee", SC: tl.constexpr = 1,
+    Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee", SC: tl.constexpr = 1, HAS_RS: tl.constexpr = False,
 ):
     """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t stores
     state p = t, or NS-1-t in reverse, then adds the SC chunks that separate it from the next state: one [SC BT, BK]
@@ -377,10 +382,12 @@ def _chunk_state_kernel(
     ones), so that every row of the [16, BK] result holds z (row 0 is stored), instead of a cross-warp column sum of
     x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
     ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was; two bf16 dots of x with rb split in a
-    high and a low bf16 part were no faster on an H200)."""
+    high and a low bf16 part were no faster on an H200).
+    HAS_RS: the rows of X enter the state (not z) divided by RS[bh, t] (REV_DO: phi(q) / Zd against do)."""
     _state_scan(X, Y, RB, HS, ZS, TOT, ZTOT, X, tl.program_id(0), tl.program_id(1), tl.program_id(2),
                 sxb, sxt, sxh, syb, syt, syh, T, H, GY, NS, L, NTOT,
-                F, DV, BF, BDV, BK, BV, BT, PHASE, REVERSE, HAS_RB, DT, PREC, Z_DOT, ZPREC, SC, False)
+                F, DV, BF, BDV, BK, BV, BT, PHASE, REVERSE, HAS_RB, DT, PREC, Z_DOT, ZPREC, SC, False,
+                RS=RS, HAS_RS=HAS_RS)
 
 
 @triton.jit
@@ -402,6 +409,7 @@ def _state_scan(
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     Z_DOT: tl.constexpr, ZPREC: tl.constexpr, SC: tl.constexpr, SIGNAL: tl.constexpr, NTHREADS: tl.constexpr = 128,
+    RS=None, HAS_RS: tl.constexpr = False,
 ):
     """The body of ``_chunk_state_kernel`` for one (state block, batch * head, segment). SIGNAL (the fused forward,
     one segment, forward only): once state p's block is stored, READY[bh, p] counts it (``_signal``), one step late,
@@ -461,6 +469,8 @@ def _state_scan(
             z += tl.sum(x.to(tl.float32) * _load_row(RB + rowp, rows, T, 0.0)[:, None], axis=0)
         else:
             z += tl.sum(x.to(tl.float32), axis=0)
+        if HAS_RS:  # x's rows scaled in registers: the dot's A operand, no round trip through shared memory
+            x = (x.to(tl.float32) / _load_row(RS + rowp, rows, T, 1.0)[:, None]).to(DT)
         S = tl.dot(tl.trans(x), y.to(DT), S, input_precision=PREC)
     if SIGNAL:
         _signal(READY + pid_bh.to(tl.int64) * NS + NS - 1, NTHREADS)
@@ -1229,11 +1239,12 @@ def _stride(reverse: bool) -> int:
 
 
 def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool, launch=direct,
-                 side: bool = False):
+                 side: bool = False, rs=None):
     """The states of the linear terms, one per SC chunks (STATE_STRIDE, or REV_STATE_STRIDE in reverse), from the
     state pass.
 
-    x: [B, T, H, F]; y: [B, T, H / heads_per_y, Dv]; rb: [B*H, T] fp32 row weights of z or None (= 1).
+    x: [B, T, H, F]; y: [B, T, H / heads_per_y, Dv]; rb: [B*H, T] fp32 row weights of z or None (= 1); rs: [B*H, T]
+    fp32 row divisors of the state (x_t / rs_t in place of x_t in hs, not in zs) or None (= 1).
     Forward (reverse=False): hs[bh, p] = sum_{t in chunks <= SC p - 2} x_t^T y_t, zs[bh, p] = sum x_t rb_t;
     reverse: the same over chunks >= SC p + SC + 1.
     Returns hs [B*H, NS, BF, BDV] in ``dtype`` (zero padded to powers of two) and zs [B*H, NS, BF] fp32,
@@ -1250,25 +1261,27 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     zs = torch.empty(B * H, NS, BF, device=x.device, dtype=torch.float32)
     L = STATE_SEG if STATE_SEG > 0 else NS  # steps of the scan per segment
     nseg = _cdiv(NS, L)
-    has_rb = rb is not None
-    rb = zs if rb is None else rb  # a dummy, never read
+    has_rb, has_rs = rb is not None, rs is not None
+    rb = zs if rb is None else rb  # dummies, never read
+    rs = zs if rs is None else rs
 
     def rest(phase):  # the arguments after the tensors, bound only when the launch is not replayed
         return lambda: (
             (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
              T, H, heads_per_y, NS, L, max(nseg - 1, 1)),
-            dict(_state_meta(F, Dv, dtype, big, reverse, side), REVERSE=reverse, HAS_RB=has_rb, PHASE=phase),
+            dict(_state_meta(F, Dv, dtype, big, reverse, side), REVERSE=reverse, HAS_RB=has_rb, PHASE=phase,
+                 HAS_RS=has_rs),
         )
 
     if nseg == 1:
-        launch(_chunk_state_kernel, (blocks, B * H, 1), (x, y, rb, hs, zs, zs, zs), rest(0))
+        launch(_chunk_state_kernel, (blocks, B * H, 1), (x, y, rb, rs, hs, zs, zs, zs), rest(0))
         return hs, zs
     # two levels: the totals of segments 0 .. nseg-2 (the last one's is never needed), then every segment's
     # states from the sum of the totals before it
     tot = torch.empty(B * H, nseg - 1, BF, BDV, device=x.device, dtype=torch.float32)
     ztot = torch.empty(B * H, nseg - 1, BF, device=x.device, dtype=torch.float32)
     for phase, n in ((1, nseg - 1), (2, nseg)):
-        launch(_chunk_state_kernel, (blocks, B * H, n), (x, y, rb, hs, zs, tot, ztot), rest(phase))
+        launch(_chunk_state_kernel, (blocks, B * H, n), (x, y, rb, rs, hs, zs, tot, ztot), rest(phase))
     return hs, zs
 
 
@@ -1302,6 +1315,7 @@ def _switches() -> tuple:
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
+            REV_DO,
             tuple(MAXNREG.items()))
 
 
@@ -1481,7 +1495,8 @@ class HybridAttentionFunction(torch.autograd.Function):
             side.stream.wait_event(side.fork)
         delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         rb = torch.empty_like(delta)
-        dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if lin else do  # (a dummy without linear terms)
+        # dA = do / Zd for the reverse pass, unless it scales phi(q) itself (REV_DO); do is the dummy without it
+        dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if lin and not REV_DO else do
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin and not kept:  # (before delta: it needs none of the backward's buffers)
             hs, zs = chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
@@ -1494,7 +1509,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda dA=dA: (
             (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
              dA.stride(0), dA.stride(1), dA.stride(2), T, H),
-            dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin), **_options("delta", big, q.dtype)),
+            dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin) and not REV_DO, **_options("delta", big, q.dtype)),
         ))  # fmt: skip
         if lin:
             if side:
@@ -1502,7 +1517,7 @@ class HybridAttentionFunction(torch.autograd.Function):
                 side.stream.wait_event(side.delta)
             # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
             dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
-                                    launch=state_launch, side=side_wanted)
+                                    launch=state_launch, side=side_wanted, rs=ZD if REV_DO else None)
             if side:
                 side.reverse.record(side.stream)
                 dA.record_stream(side.stream)  # read there: not reused before the reverse pass is done

@@ -496,6 +496,50 @@ def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weight
     assert (hs[:, :, F:] == 0).all() and (hs[:, :, :, DV:] == 0).all(), "padding of the states must be zero"
 
 
+@needs_interpreter
+@pytest.mark.parametrize("seg,stride", [(0, 1), (2, 2)], ids=["one-pass-sc1", "seg2-sc2"])
+def test_triton_state_pass_row_divisors_scale_the_state_not_z(seg, stride, monkeypatch, interpret):
+    """REV_DO's reverse pass: x's rows divided by rs enter the state h, the undivided rows z (against rb); over two
+    F / Dv blocks, padded head dims and a partial last chunk, in one pass and in segments."""
+    monkeypatch.setattr(chunk, "STATE_BF", 16)
+    monkeypatch.setattr(chunk, "STATE_BV", 16)
+    monkeypatch.setattr(chunk, "STATE_SEG", seg)
+    monkeypatch.setattr(chunk, "REV_STATE_STRIDE", stride)
+    B, T, H, F, DV = 1, 330, 2, 24, 20
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, T, H, F, generator=g).softmax(-1)
+    y = torch.randn(B, T, H, DV, generator=g)
+    rb = torch.randn(B * H, T, generator=g)
+    rs = torch.rand(B * H, T, generator=g) * 4 + 0.5
+    hs, zs = chunk.chunk_states(x, y, rb, heads_per_y=1, reverse=True, dtype=torch.float32, big=False, rs=rs)
+    scaled = x / rs.view(B, H, T).permute(0, 2, 1)[..., None]
+    ref_hs, _ = chunk_states_reference(scaled, y, rb, 1, True, stride)
+    _, ref_zs = chunk_states_reference(x, y, rb, 1, True, stride)
+    assert_close("state h", ref_hs, hs[:, :, :F, :DV], torch.float32)
+    assert_close("state z", ref_zs, zs[:, :, :F], torch.float32)
+
+
+# (mode, window, settings): the reverse pass on do with phi(q) divided by Zd in the pass (REV_DO; no dA buffer), at
+# reverse strides 1, 2 and 4, with recomputed states and in segments
+REV_DO_CASES = [
+    ("hybrid", 64, {}),
+    ("overlap", 33, {"REV_STATE_STRIDE": 2, "KEEP_STATES": False}),
+    ("la_only", 64, {"REV_STATE_STRIDE": 4, "STATE_SEG": 2}),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,w,settings", REV_DO_CASES, ids=settings_ids(REV_DO_CASES))
+def test_triton_interpreter_reverse_pass_on_do(mode, w, settings, monkeypatch, interpret):
+    monkeypatch.setattr(chunk, "REV_DO", True)
+    for name, value in settings.items():
+        monkeypatch.setattr(chunk, name, value)
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 31)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=w, softmax=softmax, linear=linear)
+
+
 def _ptxas_missing() -> str | None:
     try:
         from triton.backends.nvidia.compiler import get_ptxas
@@ -805,7 +849,10 @@ OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
                    "KF_DV": True, "LAUNCH": {"bwd_kfdv": (8, 1)}, "REV_STATE_STRIDE": 2},
                "fused-forward": {"FUSED_FWD": True},
                "forward-blocks": {"FWD_P": True, "FWD_LIN": True},
-               "forward-blocks-rev2-fused": {"FWD_P": True, "FWD_LIN": True, "REV_STATE_STRIDE": 2, "FUSED_FWD": True}}
+               "forward-blocks-rev2-fused": {"FWD_P": True, "FWD_LIN": True, "REV_STATE_STRIDE": 2, "FUSED_FWD": True},
+               "reverse-pass-on-do": {"REV_DO": True},
+               "reverse-pass-on-do-rev2": {"REV_DO": True, "REV_STATE_STRIDE": 2},
+               "register-caps-168": {"MAXNREG": {"bwd_q": 168, "state": 168, "bwd_kv": 168, "fwd": 168}}}
 
 
 @pytest.mark.gpu
