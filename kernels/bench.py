@@ -353,6 +353,11 @@ TUNE = {
     "reverse pass on do": {"REV_DO": True},
     "reverse pass on do, one stream": {"REV_DO": True, "SIDE_STREAM": False},
     "reverse pass on do, at most 168 registers": {"REV_DO": True, "MAXNREG": {"state": 168}},
+    "linear backward in the reverse scan": {"REV_LIN": True},
+    "linear backward in the reverse scan, segments of 16": {"REV_LIN": True, "REV_SEG": 16},
+    "linear backward in the reverse scan, segments of 64": {"REV_LIN": True, "REV_SEG": 64},
+    "linear backward in the reverse scan, one stream": {"REV_LIN": True, "SIDE_STREAM": False},
+    "linear backward in the reverse scan, 1 stage": {"REV_LIN": True, "LAUNCH": {"bwd_rev": (8, 1)}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -369,7 +374,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW", "WINDOW_BLOCKS", "FWD_P", "FWD_LIN",
          "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
-         "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO")
+         "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG")
 
 
 def kernel_config() -> dict:

@@ -154,7 +154,12 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
         if softmax:
             out.append(("bwd_kv (KF_DV)", chunk._bwd_kv_kernel, "bwd_kv",
                         dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DV_INIT=True)))
-    if lin and not chunk.KF_IN_KV and not chunk.KF_DV:
+    if lin and chunk.REV_LIN:  # the key side's linear terms in the reverse scan; the key side sums the heads' dv
+        out.append(("bwd_rev (REV_LIN)", chunk._bwd_rev_kernel, "bwd_rev",
+                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec)))
+        out.append(("bwd_kv (REV_LIN)", chunk._bwd_kv_kernel, "bwd_kv",
+                    dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DVL_HEADS=True)))
+    if lin and not chunk.KF_IN_KV and not chunk.KF_DV and not chunk.REV_LIN:
         out.append(("bwd_kf", chunk._bwd_kf_kernel, "bwd_kf",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
                          SC=rev_stride, GROUP=chunk.GROUP_HEADS, SAVE_DW=chunk.SAVE_DW and softmax, NDW=ndw)))
@@ -174,6 +179,8 @@ def main(argv=None):
     ap.add_argument("--kf-in-kv", action="store_true", help="compile with chunk.KF_IN_KV on")
     ap.add_argument("--kf-dv", action="store_true", help="compile with chunk.KF_DV on")
     ap.add_argument("--rev-do", action="store_true", help="compile with chunk.REV_DO on (the reverse pass on do)")
+    ap.add_argument("--rev-lin", action="store_true",
+                    help="compile with chunk.REV_LIN on (the key side's linear terms in the reverse scan)")
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
@@ -194,6 +201,7 @@ def main(argv=None):
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
     chunk.KF_DV = chunk.KF_DV or args.kf_dv
     chunk.REV_DO = chunk.REV_DO or args.rev_do
+    chunk.REV_LIN = chunk.REV_LIN or args.rev_lin
     chunk.FWD_P = chunk.FWD_P or args.fwd_blocks
     chunk.FWD_LIN = chunk.FWD_LIN or args.fwd_blocks
 

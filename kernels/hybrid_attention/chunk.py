@@ -169,6 +169,16 @@ KF_DV = False
 # delta kernel's docstring has why dA exists: the pass once scaled do's rows (the dot's B operand, through shared
 # memory) and took 1.9x as long.
 REV_DO = False
+# REV_LIN: the key side's linear terms in the reverse scan itself (_bwd_rev_kernel): one program per (segment of
+# REV_SEG key chunks, batch * head) holds the whole reverse state [F, Dv] in registers and, for each key chunk of its
+# segment, writes dk_feat whole (the state term v dh^T + dz and the local terms) and this head's linear terms of dv
+# (phi(k) dh and the local ones), which the key side adds over the G heads of a kv head. No reverse state goes
+# through memory (at 32K, 32 heads: 0.54 GB written and read twice by the key side and dk_feat) and neither
+# _bwd_kf_kernel nor the key side's linear blocks run; the scan's chain is cut into segments whose starting states
+# come from a first pass of segment totals (``_chunk_state_kernel`` phase 1), for NT / REV_SEG (B H) programs.
+# (REV_DO, KF_DV, KF_IN_KV, SIDE_KF and REV_STATE_STRIDE are ignored.)
+REV_LIN = False
+REV_SEG = 32
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -191,7 +201,7 @@ SIDE_STATE_BLOCKS = None
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
 # 6.36 -> 5.46 ms against 8 warps (H200).
 LAUNCH = {"state": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3), "bwd_q": (4, 1), "bwd_kv": (4, 1),
-          "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1)}
+          "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (8, 2)}
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
 # 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
@@ -930,11 +940,14 @@ def _bwd_dv_pass(
     BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr,
     PREC: tl.constexpr, SC: tl.constexpr, SAVE_P: tl.constexpr, WIN: tl.constexpr, WITH_KF: tl.constexpr,
     SAVE_DW: tl.constexpr, NDW: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr, DV_INIT: tl.constexpr,
+    DVL_HEADS: tl.constexpr = False,
 ):
     """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v. WITH_KF
     (KF_IN_KV): dk_feat of each of those heads too, from the reverse state and the query rows this pass reads, in
     place of _bwd_kf_kernel (written per query head, in the dtype of the features). DV_INIT (KF_DV; the host then
-    passes LINEAR = 0): dv starts from its linear terms, written to DVL by _bwd_kfdv_kernel."""
+    passes LINEAR = 0): dv starts from its linear terms, written to DVL by _bwd_kfdv_kernel. DVL_HEADS (REV_LIN; LINEAR
+    = 0 too): dv adds each query head's linear terms, written per query head to DVL (laid out as do) by
+    _bwd_rev_kernel."""
     vv = tl.arange(0, BDV)
     ff = tl.arange(0, BF)
     kp = _head(K, b, hk, skb, skh)
@@ -943,6 +956,8 @@ def _bwd_dv_pass(
     nq = 2  # query chunks seen exactly: i, i + 1 and, for SC > 1, i + 2 .. SC p + SC (linear terms only)
     if LINEAR != 0 and SC > 1:
         nq = tl.maximum(tl.minimum(p * SC + SC + 1, NT) - i, 2)
+    if not SOFTMAX and LINEAR == 0:  # (REV_LIN, linear-only: dv is the sum of DVL's heads)
+        nq = 0
     if DV_INIT:
         dv = _load_tile(_head(DVL, b, hk, svb, svh), j, vv, T, DV, svt).to(tl.float32)
     else:
@@ -958,6 +973,8 @@ def _bwd_dv_pass(
         rowp = pid_bh.to(tl.int64) * T
         gamma = tl.load(GAMMA + h).to(tl.float32)
         kfp = _head(KF, b, h, sfb, sfh)
+        if DVL_HEADS:
+            dv += _load_tile(_head(DVL, b, h, sdb, sdh), j, vv, T, DV, sdt).to(tl.float32)
         if LINEAR != 0:  # queries of chunks >= SC p + SC + 1 through the reverse state of the group: dh^T phi(k_j)
             kf = _load_tile(kfp, j, ff, T, F, sft)
             dh = tl.load(_state_ptr(DHS, pid_bh, p, NS, BF, BDV, ff, vv))
@@ -1012,7 +1029,7 @@ def _bwd_kv_kernel(
     DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1, SAVE_P: tl.constexpr = False,
     WIN: tl.constexpr = False, WITH_KF: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
     NDW: tl.constexpr = 2, DG_SUM: tl.constexpr = False, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False,
-    DV_INIT: tl.constexpr = False,
+    DV_INIT: tl.constexpr = False, DVL_HEADS: tl.constexpr = False,
 ):
     """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
     the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
@@ -1029,7 +1046,7 @@ def _bwd_kv_kernel(
         _bwd_dv_pass(Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, LB, DVL, b, hk, i, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window,
                      scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, SAVE_P, WIN,
-                     WITH_KF and LINEAR != 0, SAVE_DW, NDW, FWD_P, FWD_LIN, DV_INIT)
+                     WITH_KF and LINEAR != 0, SAVE_DW, NDW, FWD_P, FWD_LIN, DV_INIT, DVL_HEADS)
     if SOFTMAX and DO_DK:
         _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC, WIN)
     if SOFTMAX and DO_DK and DG_SUM:
@@ -1149,6 +1166,84 @@ def _bwd_kfdv_kernel(
                                       dkf, dv, DV, F, BDV, BF, BT, LINEAR, DT, PREC, SAVE_DW, NDW)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
     _store_tile(_head(DVL, b, hk, svb, svh), dv, j, vv, T, DV, svt)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# backward, the key side's linear terms in the reverse scan (REV_LIN): one program per (segment of REV_SEG key chunks,
+# batch * head) holding the whole reverse state [F, Dv], so that no reverse state goes through memory
+
+
+@triton.jit
+def _rev_dv(qf, da, kf, n, j, T, window, dv, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """dv_j += sum_n a_nj dA_n over query rows n (tiles phi(q), dA) on key rows j (tile phi(k)), a = phi(q) phi(k)^T on
+    L(n)."""
+    a = tl.where(_lin_mask(n, j, T, window, LINEAR), tl.dot(qf, tl.trans(kf), input_precision=PREC), 0.0)
+    return tl.dot(tl.trans(a.to(DT)), da, dv, input_precision=PREC)
+
+
+@triton.jit
+def _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """dkf_j += sum_n da_nj phi(q_n) over query rows n (tiles phi(q), dA, dZ) on key rows j (tile v), da = dA v^T + dZ
+    on L(n)."""
+    da_w = tl.dot(da, tl.trans(v), input_precision=PREC) + rb[:, None]
+    da_w = tl.where(_lin_mask(n, j, T, window, LINEAR), da_w, 0.0)
+    return tl.dot(tl.trans(da_w.to(DT)), qf, dkf, input_precision=PREC)
+
+
+@triton.jit
+def _bwd_rev_kernel(
+    QF, KF, V, DA, RB, TOT, ZTOT, DKF, DVL,
+    svb, svt, svh, sfb, sft, sfh, sab, sat, sah,
+    T, H, G, NT, L, NTOT, window,
+    DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+    LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head: with the
+    reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers,
+    dk_feat_j = v_j dh^T + dz + the local terms of query chunks i + 1 (and i if CUR_LIN), written in the dtype of the
+    features, and this head's linear terms of dv_j = phi(k_j) dh + its local terms, written per query head to DVL
+    (the key side sums the G heads of a kv head). Then chunk i + 1 enters the state. The state starts from the
+    totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s phase 1 over the same segments)."""
+    seg = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    ff = tl.arange(0, BF)
+    vv = tl.arange(0, BDV)
+    qfp = _head(QF, b, h, sfb, sfh)
+    kfp = _head(KF, b, h, sfb, sfh)
+    vp = _head(V, b, h // G, svb, svh)
+    dap = _head(DA, b, h, sab, sah)
+    rowp = pid_bh.to(tl.int64) * T
+    S = tl.zeros([BF, BDV], dtype=tl.float32)
+    z = tl.zeros([BF], dtype=tl.float32)
+    for s in range(0, seg):
+        S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
+        z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + ff)
+    for t in range(seg * L, tl.minimum(seg * L + L, NT)):
+        i = NT - 1 - t
+        j = i * BT + tl.arange(0, BT)
+        kf = _load_tile(kfp, j, ff, T, F, sft)
+        sb = S.to(DT)
+        n = j + BT  # query chunk i + 1: its local terms, then into the state
+        qf = _load_tile(qfp, n, ff, T, F, sft)
+        da = _load_tile(dap, n, vv, T, DV, sat)
+        rb = _load_row(RB + rowp, n, T, 0.0)
+        # dv, then dk_feat: one fp32 accumulator live at a time beside the state
+        dv = _rev_dv(qf, da, kf, n, j, T, window, tl.dot(kf, sb, input_precision=PREC), LINEAR, DT, PREC)
+        if CUR_LIN:
+            dv = _rev_dv(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat), kf, j, j, T, window,
+                         dv, LINEAR, DT, PREC)
+        _store_tile(_head(DVL, b, h, sab, sah), dv, j, vv, T, DV, sat)
+        v = _load_tile(vp, j, vv, T, DV, svt)
+        dkf = tl.dot(v, tl.trans(sb), input_precision=PREC) + z[None, :]
+        dkf = _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC)
+        if CUR_LIN:
+            dkf = _rev_dkf(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat),
+                           _load_row(RB + rowp, j, T, 0.0), v, j, j, T, window, dkf, LINEAR, DT, PREC)
+        _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
+        z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
+        S = tl.dot(tl.trans(qf), da, S, input_precision=PREC)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1285,6 +1380,43 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     return hs, zs
 
 
+def _rev_segments(T: int) -> tuple[int, int]:
+    """(steps per segment, segments) of REV_LIN's reverse scan over the NT key chunks of T tokens."""
+    NT = _cdiv(T, BT)
+    L = max(1, min(REV_SEG, NT))
+    return L, _cdiv(NT, L)
+
+
+def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: int, dtype: torch.dtype, big: bool,
+                        launch=direct):
+    """REV_LIN: (dk_feat [B, T, H, F] in the dtype of the features, the linear terms of dv per query head
+    [B, T, H, Dv] in the dtype of dA) from the reverse scan in segments; the first segment (the last key chunks)
+    starts from zero, every other one from the totals of the segments before it."""
+    B, T, H, F = q_feat.shape
+    Dv = dA.shape[-1]
+    NT = _cdiv(T, BT)
+    L, nseg = _rev_segments(T)
+    BF, BDV, BK, BV = _state_tiles(F, Dv)
+    tot = torch.empty(B * H, max(nseg - 1, 1), BF, BDV, device=q_feat.device, dtype=torch.float32)
+    ztot = torch.empty(B * H, max(nseg - 1, 1), BF, device=q_feat.device, dtype=torch.float32)
+    if nseg > 1:  # the totals of segments 0 .. nseg-2 (phase 1 of the state pass, one state per chunk)
+        launch(_chunk_state_kernel, ((BF // BK) * (BDV // BV), B * H, nseg - 1),
+               (q_feat, dA, rb, rb, tot, ztot, tot, ztot), lambda: (
+            (q_feat.stride(0), q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
+             T, H, 1, NT, L, nseg - 1),
+            dict(_state_meta(F, Dv, dtype, big, True), SC=1, REVERSE=True, HAS_RB=True, PHASE=1, HAS_RS=False),
+        ))  # fmt: skip
+    dkf = torch.empty_like(k_feat)
+    dvh = torch.empty_like(dA)
+    launch(_bwd_rev_kernel, (nseg, B * H), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh), lambda: (
+        (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
+         dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
+        dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
+             DT=_dot_dtype(dtype), PREC=_prec(dtype), **_options("bwd_rev", big, dtype)),
+    ))  # fmt: skip
+    return dkf, dvh, (tot, ztot)
+
+
 def _grid(NT: int, B: int, H: int, G: int, *middle: int) -> tuple:
     """Grid of a kernel whose programs take (chunk, batch * head) from ``_chunk_and_head`` (GROUP_HEADS)."""
     if GROUP_HEADS:
@@ -1315,7 +1447,7 @@ def _switches() -> tuple:
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
-            REV_DO,
+            REV_DO, REV_LIN, REV_SEG,
             tuple(MAXNREG.items()))
 
 
@@ -1495,8 +1627,10 @@ class HybridAttentionFunction(torch.autograd.Function):
             side.stream.wait_event(side.fork)
         delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         rb = torch.empty_like(delta)
+        rev_lin = REV_LIN and bool(lin)  # the key side's linear terms in the reverse scan
         # dA = do / Zd for the reverse pass, unless it scales phi(q) itself (REV_DO); do is the dummy without it
-        dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if lin and not REV_DO else do
+        has_da = bool(lin) and (rev_lin or not REV_DO)
+        dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if has_da else do
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin and not kept:  # (before delta: it needs none of the backward's buffers)
             hs, zs = chunk_states(k_feat, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
@@ -1509,22 +1643,26 @@ class HybridAttentionFunction(torch.autograd.Function):
         launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda dA=dA: (
             (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
              dA.stride(0), dA.stride(1), dA.stride(2), T, H),
-            dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=bool(lin) and not REV_DO, **_options("delta", big, q.dtype)),
+            dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=has_da, **_options("delta", big, q.dtype)),
         ))  # fmt: skip
         if lin:
             if side:
                 side.delta.record(main)
                 side.stream.wait_event(side.delta)
-            # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
-            dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
-                                    launch=state_launch, side=side_wanted, rs=ZD if REV_DO else None)
+            if rev_lin:  # dk_feat and dv's linear terms per query head, no reverse states in memory
+                dkf, dvh, rev_tmp = rev_linear_backward(q_feat, k_feat, v, dA, rb, G=G, window=window, lin=lin,
+                                                        dtype=q.dtype, big=big, launch=state_launch)
+            else:  # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
+                dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
+                                        launch=state_launch, side=side_wanted, rs=ZD if REV_DO else None)
             if side:
                 side.reverse.record(side.stream)
                 dA.record_stream(side.stream)  # read there: not reused before the reverse pass is done
         del dA  # before the gradient buffers: it is not alive at their peak
         dq = torch.empty_like(q)  # every buffer below is written in full by the kernels of the terms that use it
         dqf = torch.empty_like(q_feat) if lin else q
-        dkf = torch.empty_like(k_feat) if lin else q
+        if not rev_lin:
+            dkf = torch.empty_like(k_feat) if lin else q
         # k / v are contiguous (_c), so dk / dv share their strides
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
@@ -1559,11 +1697,13 @@ class HybridAttentionFunction(torch.autograd.Function):
                      DT=DT, PREC=PREC, SC=sc), **switches, **_options(options, big, q.dtype)))
 
         group = dict(GROUP=GROUP_HEADS)
-        kf_dv = KF_DV and bool(lin)  # dk_feat and dv's linear terms in one kernel, per kv head
-        kf_in_kv = KF_IN_KV and bool(lin) and not kf_dv  # dk_feat in the key side's dv pass: no _bwd_kf_kernel
-        side_kf = SIDE_KF and lin and not kf_in_kv and not kf_dv
+        kf_dv = KF_DV and bool(lin) and not rev_lin  # dk_feat and dv's linear terms in one kernel, per kv head
+        kf_in_kv = KF_IN_KV and bool(lin) and not kf_dv and not rev_lin  # dk_feat in the key side's dv pass
+        side_kf = SIDE_KF and lin and not kf_in_kv and not kf_dv and not rev_lin
         # KF_DV: dv's linear terms, fp32, for the key side's dv pass to start from (dv itself without softmax terms)
         dvl = torch.empty(B, T, Hkv, Dv, device=dev, dtype=torch.float32) if kf_dv and softmax else dv
+        if rev_lin:  # (REV_LIN: the per-head linear terms of dv, which the key side sums)
+            dvl = dvh
 
         def kf(launch):  # dk_feat, from the reverse states
             launch(_bwd_kf_kernel, _grid(NT, B, H, G), (q_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf), lambda: (
@@ -1606,16 +1746,17 @@ class HybridAttentionFunction(torch.autograd.Function):
         kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
         if kf_dv and not softmax:  # _bwd_kfdv_kernel wrote dv: nothing is left for the key side
             kv_parts = []
-        # (KF_DV: the dv pass has no linear terms left)
-        kv_lin = dict(LINEAR=0, CUR_LIN=0, FWD_LIN=False) if kf_dv else dict(FWD_LIN=fwd_lin)
+        # (KF_DV, REV_LIN: the dv pass has no linear terms left)
+        kv_lin = dict(LINEAR=0, CUR_LIN=0, FWD_LIN=False) if kf_dv or rev_lin else dict(FWD_LIN=fwd_lin)
         for part in kv_parts:
             launch(_bwd_kv_kernel, (NT, B * Hkv),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs, lb,
                     dvl),
                    rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS,
                         WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw, DG_SUM=dg_sum,
-                        FWD_P=fwd_p, DV_INIT=kf_dv and part.get("DO_DV", True), **kv_lin))
-        if lin and not side_kf and not kf_in_kv and not kf_dv:
+                        FWD_P=fwd_p, DV_INIT=kf_dv and part.get("DO_DV", True),
+                        DVL_HEADS=rev_lin and part.get("DO_DV", True), **kv_lin))
+        if lin and not side_kf and not kf_in_kv and not kf_dv and not rev_lin:
             kf(launch)
         elif side and side_kf:
             main.wait_event(side.kf)  # the join: every tensor the side stream used outlives this point

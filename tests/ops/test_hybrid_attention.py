@@ -540,6 +540,35 @@ def test_triton_interpreter_reverse_pass_on_do(mode, w, settings, monkeypatch, i
                         window=w, softmax=softmax, linear=linear)
 
 
+# (mode, window, settings): the key side's linear terms in the reverse scan (REV_LIN): hybrid at w = BT and below it
+# (CUR_LIN: the same chunk's linear block), overlap and linear-only (no key-side softmax terms: the key side only
+# sums the heads' dv), the scan in one segment or in segments of 2 or 4 chunks (T = 330: 6 chunks), with the flags
+# REV_LIN ignores set
+REV_LIN_CASES = [
+    ("hybrid", 64, {"REV_SEG": 2}),
+    ("hybrid", 33, {"REV_SEG": 4, "KF_DV": True, "REV_STATE_STRIDE": 2}),
+    ("overlap", 64, {"REV_SEG": 32, "REV_DO": True}),
+    ("la_only", 64, {"REV_SEG": 2, "KF_IN_KV": True, "SIDE_KF": True}),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,w,settings", REV_LIN_CASES, ids=settings_ids(REV_LIN_CASES))
+def test_triton_interpreter_linear_backward_in_the_reverse_scan(mode, w, settings, monkeypatch, interpret):
+    monkeypatch.setattr(chunk, "REV_LIN", True)
+    for name, value in settings.items():
+        monkeypatch.setattr(chunk, name, value)
+    softmax, linear = MODES[mode]
+    launched = spy_launches(monkeypatch, "_bwd_rev_kernel", "_bwd_kf_kernel", "_bwd_kfdv_kernel", "_bwd_kv_kernel")
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 41)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=w, softmax=softmax, linear=linear)
+    nseg = -(-6 // min(settings["REV_SEG"], 6))
+    assert launched["_bwd_rev_kernel"] == [(nseg, 4)]  # (segments, batch * heads)
+    assert "_bwd_kf_kernel" not in launched and "_bwd_kfdv_kernel" not in launched
+    assert len(launched["_bwd_kv_kernel"]) == 1
+
+
 def _ptxas_missing() -> str | None:
     try:
         from triton.backends.nvidia.compiler import get_ptxas
@@ -852,7 +881,9 @@ OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
                "forward-blocks-rev2-fused": {"FWD_P": True, "FWD_LIN": True, "REV_STATE_STRIDE": 2, "FUSED_FWD": True},
                "reverse-pass-on-do": {"REV_DO": True},
                "reverse-pass-on-do-rev2": {"REV_DO": True, "REV_STATE_STRIDE": 2},
-               "register-caps-168": {"MAXNREG": {"bwd_q": 168, "state": 168, "bwd_kv": 168, "fwd": 168}}}
+               "register-caps-168": {"MAXNREG": {"bwd_q": 168, "state": 168, "bwd_kv": 168, "fwd": 168}},
+               "linear-backward-in-the-reverse-scan": {"REV_LIN": True},
+               "linear-backward-in-the-reverse-scan-seg8": {"REV_LIN": True, "REV_SEG": 8}}
 
 
 @pytest.mark.gpu
