@@ -357,7 +357,12 @@ TUNE = {
     "linear backward in the reverse scan, segments of 16": {"REV_LIN": True, "REV_SEG": 16},
     "linear backward in the reverse scan, segments of 64": {"REV_LIN": True, "REV_SEG": 64},
     "linear backward in the reverse scan, one stream": {"REV_LIN": True, "SIDE_STREAM": False},
-    "linear backward in the reverse scan, 1 stage": {"REV_LIN": True, "LAUNCH": {"bwd_rev": (8, 1)}},
+    "linear backward in the reverse scan, 1 stage": {"REV_LIN": True, "LAUNCH": {"bwd_rev": (4, 1)}},
+    "linear backward in the reverse scan, 8 warps": {"REV_LIN": True, "LAUNCH": {"bwd_rev": (8, 2)}},
+    "linear backward in the reverse scan, unsplit, 8 warps": {"REV_LIN": True, "REV_SPLIT": 1,
+                                                              "LAUNCH": {"bwd_rev": (8, 2)}},
+    "linear backward in the reverse scan, bwd_q at most 168 registers": {"REV_LIN": True, "MAXNREG": {"bwd_q": 168}},
+    "bwd_q and bwd_kv at most 168 registers": {"MAXNREG": {"bwd_q": 168, "bwd_kv": 168}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -374,7 +379,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW", "WINDOW_BLOCKS", "FWD_P", "FWD_LIN",
          "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
-         "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG")
+         "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT")
 
 
 def kernel_config() -> dict:

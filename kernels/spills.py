@@ -41,7 +41,7 @@ DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (
 # states);
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers)
 DATA_PTRS = {"X", "Y", "HS", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_",
-             "PS", "DS", "DWL", "PB", "LB"}
+             "PS", "DS", "DWL", "PB", "LB", "DVH"}
 INT_PTRS = {"READY", "ARG"}  # the fused forward's per-state counts and ticket, the forward's arg maxes
 FLOAT_SCALARS = {"scale", "eps"}
 
@@ -156,7 +156,8 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                         dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DV_INIT=True)))
     if lin and chunk.REV_LIN:  # the key side's linear terms in the reverse scan; the key side sums the heads' dv
         out.append(("bwd_rev (REV_LIN)", chunk._bwd_rev_kernel, "bwd_rev",
-                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec)))
+                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
+                         NV=chunk.REV_SPLIT, NF=chunk.REV_SPLIT)))
         out.append(("bwd_kv (REV_LIN)", chunk._bwd_kv_kernel, "bwd_kv",
                     dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DVL_HEADS=True)))
     if lin and not chunk.KF_IN_KV and not chunk.KF_DV and not chunk.REV_LIN:

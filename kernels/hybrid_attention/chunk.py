@@ -179,6 +179,11 @@ REV_DO = False
 # (REV_DO, KF_DV, KF_IN_KV, SIDE_KF and REV_STATE_STRIDE are ignored.)
 REV_LIN = False
 REV_SEG = 32
+# REV_SPLIT: the programs of a (segment, head) in REV_LIN: REV_SPLIT for dv's Dv columns and REV_SPLIT for dk_feat's
+# F columns, each holding its block of the reverse state (the dv programs all of F and their Dv columns, the dk_feat
+# ones their F rows and all of Dv) and running the scan on it. H100, 32K: one program for both (the whole state, 8
+# warps: 255 registers and 252 B of spills a thread) took 1.18 ms for the kernel.
+REV_SPLIT = 2
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -201,7 +206,7 @@ SIDE_STATE_BLOCKS = None
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
 # 6.36 -> 5.46 ms against 8 warps (H200).
 LAUNCH = {"state": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3), "bwd_q": (4, 1), "bwd_kv": (4, 1),
-          "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (8, 2)}
+          "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2)}
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
 # 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
@@ -1176,67 +1181,115 @@ def _bwd_kfdv_kernel(
 @triton.jit
 def _rev_dv(qf, da, kf, n, j, T, window, dv, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """dv_j += sum_n a_nj dA_n over query rows n (tiles phi(q), dA) on key rows j (tile phi(k)), a = phi(q) phi(k)^T on
-    L(n)."""
-    a = tl.where(_lin_mask(n, j, T, window, LINEAR), tl.dot(qf, tl.trans(kf), input_precision=PREC), 0.0)
-    return tl.dot(tl.trans(a.to(DT)), da, dv, input_precision=PREC)
+    L(n). a is computed transposed (keys as rows): its accumulator then feeds the next dot's A operand without a
+    transpose through shared memory."""
+    aT = tl.where(_lin_valid(n[None, :], j[:, None], T, window, LINEAR),
+                  tl.dot(kf, tl.trans(qf), input_precision=PREC), 0.0)
+    return tl.dot(aT.to(DT), da, dv, input_precision=PREC)
 
 
 @triton.jit
 def _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """dkf_j += sum_n da_nj phi(q_n) over query rows n (tiles phi(q), dA, dZ) on key rows j (tile v), da = dA v^T + dZ
-    on L(n)."""
-    da_w = tl.dot(da, tl.trans(v), input_precision=PREC) + rb[:, None]
-    da_w = tl.where(_lin_mask(n, j, T, window, LINEAR), da_w, 0.0)
-    return tl.dot(tl.trans(da_w.to(DT)), qf, dkf, input_precision=PREC)
+    on L(n); computed transposed, as in ``_rev_dv``."""
+    daT = tl.dot(v, tl.trans(da), input_precision=PREC) + rb[None, :]
+    daT = tl.where(_lin_valid(n[None, :], j[:, None], T, window, LINEAR), daT, 0.0)
+    return tl.dot(daT.to(DT), qf, dkf, input_precision=PREC)
+
+
+@triton.jit
+def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: tl.constexpr):
+    """This program's block of the reverse state and of z at the start of segment seg: the sum of the totals of the
+    segments before it."""
+    S = tl.zeros([ff.shape[0], vv.shape[0]], dtype=tl.float32)
+    z = tl.zeros([ff.shape[0]], dtype=tl.float32)
+    for s in range(0, seg):
+        S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
+        z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + ff)
+    return S, z
 
 
 @triton.jit
 def _bwd_rev_kernel(
-    QF, KF, V, DA, RB, TOT, ZTOT, DKF, DVL,
+    QF, KF, V, DA, RB, TOT, ZTOT, DKF, DVH,
     svb, svt, svh, sfb, sft, sfh, sab, sat, sah,
     T, H, G, NT, L, NTOT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    NV: tl.constexpr, NF: tl.constexpr,
 ):
-    """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head: with the
-    reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers,
-    dk_feat_j = v_j dh^T + dz + the local terms of query chunks i + 1 (and i if CUR_LIN), written in the dtype of the
-    features, and this head's linear terms of dv_j = phi(k_j) dh + its local terms, written per query head to DVL
-    (the key side sums the G heads of a kv head). Then chunk i + 1 enters the state. The state starts from the
-    totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s phase 1 over the same segments)."""
+    """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
+    reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
+    i + 1 into the state. Parts 0 .. NV-1 (axis 2) hold dh's Dv columns of their part and write those columns of this
+    head's linear terms of dv_j: phi(k_j) dh + the local terms of query chunks i + 1 (and i if CUR_LIN), per query
+    head into DVH (the key side sums the G heads of a kv head). Parts NV .. NV+NF-1 hold dh's F rows of their part
+    and write those columns of dk_feat_j: v_j dh^T + dz + the local terms, in the dtype of the features. A part's
+    block of the state starts from the totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s
+    phase 1 over the same segments)."""
     seg = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    part = tl.program_id(2)
+    if part < NV:
+        _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh,
+                     part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV)
+    else:
+        _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
+                      window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF)
+
+
+@triton.jit
+def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh, part,
+                 DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+                 LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                 NV: tl.constexpr):
+    """``_bwd_rev_kernel``'s dv part ``part``: dv's columns vv, the local weights a over all F against dA's columns."""
     b = pid_bh // H
     h = pid_bh % H
-    ff = tl.arange(0, BF)
-    vv = tl.arange(0, BDV)
     qfp = _head(QF, b, h, sfb, sfh)
     kfp = _head(KF, b, h, sfb, sfh)
-    vp = _head(V, b, h // G, svb, svh)
     dap = _head(DA, b, h, sab, sah)
-    rowp = pid_bh.to(tl.int64) * T
-    S = tl.zeros([BF, BDV], dtype=tl.float32)
-    z = tl.zeros([BF], dtype=tl.float32)
-    for s in range(0, seg):
-        S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
-        z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + ff)
+    ff = tl.arange(0, BF)
+    vv = part * (BDV // NV) + tl.arange(0, BDV // NV)
+    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV)
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
-        i = NT - 1 - t
-        j = i * BT + tl.arange(0, BT)
-        kf = _load_tile(kfp, j, ff, T, F, sft)
-        sb = S.to(DT)
+        j = (NT - 1 - t) * BT + tl.arange(0, BT)
         n = j + BT  # query chunk i + 1: its local terms, then into the state
+        kf = _load_tile(kfp, j, ff, T, F, sft)
         qf = _load_tile(qfp, n, ff, T, F, sft)
         da = _load_tile(dap, n, vv, T, DV, sat)
-        rb = _load_row(RB + rowp, n, T, 0.0)
-        # dv, then dk_feat: one fp32 accumulator live at a time beside the state
-        dv = _rev_dv(qf, da, kf, n, j, T, window, tl.dot(kf, sb, input_precision=PREC), LINEAR, DT, PREC)
+        dv = _rev_dv(qf, da, kf, n, j, T, window, tl.dot(kf, S.to(DT), input_precision=PREC), LINEAR, DT, PREC)
         if CUR_LIN:
             dv = _rev_dv(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat), kf, j, j, T, window,
                          dv, LINEAR, DT, PREC)
-        _store_tile(_head(DVL, b, h, sab, sah), dv, j, vv, T, DV, sat)
+        _store_tile(_head(DVH, b, h, sab, sah), dv, j, vv, T, DV, sat)
+        S = tl.dot(tl.trans(qf), da, S, input_precision=PREC)
+
+
+@triton.jit
+def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
+                  window, seg, pid_bh, part,
+                  DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+                  LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                  NF: tl.constexpr):
+    """``_bwd_rev_kernel``'s dk_feat part ``part``: dk_feat's columns ff, the local weights da over all Dv against
+    phi(q)'s columns."""
+    b = pid_bh // H
+    h = pid_bh % H
+    qfp = _head(QF, b, h, sfb, sfh)
+    dap = _head(DA, b, h, sab, sah)
+    vp = _head(V, b, h // G, svb, svh)
+    rowp = pid_bh.to(tl.int64) * T
+    ff = part * (BF // NF) + tl.arange(0, BF // NF)
+    vv = tl.arange(0, BDV)
+    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV)
+    for t in range(seg * L, tl.minimum(seg * L + L, NT)):
+        j = (NT - 1 - t) * BT + tl.arange(0, BT)
+        n = j + BT
         v = _load_tile(vp, j, vv, T, DV, svt)
-        dkf = tl.dot(v, tl.trans(sb), input_precision=PREC) + z[None, :]
+        qf = _load_tile(qfp, n, ff, T, F, sft)
+        da = _load_tile(dap, n, vv, T, DV, sat)
+        rb = _load_row(RB + rowp, n, T, 0.0)
+        dkf = tl.dot(v, tl.trans(S.to(DT)), input_precision=PREC) + z[None, :]
         dkf = _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC)
         if CUR_LIN:
             dkf = _rev_dkf(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat),
@@ -1408,11 +1461,12 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
         ))  # fmt: skip
     dkf = torch.empty_like(k_feat)
     dvh = torch.empty_like(dA)
-    launch(_bwd_rev_kernel, (nseg, B * H), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh), lambda: (
+    nv, nf = (REV_SPLIT if BDV // REV_SPLIT >= 16 else 1), (REV_SPLIT if BF // REV_SPLIT >= 16 else 1)
+    launch(_bwd_rev_kernel, (nseg, B * H, nv + nf), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh), lambda: (
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
-             DT=_dot_dtype(dtype), PREC=_prec(dtype), **_options("bwd_rev", big, dtype)),
+             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
 
@@ -1447,7 +1501,7 @@ def _switches() -> tuple:
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
-            REV_DO, REV_LIN, REV_SEG,
+            REV_DO, REV_LIN, REV_SEG, REV_SPLIT,
             tuple(MAXNREG.items()))
 
 
