@@ -344,6 +344,8 @@ TUNE = {
     "state 32x32": {"STATE_BF": 32, "STATE_BV": 32},
     "state 32x32 2 warps": {"STATE_BF": 32, "STATE_BV": 32, "LAUNCH": {"state": (2, 3)}},
     # register caps (chunk.MAXNREG): 3 programs of 4 warps an SM instead of 2 where a kernel uses more than 168
+    # (the query side's cap is a default since session 16)
+    "no register caps": {"MAXNREG": {"bwd_q": None}},
     "bwd_q at most 168 registers": {"MAXNREG": {"bwd_q": 168}},
     "state passes at most 168 registers": {"MAXNREG": {"state": 168}},
     "bwd_kv at most 168 registers": {"MAXNREG": {"bwd_kv": 168}},

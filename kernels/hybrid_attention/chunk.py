@@ -214,8 +214,12 @@ LAUNCH_FP32 = (8, 1)
 # MAXNREG: a cap on the registers a thread of a kernel's 16-bit launch may use (ptxas .maxnreg; none by default).
 # With 4 warps a program, an SM holds 2 programs of up to 255 registers, 3 of up to 168 and 4 of up to 128 (64K
 # registers an SM): a cap trades spills (local memory, cached in L1) for more programs in flight to hide the
-# latency of their loads. `python -m linearize.kernels.spills --maxnreg N` shows what a cap spills.
-MAXNREG: dict[str, int] = {}
+# latency of their loads. `python -m linearize.kernels.spills --maxnreg N` shows what a cap spills. The query side at
+# 168 (its softmax side 203 registers uncapped; 168 and 92 / 96 B of spills a thread capped, its linear side 166
+# either way): H100, 32K, interleaved, 3 rounds, 4.185 against 4.262 and 4.297 against 4.499 ms forward+backward in
+# two calls (session 16). Capped at 168 and slower there: the key side (255 registers, 460 B of spills; with the query
+# side's cap 4.602 against 4.297) and the forward (255, 444 B; forward 1.604 against 1.053 ms).
+MAXNREG: dict[str, int | None] = {"bwd_q": 168}
 # Launch plans (kernels/launch.py): the first forward / backward call of a key (shapes, strides, dtype, mode and the
 # settings above) launches through Triton and records every compiled kernel with its arguments; later calls of that
 # key hand only the tensors to the launchers. LAUNCH_PLANS = False launches every kernel through fn[grid](...).
@@ -1220,15 +1224,15 @@ def _bwd_rev_kernel(
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
-    i + 1 into the state. Parts 0 .. NV-1 (axis 2) hold dh's Dv columns of their part and write those columns of this
+    i + 1 into the state. Parts 0 .. NV-1 (grid axis 0) hold dh's Dv columns of their part and write those columns of this
     head's linear terms of dv_j: phi(k_j) dh + the local terms of query chunks i + 1 (and i if CUR_LIN), per query
     head into DVH (the key side sums the G heads of a kv head). Parts NV .. NV+NF-1 hold dh's F rows of their part
     and write those columns of dk_feat_j: v_j dh^T + dz + the local terms, in the dtype of the features. A part's
     block of the state starts from the totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s
     phase 1 over the same segments)."""
-    seg = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    part = tl.program_id(2)
+    part = tl.program_id(0)  # (the parts of a segment and head run next to each other and share their tiles in L2)
+    seg = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     if part < NV:
         _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh,
                      part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV)
@@ -1462,7 +1466,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
     dkf = torch.empty_like(k_feat)
     dvh = torch.empty_like(dA)
     nv, nf = (REV_SPLIT if BDV // REV_SPLIT >= 16 else 1), (REV_SPLIT if BF // REV_SPLIT >= 16 else 1)
-    launch(_bwd_rev_kernel, (nseg, B * H, nv + nf), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh), lambda: (
+    launch(_bwd_rev_kernel, (nv + nf, nseg, B * H), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh), lambda: (
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),

@@ -564,7 +564,7 @@ def test_triton_interpreter_linear_backward_in_the_reverse_scan(mode, w, setting
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
                         window=w, softmax=softmax, linear=linear)
     nseg = -(-6 // min(settings["REV_SEG"], 6))
-    assert launched["_bwd_rev_kernel"] == [(nseg, 4, 4)]  # (segments, batch * heads, 2 dv parts + 2 dk_feat parts)
+    assert launched["_bwd_rev_kernel"] == [(4, nseg, 4)]  # (2 dv parts + 2 dk_feat parts, segments, batch * heads)
     assert "_bwd_kf_kernel" not in launched and "_bwd_kfdv_kernel" not in launched
     assert len(launched["_bwd_kv_kernel"]) == 1
 
