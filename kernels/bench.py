@@ -355,6 +355,8 @@ TUNE = {
     "reverse pass on do": {"REV_DO": True},
     "reverse pass on do, one stream": {"REV_DO": True, "SIDE_STREAM": False},
     "reverse pass on do, at most 168 registers": {"REV_DO": True, "MAXNREG": {"state": 168}},
+    # (REV_LIN is on by default since session 16; the variants before it read "linear backward in the reverse scan")
+    "reverse states in memory": {"REV_LIN": False},
     "linear backward in the reverse scan": {"REV_LIN": True},
     "linear backward in the reverse scan, segments of 16": {"REV_LIN": True, "REV_SEG": 16},
     "linear backward in the reverse scan, segments of 64": {"REV_LIN": True, "REV_SEG": 64},

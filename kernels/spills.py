@@ -180,8 +180,8 @@ def main(argv=None):
     ap.add_argument("--kf-in-kv", action="store_true", help="compile with chunk.KF_IN_KV on")
     ap.add_argument("--kf-dv", action="store_true", help="compile with chunk.KF_DV on")
     ap.add_argument("--rev-do", action="store_true", help="compile with chunk.REV_DO on (the reverse pass on do)")
-    ap.add_argument("--rev-lin", action="store_true",
-                    help="compile with chunk.REV_LIN on (the key side's linear terms in the reverse scan)")
+    ap.add_argument("--reverse-states", action="store_true",
+                    help="compile with chunk.REV_LIN off (reverse states in memory, dk_feat's own kernel)")
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
@@ -202,7 +202,7 @@ def main(argv=None):
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
     chunk.KF_DV = chunk.KF_DV or args.kf_dv
     chunk.REV_DO = chunk.REV_DO or args.rev_do
-    chunk.REV_LIN = chunk.REV_LIN or args.rev_lin
+    chunk.REV_LIN = chunk.REV_LIN and not args.reverse_states
     chunk.FWD_P = chunk.FWD_P or args.fwd_blocks
     chunk.FWD_LIN = chunk.FWD_LIN or args.fwd_blocks
 

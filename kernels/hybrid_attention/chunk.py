@@ -176,13 +176,17 @@ REV_DO = False
 # through memory (at 32K, 32 heads: 0.54 GB written and read twice by the key side and dk_feat) and neither
 # _bwd_kf_kernel nor the key side's linear blocks run; the scan's chain is cut into segments whose starting states
 # come from a first pass of segment totals (``_chunk_state_kernel`` phase 1), for NT / REV_SEG (B H) programs.
-# (REV_DO, KF_DV, KF_IN_KV, SIDE_KF and REV_STATE_STRIDE are ignored.)
-REV_LIN = False
+# (REV_DO, KF_DV, KF_IN_KV, SIDE_KF, FWD_LIN and REV_STATE_STRIDE are ignored.) H100, 32K, interleaved, 3 rounds
+# (session 16): 4.114 against 4.199 ms forward+backward; per kernel on one stream, _bwd_rev_kernel 0.892 ms and the
+# segment totals ~0.27 in place of the reverse pass (~0.50), dk_feat's kernel (0.443) and the key side's linear terms
+# (the key side 0.540 against 0.903); peak memory 2.05 against 2.28 GiB. Segments of 64: 4.124, of 16: 4.235. On.
+REV_LIN = True
 REV_SEG = 32
 # REV_SPLIT: the programs of a (segment, head) in REV_LIN: REV_SPLIT for dv's Dv columns and REV_SPLIT for dk_feat's
 # F columns, each holding its block of the reverse state (the dv programs all of F and their Dv columns, the dk_feat
 # ones their F rows and all of Dv) and running the scan on it. H100, 32K: one program for both (the whole state, 8
-# warps: 255 registers and 252 B of spills a thread) took 1.18 ms for the kernel.
+# warps: 255 registers and 252 B of spills a thread) took 1.18 ms for the kernel; split (241 registers at 4 warps, no
+# spills) 1.17 with the parts of a segment far apart on the grid, 0.89 with them adjacent (they share their tiles).
 REV_SPLIT = 2
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /

@@ -211,7 +211,11 @@ INTERP_CASES = [
 
 
 def _set_blocks(monkeypatch, blocks):
+    """Small tiles, the two-level state scan and strides for the cases with ``blocks``, through the reverse states in
+    memory (REV_LIN off); the other cases take the default REV_LIN, in segments of 2 chunks."""
+    monkeypatch.setattr(chunk, "REV_SEG", 2)
     if blocks is not None:
+        monkeypatch.setattr(chunk, "REV_LIN", False)
         for name in ("STATE_BF", "STATE_BV", "OUT_BV"):
             monkeypatch.setattr(chunk, name, blocks)
         monkeypatch.setattr(chunk, "STATE_SEG", 2)  # the two-level state scan, in segments of 2 steps
@@ -248,7 +252,7 @@ def test_triton_interpreter_split_launches_and_kept_states(mode, monkeypatch, in
     monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
     monkeypatch.setattr(chunk, "SIDE_STATE_BLOCKS", (32, 16))
     monkeypatch.setattr(chunk, "STATE_Z_DOT", False)  # z of the forward states as a column sum
-    _set_blocks(monkeypatch, 16)
+    _set_blocks(monkeypatch, 16)  # (REV_LIN off: the reverse states per 4 chunks and dk_feat's own kernel)
     monkeypatch.setattr(chunk, "STATE_STRIDE", 1)
     monkeypatch.setattr(chunk, "REV_STATE_STRIDE", 4)
     monkeypatch.setattr(chunk, "GROUP_HEADS", False)
@@ -319,7 +323,8 @@ def test_triton_interpreter_forward_blocks_give_the_bits_of_recomputation(mode, 
     a forward under torch.no_grad stores nothing and gives the same output."""
     softmax, linear = MODES[mode]
     kw = dict(window=w, softmax=softmax, linear=linear)
-    for name, value in {**settings, "FWD_P": False, "FWD_LIN": False}.items():
+    # (REV_LIN off: with it the key side has no linear terms, and FWD_LIN's blocks are not read)
+    for name, value in {**settings, "FWD_P": False, "FWD_LIN": False, "REV_LIN": False}.items():
         monkeypatch.setattr(chunk, name, value)
     inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 7)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
@@ -347,6 +352,7 @@ KF_IN_KV_CASES = [
 @pytest.mark.parametrize("mode,w,settings", KF_IN_KV_CASES,
                          ids=settings_ids(KF_IN_KV_CASES))
 def test_triton_interpreter_dk_feat_in_the_key_side(mode, w, settings, monkeypatch, interpret):
+    monkeypatch.setattr(chunk, "REV_LIN", False)
     monkeypatch.setattr(chunk, "KF_IN_KV", True)
     for name, value in settings.items():
         monkeypatch.setattr(chunk, name, value)
@@ -373,6 +379,7 @@ def spy_launches(monkeypatch, *names):
 @pytest.mark.parametrize("mode,w,settings", KF_IN_KV_CASES,
                          ids=settings_ids(KF_IN_KV_CASES))
 def test_triton_interpreter_dk_feat_and_linear_dv_in_one_kernel(mode, w, settings, monkeypatch, interpret):
+    monkeypatch.setattr(chunk, "REV_LIN", False)
     monkeypatch.setattr(chunk, "KF_DV", True)
     monkeypatch.setattr(chunk, "KF_IN_KV", "KV_SPLIT" in settings)
     for name, value in settings.items():
@@ -531,6 +538,7 @@ REV_DO_CASES = [
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", REV_DO_CASES, ids=settings_ids(REV_DO_CASES))
 def test_triton_interpreter_reverse_pass_on_do(mode, w, settings, monkeypatch, interpret):
+    monkeypatch.setattr(chunk, "REV_LIN", False)
     monkeypatch.setattr(chunk, "REV_DO", True)
     for name, value in settings.items():
         monkeypatch.setattr(chunk, name, value)
@@ -583,15 +591,19 @@ def _ptxas_missing() -> str | None:
 # reverse one per 2, with window blocks (the default) and with block pairs; the key side with dk_feat in its dv pass
 # (then no _bwd_kf_kernel)
 COMPILE_SETS = {
-    "strides-window-blocks": (["--stride", "4", "--rev-stride", "2", "--kernels", "bwd"], "bwd_kf", 2),
-    "strides-block-pairs": (["--stride", "4", "--rev-stride", "2", "--pair-blocks", "--kernels", "bwd"],
-                            "bwd_kf", 2),
-    "dk_feat-in-the-key-side": (["--rev-stride", "2", "--kf-in-kv", "--kernels", "bwd_kv", "bwd_kf"], "bwd_kv", 6),
+    "strides-window-blocks": (["--stride", "4", "--rev-stride", "2", "--reverse-states", "--kernels", "bwd"],
+                              "bwd_kf", 2),
+    "strides-block-pairs": (["--stride", "4", "--rev-stride", "2", "--pair-blocks", "--reverse-states", "--kernels",
+                             "bwd"], "bwd_kf", 2),
+    "dk_feat-in-the-key-side": (["--rev-stride", "2", "--kf-in-kv", "--reverse-states", "--kernels", "bwd_kv",
+                                 "bwd_kf"], "bwd_kv", 6),
     "fused-forward": (["--stride", "1", "2", "--fused-fwd", "--kernels", "fwd fused"], "fwd fused", 4),
     # the forward that stores p0, the arg maxes and the linear blocks, and the key side that reads both (FWD_LIN is
     # off by default) at a reverse state per 2 chunks (the query chunks past the stored blocks)
-    "forward-blocks": (["--rev-stride", "2", "--fwd-blocks", "--kernels", "fwd, blocks", "bwd_kv"],
-                       "fwd, blocks", 2),
+    "forward-blocks": (["--rev-stride", "2", "--fwd-blocks", "--reverse-states", "--kernels", "fwd, blocks",
+                        "bwd_kv"], "fwd, blocks", 2),
+    # the default backward: the linear terms in the reverse scan (REV_LIN), the key side without them
+    "reverse-scan": (["--kernels", "bwd_rev", "bwd_kv", "state"], "bwd_rev", 2),
 }
 
 
@@ -753,6 +765,7 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=11)
     monkeypatch.setattr(chunk, "KEEP_STATES", keep)
     monkeypatch.setattr(chunk, "SIDE_KF", side_kf)
+    monkeypatch.setattr(chunk, "REV_LIN", not side_kf)  # (SIDE_KF: the reverse states and dk_feat's own kernel)
     monkeypatch.setattr(chunk, "SIDE_STREAM", False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "SIDE_STREAM", True)
@@ -869,21 +882,25 @@ def test_triton_gpu_forward_blocks_match_recomputation(mode, monkeypatch):
 # compile before session 9), kept states, window blocks, together; block pairs (the layout before the eleventh
 # pass); dk_feat in the key side and the fused forward (if the fused forward's waiting were wrong this case would
 # hang: after a change to it, run it alone under `timeout` first; it passed on an H200 in session 10)
-OPTION_SETS = {"rev-stride-2": {"REV_STATE_STRIDE": 2},
-               "kept-window-rev2": {"KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2},
-               "block-pairs-rev2": {"WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
-               "dk_feat-in-the-key-side-8-warps": {"KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}},
-               "dk_feat-and-linear-dv-per-kv-head": {"KF_DV": True},
+OFF = {"REV_LIN": False}  # the reverse states in memory, which the options below change
+OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
+               "kept-window-rev2": {**OFF, "KEEP_STATES": True, "WINDOW_BLOCKS": True, "REV_STATE_STRIDE": 2},
+               "block-pairs-rev2": {**OFF, "WINDOW_BLOCKS": False, "REV_STATE_STRIDE": 2},
+               "block-pairs": {"WINDOW_BLOCKS": False},
+               "dk_feat-in-the-key-side-8-warps": {**OFF, "KF_IN_KV": True, "LAUNCH": {"bwd_kv": (8, 1)}},
+               "dk_feat-and-linear-dv-per-kv-head": {**OFF, "KF_DV": True},
                "dk_feat-and-linear-dv-per-kv-head-8-warps-rev2": {
-                   "KF_DV": True, "LAUNCH": {"bwd_kfdv": (8, 1)}, "REV_STATE_STRIDE": 2},
+                   **OFF, "KF_DV": True, "LAUNCH": {"bwd_kfdv": (8, 1)}, "REV_STATE_STRIDE": 2},
                "fused-forward": {"FUSED_FWD": True},
-               "forward-blocks": {"FWD_P": True, "FWD_LIN": True},
-               "forward-blocks-rev2-fused": {"FWD_P": True, "FWD_LIN": True, "REV_STATE_STRIDE": 2, "FUSED_FWD": True},
-               "reverse-pass-on-do": {"REV_DO": True},
-               "reverse-pass-on-do-rev2": {"REV_DO": True, "REV_STATE_STRIDE": 2},
+               "forward-blocks": {**OFF, "FWD_P": True, "FWD_LIN": True},
+               "forward-blocks-rev2-fused": {**OFF, "FWD_P": True, "FWD_LIN": True, "REV_STATE_STRIDE": 2,
+                                             "FUSED_FWD": True},
+               "reverse-pass-on-do": {**OFF, "REV_DO": True},
+               "reverse-pass-on-do-rev2": {**OFF, "REV_DO": True, "REV_STATE_STRIDE": 2},
                "register-caps-168": {"MAXNREG": {"bwd_q": 168, "state": 168, "bwd_kv": 168, "fwd": 168}},
-               "linear-backward-in-the-reverse-scan": {"REV_LIN": True},
-               "linear-backward-in-the-reverse-scan-seg8": {"REV_LIN": True, "REV_SEG": 8}}
+               "reverse-states-in-memory": OFF,
+               "linear-backward-in-the-reverse-scan-seg8": {"REV_SEG": 8},
+               "linear-backward-in-the-reverse-scan-unsplit-8-warps": {"REV_SPLIT": 1, "LAUNCH": {"bwd_rev": (8, 2)}}}
 
 
 @pytest.mark.gpu
