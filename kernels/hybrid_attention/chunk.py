@@ -28,7 +28,10 @@ unless KEEP_STATES, p0 unless FWD_P):
   gradients stores each chunk's window block of p0 and the rows' arg maxes, and the softmax side reads them instead
   of computing its scores again.
   Key side: dk, dv and dgamma's sum over the chunks (_bwd_kv_kernel) and dk_feat (_bwd_kf_kernel), from dh and
-  those blocks (no scores computed again there).
+  those blocks (no scores computed again there). With REV_LIN (the default) no dh goes to memory: the reverse scan
+  (_bwd_rev_kernel, in segments that start from the totals of phase 1 of the state pass) holds dh in registers and
+  writes dk_feat and each head's linear terms of dv itself; the key side then adds those and computes the softmax
+  terms only, and _bwd_kf_kernel is not launched.
 GQA: k/v are read through the kv head h // G; the key-side program of a kv head sums dk/dv over its G query heads
 in registers and writes them once, in the dtype of k/v.
 """
