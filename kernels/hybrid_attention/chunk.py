@@ -1454,8 +1454,9 @@ def _rev_segments(T: int) -> tuple[int, int]:
 def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: int, dtype: torch.dtype, big: bool,
                         launch=direct):
     """REV_LIN: (dk_feat [B, T, H, F] in the dtype of the features, the linear terms of dv per query head
-    [B, T, H, Dv] in the dtype of dA) from the reverse scan in segments; the first segment (the last key chunks)
-    starts from zero, every other one from the totals of the segments before it."""
+    [B, T, H, Dv] in the dtype of dA, the segment totals) from the reverse scan in segments; the first segment (the
+    last key chunks) starts from zero, every other one from the totals of the segments before it. The caller keeps
+    the totals alive until the stream that ran the launches is joined."""
     B, T, H, F = q_feat.shape
     Dv = dA.shape[-1]
     NT = _cdiv(T, BT)
@@ -1715,7 +1716,7 @@ class HybridAttentionFunction(torch.autograd.Function):
                 side.delta.record(main)
                 side.stream.wait_event(side.delta)
             if rev_lin:  # dk_feat and dv's linear terms per query head, no reverse states in memory
-                dkf, dvh, rev_tmp = rev_linear_backward(q_feat, k_feat, v, dA, rb, G=G, window=window, lin=lin,
+                dkf, dvh, rev_totals = rev_linear_backward(q_feat, k_feat, v, dA, rb, G=G, window=window, lin=lin,
                                                         dtype=q.dtype, big=big, launch=state_launch)
             else:  # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
                 dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
