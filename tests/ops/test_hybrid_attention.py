@@ -348,18 +348,22 @@ KF_IN_KV_CASES = [
 ]
 
 
+def check_settings_against_naive(monkeypatch, mode, w, settings, seed):
+    """Set chunk's ``settings`` (in order), then check the op against the naive reference under the interpreter at
+    T = 330 (6 chunks, the last partial), 4 query heads on 2 kv heads, D = F = 32, fp32."""
+    for name, value in settings.items():
+        monkeypatch.setattr(chunk, name, value)
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=seed)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
+                        window=w, softmax=softmax, linear=linear)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", KF_IN_KV_CASES,
                          ids=settings_ids(KF_IN_KV_CASES))
 def test_triton_interpreter_dk_feat_in_the_key_side(mode, w, settings, monkeypatch, interpret):
-    monkeypatch.setattr(chunk, "REV_LIN", False)
-    monkeypatch.setattr(chunk, "KF_IN_KV", True)
-    for name, value in settings.items():
-        monkeypatch.setattr(chunk, name, value)
-    softmax, linear = MODES[mode]
-    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 11)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
-                        window=w, softmax=softmax, linear=linear)
+    check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": False, "KF_IN_KV": True, **settings}, w + 11)
 
 
 def spy_launches(monkeypatch, *names):
@@ -379,19 +383,12 @@ def spy_launches(monkeypatch, *names):
 @pytest.mark.parametrize("mode,w,settings", KF_IN_KV_CASES,
                          ids=settings_ids(KF_IN_KV_CASES))
 def test_triton_interpreter_dk_feat_and_linear_dv_in_one_kernel(mode, w, settings, monkeypatch, interpret):
-    monkeypatch.setattr(chunk, "REV_LIN", False)
-    monkeypatch.setattr(chunk, "KF_DV", True)
-    monkeypatch.setattr(chunk, "KF_IN_KV", "KV_SPLIT" in settings)
-    for name, value in settings.items():
-        monkeypatch.setattr(chunk, name, value)
-    softmax, linear = MODES[mode]
     launched = spy_launches(monkeypatch, "_bwd_kfdv_kernel", "_bwd_kf_kernel", "_bwd_kv_kernel")
-    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 12)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
-                        window=w, softmax=softmax, linear=linear)
+    check_settings_against_naive(
+        monkeypatch, mode, w, {"REV_LIN": False, "KF_DV": True, "KF_IN_KV": "KV_SPLIT" in settings, **settings}, w + 12)
     assert [grid[0] for grid in launched["_bwd_kfdv_kernel"]] == [-(-330 // chunk.BT)]  # one program per key chunk
     assert "_bwd_kf_kernel" not in launched
-    assert ("_bwd_kv_kernel" in launched) == softmax
+    assert ("_bwd_kv_kernel" in launched) == MODES[mode][0]
 
 
 # (mode, window, settings): the fused forward (FUSED_FWD) with one state block per head and the whole Dv per output
@@ -411,18 +408,9 @@ FUSED_CASES = [
 def test_triton_interpreter_fused_forward(mode, w, settings, monkeypatch, interpret):
     """The interpreter runs the programs one after the other in ticket order: this checks the fused forward's
     arithmetic and its mapping of tickets to state blocks and output chunks, not the waiting (a GPU test does)."""
-    monkeypatch.setattr(chunk, "FUSED_FWD", True)
-    for name, value in settings.items():
-        monkeypatch.setattr(chunk, name, value)
-    launched = []
-    real = chunk._fwd_fused_kernel
-    monkeypatch.setattr(chunk, "_fwd_fused_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())
-    softmax, linear = MODES[mode]
-    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 23)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
-                        window=w, softmax=softmax, linear=linear)
-    assert len(launched) == 1, "the forward did not take the fused kernel"
+    launched = spy_launches(monkeypatch, "_fwd_fused_kernel")
+    check_settings_against_naive(monkeypatch, mode, w, {"FUSED_FWD": True, **settings}, w + 23)
+    assert len(launched.get("_fwd_fused_kernel", [])) == 1, "the forward did not take the fused kernel"
 
 
 # (mode, window): w = 64 = BT, the same chunk's linear block is all masked in the hybrid and skipped (CUR_LIN = 0);
@@ -538,14 +526,7 @@ REV_DO_CASES = [
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", REV_DO_CASES, ids=settings_ids(REV_DO_CASES))
 def test_triton_interpreter_reverse_pass_on_do(mode, w, settings, monkeypatch, interpret):
-    monkeypatch.setattr(chunk, "REV_LIN", False)
-    monkeypatch.setattr(chunk, "REV_DO", True)
-    for name, value in settings.items():
-        monkeypatch.setattr(chunk, name, value)
-    softmax, linear = MODES[mode]
-    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 31)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
-                        window=w, softmax=softmax, linear=linear)
+    check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": False, "REV_DO": True, **settings}, w + 31)
 
 
 # (mode, window, settings): the key side's linear terms in the reverse scan (REV_LIN): hybrid at w = BT and below it
@@ -563,14 +544,8 @@ REV_LIN_CASES = [
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", REV_LIN_CASES, ids=settings_ids(REV_LIN_CASES))
 def test_triton_interpreter_linear_backward_in_the_reverse_scan(mode, w, settings, monkeypatch, interpret):
-    monkeypatch.setattr(chunk, "REV_LIN", True)
-    for name, value in settings.items():
-        monkeypatch.setattr(chunk, name, value)
-    softmax, linear = MODES[mode]
     launched = spy_launches(monkeypatch, "_bwd_rev_kernel", "_bwd_kf_kernel", "_bwd_kfdv_kernel", "_bwd_kv_kernel")
-    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 41)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp",
-                        window=w, softmax=softmax, linear=linear)
+    check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": True, **settings}, w + 41)
     nseg = -(-6 // min(settings["REV_SEG"], 6))
     assert launched["_bwd_rev_kernel"] == [(4, nseg, 4)]  # (2 dv parts + 2 dk_feat parts, segments, batch * heads)
     assert "_bwd_kf_kernel" not in launched and "_bwd_kfdv_kernel" not in launched
