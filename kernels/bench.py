@@ -367,6 +367,15 @@ TUNE = {
                                                               "LAUNCH": {"bwd_rev": (8, 2)}},
     "linear backward in the reverse scan, bwd_q at most 168 registers": {"REV_LIN": True, "MAXNREG": {"bwd_q": 168}},
     "bwd_q and bwd_kv at most 168 registers": {"MAXNREG": {"bwd_q": 168, "bwd_kv": 168}},
+    # the reverse scan (_bwd_rev_kernel) since session 17
+    "reverse scan from prefixes": {"REV_PREFIX": True},
+    "reverse scan from prefixes, segments of 16": {"REV_PREFIX": True, "REV_SEG": 16},
+    "reverse scan, 3 stages": {"LAUNCH": {"bwd_rev": (4, 3)}},
+    "reverse scan in 4 + 4 parts": {"REV_SPLIT": 4},
+    "reverse scan in 4 + 4 parts, at most 168 registers": {"REV_SPLIT": 4, "MAXNREG": {"bwd_rev": 168}},
+    "reverse scan in 4 + 4 parts, 1 stage, at most 168 registers": {"REV_SPLIT": 4, "MAXNREG": {"bwd_rev": 168},
+                                                                   "LAUNCH": {"bwd_rev": (4, 1)}},
+    "reverse scan in 1 + 1 parts, 8 warps, 1 stage": {"REV_SPLIT": 1, "LAUNCH": {"bwd_rev": (8, 1)}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -383,7 +392,8 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "OUT_BV", "KEEP_STATES", "Q_SPLIT", "KV_SPLIT", "SAVE_P", "SAVE_DW", "WINDOW_BLOCKS", "FWD_P", "FWD_LIN",
          "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
-         "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT")
+         "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
+         "REV_PREFIX")
 
 
 def kernel_config() -> dict:

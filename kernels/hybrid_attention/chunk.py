@@ -191,6 +191,10 @@ REV_SEG = 32
 # warps: 255 registers and 252 B of spills a thread) took 1.18 ms for the kernel; split (241 registers at 4 warps, no
 # spills) 1.17 with the parts of a segment far apart on the grid, 0.89 with them adjacent (they share their tiles).
 REV_SPLIT = 2
+# REV_PREFIX: the segment totals of REV_LIN summed once into inclusive prefixes (``_prefix_kernel``, in place) after
+# they are written, so that a program of segment s starts from one load (the prefix of segment s - 1) instead of
+# summing the s totals before it, a chain of s dependent loads at its start.
+REV_PREFIX = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1209,15 +1213,28 @@ def _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.c
 
 
 @triton.jit
-def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: tl.constexpr):
+def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: tl.constexpr, PREFIX: tl.constexpr):
     """This program's block of the reverse state and of z at the start of segment seg: the sum of the totals of the
-    segments before it."""
+    segments before it (PREFIX: the totals are inclusive prefixes already, and that sum is entry seg - 1)."""
     S = tl.zeros([ff.shape[0], vv.shape[0]], dtype=tl.float32)
     z = tl.zeros([ff.shape[0]], dtype=tl.float32)
-    for s in range(0, seg):
+    for s in range(tl.maximum(seg - 1, 0) if PREFIX else 0, seg):
         S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
         z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + ff)
     return S, z
+
+
+@triton.jit
+def _prefix_kernel(X, N, NSEG, BLOCK: tl.constexpr):
+    """In place over a [B H, NSEG, N] fp32 buffer: X[bh, s] becomes the sum of X[bh, 0 .. s] (REV_PREFIX), for
+    BLOCK of the N entries of one bh."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    p = X + tl.program_id(1).to(tl.int64) * NSEG * N + offs
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, NSEG):
+        acc += tl.load(p + s * N, mask=mask)
+        tl.store(p + s * N, acc, mask=mask)
 
 
 @triton.jit
@@ -1227,7 +1244,7 @@ def _bwd_rev_kernel(
     T, H, G, NT, L, NTOT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    NV: tl.constexpr, NF: tl.constexpr,
+    NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
@@ -1236,23 +1253,23 @@ def _bwd_rev_kernel(
     head into DVH (the key side sums the G heads of a kv head). Parts NV .. NV+NF-1 hold dh's F rows of their part
     and write those columns of dk_feat_j: v_j dh^T + dz + the local terms, in the dtype of the features. A part's
     block of the state starts from the totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s
-    phase 1 over the same segments)."""
+    phase 1 over the same segments; PREFIX: their inclusive prefixes)."""
     part = tl.program_id(0)  # (the parts of a segment and head run next to each other and share their tiles in L2)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
     if part < NV:
         _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh,
-                     part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV)
+                     part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX)
     else:
         _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
-                      window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF)
+                      window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX)
 
 
 @triton.jit
 def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh, part,
                  DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                  LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                 NV: tl.constexpr):
+                 NV: tl.constexpr, PREFIX: tl.constexpr):
     """``_bwd_rev_kernel``'s dv part ``part``: dv's columns vv, the local weights a over all F against dA's columns."""
     b = pid_bh // H
     h = pid_bh % H
@@ -1261,7 +1278,7 @@ def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H,
     dap = _head(DA, b, h, sab, sah)
     ff = tl.arange(0, BF)
     vv = part * (BDV // NV) + tl.arange(0, BDV // NV)
-    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV)
+    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV, PREFIX)
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         j = (NT - 1 - t) * BT + tl.arange(0, BT)
         n = j + BT  # query chunk i + 1: its local terms, then into the state
@@ -1281,7 +1298,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
                   window, seg, pid_bh, part,
                   DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                   LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  NF: tl.constexpr):
+                  NF: tl.constexpr, PREFIX: tl.constexpr):
     """``_bwd_rev_kernel``'s dk_feat part ``part``: dk_feat's columns ff, the local weights da over all Dv against
     phi(q)'s columns."""
     b = pid_bh // H
@@ -1292,7 +1309,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
     rowp = pid_bh.to(tl.int64) * T
     ff = part * (BF // NF) + tl.arange(0, BF // NF)
     vv = tl.arange(0, BDV)
-    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV)
+    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV, PREFIX)
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         j = (NT - 1 - t) * BT + tl.arange(0, BT)
         n = j + BT
@@ -1471,6 +1488,11 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
              T, H, 1, NT, L, nseg - 1),
             dict(_state_meta(F, Dv, dtype, big, True), SC=1, REVERSE=True, HAS_RB=True, PHASE=1, HAS_RS=False),
         ))  # fmt: skip
+        if REV_PREFIX and nseg > 2:  # the totals into inclusive prefixes, in place
+            for buf, n in ((tot, BF * BDV), (ztot, BF)):
+                block = min(1024, _p2(n))
+                launch(_prefix_kernel, (_cdiv(n, block), B * H), (buf,), lambda n=n, block=block: (
+                    (n, nseg - 1), dict(BLOCK=block, num_warps=4, num_stages=1)))
     dkf = torch.empty_like(k_feat)
     dvh = torch.empty_like(dA)
     nv, nf = (REV_SPLIT if BDV // REV_SPLIT >= 16 else 1), (REV_SPLIT if BF // REV_SPLIT >= 16 else 1)
@@ -1478,7 +1500,8 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
-             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, **_options("bwd_rev", big, dtype)),
+             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=REV_PREFIX and nseg > 2,
+             **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
 
@@ -1513,7 +1536,7 @@ def _switches() -> tuple:
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
-            REV_DO, REV_LIN, REV_SEG, REV_SPLIT,
+            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX,
             tuple(MAXNREG.items()))
 
 

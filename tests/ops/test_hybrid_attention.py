@@ -538,16 +538,22 @@ REV_LIN_CASES = [
     ("hybrid", 33, {"REV_SEG": 4, "KF_DV": True, "REV_STATE_STRIDE": 2}),
     ("overlap", 64, {"REV_SEG": 32, "REV_DO": True}),
     ("la_only", 64, {"REV_SEG": 2, "KF_IN_KV": True, "SIDE_KF": True}),
+    # the totals summed into prefixes first (REV_PREFIX): 3 and 6 segments
+    ("hybrid", 64, {"REV_SEG": 2, "REV_PREFIX": True}),
+    ("hybrid", 33, {"REV_SEG": 1, "REV_PREFIX": True}),
 ]
 
 
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", REV_LIN_CASES, ids=settings_ids(REV_LIN_CASES))
 def test_triton_interpreter_linear_backward_in_the_reverse_scan(mode, w, settings, monkeypatch, interpret):
-    launched = spy_launches(monkeypatch, "_bwd_rev_kernel", "_bwd_kf_kernel", "_bwd_kfdv_kernel", "_bwd_kv_kernel")
+    launched = spy_launches(monkeypatch, "_bwd_rev_kernel", "_bwd_kf_kernel", "_bwd_kfdv_kernel", "_bwd_kv_kernel",
+                            "_prefix_kernel")
     check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": True, **settings}, w + 41)
     nseg = -(-6 // min(settings["REV_SEG"], 6))
     assert launched["_bwd_rev_kernel"] == [(4, nseg, 4)]  # (2 dv parts + 2 dk_feat parts, segments, batch * heads)
+    # (the prefixes of the totals [BF BDV] and of z [BF], BF = BDV = 32, for each of 4 batch * heads)
+    assert launched.get("_prefix_kernel", []) == ([(1, 4), (1, 4)] if settings.get("REV_PREFIX") else [])
     assert "_bwd_kf_kernel" not in launched and "_bwd_kfdv_kernel" not in launched
     assert len(launched["_bwd_kv_kernel"]) == 1
 
