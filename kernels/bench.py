@@ -368,13 +368,13 @@ TUNE = {
     "linear backward in the reverse scan, bwd_q at most 168 registers": {"REV_LIN": True, "MAXNREG": {"bwd_q": 168}},
     "bwd_q and bwd_kv at most 168 registers": {"MAXNREG": {"bwd_q": 168, "bwd_kv": 168}},
     # the reverse scan (_bwd_rev_kernel) since session 17
+    # (REV_PREFIX is on by default since session 17; the variants before it read "reverse scan from prefixes")
+    "reverse scan from sums of totals": {"REV_PREFIX": False},
     "reverse scan from prefixes": {"REV_PREFIX": True},
     "reverse scan from prefixes, segments of 16": {"REV_PREFIX": True, "REV_SEG": 16},
+    "reverse scan from prefixes, segments of 64": {"REV_PREFIX": True, "REV_SEG": 64},
+    "reverse scan from prefixes, segments of 24": {"REV_PREFIX": True, "REV_SEG": 24},
     "reverse scan, 3 stages": {"LAUNCH": {"bwd_rev": (4, 3)}},
-    "reverse scan with its own totals": {"REV_INLINE": True},
-    "reverse scan with its own totals, segments of 16": {"REV_INLINE": True, "REV_SEG": 16},
-    "reverse scan with its own totals, segments of 64": {"REV_INLINE": True, "REV_SEG": 64},
-    "reverse scan with its own totals, one stream": {"REV_INLINE": True, "SIDE_STREAM": False},
     "reverse scan in 4 + 4 parts": {"REV_SPLIT": 4},
     "reverse scan in 4 + 4 parts, at most 168 registers": {"REV_SPLIT": 4, "MAXNREG": {"bwd_rev": 168}},
     "reverse scan in 4 + 4 parts, 1 stage, at most 168 registers": {"REV_SPLIT": 4, "MAXNREG": {"bwd_rev": 168},
@@ -397,7 +397,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
-         "REV_PREFIX", "REV_INLINE")
+         "REV_PREFIX")
 
 
 def kernel_config() -> dict:

@@ -42,8 +42,7 @@ DTYPES = {"bf16": (tl.bfloat16, "tf32"), "fp16": (tl.float16, "tf32"), "fp32": (
 # all other pointers are fp32 (row statistics, z, fp32 gradient buffers)
 DATA_PTRS = {"X", "Y", "HS", "DHS", "DA", "Q", "K", "V", "QF", "KF", "OUT", "DO", "DQ", "DQF", "DKF", "DK", "DV_",
              "PS", "DS", "DWL", "PB", "LB", "DVH"}
-# the fused forward's per-state counts and ticket, the forward's arg maxes, REV_INLINE's flags and ticket
-INT_PTRS = {"READY", "ARG", "FLAGS"}
+INT_PTRS = {"READY", "ARG"}  # the fused forward's per-state counts and ticket, the forward's arg maxes
 FLOAT_SCALARS = {"scale", "eps"}
 
 
@@ -158,8 +157,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if lin and chunk.REV_LIN:  # the key side's linear terms in the reverse scan; the key side sums the heads' dv
         out.append(("bwd_rev (REV_LIN)", chunk._bwd_rev_kernel, "bwd_rev",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
-                         NV=chunk.REV_SPLIT, NF=chunk.REV_SPLIT, PREFIX=chunk.REV_PREFIX and not chunk.REV_INLINE,
-                         INLINE=chunk.REV_INLINE, NTHREADS=32 * chunk.LAUNCH["bwd_rev"][0])))
+                         NV=chunk.REV_SPLIT, NF=chunk.REV_SPLIT)))
         out.append(("bwd_kv (REV_LIN)", chunk._bwd_kv_kernel, "bwd_kv",
                     dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DVL_HEADS=True)))
     if lin and not chunk.KF_IN_KV and not chunk.KF_DV and not chunk.REV_LIN:
@@ -184,8 +182,6 @@ def main(argv=None):
     ap.add_argument("--rev-do", action="store_true", help="compile with chunk.REV_DO on (the reverse pass on do)")
     ap.add_argument("--reverse-states", action="store_true",
                     help="compile with chunk.REV_LIN off (reverse states in memory, dk_feat's own kernel)")
-    ap.add_argument("--rev-inline", action="store_true",
-                    help="compile with chunk.REV_INLINE on (the reverse scan's segment totals in its own programs)")
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
@@ -207,7 +203,6 @@ def main(argv=None):
     chunk.KF_DV = chunk.KF_DV or args.kf_dv
     chunk.REV_DO = chunk.REV_DO or args.rev_do
     chunk.REV_LIN = chunk.REV_LIN and not args.reverse_states
-    chunk.REV_INLINE = chunk.REV_INLINE or args.rev_inline
     chunk.FWD_P = chunk.FWD_P or args.fwd_blocks
     chunk.FWD_LIN = chunk.FWD_LIN or args.fwd_blocks
 

@@ -193,16 +193,13 @@ REV_SEG = 32
 REV_SPLIT = 2
 # REV_PREFIX: the segment totals of REV_LIN summed once into inclusive prefixes (``_prefix_kernel``, in place) after
 # they are written, so that a program of segment s starts from one load (the prefix of segment s - 1) instead of
-# summing the s totals before it, a chain of s dependent loads at its start.
-REV_PREFIX = False
-# REV_INLINE: no separate launch of segment totals: each program of _bwd_rev_kernel first sums its own block of its
-# segment's total (the S updates of its scan, from zero, without the rest of a step), stores it and counts it in a
-# flag, then waits for the flags of the segments before its own and starts its scan from their sum. Programs take a
-# ticket at their start (the order in which they start), so that a program only waits on programs already running,
-# each of which stores its total before it waits on anything. The totals pass read phi(q) and dA from memory for
-# ~0.27 ms at 32K on an H100; here a segment's tiles are read twice by the same program, the second time soon after
-# the first. (REV_PREFIX is ignored.)
-REV_INLINE = False
+# summing the s totals before it, a chain of s dependent loads at its start. H100, 32K, interleaved, 3 rounds
+# (session 17): 4.132 against 4.217 ms forward+backward. On.
+# (Tried in session 17 and dropped: each program of _bwd_rev_kernel summing its own block of its segment's total
+# first, publishing it through flags and waiting for the segments before its own (tickets, as FUSED_FWD), in place
+# of the totals pass: the kernel took 1.515 ms against 0.914 + 0.26 for the totals, 4.372 against 4.217 ms
+# forward+backward; its GPU check at T = 1000 in segments of 2 also failed, not looked into.)
+REV_PREFIX = True
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1221,59 +1218,15 @@ def _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.c
 
 
 @triton.jit
-def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: tl.constexpr, PREFIX: tl.constexpr,
-                  FRESH: tl.constexpr = False):
+def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: tl.constexpr, PREFIX: tl.constexpr):
     """This program's block of the reverse state and of z at the start of segment seg: the sum of the totals of the
-    segments before it (PREFIX: the totals are inclusive prefixes already, and that sum is entry seg - 1). FRESH: the
-    totals were stored by programs of this launch, read past L1."""
+    segments before it (PREFIX: the totals are inclusive prefixes already, and that sum is entry seg - 1)."""
     S = tl.zeros([ff.shape[0], vv.shape[0]], dtype=tl.float32)
     z = tl.zeros([ff.shape[0]], dtype=tl.float32)
     for s in range(tl.maximum(seg - 1, 0) if PREFIX else 0, seg):
-        if FRESH:
-            S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv), cache_modifier=".cg")
-            z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + ff, cache_modifier=".cg")
-        else:
-            S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
-            z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + ff)
+        S += tl.load(_state_ptr(TOT, pid_bh, s, NTOT, BF, BDV, ff, vv))
+        z += tl.load(ZTOT + (pid_bh.to(tl.int64) * NTOT + s) * BF + ff)
     return S, z
-
-
-@triton.jit
-def _rev_start(qfp, dap, RB, rowp, TOT, ZTOT, FLAGS, pid_bh, seg, slot, NSEG, NP, NT, L, NTOT, T, ff, vv, sft, sat,
-               F: tl.constexpr, DV: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr,
-               HAS_Z: tl.constexpr, PREC: tl.constexpr, PREFIX: tl.constexpr, INLINE: tl.constexpr,
-               NTHREADS: tl.constexpr):
-    """The block [ff, vv] of the reverse state (and z[ff]) at the start of segment seg of this head's scan.
-    INLINE (REV_INLINE): first this program's block of its own segment's total (the scan's state updates from zero)
-    into TOT / ZTOT (z only where HAS_Z), counted in FLAGS[bh, seg, slot]; then wait until the flags of the segments
-    before it count their totals, and sum those."""
-    if INLINE:
-        if seg < NSEG - 1:  # (the last segment's total starts no segment)
-            S = tl.zeros([ff.shape[0], vv.shape[0]], dtype=tl.float32)
-            z = tl.zeros([ff.shape[0]], dtype=tl.float32)
-            for t in range(seg * L, tl.minimum(seg * L + L, NT)):
-                n = (NT - t) * BT + tl.arange(0, BT)  # query chunk i + 1 of key chunk i = NT - 1 - t
-                qf = _load_tile(qfp, n, ff, T, F, sft)
-                if HAS_Z:
-                    z += tl.sum(qf.to(tl.float32) * _load_row(RB + rowp, n, T, 0.0)[:, None], axis=0)
-                S = tl.dot(tl.trans(qf), _load_tile(dap, n, vv, T, DV, sat), S, input_precision=PREC)
-            tl.store(_state_ptr(TOT, pid_bh, seg, NTOT, BF, BDV, ff, vv), S)
-            if HAS_Z:
-                tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + seg) * BF + ff, z)
-            _signal(FLAGS + (pid_bh.to(tl.int64) * NSEG + seg) * NP + slot, NTHREADS)
-        for s in range(0, seg):
-            fp = FLAGS + (pid_bh.to(tl.int64) * NSEG + s) * NP + slot
-            while tl.atomic_add(fp, 0, sem="acquire", scope="gpu") < NTHREADS:
-                pass
-        tl.debug_barrier()
-    return _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV, PREFIX and not INLINE, INLINE)
-
-
-@triton.jit
-def _zero_kernel(X, N, BLOCK: tl.constexpr):
-    """X[:N] = 0 (int32): REV_INLINE's flags and ticket counter, on the stream of the launch that reads them."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(X + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=offs < N)
 
 
 @triton.jit
@@ -1291,50 +1244,37 @@ def _prefix_kernel(X, N, NSEG, BLOCK: tl.constexpr):
 
 @triton.jit
 def _bwd_rev_kernel(
-    QF, KF, V, DA, RB, TOT, ZTOT, TOTK, FLAGS, DKF, DVH,
+    QF, KF, V, DA, RB, TOT, ZTOT, DKF, DVH,
     svb, svt, svh, sfb, sft, sfh, sab, sat, sah,
-    T, H, G, NT, L, NTOT, NSEG, window,
+    T, H, G, NT, L, NTOT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, INLINE: tl.constexpr = False,
-    NTHREADS: tl.constexpr = 128,
+    NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
-    i + 1 into the state. Parts 0 .. NV-1 (grid axis 0) hold dh's Dv columns of their part and write those columns of
-    this head's linear terms of dv_j: phi(k_j) dh + the local terms of query chunks i + 1 (and i if CUR_LIN), per
-    query head into DVH (the key side sums the G heads of a kv head). Parts NV .. NV+NF-1 hold dh's F rows of their
-    part and write those columns of dk_feat_j: v_j dh^T + dz + the local terms, in the dtype of the features. A part's
+    i + 1 into the state. Parts 0 .. NV-1 (grid axis 0) hold dh's Dv columns of their part and write those columns of this
+    head's linear terms of dv_j: phi(k_j) dh + the local terms of query chunks i + 1 (and i if CUR_LIN), per query
+    head into DVH (the key side sums the G heads of a kv head). Parts NV .. NV+NF-1 hold dh's F rows of their part
+    and write those columns of dk_feat_j: v_j dh^T + dz + the local terms, in the dtype of the features. A part's
     block of the state starts from the totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s
-    phase 1 over the same segments; PREFIX: their inclusive prefixes). INLINE (REV_INLINE): the programs sum the
-    totals themselves (``_rev_start``), the dv parts into TOT, the dk_feat parts into TOTK and ZTOT, and take their
-    (part, segment, batch * head) from a ticket, in the grid's order, counted after FLAGS' B H NSEG (NV + NF) flags."""
-    if INLINE:
-        ticket = tl.atomic_add(FLAGS + tl.num_programs(2) * NSEG * (NV + NF), 1)
-        part = ticket % (NV + NF)
-        seg = ticket // (NV + NF) % NSEG
-        pid_bh = ticket // ((NV + NF) * NSEG)
-    else:
-        part = tl.program_id(0)  # (the parts of a segment and head run next to each other and share tiles in L2)
-        seg = tl.program_id(1)
-        pid_bh = tl.program_id(2)
+    phase 1 over the same segments; PREFIX: their inclusive prefixes)."""
+    part = tl.program_id(0)  # (the parts of a segment and head run next to each other and share their tiles in L2)
+    seg = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     if part < NV:
-        _rev_dv_part(QF, KF, DA, RB, TOT, ZTOT, FLAGS, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, NSEG,
-                     window, seg, pid_bh, part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, NF, PREFIX, INLINE,
-                     NTHREADS)
+        _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh,
+                     part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX)
     else:
-        _rev_dkf_part(QF, V, DA, RB, TOTK, ZTOT, FLAGS, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT,
-                      L, NTOT, NSEG, window, seg, pid_bh, part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, NF,
-                      PREFIX, INLINE, NTHREADS)
+        _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
+                      window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX)
 
 
 @triton.jit
-def _rev_dv_part(QF, KF, DA, RB, TOT, ZTOT, FLAGS, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, NSEG, window,
-                 seg, pid_bh, part,
+def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh, part,
                  DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                  LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                 NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr, INLINE: tl.constexpr,
-                 NTHREADS: tl.constexpr):
+                 NV: tl.constexpr, PREFIX: tl.constexpr):
     """``_bwd_rev_kernel``'s dv part ``part``: dv's columns vv, the local weights a over all F against dA's columns."""
     b = pid_bh // H
     h = pid_bh % H
@@ -1343,8 +1283,7 @@ def _rev_dv_part(QF, KF, DA, RB, TOT, ZTOT, FLAGS, DVH, sft, sfb, sfh, sab, sat,
     dap = _head(DA, b, h, sab, sah)
     ff = tl.arange(0, BF)
     vv = part * (BDV // NV) + tl.arange(0, BDV // NV)
-    S, z = _rev_start(qfp, dap, RB, pid_bh.to(tl.int64) * T, TOT, ZTOT, FLAGS, pid_bh, seg, part, NSEG, NV + NF, NT,
-                      L, NTOT, T, ff, vv, sft, sat, F, DV, BF, BDV, BT, False, PREC, PREFIX, INLINE, NTHREADS)
+    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV, PREFIX)
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         j = (NT - 1 - t) * BT + tl.arange(0, BT)
         n = j + BT  # query chunk i + 1: its local terms, then into the state
@@ -1360,24 +1299,22 @@ def _rev_dv_part(QF, KF, DA, RB, TOT, ZTOT, FLAGS, DVH, sft, sfb, sfh, sab, sat,
 
 
 @triton.jit
-def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, FLAGS, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L,
-                  NTOT, NSEG, window, seg, pid_bh, slot,
+def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
+                  window, seg, pid_bh, part,
                   DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                   LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr, INLINE: tl.constexpr,
-                  NTHREADS: tl.constexpr):
-    """``_bwd_rev_kernel``'s dk_feat part ``slot - NV``: dk_feat's columns ff, the local weights da over all Dv
-    against phi(q)'s columns."""
+                  NF: tl.constexpr, PREFIX: tl.constexpr):
+    """``_bwd_rev_kernel``'s dk_feat part ``part``: dk_feat's columns ff, the local weights da over all Dv against
+    phi(q)'s columns."""
     b = pid_bh // H
     h = pid_bh % H
     qfp = _head(QF, b, h, sfb, sfh)
     dap = _head(DA, b, h, sab, sah)
     vp = _head(V, b, h // G, svb, svh)
     rowp = pid_bh.to(tl.int64) * T
-    ff = (slot - NV) * (BF // NF) + tl.arange(0, BF // NF)
+    ff = part * (BF // NF) + tl.arange(0, BF // NF)
     vv = tl.arange(0, BDV)
-    S, z = _rev_start(qfp, dap, RB, rowp, TOT, ZTOT, FLAGS, pid_bh, seg, slot, NSEG, NV + NF, NT, L, NTOT, T, ff, vv,
-                      sft, sat, F, DV, BF, BDV, BT, True, PREC, PREFIX, INLINE, NTHREADS)
+    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV, PREFIX)
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         j = (NT - 1 - t) * BT + tl.arange(0, BT)
         n = j + BT
@@ -1547,19 +1484,9 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
     NT = _cdiv(T, BT)
     L, nseg = _rev_segments(T)
     BF, BDV, BK, BV = _state_tiles(F, Dv)
-    nv, nf = (REV_SPLIT if BDV // REV_SPLIT >= 16 else 1), (REV_SPLIT if BF // REV_SPLIT >= 16 else 1)
-    inline = REV_INLINE and nseg > 1
-    dev = q_feat.device
-    tot = torch.empty(B * H, max(nseg - 1, 1), BF, BDV, device=dev, dtype=torch.float32)
-    ztot = torch.empty(B * H, max(nseg - 1, 1), BF, device=dev, dtype=torch.float32)
-    # REV_INLINE: the dk_feat parts' totals apart from the dv parts' (both hold a block of the same total), and the
-    # flags with the ticket counter after them, zeroed on the stream of the launch
-    totk = torch.empty_like(tot) if inline else tot
-    flags = torch.empty(B * H * nseg * (nv + nf) + 1 if inline else 1, device=dev, dtype=torch.int32)
-    if inline:
-        launch(_zero_kernel, (_cdiv(flags.numel(), 1024),), (flags,), lambda: (
-            (flags.numel(),), dict(BLOCK=1024, num_warps=4, num_stages=1)))
-    elif nseg > 1:  # the totals of segments 0 .. nseg-2 (phase 1 of the state pass, one state per chunk)
+    tot = torch.empty(B * H, max(nseg - 1, 1), BF, BDV, device=q_feat.device, dtype=torch.float32)
+    ztot = torch.empty(B * H, max(nseg - 1, 1), BF, device=q_feat.device, dtype=torch.float32)
+    if nseg > 1:  # the totals of segments 0 .. nseg-2 (phase 1 of the state pass, one state per chunk)
         launch(_chunk_state_kernel, ((BF // BK) * (BDV // BV), B * H, nseg - 1),
                (q_feat, dA, rb, rb, tot, ztot, tot, ztot), lambda: (
             (q_feat.stride(0), q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
@@ -1573,16 +1500,15 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
                     (n, nseg - 1), dict(BLOCK=block, num_warps=4, num_stages=1)))
     dkf = torch.empty_like(k_feat)
     dvh = torch.empty_like(dA)
-    options = _options("bwd_rev", big, dtype)
-    launch(_bwd_rev_kernel, (nv + nf, nseg, B * H), (q_feat, k_feat, v, dA, rb, tot, ztot, totk, flags, dkf, dvh),
-           lambda: (
+    nv, nf = (REV_SPLIT if BDV // REV_SPLIT >= 16 else 1), (REV_SPLIT if BF // REV_SPLIT >= 16 else 1)
+    launch(_bwd_rev_kernel, (nv + nf, nseg, B * H), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh), lambda: (
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
-         dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), nseg, window),
+         dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
-             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=REV_PREFIX and nseg > 2 and not inline,
-             INLINE=inline, NTHREADS=32 * options["num_warps"], **options),
+             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=REV_PREFIX and nseg > 2,
+             **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
-    return dkf, dvh, (tot, ztot, totk, flags)
+    return dkf, dvh, (tot, ztot)
 
 
 def _grid(NT: int, B: int, H: int, G: int, *middle: int) -> tuple:
@@ -1615,7 +1541,7 @@ def _switches() -> tuple:
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
-            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_INLINE,
+            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX,
             tuple(MAXNREG.items()))
 
 

@@ -538,13 +538,11 @@ REV_LIN_CASES = [
     ("hybrid", 33, {"REV_SEG": 4, "KF_DV": True, "REV_STATE_STRIDE": 2}),
     ("overlap", 64, {"REV_SEG": 32, "REV_DO": True}),
     ("la_only", 64, {"REV_SEG": 2, "KF_IN_KV": True, "SIDE_KF": True}),
-    # the totals summed into prefixes first (REV_PREFIX): 3 and 6 segments
+    # the totals summed into prefixes first (REV_PREFIX, the default): 3 and 6 segments; and each segment summing
+    # the totals before it
     ("hybrid", 64, {"REV_SEG": 2, "REV_PREFIX": True}),
     ("hybrid", 33, {"REV_SEG": 1, "REV_PREFIX": True}),
-    # the totals in the scan's own programs (REV_INLINE): 3 and 6 segments, and one (no totals)
-    ("hybrid", 64, {"REV_SEG": 2, "REV_INLINE": True}),
-    ("hybrid", 33, {"REV_SEG": 1, "REV_INLINE": True, "REV_PREFIX": True}),
-    ("la_only", 64, {"REV_SEG": 32, "REV_INLINE": True}),
+    ("hybrid", 64, {"REV_SEG": 1, "REV_PREFIX": False}),
 ]
 
 
@@ -552,18 +550,13 @@ REV_LIN_CASES = [
 @pytest.mark.parametrize("mode,w,settings", REV_LIN_CASES, ids=settings_ids(REV_LIN_CASES))
 def test_triton_interpreter_linear_backward_in_the_reverse_scan(mode, w, settings, monkeypatch, interpret):
     launched = spy_launches(monkeypatch, "_bwd_rev_kernel", "_bwd_kf_kernel", "_bwd_kfdv_kernel", "_bwd_kv_kernel",
-                            "_prefix_kernel", "_zero_kernel", "_chunk_state_kernel")
+                            "_prefix_kernel")
     check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": True, **settings}, w + 41)
     nseg = -(-6 // min(settings["REV_SEG"], 6))
     assert launched["_bwd_rev_kernel"] == [(4, nseg, 4)]  # (2 dv parts + 2 dk_feat parts, segments, batch * heads)
     # (the prefixes of the totals [BF BDV] and of z [BF], BF = BDV = 32, for each of 4 batch * heads)
-    inline = bool(settings.get("REV_INLINE")) and nseg > 1
-    prefix = settings.get("REV_PREFIX") and not inline
+    prefix = settings.get("REV_PREFIX", chunk.REV_PREFIX) and nseg > 2
     assert launched.get("_prefix_kernel", []) == ([(1, 4), (1, 4)] if prefix else [])
-    # (REV_INLINE: the flags zeroed, no launch of totals)
-    assert len(launched.get("_zero_kernel", [])) == inline
-    # (the forward's state pass, then the totals of nseg - 1 segments unless REV_INLINE, F / 32 x Dv / 32 blocks)
-    assert launched["_chunk_state_kernel"] == [(1, 4, 1)] + ([(1, 4, nseg - 1)] if nseg > 1 and not inline else [])
     assert "_bwd_kf_kernel" not in launched and "_bwd_kfdv_kernel" not in launched
     assert len(launched["_bwd_kv_kernel"]) == 1
 
@@ -892,9 +885,8 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "reverse-states-in-memory": OFF,
                "linear-backward-in-the-reverse-scan-seg8": {"REV_SEG": 8},
                "linear-backward-in-the-reverse-scan-unsplit-8-warps": {"REV_SPLIT": 1, "LAUNCH": {"bwd_rev": (8, 2)}},
-               "reverse-scan-from-prefixes-seg2": {"REV_PREFIX": True, "REV_SEG": 2},
-               "reverse-scan-with-its-own-totals-seg2": {"REV_INLINE": True, "REV_SEG": 2},
-               "reverse-scan-with-its-own-totals-4-parts-seg4": {"REV_INLINE": True, "REV_SPLIT": 4, "REV_SEG": 4}}
+               "reverse-scan-sums-of-totals-seg2": {"REV_PREFIX": False, "REV_SEG": 2},
+               "reverse-scan-from-prefixes-seg2-4-parts": {"REV_SEG": 2, "REV_SPLIT": 4}}
 
 
 @pytest.mark.gpu
@@ -910,23 +902,23 @@ def test_triton_gpu_options_match_naive(options, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
-@pytest.mark.parametrize("settings", [{"REV_INLINE": True}, {"REV_PREFIX": True}], ids=["own-totals", "prefixes"])
-def test_triton_gpu_reverse_scan_starts_at_scale(settings, monkeypatch):
-    """The reverse scan's segment starts at the benchmark's shapes (16K tokens, 32 heads: 8 segments, 1024 programs
-    in several waves, so that REV_INLINE's programs wait on others) against the totals pass of the default: the
-    same output, and every gradient within bf16 rounding of the default's (the sums run in another order)."""
+def test_triton_gpu_reverse_scan_prefixes_at_scale(monkeypatch):
+    """The reverse scan's segment starts at the benchmark's shapes (16K tokens, 32 heads: 8 segments of 32 chunks)
+    from the prefixes of the totals (REV_PREFIX, the default) against each segment summing the totals before it: the
+    same output, and every gradient within bf16 rounding of the other (the sums run in another order), in each of
+    three calls (the later ones replay the launch plan)."""
     inputs, do = make_inputs(1, 16384, 32, 8, 128, 128, torch.bfloat16, device="cuda", seed=23)
     kw = dict(window=64, softmax=True, linear="outside")
+    monkeypatch.setattr(chunk, "REV_PREFIX", False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    for name, value in settings.items():
-        monkeypatch.setattr(chunk, name, value)
-    for _ in range(3):  # (again: a call whose flags were not zeroed, or a plan replayed wrong, would differ)
+    monkeypatch.setattr(chunk, "REV_PREFIX", True)
+    for _ in range(3):
         out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
         assert torch.equal(out, ref_out)  # (the forward is untouched)
         for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
             if r is not None:
                 err = ((g.float() - r.float()).norm() / r.float().norm()).item()
-                assert err < 5e-3, f"{name}: {err:.2e} from the totals pass"
+                assert err < 5e-3, f"{name}: {err:.2e} from the sums of totals"
 
 
 @pytest.mark.gpu
