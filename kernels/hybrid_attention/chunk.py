@@ -215,7 +215,8 @@ SIDE_STREAM_MIN_CHUNKS = 512
 SIDE_KF = False
 # SIDE_STATE_BLOCKS: (F block, Dv block) of the backward's state passes where they go to the side stream (None: those
 # of the forward, STATE_BF x STATE_BV), launched with LAUNCH["side_state"]: larger tiles take fewer SMs from the
-# kernels beside them, for a longer chain of their own.
+# kernels beside them, for a longer chain of their own. (With REV_LIN the backward's one state pass is the segment
+# totals.)
 SIDE_STATE_BLOCKS = None
 # (num_warps, num_stages) per kernel. 4 warps spill in the key-side backward (a [64, 128] fp32 tile is 64 registers
 # a thread; the forward no longer does, since the same chunk's linear block is skipped at w >= BT) and are still
@@ -1474,16 +1475,17 @@ def _rev_segments(T: int) -> tuple[int, int]:
 
 
 def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: int, dtype: torch.dtype, big: bool,
-                        launch=direct):
+                        launch=direct, side: bool = False):
     """REV_LIN: (dk_feat [B, T, H, F] in the dtype of the features, the linear terms of dv per query head
     [B, T, H, Dv] in the dtype of dA, the segment totals) from the reverse scan in segments; the first segment (the
     last key chunks) starts from zero, every other one from the totals of the segments before it. The caller keeps
-    the totals alive until the stream that ran the launches is joined."""
+    the totals alive until the stream that ran the launches is joined. side: the launches go to the side stream
+    (the totals pass then takes the tiles of SIDE_STATE_BLOCKS)."""
     B, T, H, F = q_feat.shape
     Dv = dA.shape[-1]
     NT = _cdiv(T, BT)
     L, nseg = _rev_segments(T)
-    BF, BDV, BK, BV = _state_tiles(F, Dv)
+    BF, BDV, BK, BV = _state_tiles(F, Dv, side)
     tot = torch.empty(B * H, max(nseg - 1, 1), BF, BDV, device=q_feat.device, dtype=torch.float32)
     ztot = torch.empty(B * H, max(nseg - 1, 1), BF, device=q_feat.device, dtype=torch.float32)
     if nseg > 1:  # the totals of segments 0 .. nseg-2 (phase 1 of the state pass, one state per chunk)
@@ -1491,7 +1493,8 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
                (q_feat, dA, rb, rb, tot, ztot, tot, ztot), lambda: (
             (q_feat.stride(0), q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
              T, H, 1, NT, L, nseg - 1),
-            dict(_state_meta(F, Dv, dtype, big, True), SC=1, REVERSE=True, HAS_RB=True, PHASE=1, HAS_RS=False),
+            dict(_state_meta(F, Dv, dtype, big, True, side), SC=1, REVERSE=True, HAS_RB=True, PHASE=1,
+                 HAS_RS=False),
         ))  # fmt: skip
         if REV_PREFIX and nseg > 2:  # the totals into inclusive prefixes, in place
             for buf, n in ((tot, BF * BDV), (ztot, BF)):
@@ -1745,7 +1748,8 @@ class HybridAttentionFunction(torch.autograd.Function):
                 side.stream.wait_event(side.delta)
             if rev_lin:  # dk_feat and dv's linear terms per query head, no reverse states in memory
                 dkf, dvh, rev_totals = rev_linear_backward(q_feat, k_feat, v, dA, rb, G=G, window=window, lin=lin,
-                                                        dtype=q.dtype, big=big, launch=state_launch)
+                                                        dtype=q.dtype, big=big, launch=state_launch,
+                                                        side=side_wanted)
             else:  # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
                 dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
                                         launch=state_launch, side=side_wanted, rs=ZD if REV_DO else None)

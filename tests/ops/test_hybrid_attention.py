@@ -886,7 +886,9 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "linear-backward-in-the-reverse-scan-seg8": {"REV_SEG": 8},
                "linear-backward-in-the-reverse-scan-unsplit-8-warps": {"REV_SPLIT": 1, "LAUNCH": {"bwd_rev": (8, 2)}},
                "reverse-scan-sums-of-totals-seg2": {"REV_PREFIX": False, "REV_SEG": 2},
-               "reverse-scan-from-prefixes-seg2-4-parts": {"REV_SEG": 2, "REV_SPLIT": 4}}
+               "reverse-scan-from-prefixes-seg2-4-parts": {"REV_SEG": 2, "REV_SPLIT": 4},
+               "reverse-scan-side-totals-128x128": {"REV_SEG": 2, "SIDE_STREAM_MIN_CHUNKS": 1,
+                                                    "SIDE_STATE_BLOCKS": (128, 128)}}
 
 
 @pytest.mark.gpu
