@@ -311,6 +311,7 @@ TUNE = {
     "key side in two launches": {"KV_SPLIT": True},
     "side stream from 16K": {"SIDE_STREAM_MIN_CHUNKS": 256},
     "side states 128x128, 8 warps": {"SIDE_STATE_BLOCKS": (128, 128)},
+    "side states as the forward's": {"SIDE_STATE_BLOCKS": None},
     "side states 64x128, 4 warps": {"SIDE_STATE_BLOCKS": (64, 128), "LAUNCH": {"side_state": (4, 3)}},
     "side states 128x128, 8 warps, 2 stages": {"SIDE_STATE_BLOCKS": (128, 128), "LAUNCH": {"side_state": (8, 2)}},
     "dk_feat on the side stream": {"SIDE_KF": True},

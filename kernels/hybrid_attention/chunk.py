@@ -194,12 +194,13 @@ REV_SPLIT = 2
 # REV_PREFIX: the segment totals of REV_LIN summed once into inclusive prefixes (``_prefix_kernel``, in place) after
 # they are written, so that a program of segment s starts from one load (the prefix of segment s - 1) instead of
 # summing the s totals before it, a chain of s dependent loads at its start. H100, 32K, interleaved, 3 rounds
-# (session 17): 4.132 against 4.217 ms forward+backward. On.
+# (session 17): 4.132 against 4.217 ms forward+backward in one call, no faster in the next two (4.252 against 4.250,
+# 4.227 against 4.212 with 5 rounds): the prefix launches take 0.03-0.05 ms. Off.
 # (Tried in session 17 and dropped: each program of _bwd_rev_kernel summing its own block of its segment's total
 # first, publishing it through flags and waiting for the segments before its own (tickets, as FUSED_FWD), in place
 # of the totals pass: the kernel took 1.515 ms against 0.914 + 0.26 for the totals, 4.372 against 4.217 ms
 # forward+backward; its GPU check at T = 1000 in segments of 2 also failed, not looked into.)
-REV_PREFIX = True
+REV_PREFIX = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -216,8 +217,9 @@ SIDE_KF = False
 # SIDE_STATE_BLOCKS: (F block, Dv block) of the backward's state passes where they go to the side stream (None: those
 # of the forward, STATE_BF x STATE_BV), launched with LAUNCH["side_state"]: larger tiles take fewer SMs from the
 # kernels beside them, for a longer chain of their own. (With REV_LIN the backward's one state pass is the segment
-# totals.)
-SIDE_STATE_BLOCKS = None
+# totals.) H100, 32K, interleaved (session 17): (128, 128) at 8 warps, 4.147 against 4.252 ms forward+backward (3
+# rounds) and 4.181 against 4.227 (5 rounds); the totals pass 0.19 against 0.28 ms. On.
+SIDE_STATE_BLOCKS = (128, 128)
 # (num_warps, num_stages) per kernel. 4 warps spill in the key-side backward (a [64, 128] fp32 tile is 64 registers
 # a thread; the forward no longer does, since the same chunk's linear block is skipped at w >= BT) and are still
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
