@@ -194,8 +194,9 @@ REV_SPLIT = 2
 # REV_PREFIX: the segment totals of REV_LIN summed once into inclusive prefixes (``_prefix_kernel``, in place) after
 # they are written, so that a program of segment s starts from one load (the prefix of segment s - 1) instead of
 # summing the s totals before it, a chain of s dependent loads at its start. H100, 32K, interleaved, 3 rounds
-# (session 17): 4.132 against 4.217 ms forward+backward in one call, no faster in the next two (4.252 against 4.250,
-# 4.227 against 4.212 with 5 rounds): the prefix launches take 0.03-0.05 ms. Off.
+# (session 17): 4.132 against 4.217 ms forward+backward in one call, no faster in the next three (4.252 against
+# 4.250, 4.227 against 4.212 with 5 rounds, 4.194 against 4.146 with the totals in 128 x 128 tiles): the prefix
+# launches take 0.03-0.05 ms. Off.
 # (Tried in session 17 and dropped: each program of _bwd_rev_kernel summing its own block of its segment's total
 # first, publishing it through flags and waiting for the segments before its own (tickets, as FUSED_FWD), in place
 # of the totals pass: the kernel took 1.515 ms against 0.914 + 0.26 for the totals, 4.372 against 4.217 ms
