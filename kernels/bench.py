@@ -368,8 +368,7 @@ TUNE = {
                                                               "LAUNCH": {"bwd_rev": (8, 2)}},
     "linear backward in the reverse scan, bwd_q at most 168 registers": {"REV_LIN": True, "MAXNREG": {"bwd_q": 168}},
     "bwd_q and bwd_kv at most 168 registers": {"MAXNREG": {"bwd_q": 168, "bwd_kv": 168}},
-    # the reverse scan (_bwd_rev_kernel) since session 17
-    # (REV_PREFIX is on by default since session 17; the variants before it read "reverse scan from prefixes")
+    # the reverse scan (_bwd_rev_kernel) and its segment starts, session 17 (REV_PREFIX is off by default)
     "reverse scan from sums of totals": {"REV_PREFIX": False},
     "reverse scan from prefixes": {"REV_PREFIX": True},
     "reverse scan from prefixes, segments of 16": {"REV_PREFIX": True, "REV_SEG": 16},

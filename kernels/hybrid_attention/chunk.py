@@ -1489,6 +1489,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
     NT = _cdiv(T, BT)
     L, nseg = _rev_segments(T)
     BF, BDV, BK, BV = _state_tiles(F, Dv, side)
+    prefix = REV_PREFIX and nseg > 2  # (one or two segments: the sum of the totals before one is one load already)
     tot = torch.empty(B * H, max(nseg - 1, 1), BF, BDV, device=q_feat.device, dtype=torch.float32)
     ztot = torch.empty(B * H, max(nseg - 1, 1), BF, device=q_feat.device, dtype=torch.float32)
     if nseg > 1:  # the totals of segments 0 .. nseg-2 (phase 1 of the state pass, one state per chunk)
@@ -1499,7 +1500,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
             dict(_state_meta(F, Dv, dtype, big, True, side), SC=1, REVERSE=True, HAS_RB=True, PHASE=1,
                  HAS_RS=False),
         ))  # fmt: skip
-        if REV_PREFIX and nseg > 2:  # the totals into inclusive prefixes, in place
+        if prefix:  # the totals into inclusive prefixes, in place
             for buf, n in ((tot, BF * BDV), (ztot, BF)):
                 block = min(1024, _p2(n))
                 launch(_prefix_kernel, (_cdiv(n, block), B * H), (buf,), lambda n=n, block=block: (
@@ -1511,7 +1512,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
-             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=REV_PREFIX and nseg > 2,
+             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix,
              **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)

@@ -538,8 +538,8 @@ REV_LIN_CASES = [
     ("hybrid", 33, {"REV_SEG": 4, "KF_DV": True, "REV_STATE_STRIDE": 2}),
     ("overlap", 64, {"REV_SEG": 32, "REV_DO": True}),
     ("la_only", 64, {"REV_SEG": 2, "KF_IN_KV": True, "SIDE_KF": True}),
-    # the totals summed into prefixes first (REV_PREFIX, the default): 3 and 6 segments; and each segment summing
-    # the totals before it
+    # the totals summed into prefixes first (REV_PREFIX): 3 and 6 segments; and each segment summing the totals
+    # before it (the default)
     ("hybrid", 64, {"REV_SEG": 2, "REV_PREFIX": True}),
     ("hybrid", 33, {"REV_SEG": 1, "REV_PREFIX": True}),
     ("hybrid", 64, {"REV_SEG": 1, "REV_PREFIX": False}),
@@ -886,7 +886,7 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "linear-backward-in-the-reverse-scan-seg8": {"REV_SEG": 8},
                "linear-backward-in-the-reverse-scan-unsplit-8-warps": {"REV_SPLIT": 1, "LAUNCH": {"bwd_rev": (8, 2)}},
                "reverse-scan-sums-of-totals-seg2": {"REV_PREFIX": False, "REV_SEG": 2},
-               "reverse-scan-from-prefixes-seg2-4-parts": {"REV_SEG": 2, "REV_SPLIT": 4},
+               "reverse-scan-from-prefixes-seg2-4-parts": {"REV_PREFIX": True, "REV_SEG": 2, "REV_SPLIT": 4},
                "reverse-scan-side-totals-128x128": {"REV_SEG": 2, "SIDE_STREAM_MIN_CHUNKS": 1,
                                                     "SIDE_STATE_BLOCKS": (128, 128)}}
 
@@ -906,7 +906,7 @@ def test_triton_gpu_options_match_naive(options, monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
 def test_triton_gpu_reverse_scan_prefixes_at_scale(monkeypatch):
     """The reverse scan's segment starts at the benchmark's shapes (16K tokens, 32 heads: 8 segments of 32 chunks)
-    from the prefixes of the totals (REV_PREFIX, the default) against each segment summing the totals before it: the
+    from the prefixes of the totals (REV_PREFIX) against each segment summing the totals before it (the default): the
     same output, and every gradient within bf16 rounding of the other (the sums run in another order), in each of
     three calls (the later ones replay the launch plan)."""
     inputs, do = make_inputs(1, 16384, 32, 8, 128, 128, torch.bfloat16, device="cuda", seed=23)
