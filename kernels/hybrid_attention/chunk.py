@@ -202,6 +202,12 @@ REV_SPLIT = 2
 # of the totals pass: the kernel took 1.515 ms against 0.914 + 0.26 for the totals, 4.372 against 4.217 ms
 # forward+backward; its GPU check at T = 1000 in segments of 2 also failed, not looked into.)
 REV_PREFIX = False
+# REV_ZDOT: the dk_feat parts of REV_LIN carry z (sum rb phi(q) over the query rows already in the reverse state) as a
+# [BT, F / REV_SPLIT] fp32 block of identical rows, added to by dots whose A operand holds the row weights rb in every
+# row (``_row_sum_dot``), and start each chunk's dk_feat from it as the accumulator of the state's dot, instead of a
+# cross-warp column sum of rb phi(q) per step and a broadcast of z (the state pass gained 1.3x from the same change,
+# STATE_Z_DOT). 16-bit dtypes: rb is split into a high and a low 16-bit part, two dots, fp32-accurate.
+REV_ZDOT = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1234,6 +1240,20 @@ def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: t
 
 
 @triton.jit
+def _row_sum_dot(w, x, acc, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """acc[j, :] + sum_n w_n x[n, :] in every row j (w: [BT] fp32 row weights, x: a [BT, N] tile in DT), as dots whose
+    A operand holds w in each of its BT rows, so that the result has the layout of any [BT, N] dot accumulator.
+    16-bit DT: w as a high and a low DT part, two dots; x is exact in DT, so the sum is as accurate as in fp32
+    operands."""
+    wb = tl.zeros([BT, BT], dtype=tl.float32) + w[None, :]
+    if DT == tl.float32:
+        return tl.dot(wb, x, acc, input_precision=PREC)
+    hi = wb.to(DT)
+    acc = tl.dot(hi, x, acc, input_precision=PREC)
+    return tl.dot((wb - hi.to(tl.float32)).to(DT), x, acc, input_precision=PREC)
+
+
+@triton.jit
 def _prefix_kernel(X, N, NSEG, BLOCK: tl.constexpr):
     """In place over a [B H, NSEG, N] fp32 buffer: X[bh, s] becomes the sum of X[bh, 0 .. s] (REV_PREFIX), for
     BLOCK of the N entries of one bh."""
@@ -1253,7 +1273,7 @@ def _bwd_rev_kernel(
     T, H, G, NT, L, NTOT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False,
+    NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = False,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
@@ -1271,7 +1291,7 @@ def _bwd_rev_kernel(
                      part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX)
     else:
         _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
-                      window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX)
+                      window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX, ZDOT)
 
 
 @triton.jit
@@ -1307,7 +1327,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
                   window, seg, pid_bh, part,
                   DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                   LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  NF: tl.constexpr, PREFIX: tl.constexpr):
+                  NF: tl.constexpr, PREFIX: tl.constexpr, ZDOT: tl.constexpr):
     """``_bwd_rev_kernel``'s dk_feat part ``part``: dk_feat's columns ff, the local weights da over all Dv against
     phi(q)'s columns."""
     b = pid_bh // H
@@ -1319,6 +1339,8 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
     ff = part * (BF // NF) + tl.arange(0, BF // NF)
     vv = tl.arange(0, BDV)
     S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV, PREFIX)
+    if ZDOT:  # z in every row of a dot accumulator (REV_ZDOT)
+        zb = tl.zeros([BT, BF // NF], dtype=tl.float32) + z[None, :]
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         j = (NT - 1 - t) * BT + tl.arange(0, BT)
         n = j + BT
@@ -1326,13 +1348,19 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
         qf = _load_tile(qfp, n, ff, T, F, sft)
         da = _load_tile(dap, n, vv, T, DV, sat)
         rb = _load_row(RB + rowp, n, T, 0.0)
-        dkf = tl.dot(v, tl.trans(S.to(DT)), input_precision=PREC) + z[None, :]
+        if ZDOT:
+            dkf = tl.dot(v, tl.trans(S.to(DT)), zb, input_precision=PREC)
+        else:
+            dkf = tl.dot(v, tl.trans(S.to(DT)), input_precision=PREC) + z[None, :]
         dkf = _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC)
         if CUR_LIN:
             dkf = _rev_dkf(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat),
                            _load_row(RB + rowp, j, T, 0.0), v, j, j, T, window, dkf, LINEAR, DT, PREC)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
-        z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
+        if ZDOT:
+            zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC)
+        else:
+            z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
         S = tl.dot(tl.trans(qf), da, S, input_precision=PREC)
 
 
@@ -1512,7 +1540,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
-             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix,
+             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT=REV_ZDOT,
              **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
@@ -1548,7 +1576,7 @@ def _switches() -> tuple:
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
-            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX,
+            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT,
             tuple(MAXNREG.items()))
 
 

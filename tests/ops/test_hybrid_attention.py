@@ -543,6 +543,11 @@ REV_LIN_CASES = [
     ("hybrid", 64, {"REV_SEG": 2, "REV_PREFIX": True}),
     ("hybrid", 33, {"REV_SEG": 1, "REV_PREFIX": True}),
     ("hybrid", 64, {"REV_SEG": 1, "REV_PREFIX": False}),
+    # z of the dk_feat parts by dots (REV_ZDOT): in segments (z carried in from the totals), with the same chunk's
+    # linear block (w < BT), linear-only
+    ("hybrid", 64, {"REV_SEG": 2, "REV_ZDOT": True}),
+    ("hybrid", 33, {"REV_SEG": 4, "REV_ZDOT": True}),
+    ("la_only", 64, {"REV_SEG": 32, "REV_ZDOT": True}),
 ]
 
 
@@ -888,7 +893,11 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "reverse-scan-sums-of-totals-seg2": {"REV_PREFIX": False, "REV_SEG": 2},
                "reverse-scan-from-prefixes-seg2-4-parts": {"REV_PREFIX": True, "REV_SEG": 2, "REV_SPLIT": 4},
                "reverse-scan-side-totals-128x128": {"REV_SEG": 2, "SIDE_STREAM_MIN_CHUNKS": 1,
-                                                    "SIDE_STATE_BLOCKS": (128, 128)}}
+                                                    "SIDE_STATE_BLOCKS": (128, 128)},
+               # (bf16: z's row weights split in a high and a low part, which the interpreter's fp32 cases do not
+               # reach)
+               "reverse-scan-z-by-dots-seg2": {"REV_ZDOT": True, "REV_SEG": 2},
+               "reverse-scan-z-by-dots": {"REV_ZDOT": True}}
 
 
 @pytest.mark.gpu
