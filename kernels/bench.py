@@ -381,7 +381,9 @@ TUNE = {
                                                                    "LAUNCH": {"bwd_rev": (4, 1)}},
     "reverse scan in 1 + 1 parts, 8 warps, 1 stage": {"REV_SPLIT": 1, "LAUNCH": {"bwd_rev": (8, 1)}},
     # session 18
-    "reverse scan, z by dots": {"REV_ZDOT": True},
+    "reverse scan, z by column sums": {"REV_ZDOT": False},
+    "reverse scan, z by dots": {"REV_ZDOT": "split"},
+    "reverse scan, z by 3xTF32 dots": {"REV_ZDOT": "tf32x3"},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:

@@ -207,7 +207,7 @@ REV_PREFIX = False
 # row (``_row_sum_dot``), and start each chunk's dk_feat from it as the accumulator of the state's dot, instead of a
 # cross-warp column sum of rb phi(q) per step and a broadcast of z (the state pass gained 1.3x from the same change,
 # STATE_Z_DOT). 16-bit dtypes: rb is split into a high and a low 16-bit part, two dots, fp32-accurate.
-REV_ZDOT = False
+REV_ZDOT = "split"
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1240,14 +1240,15 @@ def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: t
 
 
 @triton.jit
-def _row_sum_dot(w, x, acc, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _row_sum_dot(w, x, acc, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr):
     """acc[j, :] + sum_n w_n x[n, :] in every row j (w: [BT] fp32 row weights, x: a [BT, N] tile in DT), as dots whose
     A operand holds w in each of its BT rows, so that the result has the layout of any [BT, N] dot accumulator.
-    16-bit DT: w as a high and a low DT part, two dots; x is exact in DT, so the sum is as accurate as in fp32
-    operands."""
+    16-bit DT, MODE 1: w as a high and a low DT part, two dots (x is exact in DT); MODE 2: fp32 operands at 3xTF32."""
     wb = tl.zeros([BT, BT], dtype=tl.float32) + w[None, :]
     if DT == tl.float32:
         return tl.dot(wb, x, acc, input_precision=PREC)
+    if MODE == 2:
+        return tl.dot(wb, x.to(tl.float32), acc, input_precision="tf32x3")
     hi = wb.to(DT)
     acc = tl.dot(hi, x, acc, input_precision=PREC)
     return tl.dot((wb - hi.to(tl.float32)).to(DT), x, acc, input_precision=PREC)
@@ -1273,7 +1274,7 @@ def _bwd_rev_kernel(
     T, H, G, NT, L, NTOT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = False,
+    NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = 0,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
@@ -1349,7 +1350,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
         da = _load_tile(dap, n, vv, T, DV, sat)
         rb = _load_row(RB + rowp, n, T, 0.0)
         if ZDOT:
-            dkf = tl.dot(v, tl.trans(S.to(DT)), zb, input_precision=PREC)
+            dkf = tl.dot(v, tl.trans(S.to(DT)), input_precision=PREC) + zb
         else:
             dkf = tl.dot(v, tl.trans(S.to(DT)), input_precision=PREC) + z[None, :]
         dkf = _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC)
@@ -1358,7 +1359,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
                            _load_row(RB + rowp, j, T, 0.0), v, j, j, T, window, dkf, LINEAR, DT, PREC)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
         if ZDOT:
-            zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC)
+            zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC, ZDOT)
         else:
             z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
         S = tl.dot(tl.trans(qf), da, S, input_precision=PREC)
@@ -1540,7 +1541,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
-             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT=REV_ZDOT,
+             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT={False: 0, "split": 1, "tf32x3": 2}[REV_ZDOT],
              **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
