@@ -382,8 +382,7 @@ TUNE = {
     "reverse scan in 1 + 1 parts, 8 warps, 1 stage": {"REV_SPLIT": 1, "LAUNCH": {"bwd_rev": (8, 1)}},
     # session 18
     "reverse scan, z by column sums": {"REV_ZDOT": False},
-    "reverse scan, z by dots": {"REV_ZDOT": "split"},
-    "reverse scan, z by 3xTF32 dots": {"REV_ZDOT": "tf32x3"},
+    "reverse scan, z by dots": {"REV_ZDOT": True},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -401,7 +400,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
-         "REV_PREFIX", "REV_ZDOT")
+         "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS")
 
 
 def kernel_config() -> dict:

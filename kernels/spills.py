@@ -28,6 +28,7 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # the interpreter does not compile: these must be real JIT functions
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -157,7 +158,9 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if lin and chunk.REV_LIN:  # the key side's linear terms in the reverse scan; the key side sums the heads' dv
         out.append(("bwd_rev (REV_LIN)", chunk._bwd_rev_kernel, "bwd_rev",
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
-                         NV=chunk.REV_SPLIT, NF=chunk.REV_SPLIT, ZDOT={False: 0, "split": 1, "tf32x3": 2}[chunk.REV_ZDOT])))
+                         NV=chunk.REV_SPLIT, NF=chunk.REV_SPLIT,
+                         ZDOT=chunk._rev_zdot(torch.float32 if dtype == "fp32" else torch.bfloat16,
+                                              F // chunk.REV_SPLIT))))
         out.append(("bwd_kv (REV_LIN)", chunk._bwd_kv_kernel, "bwd_kv",
                     dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DVL_HEADS=True)))
     if lin and not chunk.KF_IN_KV and not chunk.KF_DV and not chunk.REV_LIN:

@@ -204,10 +204,16 @@ REV_SPLIT = 2
 REV_PREFIX = False
 # REV_ZDOT: the dk_feat parts of REV_LIN carry z (sum rb phi(q) over the query rows already in the reverse state) as a
 # [BT, F / REV_SPLIT] fp32 block of identical rows, added to by dots whose A operand holds the row weights rb in every
-# row (``_row_sum_dot``), and start each chunk's dk_feat from it as the accumulator of the state's dot, instead of a
-# cross-warp column sum of rb phi(q) per step and a broadcast of z (the state pass gained 1.3x from the same change,
-# STATE_Z_DOT). 16-bit dtypes: rb is split into a high and a low 16-bit part, two dots, fp32-accurate.
-REV_ZDOT = "split"
+# row (``_row_sum_dot``; in 16-bit dtypes rb split into a high and a low part, two dots, fp32-accurate), instead of a
+# cross-warp column sum of rb phi(q) per step and its broadcast. H100, 32K, interleaved, 3 rounds (session 18):
+# 3.985 against 4.080 and 4.025 against 4.118 ms forward+backward in two calls, _bwd_rev_kernel 0.819 against 0.924
+# ms; with fp32 operands at 3xTF32 in place of the split, 4.419. On.
+# REV_ZDOT_MIN_COLS: the split's dots gave wrong dk_feat on the H100 (Triton 3.6; 16-bit, every mode with the same
+# chunk's linear block, CUR_LIN) where a dk_feat part holds 32 columns or fewer (F <= 64), and right ones at 64
+# (F = 128) in every mode and dtype tried (`experiments/rev_zdot_repro.py`; the cause was not found, fp32 operands at
+# 3xTF32 were right everywhere): below this many columns the 16-bit parts keep the column sum.
+REV_ZDOT = True
+REV_ZDOT_MIN_COLS = 64
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1240,15 +1246,14 @@ def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: t
 
 
 @triton.jit
-def _row_sum_dot(w, x, acc, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr):
+def _row_sum_dot(w, x, acc, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """acc[j, :] + sum_n w_n x[n, :] in every row j (w: [BT] fp32 row weights, x: a [BT, N] tile in DT), as dots whose
     A operand holds w in each of its BT rows, so that the result has the layout of any [BT, N] dot accumulator.
-    16-bit DT, MODE 1: w as a high and a low DT part, two dots (x is exact in DT); MODE 2: fp32 operands at 3xTF32."""
+    16-bit DT: w as a high and a low DT part, two dots; x is exact in DT, so the sum is as accurate as in fp32
+    operands."""
     wb = tl.zeros([BT, BT], dtype=tl.float32) + w[None, :]
     if DT == tl.float32:
         return tl.dot(wb, x, acc, input_precision=PREC)
-    if MODE == 2:
-        return tl.dot(wb, x.to(tl.float32), acc, input_precision="tf32x3")
     hi = wb.to(DT)
     acc = tl.dot(hi, x, acc, input_precision=PREC)
     return tl.dot((wb - hi.to(tl.float32)).to(DT), x, acc, input_precision=PREC)
@@ -1274,7 +1279,7 @@ def _bwd_rev_kernel(
     T, H, G, NT, L, NTOT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = 0,
+    NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = False,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
@@ -1359,7 +1364,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
                            _load_row(RB + rowp, j, T, 0.0), v, j, j, T, window, dkf, LINEAR, DT, PREC)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
         if ZDOT:
-            zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC, ZDOT)
+            zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC)
         else:
             z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
         S = tl.dot(tl.trans(qf), da, S, input_precision=PREC)
@@ -1506,6 +1511,11 @@ def _rev_segments(T: int) -> tuple[int, int]:
     return L, _cdiv(NT, L)
 
 
+def _rev_zdot(dtype: torch.dtype, cols: int) -> bool:
+    """Whether the reverse scan's dk_feat parts of ``cols`` columns take z by dots (REV_ZDOT, REV_ZDOT_MIN_COLS)."""
+    return bool(REV_ZDOT and (dtype == torch.float32 or cols >= REV_ZDOT_MIN_COLS))
+
+
 def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: int, dtype: torch.dtype, big: bool,
                         launch=direct, side: bool = False):
     """REV_LIN: (dk_feat [B, T, H, F] in the dtype of the features, the linear terms of dv per query head
@@ -1541,7 +1551,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
-             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT={False: 0, "split": 1, "tf32x3": 2}[REV_ZDOT],
+             DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT=_rev_zdot(dtype, BF // nf),
              **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
@@ -1577,7 +1587,7 @@ def _switches() -> tuple:
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
-            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT,
+            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS,
             tuple(MAXNREG.items()))
 
 

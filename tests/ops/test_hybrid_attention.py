@@ -548,7 +548,20 @@ REV_LIN_CASES = [
     ("hybrid", 64, {"REV_SEG": 2, "REV_ZDOT": True}),
     ("hybrid", 33, {"REV_SEG": 4, "REV_ZDOT": True}),
     ("la_only", 64, {"REV_SEG": 32, "REV_ZDOT": True}),
+    ("hybrid", 64, {"REV_SEG": 2, "REV_ZDOT": False}),
 ]
+
+
+@pytest.mark.skipif(chunk is None, reason="triton is not installed")
+def test_reverse_scan_z_by_dots_only_where_it_was_right(monkeypatch):
+    """REV_ZDOT's 16-bit split runs from REV_ZDOT_MIN_COLS columns a dk_feat part (below them it gave wrong dk_feat on
+    an H100); fp32 takes one fp32 dot at any width; REV_ZDOT off keeps the column sum everywhere."""
+    assert chunk.REV_ZDOT and chunk.REV_ZDOT_MIN_COLS == 64
+    assert chunk._rev_zdot(torch.bfloat16, 64) and chunk._rev_zdot(torch.float16, 128)
+    assert not chunk._rev_zdot(torch.bfloat16, 32) and not chunk._rev_zdot(torch.float16, 16)
+    assert chunk._rev_zdot(torch.float32, 16)
+    monkeypatch.setattr(chunk, "REV_ZDOT", False)
+    assert not chunk._rev_zdot(torch.float32, 64) and not chunk._rev_zdot(torch.bfloat16, 64)
 
 
 @needs_interpreter
@@ -898,6 +911,21 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                # reach)
                "reverse-scan-z-by-dots-seg2": {"REV_ZDOT": True, "REV_SEG": 2},
                "reverse-scan-z-by-dots": {"REV_ZDOT": True}}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+@pytest.mark.parametrize("mode,w", [("la_only", 64), ("overlap", 64), ("hybrid", 33), ("hybrid", 64)])
+@pytest.mark.parametrize("D", [64, 128])
+def test_triton_gpu_reverse_scan_z_by_dots_where_it_is_on(mode, w, D):
+    """REV_ZDOT at the defaults, 16-bit, with and without the same chunk's linear block: the split's dots where a
+    dk_feat part holds REV_ZDOT_MIN_COLS columns or more (D = 128), the column sum below (D = 64, where the split gave
+    wrong dk_feat on an H100 with CUR_LIN: experiments/rev_zdot_repro.py)."""
+    assert chunk._rev_zdot(torch.bfloat16, D // chunk.REV_SPLIT) == (D == 128)
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(1, 300, 4, 2, D, D, torch.bfloat16, device="cuda", seed=29)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.bfloat16, f"triton-gpu-zdot-{mode}-{D}",
+                        window=w, softmax=softmax, linear=linear)
 
 
 @pytest.mark.gpu
