@@ -5,7 +5,8 @@ dots (ptxas: 116 / 108 B a thread against 48 / 48), so those modes are timed her
 
     python experiments/rev_zdot_modes.py [--T 32768] [--rounds 3] [--reps 21] [--modes hybrid overlap la_only]
 
-Needs a CUDA device (run it through the device tool).
+Session 18 (H100): overlap 5.006 / 4.958 ms, linear-only 4.021 / 3.957, hybrid 4.145 / 4.055 with column sums / dots
+(kernels/rev_zdot_modes_h100_session18.log). Needs a CUDA device (run it through the device tool).
 """
 
 import argparse
