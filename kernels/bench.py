@@ -209,7 +209,7 @@ def peak_gib(fn) -> float:
 def fwd_bwd(fwd, leaves, do):
     def step():
         out = fwd()
-        torch.autograd.grad(out, leaves, do)
+        torch.autograd.grad(out, leaves, do, allow_unused=True)  # (q, k: no gradient without softmax terms)
 
     return step
 
@@ -218,14 +218,15 @@ def fwd_bwd(fwd, leaves, do):
 # the contenders: each returns (forward closure, forward+backward closure) over fresh inputs of length T
 
 
-def ours(T):
+def ours(T, softmax: bool = True, linear: str = "outside"):
+    """The hybrid op (the table's and the tune's mode by default; experiments time the others)."""
     from .hybrid_attention.chunk import hybrid_attention_chunk
 
     q, k, v, qf, kf, gamma, do = make_inputs(T)
     leaves = [x.requires_grad_() for x in (q, k, v, qf, kf, gamma)]
 
     def fwd():
-        return hybrid_attention_chunk(q, k, v, qf, kf, gamma, window=WINDOW, softmax=True, linear="outside")
+        return hybrid_attention_chunk(q, k, v, qf, kf, gamma, window=WINDOW, softmax=softmax, linear=linear)
 
     return fwd, fwd_bwd(fwd, leaves, do)
 
@@ -447,8 +448,10 @@ def tune(Ts, reps, variants=None, rounds: int = 1) -> list[dict]:
     return rows
 
 
-def _tune_interleaved(T, reps, names, rounds) -> list[dict]:
-    fwd, step = ours(T)
+def _tune_interleaved(T, reps, names, rounds, build=None) -> list[dict]:
+    """``tune``'s interleaved rounds over the TUNE variants ``names`` of the op ``build(T)`` returns (None: ``ours``,
+    as the table times it)."""
+    fwd, step = (build or ours)(T)
     samples = {name: {"fwd": ([], []), "fwd_bwd": ([], [])} for name in names}
     failed = {}
     per_round = -(-reps // rounds)

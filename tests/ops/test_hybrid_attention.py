@@ -568,13 +568,15 @@ def test_reverse_scan_z_by_dots_only_where_it_was_right(monkeypatch):
 @pytest.mark.parametrize("mode,w,settings", REV_LIN_CASES, ids=settings_ids(REV_LIN_CASES))
 def test_triton_interpreter_linear_backward_in_the_reverse_scan(mode, w, settings, monkeypatch, interpret):
     launched = spy_launches(monkeypatch, "_bwd_rev_kernel", "_bwd_kf_kernel", "_bwd_kfdv_kernel", "_bwd_kv_kernel",
-                            "_prefix_kernel")
+                            "_prefix_kernel", "_chunk_state_kernel")
     check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": True, **settings}, w + 41)
     nseg = -(-6 // min(settings["REV_SEG"], 6))
     assert launched["_bwd_rev_kernel"] == [(4, nseg, 4)]  # (2 dv parts + 2 dk_feat parts, segments, batch * heads)
     # (the prefixes of the totals [BF BDV] and of z [BF], BF = BDV = 32, for each of 4 batch * heads)
     prefix = settings.get("REV_PREFIX", chunk.REV_PREFIX) and nseg > 2
     assert launched.get("_prefix_kernel", []) == ([(1, 4), (1, 4)] if prefix else [])
+    # (the forward's state pass, then the totals of nseg - 1 segments, F / 32 x Dv / 32 blocks)
+    assert launched["_chunk_state_kernel"] == [(1, 4, 1)] + ([(1, 4, nseg - 1)] if nseg > 1 else [])
     assert "_bwd_kf_kernel" not in launched and "_bwd_kfdv_kernel" not in launched
     assert len(launched["_bwd_kv_kernel"]) == 1
 
