@@ -362,6 +362,7 @@ TUNE = {
     "linear backward in the reverse scan": {"REV_LIN": True},
     "linear backward in the reverse scan, segments of 16": {"REV_LIN": True, "REV_SEG": 16},
     "linear backward in the reverse scan, segments of 64": {"REV_LIN": True, "REV_SEG": 64},
+    "linear backward in the reverse scan, segments of 128": {"REV_LIN": True, "REV_SEG": 128},
     "linear backward in the reverse scan, one stream": {"REV_LIN": True, "SIDE_STREAM": False},
     "linear backward in the reverse scan, 1 stage": {"REV_LIN": True, "LAUNCH": {"bwd_rev": (4, 1)}},
     "linear backward in the reverse scan, 8 warps": {"REV_LIN": True, "LAUNCH": {"bwd_rev": (8, 2)}},
@@ -384,6 +385,8 @@ TUNE = {
     # session 18
     "reverse scan, z by column sums": {"REV_ZDOT": False},
     "reverse scan, z by dots": {"REV_ZDOT": True},
+    "reverse scan, z by one bf16 dot": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True},
+    "reverse scan, z by one bf16 dot, segments of 64": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True, "REV_SEG": 64},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -401,7 +404,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
-         "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS")
+         "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE")
 
 
 def kernel_config() -> dict:

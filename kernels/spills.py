@@ -160,7 +160,8 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, LINEAR=lin, CUR_LIN=cur, DT=dt, PREC=prec,
                          NV=chunk.REV_SPLIT, NF=chunk.REV_SPLIT,
                          ZDOT=chunk._rev_zdot(torch.float32 if dtype == "fp32" else torch.bfloat16,
-                                              F // chunk.REV_SPLIT))))
+                                              F // chunk.REV_SPLIT),
+                         ZSPLIT=chunk._rev_zsplit(torch.float32 if dtype == "fp32" else torch.bfloat16))))
         out.append(("bwd_kv (REV_LIN)", chunk._bwd_kv_kernel, "bwd_kv",
                     dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DVL_HEADS=True)))
     if lin and not chunk.KF_IN_KV and not chunk.KF_DV and not chunk.REV_LIN:

@@ -214,6 +214,9 @@ REV_PREFIX = False
 # 3xTF32 were right everywhere): below this many columns the 16-bit parts keep the column sum.
 REV_ZDOT = True
 REV_ZDOT_MIN_COLS = 64
+# REV_ZDOT_BF16_ONE: in bf16, z's dots take the row weights rounded to bf16, one dot a step instead of the split's two
+# (each product then off by at most half a bf16 ulp, the rounding dk_feat's bf16 output applies anyway).
+REV_ZDOT_BF16_ONE = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1246,17 +1249,20 @@ def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: t
 
 
 @triton.jit
-def _row_sum_dot(w, x, acc, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _row_sum_dot(w, x, acc, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr = True):
     """acc[j, :] + sum_n w_n x[n, :] in every row j (w: [BT] fp32 row weights, x: a [BT, N] tile in DT), as dots whose
     A operand holds w in each of its BT rows, so that the result has the layout of any [BT, N] dot accumulator.
-    16-bit DT: w as a high and a low DT part, two dots; x is exact in DT, so the sum is as accurate as in fp32
-    operands."""
+    16-bit DT with SPLIT: w as a high and a low DT part, two dots; x is exact in DT, so the sum is as accurate as in
+    fp32 operands. Without SPLIT: w rounded to DT, one dot (each product off by at most half an ulp of DT, as a
+    16-bit output rounds)."""
     wb = tl.zeros([BT, BT], dtype=tl.float32) + w[None, :]
     if DT == tl.float32:
         return tl.dot(wb, x, acc, input_precision=PREC)
     hi = wb.to(DT)
     acc = tl.dot(hi, x, acc, input_precision=PREC)
-    return tl.dot((wb - hi.to(tl.float32)).to(DT), x, acc, input_precision=PREC)
+    if SPLIT:
+        acc = tl.dot((wb - hi.to(tl.float32)).to(DT), x, acc, input_precision=PREC)
+    return acc
 
 
 @triton.jit
@@ -1280,6 +1286,7 @@ def _bwd_rev_kernel(
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = False,
+    ZSPLIT: tl.constexpr = True,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
@@ -1297,7 +1304,8 @@ def _bwd_rev_kernel(
                      part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX)
     else:
         _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
-                      window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX, ZDOT)
+                      window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX, ZDOT,
+                      ZSPLIT)
 
 
 @triton.jit
@@ -1333,7 +1341,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
                   window, seg, pid_bh, part,
                   DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                   LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  NF: tl.constexpr, PREFIX: tl.constexpr, ZDOT: tl.constexpr):
+                  NF: tl.constexpr, PREFIX: tl.constexpr, ZDOT: tl.constexpr, ZSPLIT: tl.constexpr):
     """``_bwd_rev_kernel``'s dk_feat part ``part``: dk_feat's columns ff, the local weights da over all Dv against
     phi(q)'s columns."""
     b = pid_bh // H
@@ -1364,7 +1372,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
                            _load_row(RB + rowp, j, T, 0.0), v, j, j, T, window, dkf, LINEAR, DT, PREC)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
         if ZDOT:
-            zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC)
+            zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC, ZSPLIT)
         else:
             z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
         S = tl.dot(tl.trans(qf), da, S, input_precision=PREC)
@@ -1516,6 +1524,12 @@ def _rev_zdot(dtype: torch.dtype, cols: int) -> bool:
     return bool(REV_ZDOT and (dtype == torch.float32 or cols >= REV_ZDOT_MIN_COLS))
 
 
+def _rev_zsplit(dtype: torch.dtype) -> bool:
+    """Whether z's dots split the row weights in a high and a low part (``_row_sum_dot``): always but in bf16 under
+    REV_ZDOT_BF16_ONE (fp16 keeps the split: its range would lose small weights)."""
+    return not (REV_ZDOT_BF16_ONE and dtype == torch.bfloat16)
+
+
 def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: int, dtype: torch.dtype, big: bool,
                         launch=direct, side: bool = False):
     """REV_LIN: (dk_feat [B, T, H, F] in the dtype of the features, the linear terms of dv per query head
@@ -1552,6 +1566,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
              DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT=_rev_zdot(dtype, BF // nf),
+             ZSPLIT=_rev_zsplit(dtype),
              **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
@@ -1587,7 +1602,7 @@ def _switches() -> tuple:
     return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
-            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS,
+            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
             tuple(MAXNREG.items()))
 
 
