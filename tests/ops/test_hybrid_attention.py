@@ -564,6 +564,17 @@ def test_reverse_scan_z_by_dots_only_where_it_was_right(monkeypatch):
     assert not chunk._rev_zdot(torch.float32, 64) and not chunk._rev_zdot(torch.bfloat16, 64)
 
 
+@pytest.mark.skipif(chunk is None, reason="triton is not installed")
+def test_reverse_scan_z_by_one_dot_in_bf16_only(monkeypatch):
+    """REV_ZDOT_BF16_ONE drops the split of z's row weights in bf16 alone: fp16 keeps it (its range would flush small
+    weights), fp32 has no split to drop."""
+    monkeypatch.setattr(chunk, "REV_ZDOT_BF16_ONE", True)
+    assert not chunk._rev_zsplit(torch.bfloat16)
+    assert chunk._rev_zsplit(torch.float16) and chunk._rev_zsplit(torch.float32)
+    monkeypatch.setattr(chunk, "REV_ZDOT_BF16_ONE", False)
+    assert chunk._rev_zsplit(torch.bfloat16)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,settings", REV_LIN_CASES, ids=settings_ids(REV_LIN_CASES))
 def test_triton_interpreter_linear_backward_in_the_reverse_scan(mode, w, settings, monkeypatch, interpret):
@@ -912,7 +923,10 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                # (bf16: z's row weights split in a high and a low part, which the interpreter's fp32 cases do not
                # reach)
                "reverse-scan-z-by-dots-seg2": {"REV_ZDOT": True, "REV_SEG": 2},
-               "reverse-scan-z-by-dots": {"REV_ZDOT": True}}
+               "reverse-scan-z-by-dots": {"REV_ZDOT": True},
+               # (bf16: the row weights rounded to bf16, one dot a step)
+               "reverse-scan-z-by-one-bf16-dot-seg2": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True, "REV_SEG": 2},
+               "reverse-scan-z-by-one-bf16-dot": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True}}
 
 
 @pytest.mark.gpu
