@@ -141,6 +141,7 @@ def main():
     ap.add_argument("--leads", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.5, 1.0, 3.0])
     ap.add_argument("--json")
     ap.add_argument("--trace", action="store_true", help="also the profiler's trace of lone calls")
+    ap.add_argument("--gc", action="store_true", help="also lone calls with Python's garbage collector off")
     args = ap.parse_args()
     fwd, step = bench.ours(args.T)
 
@@ -155,6 +156,23 @@ def main():
     print("| lead ms | fwd ms | fwd+bwd ms |\n|---|---|---|")
     for lead in args.leads:
         print(f"| {lead} | {result['lead_fwd'][lead]:.3f} | {result['lead_fwd_bwd'][lead]:.3f} |")
+    if args.gc:  # lone calls with Python's garbage collector on (the default) and off
+        import gc
+
+        rows = []
+        for name, fn in (("fwd", fwd_nograd), ("fwd+bwd", step)):
+            on = bench.cuda_time(fn, args.reps)[0]
+            gc.collect()
+            gc.disable()
+            try:
+                off = bench.cuda_time(fn, args.reps)[0]
+            finally:
+                gc.enable()
+            rows.append((name, on, off))
+        result["gc"] = rows
+        print("\n| lone call | gc on, ms | gc off, ms |\n|---|---|---|")
+        for name, on, off in rows:
+            print(f"| {name} | {on:.3f} | {off:.3f} |")
     lone, queued = launch_marks(step, args.reps, 0.0), launch_marks(step, args.reps, 1.0)
     result["launch_marks"] = {"lone": lone, "queued": queued}
     print("\n| launch | lone call: ms to its end | queued (1 ms lead) | difference |\n|---|---|---|---|")
