@@ -363,6 +363,7 @@ TUNE = {
     "linear backward in the reverse scan, segments of 16": {"REV_LIN": True, "REV_SEG": 16},
     "linear backward in the reverse scan, segments of 64": {"REV_LIN": True, "REV_SEG": 64},
     "linear backward in the reverse scan, segments of 128": {"REV_LIN": True, "REV_SEG": 128},
+    "linear backward in the reverse scan, segments of 256": {"REV_LIN": True, "REV_SEG": 256},
     "linear backward in the reverse scan, one stream": {"REV_LIN": True, "SIDE_STREAM": False},
     "linear backward in the reverse scan, 1 stage": {"REV_LIN": True, "LAUNCH": {"bwd_rev": (4, 1)}},
     "linear backward in the reverse scan, 8 warps": {"REV_LIN": True, "LAUNCH": {"bwd_rev": (8, 2)}},
@@ -387,6 +388,7 @@ TUNE = {
     "reverse scan, z by dots": {"REV_ZDOT": True},
     "reverse scan, z by one bf16 dot": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True},
     "reverse scan, z by one bf16 dot, segments of 64": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True, "REV_SEG": 64},
+    "reverse scan, z by one bf16 dot, segments of 128": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True, "REV_SEG": 128},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
