@@ -133,6 +133,43 @@ def launch_marks(step, reps: int, lead_ms: float) -> list[tuple[str, float]]:
     return [(f"{j} {name}", statistics.median(v)) for (j, name), v in samples.items()]
 
 
+def lone_with(step, reps: int, before) -> float:
+    """Median ms of lone calls of step (events around it, the GPU idle before), ``before()`` run and synchronized
+    ahead of each start event."""
+    times = []
+    for i in range(reps + 3):
+        before()
+        torch.cuda.synchronize()
+        s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s0.record()
+        step()
+        s1.record()
+        s1.synchronize()
+        if i >= 3:
+            times.append(s0.elapsed_time(s1))
+    return statistics.median(times)
+
+
+def probes(step, fwd, reps: int) -> list[tuple[str, float]]:
+    """Lone calls after different preludes: nothing; a 1 ms host sleep (the GPU idle longer); a tiny kernel (the GPU
+    just woke); reading a 256 MiB buffer (L2 holds clean lines of it, not the last call's dirty ones); writing it (L2
+    dirty); a forward without gradients (the previous op call was a forward)."""
+    import time
+
+    buf = torch.empty(64 * 2**20, device="cuda", dtype=torch.float32)
+    small = torch.zeros(1, device="cuda")
+    sink = torch.empty((), device="cuda")
+
+    def nograd():
+        with torch.no_grad():
+            fwd()
+
+    cases = [("nothing", lambda: None), ("host sleep 1 ms", lambda: time.sleep(1e-3)),
+             ("tiny kernel", lambda: small.add_(1)), ("read 256 MiB", lambda: torch.sum(buf, out=sink)),
+             ("write 256 MiB", lambda: buf.fill_(1.0)), ("a forward without gradients", nograd)]
+    return [(name, lone_with(step, reps, before)) for name, before in cases]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=32768)
@@ -142,6 +179,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--trace", action="store_true", help="also the profiler's trace of lone calls")
     ap.add_argument("--gc", action="store_true", help="also lone calls with Python's garbage collector off")
+    ap.add_argument("--probe", action="store_true", help="also lone calls after different preludes")
     args = ap.parse_args()
     fwd, step = bench.ours(args.T)
 
@@ -156,6 +194,13 @@ def main():
     print("| lead ms | fwd ms | fwd+bwd ms |\n|---|---|---|")
     for lead in args.leads:
         print(f"| {lead} | {result['lead_fwd'][lead]:.3f} | {result['lead_fwd_bwd'][lead]:.3f} |")
+    if args.probe:
+        rows = probes(step, fwd, args.reps) + [(f"(forward only) {n}", t) for n, t in probes(fwd_nograd, fwd,
+                                                                                               args.reps)]
+        result["probes"] = rows
+        print("\n| lone forward+backward after | ms |\n|---|---|")
+        for name, t in rows:
+            print(f"| {name} | {t:.3f} |")
     if args.gc:  # lone calls with Python's garbage collector on (the default) and off
         import gc
 
