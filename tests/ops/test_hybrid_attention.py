@@ -964,6 +964,7 @@ def test_triton_gpu_reverse_scan_prefixes_at_scale(monkeypatch):
     three calls (the later ones replay the launch plan)."""
     inputs, do = make_inputs(1, 16384, 32, 8, 128, 128, torch.bfloat16, device="cuda", seed=23)
     kw = dict(window=64, softmax=True, linear="outside")
+    monkeypatch.setattr(chunk, "REV_SEG", 32)
     monkeypatch.setattr(chunk, "REV_PREFIX", False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "REV_PREFIX", True)

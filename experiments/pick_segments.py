@@ -1,0 +1,39 @@
+"""The reverse scan's segment length from a tune of ``REV_SEG`` variants (``bench --tune --out FILE``): the fastest
+forward+backward at the longest T, unless it is more than ``--slack`` slower than the default at a shorter T.
+
+    python experiments/pick_segments.py TUNE.json [--slack 0.02]
+
+Prints the chosen length (the default's, 32 in session 19, when no variant wins). Session 19 ran it on the device
+between a tune and the table, to set ``chunk.REV_SEG`` for the table and the GPU tier in one call.
+"""
+
+import argparse
+import json
+
+from linearize.kernels.hybrid_attention import chunk
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tune")
+    ap.add_argument("--slack", type=float, default=0.02)
+    args = ap.parse_args()
+    rows = json.load(open(args.tune))["tune"]
+    seg = {}  # variant -> REV_SEG it sets (the default: the module's)
+    for r in rows:
+        s = r["overrides"].get("REV_SEG")
+        if set(r["overrides"]) <= {"REV_LIN", "REV_SEG"}:  # (variants that change nothing else)
+            seg[r["variant"]] = int(s) if s is not None else (chunk.REV_SEG if r["variant"] == "default" else None)
+    ts = sorted({r["T"] for r in rows})
+    at = {(r["T"], r["variant"]): r.get("fwd_bwd_ms") for r in rows}
+    longest = [r for r in rows if r["T"] == ts[-1] and seg.get(r["variant"]) is not None and r.get("fwd_bwd_ms")]
+    for r in sorted(longest, key=lambda r: r["fwd_bwd_ms"]):
+        base = [(at[(t, "default")], at.get((t, r["variant"]))) for t in ts[:-1]]
+        if all(b is None or v is None or v <= b * (1 + args.slack) for b, v in base):
+            print(seg[r["variant"]])
+            return
+    print(chunk.REV_SEG)
+
+
+if __name__ == "__main__":
+    main()
