@@ -24,12 +24,15 @@ def main():
         s = r["overrides"].get("REV_SEG")
         if set(r["overrides"]) <= {"REV_LIN", "REV_SEG"}:  # (variants that change nothing else)
             seg[r["variant"]] = int(s) if s is not None else (chunk.REV_SEG if r["variant"] == "default" else None)
+    # the baseline: the "default" variant, else the one at the module's segment length (experiments/seg_tune.py)
+    base = "default" if any(r["variant"] == "default" for r in rows) else next(
+        (v for v, s in seg.items() if s == chunk.REV_SEG), None)
     ts = sorted({r["T"] for r in rows})
     at = {(r["T"], r["variant"]): r.get("fwd_bwd_ms") for r in rows}
     longest = [r for r in rows if r["T"] == ts[-1] and seg.get(r["variant"]) is not None and r.get("fwd_bwd_ms")]
     for r in sorted(longest, key=lambda r: r["fwd_bwd_ms"]):
-        base = [(at[(t, "default")], at.get((t, r["variant"]))) for t in ts[:-1]]
-        if all(b is None or v is None or v <= b * (1 + args.slack) for b, v in base):
+        pairs = [(at.get((t, base)), at.get((t, r["variant"]))) for t in ts[:-1]]
+        if all(b is None or v is None or v <= b * (1 + args.slack) for b, v in pairs):
             print(seg[r["variant"]])
             return
     print(chunk.REV_SEG)
