@@ -183,8 +183,12 @@ REV_DO = False
 # (session 16): 4.114 against 4.199 ms forward+backward; per kernel on one stream, _bwd_rev_kernel 0.892 ms and the
 # segment totals ~0.27 in place of the reverse pass (~0.50), dk_feat's kernel (0.443) and the key side's linear terms
 # (the key side 0.540 against 0.903); peak memory 2.05 against 2.28 GiB. Segments of 64: 4.124, of 16: 4.235. On.
+# REV_SEG: key chunks per segment. 64 since session 19: with z by dots (REV_ZDOT) a step is shorter, and at 32K on an
+# H100 (interleaved, 3 rounds) segments of 64 took 3.941 against 4.009 ms forward+backward for 32 in one call and
+# 4.014 against 4.084 in another, segments of 16 4.134, of 128 3.946 (one call; one segment at 8K). Not timed at 8K
+# or 2K (2K has one segment either way).
 REV_LIN = True
-REV_SEG = 32
+REV_SEG = 64
 # REV_SPLIT: the programs of a (segment, head) in REV_LIN: REV_SPLIT for dv's Dv columns and REV_SPLIT for dk_feat's
 # F columns, each holding its block of the reverse state (the dv programs all of F and their Dv columns, the dk_feat
 # ones their F rows and all of Dv) and running the scan on it. H100, 32K: one program for both (the whole state, 8
@@ -215,7 +219,10 @@ REV_PREFIX = False
 REV_ZDOT = True
 REV_ZDOT_MIN_COLS = 64
 # REV_ZDOT_BF16_ONE: in bf16, z's dots take the row weights rounded to bf16, one dot a step instead of the split's two
-# (each product then off by at most half a bf16 ulp, the rounding dk_feat's bf16 output applies anyway).
+# (each product then off by at most half a bf16 ulp, the rounding dk_feat's bf16 output applies anyway). dk_feat's
+# error against the naive reference was the split's (H100, session 19, `experiments/rev_zdot_repro.py --one`); at 32K
+# (interleaved, one call) 4.053 against 4.084 ms with segments of 32 and 4.075 against 4.014 with segments of 64:
+# no gain shown. Off.
 REV_ZDOT_BF16_ONE = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
