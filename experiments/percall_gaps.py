@@ -1,17 +1,24 @@
-"""Where a lone call of the hybrid op waits on the host: the benchmark's per-call times at 32K exceed its queued ones
-by ~0.19 ms forward+backward but only ~0.06 ms forward (session 18, H100), more than the ~50 us to the first launch.
+"""Where a lone call of the hybrid op loses time: the benchmark's per-call times at 32K exceed its queued ones by
+~0.19 ms forward+backward but only ~0.06 ms forward (session 18, H100), more than the ~50 us to the first launch.
 
-    python experiments/percall_gaps.py [--T 32768] [--reps 20] [--steps 5]
+    python experiments/percall_gaps.py [--T 32768] [--reps 20] [--leads 0 0.1 1] [--trace] [--steps 5] [--probe]
+                                       [--gc] [--json FILE]
 
-1. The forward+backward timed between CUDA events with a sleep kernel of ``lead`` ms queued before each start event
-   (``bench.cuda_time_queued``; lead 0 is the per-call time): if the difference is all host latency before the first
-   launch, a lead of ~0.1 ms hides it; a bubble later in the call needs a longer lead.
-2. A torch.profiler trace of ``--steps`` lone calls (each from an idle queue): the idle intervals of the GPU inside a
-   call (no kernel on any stream), each with the kernels on either side and how long after its launch call the next
-   kernel started (a start soon after its launch means the GPU waited on the host).
+1. Forward and forward+backward timed between CUDA events with a sleep kernel of ``lead`` ms queued before each start
+   event (``bench.cuda_time_queued``; lead 0 is the per-call time): if the difference is all host latency before
+   the first launch, a lead of ~0.1 ms hides it; a later bubble or a slower first kernel needs a longer lead.
+2. Launch marks: an event recorded after each launch, median ms from the start event to each, lone and queued (1 ms
+   lead): where in the call the lone one falls behind.
+3. --trace: a torch.profiler trace of ``--steps`` lone calls (each from an idle queue): the idle intervals of the GPU
+   inside a call (no kernel on any stream), and the last call's launches (host) against its kernels (GPU).
+4. --probe: lone calls after different preludes (a host sleep, a tiny kernel, L2 clean or dirty, a forward);
+   --gc: lone calls with Python's garbage collector on and off.
 
-Needs a CUDA device (run it through the device tool). Prints tables; --json writes them.
-"""
+Session 19 (H100, 32K): lead sweep 4.050 / 3.951 / 3.976 / 3.908 / 3.869 / 3.828 / 3.829 ms forward+backward at 0 /
+0.05 / 0.1 / 0.2 / 0.5 / 1 / 3 ms (kernels/percall_leads_h100_session19.log); the marks put the whole loss before the
+first kernel ends (kernels/percall_marks_h100_session19.log); --probe and --gc have not run on a GPU yet.
+
+Needs a CUDA device (run it through the device tool). Prints tables; --json writes them."""
 
 import argparse
 import json
