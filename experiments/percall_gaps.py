@@ -96,6 +96,22 @@ def trace_gaps(step, steps: int, min_gap_us: float = 3.0) -> list[dict]:
     return rows
 
 
+def _lone_calls(step, reps: int, before, after) -> None:
+    """reps calls of step after 3 not kept, each between CUDA events from an idle GPU: synchronize, ``before()``
+    (queued work to precede the start event, or host work), start event, step(), end event; ``after(start, end)``
+    once the end event is done."""
+    for i in range(reps + 3):
+        torch.cuda.synchronize()
+        before()
+        s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s0.record()
+        step()
+        s1.record()
+        s1.synchronize()
+        if i >= 3:
+            after(s0, s1)
+
+
 def launch_marks(step, reps: int, lead_ms: float) -> list[tuple[str, float]]:
     """Median milliseconds from the start event to the end of each launch of one call (an event recorded on the
     launch's stream right after it), lead_ms of sleep queued before the start (0: a lone call). Launches are
@@ -104,6 +120,7 @@ def launch_marks(step, reps: int, lead_ms: float) -> list[tuple[str, float]]:
 
     real = chunk.PLANS.start
     marks: list = []
+    samples: dict = {}
 
     def start(key, stream):
         inner = real(key, stream)
@@ -118,63 +135,43 @@ def launch_marks(step, reps: int, lead_ms: float) -> list[tuple[str, float]]:
         launch.done = inner.done
         return launch
 
+    def before():
+        marks.clear()
+        if lead_ms:
+            bench._sleep_ms(lead_ms)
+
+    def after(s0, s1):
+        for j, (name, ev) in enumerate(marks + [("end", s1)]):
+            samples.setdefault((j, name), []).append(s0.elapsed_time(ev))
+
     chunk.PLANS.start = start
     try:
-        samples: dict = {}
-        for i in range(reps + 3):
-            marks.clear()
-            torch.cuda.synchronize()
-            if lead_ms:
-                bench._sleep_ms(lead_ms)
-            s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s0.record()
-            step()
-            s1.record()
-            s1.synchronize()
-            if i < 3:
-                continue
-            for j, (name, ev) in enumerate(marks + [("end", s1)]):
-                samples.setdefault((j, name), []).append(s0.elapsed_time(ev))
+        _lone_calls(step, reps, before, after)
     finally:
         chunk.PLANS.start = real
     return [(f"{j} {name}", statistics.median(v)) for (j, name), v in samples.items()]
 
 
-def lone_with(step, reps: int, before) -> float:
-    """Median ms of lone calls of step (events around it, the GPU idle before), ``before()`` run and synchronized
-    ahead of each start event."""
-    times = []
-    for i in range(reps + 3):
-        before()
-        torch.cuda.synchronize()
-        s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s0.record()
-        step()
-        s1.record()
-        s1.synchronize()
-        if i >= 3:
-            times.append(s0.elapsed_time(s1))
-    return statistics.median(times)
-
-
-def probes(step, fwd, reps: int) -> list[tuple[str, float]]:
-    """Lone calls after different preludes: nothing; a 1 ms host sleep (the GPU idle longer); a tiny kernel (the GPU
-    just woke); reading a 256 MiB buffer (L2 holds clean lines of it, not the last call's dirty ones); writing it (L2
-    dirty); a forward without gradients (the previous op call was a forward)."""
+def probes(step, fwd_nograd, reps: int) -> list[tuple[str, float]]:
+    """Median ms of lone calls of step after different preludes, each finished before the start event: nothing; a
+    1 ms host sleep (the GPU idle longer); a tiny kernel (the GPU just woke); reading a 256 MiB buffer (L2 holds clean
+    lines of it, not the last call's dirty ones); writing it (L2 dirty); a forward without gradients (the previous op
+    call was a forward)."""
     import time
 
     buf = torch.empty(64 * 2**20, device="cuda", dtype=torch.float32)
     small = torch.zeros(1, device="cuda")
     sink = torch.empty((), device="cuda")
-
-    def nograd():
-        with torch.no_grad():
-            fwd()
-
     cases = [("nothing", lambda: None), ("host sleep 1 ms", lambda: time.sleep(1e-3)),
-             ("tiny kernel", lambda: small.add_(1)), ("read 256 MiB", lambda: torch.sum(buf, out=sink)),
-             ("write 256 MiB", lambda: buf.fill_(1.0)), ("a forward without gradients", nograd)]
-    return [(name, lone_with(step, reps, before)) for name, before in cases]
+             ("tiny kernel", lambda: small.add_(1)), ("read 256 MiB", lambda: torch.sum(buf, dim=0, out=sink)),
+             ("write 256 MiB", lambda: buf.fill_(1.0)), ("a forward without gradients", fwd_nograd)]
+    rows = []
+    for name, prelude in cases:
+        times: list = []
+        _lone_calls(step, reps, lambda prelude=prelude: (prelude(), torch.cuda.synchronize()),
+                    lambda s0, s1, times=times: times.append(s0.elapsed_time(s1)))
+        rows.append((name, statistics.median(times)))
+    return rows
 
 
 def main():
@@ -202,8 +199,8 @@ def main():
     for lead in args.leads:
         print(f"| {lead} | {result['lead_fwd'][lead]:.3f} | {result['lead_fwd_bwd'][lead]:.3f} |")
     if args.probe:
-        rows = probes(step, fwd, args.reps) + [(f"(forward only) {n}", t) for n, t in probes(fwd_nograd, fwd,
-                                                                                               args.reps)]
+        rows = probes(step, fwd_nograd, args.reps) + [(f"(forward only) {n}", t)
+                                                      for n, t in probes(fwd_nograd, fwd_nograd, args.reps)]
         result["probes"] = rows
         print("\n| lone forward+backward after | ms |\n|---|---|")
         for name, t in rows:

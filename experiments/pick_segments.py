@@ -3,8 +3,9 @@ forward+backward at the longest T, unless it is more than ``--slack`` slower tha
 
     python experiments/pick_segments.py TUNE.json [--slack 0.02]
 
-Prints the chosen length (the default's, 32 in session 19, when no variant wins). Session 19 ran it on the device
-between a tune and the table, to set ``chunk.REV_SEG`` for the table and the GPU tier in one call.
+Prints the chosen length (``chunk.REV_SEG`` when no variant wins); the baseline at the shorter T is the "default"
+variant, or (``experiments/seg_tune.py``) the variant at ``chunk.REV_SEG``. Written in session 19 to set
+``chunk.REV_SEG`` on the device between a tune and the table; that call did not run.
 """
 
 import argparse

@@ -25,7 +25,7 @@ def main():
     args = ap.parse_args()
     names = []
     for s in args.segs:
-        name = f"reverse scan in segments of {s}"
+        name = f"linear backward in the reverse scan, segments of {s}"  # (bench's names; those it lacks added)
         bench.TUNE.setdefault(name, {"REV_LIN": True, "REV_SEG": s})
         names.append(name)
     print(f"# {torch.cuda.get_device_name()}, {args.rounds} rounds", flush=True)
