@@ -389,6 +389,14 @@ TUNE = {
     "reverse scan, z by one bf16 dot": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True},
     "reverse scan, z by one bf16 dot, segments of 64": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True, "REV_SEG": 64},
     "reverse scan, z by one bf16 dot, segments of 128": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True, "REV_SEG": 128},
+    # session 20: the reverse scan's totals in the delta pass (DELTA_TOTALS), its launch and its parts
+    "totals in the delta pass": {"DELTA_TOTALS": True},
+    "totals in the delta pass, separate": {"DELTA_TOTALS": False},
+    "totals in the delta pass, 1 stage": {"DELTA_TOTALS": True, "LAUNCH": {"delta_totals": (8, 1)}},
+    "totals in the delta pass, 3 stages": {"DELTA_TOTALS": True, "LAUNCH": {"delta_totals": (8, 3)}},
+    "totals in the delta pass, 256 programs": {"DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 256},
+    "totals in the delta pass, 1024 programs": {"DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 1024},
+    "totals in the delta pass, 2048 programs": {"DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 2048},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -406,7 +414,8 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "KF_IN_KV", "FUSED_FWD",
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
-         "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE")
+         "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
+         "DELTA_TOTALS_MIN_CHUNKS")
 
 
 def kernel_config() -> dict:
@@ -808,6 +817,8 @@ def main(argv=None):
     ap.add_argument("--out", default="kernels/bench_results.json")
     ap.add_argument("--tune", action="store_true", help="also time the hybrid op under the TUNE variants")
     ap.add_argument("--variants", nargs="+", metavar="NAME", help="with --tune: only these TUNE variants")
+    ap.add_argument("--tune-only", action="store_true",
+                    help="with --tune: no table of the op and its peers (the check still runs first)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="with --tune: time the variants interleaved, in this many rounds (1: one after the other)")
     ap.add_argument("--profile", action="store_true", help="also record CUDA time per kernel of the hybrid op")
@@ -839,8 +850,10 @@ def main(argv=None):
     print(f"# correctness vs naive: {'OK' if ok else 'FAILED'} (worst rel RMS err {worst:.2e}, bf16 tol 2e-2)",
           flush=True)
 
+    if args.tune_only and not args.tune:
+        sys.exit("--tune-only needs --tune")
     rows = []
-    for T in args.T:
+    for T in [] if args.tune_only else args.T:
         rows.append(measure("hybrid (ours)", ours, T, args.reps, queued=args.queued))
         for name, build in PEERS.items():
             rows.append(measure(name, build, T, args.reps, queued=args.queued))
@@ -854,7 +867,7 @@ def main(argv=None):
             print("# " + json.dumps(r), flush=True)
 
     # ratios: ours over the best peer and over flex SWA + fla LA (the two halves of a hybrid) summed
-    for T in args.T:
+    for T in [] if args.tune_only else args.T:
         at = {r["op"]: r for r in rows if r["T"] == T}
         o = at["hybrid (ours)"]
         for key in ("fwd_ms", "fwd_bwd_ms"):

@@ -133,6 +133,9 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                          **fwd_blocks)))
     out.append(("delta", chunk._delta_kernel, "delta",
                 dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin) and not chunk.REV_DO)))
+    if lin and chunk.REV_LIN and chunk.DELTA_TOTALS:  # delta with the reverse scan's totals (more than one segment)
+        out.append(("delta_totals (DELTA_TOTALS)", chunk._delta_totals_kernel, "delta_totals",
+                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, DT=dt, PREC=prec)))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,
                 SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p)
@@ -187,6 +190,8 @@ def main(argv=None):
     ap.add_argument("--reverse-states", action="store_true",
                     help="compile with chunk.REV_LIN off (reverse states in memory, dk_feat's own kernel)")
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
+    ap.add_argument("--delta-totals", action="store_true",
+                    help="also compile delta with the reverse scan's totals (chunk.DELTA_TOTALS)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
@@ -204,6 +209,7 @@ def main(argv=None):
     chunk.WINDOW_BLOCKS = chunk.WINDOW_BLOCKS and not args.pair_blocks
     chunk.KF_IN_KV = chunk.KF_IN_KV or args.kf_in_kv
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
+    chunk.DELTA_TOTALS = chunk.DELTA_TOTALS or args.delta_totals
     chunk.KF_DV = chunk.KF_DV or args.kf_dv
     chunk.REV_DO = chunk.REV_DO or args.rev_do
     chunk.REV_LIN = chunk.REV_LIN and not args.reverse_states

@@ -224,6 +224,15 @@ REV_ZDOT_MIN_COLS = 64
 # (interleaved, one call) 4.053 against 4.084 ms with segments of 32 and 4.075 against 4.014 with segments of 64:
 # no gain shown. Off.
 REV_ZDOT_BF16_ONE = False
+# DELTA_TOTALS: with REV_LIN in more than one segment, the delta kernel and the reverse scan's segment totals in one
+# pass (_delta_totals_kernel): its programs compute delta, rb and dA for a run of chunks and add phi(q)^T dA and rb
+# phi(q) into the totals as they go, so that the totals pass (0.19-0.23 ms at 32K on an H100) reads neither dA nor
+# phi(q) again. Its parts hold REV_SEG / KS chunks, KS the power of two (from 1, down to DELTA_TOTALS_MIN_CHUNKS
+# chunks a part) that first gives DELTA_TOTALS_PROGRAMS programs; the reverse scan sums KS totals a segment. Only
+# where one program holds the whole [F, Dv] total (both <= 128).
+DELTA_TOTALS = False
+DELTA_TOTALS_PROGRAMS = 512
+DELTA_TOTALS_MIN_CHUNKS = 8
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -248,7 +257,8 @@ SIDE_STATE_BLOCKS = (128, 128)
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
 # 6.36 -> 5.46 ms against 8 warps (H200).
 LAUNCH = {"state": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3), "bwd_q": (4, 1), "bwd_kv": (4, 1),
-          "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2)}
+          "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2),
+          "delta_totals": (8, 2)}
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
 # 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
@@ -756,6 +766,61 @@ def _delta_kernel(
     tl.store(RB + rowp + n, -delta * inv, mask=n < T)
     if HAS_DA:
         _store_tile(_head(DA, b, h, sab, sah), do * inv[:, None], n, vv, T, DV, sat)
+
+
+@triton.jit
+def _delta_totals_kernel(
+    OUT, DO, ZD, QF, DELTA, RB, DA, TOT, ZTOT,
+    sob, sot, soh, sdb, sdt, sdh, sfb, sft, sfh, sab, sat, sah,
+    T, H, NT, LS, NTOT,
+    DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """``_delta_kernel`` and the reverse scan's segment totals in one pass (DELTA_TOTALS): program (part, bh) takes
+    the LS key chunks that part ``part`` of the reverse scan's order covers, chunks NT - part LS - j for j in
+    [0, LS), and adds phi(q)^T dA and z = sum rb phi(q) over them into TOT[bh, part] / ZTOT[bh, part] (the totals
+    the state pass's phase 1 writes for the reverse scan, at LS chunks a part), from dA and rb as it computes them,
+    so that neither is read back. It stores delta, rb and dA for chunks NT - part LS - j, j in [1, LS]: with j = 0
+    (the chunk below the previous part's last, which that part stores) every chunk is stored once. The last part
+    (part LS >= NT - LS) writes no total: no segment starts after it."""
+    part = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    r = tl.arange(0, BT)
+    vv = tl.arange(0, BDV)
+    ff = tl.arange(0, BF)
+    op = _head(OUT, b, h, sob, soh)
+    dop = _head(DO, b, h, sdb, sdh)
+    qp = _head(QF, b, h, sfb, sfh)
+    ap = _head(DA, b, h, sab, sah)
+    rowp = pid_bh.to(tl.int64) * T
+    total = part < NTOT  # (a part past the totals only stores delta, rb and dA)
+    total_r = (r * 0 + part) < NTOT  # (as a row mask: the interpreter takes no scalar in a mask)
+    S = tl.zeros([BF, BDV], dtype=tl.float32)
+    zacc = tl.zeros([BT, BF], dtype=tl.float32)  # z's terms, summed over the rows once at the end
+    for j in range(0, LS + 1):
+        n = (NT - part * LS - j) * BT + r
+        o = _load_tile(op, n, vv, T, DV, sot).to(tl.float32)
+        do = _load_tile(dop, n, vv, T, DV, sdt).to(tl.float32)
+        inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
+        delta = tl.sum(o * do, axis=1)
+        rb = -delta * inv
+        da = (do * inv[:, None]).to(DA.dtype.element_ty)
+        jr = r * 0 + j  # (j in every row: the masks below stay tensors in the interpreter)
+        keep = (n >= 0) & (n < T) & (jr > 0)
+        tl.store(DELTA + rowp + n, delta, mask=keep)
+        tl.store(RB + rowp + n, rb, mask=keep)
+        tl.store(ap + n[:, None].to(tl.int64) * sat + vv[None, :], da, mask=keep[:, None] & (vv[None, :] < DV))
+        # phi(q) of the rows in this part's total (none for j = LS, nor in a part without a total: no loads)
+        qrow = (n >= 0) & (n < T) & (jr < LS) & total_r
+        qmask = qrow[:, None] & (ff[None, :] < F)
+        qf = tl.load(qp + n[:, None].to(tl.int64) * sft + ff[None, :], mask=qmask, other=0.0)
+        zacc += qf.to(tl.float32) * rb[:, None]
+        S = tl.dot(tl.trans(qf.to(DT)), da.to(DT), S, input_precision=PREC)
+    if total:
+        tl.store(_state_ptr(TOT, pid_bh, part, NTOT, BF, BDV, ff, vv), S)
+        tl.store(ZTOT + (pid_bh.to(tl.int64) * NTOT + part) * BF + ff, tl.sum(zacc, axis=0))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1293,7 +1358,7 @@ def _bwd_rev_kernel(
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = False,
-    ZSPLIT: tl.constexpr = True,
+    ZSPLIT: tl.constexpr = True, KS: tl.constexpr = 1,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
@@ -1302,24 +1367,25 @@ def _bwd_rev_kernel(
     head into DVH (the key side sums the G heads of a kv head). Parts NV .. NV+NF-1 hold dh's F rows of their part
     and write those columns of dk_feat_j: v_j dh^T + dz + the local terms, in the dtype of the features. A part's
     block of the state starts from the totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s
-    phase 1 over the same segments; PREFIX: their inclusive prefixes)."""
+    phase 1 over the same segments, or ``_delta_totals_kernel``'s over KS parts a segment; PREFIX: their inclusive
+    prefixes)."""
     part = tl.program_id(0)  # (the parts of a segment and head run next to each other and share their tiles in L2)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
     if part < NV:
         _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh,
-                     part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX)
+                     part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX, KS)
     else:
         _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
                       window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX, ZDOT,
-                      ZSPLIT)
+                      ZSPLIT, KS)
 
 
 @triton.jit
 def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh, part,
                  DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                  LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                 NV: tl.constexpr, PREFIX: tl.constexpr):
+                 NV: tl.constexpr, PREFIX: tl.constexpr, KS: tl.constexpr):
     """``_bwd_rev_kernel``'s dv part ``part``: dv's columns vv, the local weights a over all F against dA's columns."""
     b = pid_bh // H
     h = pid_bh % H
@@ -1328,7 +1394,7 @@ def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H,
     dap = _head(DA, b, h, sab, sah)
     ff = tl.arange(0, BF)
     vv = part * (BDV // NV) + tl.arange(0, BDV // NV)
-    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV, PREFIX)
+    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg * KS, NTOT, ff, vv, BF, BDV, PREFIX)
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         j = (NT - 1 - t) * BT + tl.arange(0, BT)
         n = j + BT  # query chunk i + 1: its local terms, then into the state
@@ -1348,7 +1414,8 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
                   window, seg, pid_bh, part,
                   DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                   LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  NF: tl.constexpr, PREFIX: tl.constexpr, ZDOT: tl.constexpr, ZSPLIT: tl.constexpr):
+                  NF: tl.constexpr, PREFIX: tl.constexpr, ZDOT: tl.constexpr, ZSPLIT: tl.constexpr,
+                  KS: tl.constexpr):
     """``_bwd_rev_kernel``'s dk_feat part ``part``: dk_feat's columns ff, the local weights da over all Dv against
     phi(q)'s columns."""
     b = pid_bh // H
@@ -1359,7 +1426,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
     rowp = pid_bh.to(tl.int64) * T
     ff = part * (BF // NF) + tl.arange(0, BF // NF)
     vv = tl.arange(0, BDV)
-    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF, BDV, PREFIX)
+    S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg * KS, NTOT, ff, vv, BF, BDV, PREFIX)
     if ZDOT:  # z in every row of a dot accumulator (REV_ZDOT)
         zb = tl.zeros([BT, BF // NF], dtype=tl.float32) + z[None, :]
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
@@ -1537,22 +1604,64 @@ def _rev_zsplit(dtype: torch.dtype) -> bool:
     return not (REV_ZDOT_BF16_ONE and dtype == torch.bfloat16)
 
 
+def _delta_parts(NT: int, L: int, BH: int) -> tuple[int, int]:
+    """(KS, parts) of DELTA_TOTALS' pass over NT chunks for reverse-scan segments of L chunks and B * H heads: KS
+    parts a segment, parts of L / KS chunks down to the first chunk."""
+    ks = 1
+    while (L % (2 * ks) == 0 and L // (2 * ks) >= DELTA_TOTALS_MIN_CHUNKS
+           and _cdiv(NT, L // ks) * BH < DELTA_TOTALS_PROGRAMS):
+        ks *= 2
+    return ks, _cdiv(NT, L // ks)
+
+
+def _delta_totals_wanted(T: int, F: int, Dv: int, rev_lin: bool) -> bool:
+    """Whether DELTA_TOTALS applies: REV_LIN in more than one segment, the whole [F, Dv] total in one program."""
+    return bool(DELTA_TOTALS and rev_lin and _rev_segments(T)[1] > 1 and _p2(F) <= 128 and _p2(Dv) <= 128)
+
+
+def delta_totals(o, do, ZD, q_feat, delta, rb, dA, *, dtype: torch.dtype, big: bool, launch=direct):
+    """DELTA_TOTALS: delta, rb and dA into the given buffers, and the reverse scan's totals over KS parts a segment;
+    returns (tot, ztot, KS)."""
+    B, T, H, F = q_feat.shape
+    Dv = do.shape[-1]
+    NT = _cdiv(T, BT)
+    L, nseg = _rev_segments(T)
+    ks, parts = _delta_parts(NT, L, B * H)
+    ntot = (nseg - 1) * ks
+    BF, BDV = _p2(F), _p2(Dv)
+    tot = torch.empty(B * H, ntot, BF, BDV, device=do.device, dtype=torch.float32)
+    ztot = torch.empty(B * H, ntot, BF, device=do.device, dtype=torch.float32)
+    launch(_delta_totals_kernel, (parts, B * H), (o, do, ZD, q_feat, delta, rb, dA, tot, ztot), lambda: (
+        (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), q_feat.stride(0),
+         q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2), T, H, NT, L // ks, ntot),
+        dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, DT=_dot_dtype(dtype), PREC=_prec(dtype),
+             **_options("delta_totals", big, dtype)),
+    ))  # fmt: skip
+    return tot, ztot, ks
+
+
 def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: int, dtype: torch.dtype, big: bool,
-                        launch=direct, side: bool = False):
+                        launch=direct, side: bool = False, totals=None):
     """REV_LIN: (dk_feat [B, T, H, F] in the dtype of the features, the linear terms of dv per query head
     [B, T, H, Dv] in the dtype of dA, the segment totals) from the reverse scan in segments; the first segment (the
     last key chunks) starts from zero, every other one from the totals of the segments before it. The caller keeps
     the totals alive until the stream that ran the launches is joined. side: the launches go to the side stream
-    (the totals pass then takes the tiles of SIDE_STATE_BLOCKS)."""
+    (the totals pass then takes the tiles of SIDE_STATE_BLOCKS). totals: (tot, ztot, KS) from ``delta_totals``
+    (DELTA_TOTALS), KS totals a segment, in place of the totals pass."""
     B, T, H, F = q_feat.shape
     Dv = dA.shape[-1]
     NT = _cdiv(T, BT)
     L, nseg = _rev_segments(T)
     BF, BDV, BK, BV = _state_tiles(F, Dv, side)
     prefix = REV_PREFIX and nseg > 2  # (one or two segments: the sum of the totals before one is one load already)
-    tot = torch.empty(B * H, max(nseg - 1, 1), BF, BDV, device=q_feat.device, dtype=torch.float32)
-    ztot = torch.empty(B * H, max(nseg - 1, 1), BF, device=q_feat.device, dtype=torch.float32)
-    if nseg > 1:  # the totals of segments 0 .. nseg-2 (phase 1 of the state pass, one state per chunk)
+    if totals is not None:
+        tot, ztot, ks = totals
+    else:
+        ks = 1
+        tot = torch.empty(B * H, max(nseg - 1, 1), BF, BDV, device=q_feat.device, dtype=torch.float32)
+        ztot = torch.empty(B * H, max(nseg - 1, 1), BF, device=q_feat.device, dtype=torch.float32)
+    ntot = tot.shape[1]
+    if nseg > 1 and totals is None:  # the totals of segments 0 .. nseg-2 (phase 1 of the state pass, one state per chunk)
         launch(_chunk_state_kernel, ((BF // BK) * (BDV // BV), B * H, nseg - 1),
                (q_feat, dA, rb, rb, tot, ztot, tot, ztot), lambda: (
             (q_feat.stride(0), q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
@@ -1560,20 +1669,20 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
             dict(_state_meta(F, Dv, dtype, big, True, side), SC=1, REVERSE=True, HAS_RB=True, PHASE=1,
                  HAS_RS=False),
         ))  # fmt: skip
-        if prefix:  # the totals into inclusive prefixes, in place
-            for buf, n in ((tot, BF * BDV), (ztot, BF)):
-                block = min(1024, _p2(n))
-                launch(_prefix_kernel, (_cdiv(n, block), B * H), (buf,), lambda n=n, block=block: (
-                    (n, nseg - 1), dict(BLOCK=block, num_warps=4, num_stages=1)))
+    if nseg > 1 and prefix:  # the totals into inclusive prefixes, in place
+        for buf, n in ((tot, BF * BDV), (ztot, BF)):
+            block = min(1024, _p2(n))
+            launch(_prefix_kernel, (_cdiv(n, block), B * H), (buf,), lambda n=n, block=block: (
+                (n, ntot), dict(BLOCK=block, num_warps=4, num_stages=1)))
     dkf = torch.empty_like(k_feat)
     dvh = torch.empty_like(dA)
     nv, nf = (REV_SPLIT if BDV // REV_SPLIT >= 16 else 1), (REV_SPLIT if BF // REV_SPLIT >= 16 else 1)
     launch(_bwd_rev_kernel, (nv + nf, nseg, B * H), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh), lambda: (
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
-         dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, max(nseg - 1, 1), window),
+         dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, ntot, window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
              DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT=_rev_zdot(dtype, BF // nf),
-             ZSPLIT=_rev_zsplit(dtype),
+             ZSPLIT=_rev_zsplit(dtype), KS=ks,
              **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
@@ -1610,7 +1719,7 @@ def _switches() -> tuple:
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
-            tuple(MAXNREG.items()))
+            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, tuple(MAXNREG.items()))
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1801,12 +1910,15 @@ class HybridAttentionFunction(torch.autograd.Function):
                 side.states.record(side.stream)
         elif lin:
             hs, zs = kept
-        # (dA bound as a default: the name is deleted below, before the gradient buffers)
-        launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda dA=dA: (
-            (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-             dA.stride(0), dA.stride(1), dA.stride(2), T, H),
-            dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=has_da, **_options("delta", big, q.dtype)),
-        ))  # fmt: skip
+        totals = None
+        if _delta_totals_wanted(T, F, Dv, rev_lin):  # delta and the reverse scan's totals in one pass
+            totals = delta_totals(o, do, ZD, q_feat, delta, rb, dA, dtype=q.dtype, big=big, launch=launch)
+        else:  # (dA bound as a default: the name is deleted below, before the gradient buffers)
+            launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda dA=dA: (
+                (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                 dA.stride(0), dA.stride(1), dA.stride(2), T, H),
+                dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=has_da, **_options("delta", big, q.dtype)),
+            ))  # fmt: skip
         if lin:
             if side:
                 side.delta.record(main)
@@ -1814,7 +1926,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             if rev_lin:  # dk_feat and dv's linear terms per query head, no reverse states in memory
                 dkf, dvh, rev_totals = rev_linear_backward(q_feat, k_feat, v, dA, rb, G=G, window=window, lin=lin,
                                                         dtype=q.dtype, big=big, launch=state_launch,
-                                                        side=side_wanted)
+                                                        side=side_wanted, totals=totals)
             else:  # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
                 dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
                                         launch=state_launch, side=side_wanted, rs=ZD if REV_DO else None)

@@ -549,6 +549,14 @@ REV_LIN_CASES = [
     ("hybrid", 33, {"REV_SEG": 4, "REV_ZDOT": True}),
     ("la_only", 64, {"REV_SEG": 32, "REV_ZDOT": True}),
     ("hybrid", 64, {"REV_SEG": 2, "REV_ZDOT": False}),
+    # the totals from the delta pass (DELTA_TOTALS): a part a segment (3 segments), 2 or 4 parts a segment (parts of
+    # 2 or 1 chunks, KS = 2 / 4), with the prefixes of the totals, every mode
+    ("hybrid", 64, {"REV_SEG": 2, "DELTA_TOTALS": True}),
+    ("hybrid", 33, {"REV_SEG": 4, "DELTA_TOTALS": True, "DELTA_TOTALS_MIN_CHUNKS": 1}),
+    ("la_only", 64, {"REV_SEG": 4, "DELTA_TOTALS": True, "DELTA_TOTALS_MIN_CHUNKS": 2}),
+    ("overlap", 64, {"REV_SEG": 1, "DELTA_TOTALS": True, "REV_PREFIX": True}),
+    ("hybrid", 64, {"REV_SEG": 2, "DELTA_TOTALS": True, "DELTA_TOTALS_MIN_CHUNKS": 1, "REV_PREFIX": True}),
+    ("hybrid", 64, {"REV_SEG": 2, "DELTA_TOTALS": False}),
 ]
 
 
@@ -579,15 +587,25 @@ def test_reverse_scan_z_by_one_dot_in_bf16_only(monkeypatch):
 @pytest.mark.parametrize("mode,w,settings", REV_LIN_CASES, ids=settings_ids(REV_LIN_CASES))
 def test_triton_interpreter_linear_backward_in_the_reverse_scan(mode, w, settings, monkeypatch, interpret):
     launched = spy_launches(monkeypatch, "_bwd_rev_kernel", "_bwd_kf_kernel", "_bwd_kfdv_kernel", "_bwd_kv_kernel",
-                            "_prefix_kernel", "_chunk_state_kernel")
+                            "_prefix_kernel", "_chunk_state_kernel", "_delta_kernel", "_delta_totals_kernel")
     check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": True, **settings}, w + 41)
-    nseg = -(-6 // min(settings["REV_SEG"], 6))
+    L = min(settings["REV_SEG"], 6)
+    nseg = -(-6 // L)
     assert launched["_bwd_rev_kernel"] == [(4, nseg, 4)]  # (2 dv parts + 2 dk_feat parts, segments, batch * heads)
     # (the prefixes of the totals [BF BDV] and of z [BF], BF = BDV = 32, for each of 4 batch * heads)
     prefix = settings.get("REV_PREFIX", chunk.REV_PREFIX) and nseg > 2
     assert launched.get("_prefix_kernel", []) == ([(1, 4), (1, 4)] if prefix else [])
-    # (the forward's state pass, then the totals of nseg - 1 segments, F / 32 x Dv / 32 blocks)
-    assert launched["_chunk_state_kernel"] == [(1, 4, 1)] + ([(1, 4, nseg - 1)] if nseg > 1 else [])
+    if settings.get("DELTA_TOTALS", chunk.DELTA_TOTALS) and nseg > 1:
+        # (the totals in the delta pass, in parts of L / KS chunks down to the first: no totals pass)
+        ks = 1
+        while L % (2 * ks) == 0 and L // (2 * ks) >= settings.get("DELTA_TOTALS_MIN_CHUNKS", 8):
+            ks *= 2
+        assert launched["_delta_totals_kernel"] == [(-(-6 // (L // ks)), 4)] and "_delta_kernel" not in launched
+        assert launched["_chunk_state_kernel"] == [(1, 4, 1)]
+    else:
+        # (the forward's state pass, then the totals of nseg - 1 segments, F / 32 x Dv / 32 blocks)
+        assert launched["_chunk_state_kernel"] == [(1, 4, 1)] + ([(1, 4, nseg - 1)] if nseg > 1 else [])
+        assert "_delta_totals_kernel" not in launched and len(launched["_delta_kernel"]) == 1
     assert "_bwd_kf_kernel" not in launched and "_bwd_kfdv_kernel" not in launched
     assert len(launched["_bwd_kv_kernel"]) == 1
 
@@ -926,7 +944,13 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "reverse-scan-z-by-dots": {"REV_ZDOT": True},
                # (bf16: the row weights rounded to bf16, one dot a step)
                "reverse-scan-z-by-one-bf16-dot-seg2": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True, "REV_SEG": 2},
-               "reverse-scan-z-by-one-bf16-dot": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True}}
+               "reverse-scan-z-by-one-bf16-dot": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True},
+               # the totals in the delta pass: a part a segment, 4 parts of 2 chunks a segment, on the side stream
+               "totals-in-the-delta-pass-seg2": {"DELTA_TOTALS": True, "REV_SEG": 2},
+               "totals-in-the-delta-pass-seg8-parts-of-2": {"DELTA_TOTALS": True, "REV_SEG": 8,
+                                                            "DELTA_TOTALS_MIN_CHUNKS": 2},
+               "totals-in-the-delta-pass-side-stream": {"DELTA_TOTALS": True, "REV_SEG": 4,
+                                                        "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
 @pytest.mark.gpu
@@ -957,24 +981,27 @@ def test_triton_gpu_options_match_naive(options, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
-def test_triton_gpu_reverse_scan_prefixes_at_scale(monkeypatch):
+@pytest.mark.parametrize("setting", ["REV_PREFIX", "DELTA_TOTALS"])
+def test_triton_gpu_reverse_scan_starts_at_scale(setting, monkeypatch):
     """The reverse scan's segment starts at the benchmark's shapes (16K tokens, 32 heads: 8 segments of 32 chunks)
-    from the prefixes of the totals (REV_PREFIX) against each segment summing the totals before it (the default): the
-    same output, and every gradient within bf16 rounding of the other (the sums run in another order), in each of
-    three calls (the later ones replay the launch plan)."""
+    with ``setting`` on against off: from the prefixes of the totals (REV_PREFIX) against each segment summing the
+    totals before it; from the totals of the delta pass (DELTA_TOTALS, 2 parts a segment) against the totals pass.
+    The same output, and every gradient within bf16 rounding of the other (the sums run in another order), in each
+    of three calls (the later ones replay the launch plan)."""
     inputs, do = make_inputs(1, 16384, 32, 8, 128, 128, torch.bfloat16, device="cuda", seed=23)
     kw = dict(window=64, softmax=True, linear="outside")
     monkeypatch.setattr(chunk, "REV_SEG", 32)
-    monkeypatch.setattr(chunk, "REV_PREFIX", False)
+    monkeypatch.setattr(chunk, "DELTA_TOTALS_PROGRAMS", 512)
+    monkeypatch.setattr(chunk, setting, False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    monkeypatch.setattr(chunk, "REV_PREFIX", True)
+    monkeypatch.setattr(chunk, setting, True)
     for _ in range(3):
         out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
         assert torch.equal(out, ref_out)  # (the forward is untouched)
         for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
             if r is not None:
                 err = ((g.float() - r.float()).norm() / r.float().norm()).item()
-                assert err < 5e-3, f"{name}: {err:.2e} from the sums of totals"
+                assert err < 5e-3, f"{name}: {err:.2e} from {setting} off"
 
 
 @pytest.mark.gpu
