@@ -637,6 +637,8 @@ COMPILE_SETS = {
                         "bwd_kv"], "fwd, blocks", 2),
     # the default backward: the linear terms in the reverse scan (REV_LIN), the key side without them
     "reverse-scan": (["--kernels", "bwd_rev", "bwd_kv", "state"], "bwd_rev", 2),
+    # delta with the reverse scan's totals (DELTA_TOTALS)
+    "totals-in-the-delta-pass": (["--delta-totals", "--kernels", "delta"], "delta_totals", 2),
 }
 
 

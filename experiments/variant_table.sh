@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# VARIANTS='default "name" ...' bash experiments/variant_table.sh   (on the GPU machine, one call; carry .device/whl
+# and .device/fla)
+#
+# Tries TUNE variants, keeps the best and measures the table at it, in one call:
+#   1. python -m linearize.kernels.bench --tune --tune-only   the variants, interleaved, at 32K and 8K (no peers)
+#   2. experiments/pick_variant.py --apply                    the fastest at 32K that is no slower at 8K, written
+#                                                             into this (device) copy of chunk.py as the defaults
+#   3. python -m linearize.kernels.bench --queued            the table (checks first) at the pick
+#   4. pytest tests/ops -m gpu                               the GPU test tier at the pick
+# Each phase has its own time limit, so that a late phase running out still leaves the earlier results under $OUT.
+# Knobs: OUT, VARIANTS (bench TUNE names, shell-quoted; the first is the baseline), ROUNDS, REPS, SLACK,
+# BUDGET_TUNE, BUDGET_BENCH, BUDGET_TESTS, XDIST_N.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-outputs/variant_table}
+VARIANTS=${VARIANTS:-default}
+ROUNDS=${ROUNDS:-3}
+REPS=${REPS:-21}
+SLACK=${SLACK:-0.01}
+BUDGET_TUNE=${BUDGET_TUNE:-200}
+BUDGET_BENCH=${BUDGET_BENCH:-200}
+BUDGET_TESTS=${BUDGET_TESTS:-150}
+mkdir -p "$OUT"
+wheels=$(compgen -G ".device/whl/*.whl"; compgen -G ".device/fla/*.whl")
+if [[ -n $wheels ]]; then
+  # shellcheck disable=SC2086
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels 2>/dev/null ||
+    echo "wheel install failed"
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+eval "variants=($VARIANTS)"
+base=${variants[0]}
+
+echo "== 1. variants at 32K and 8K"
+timeout "$BUDGET_TUNE" python -m linearize.kernels.bench --T 32768 8192 --tune --tune-only --rounds "$ROUNDS" \
+  --reps "$REPS" --no-naive --variants "${variants[@]}" --out "$OUT/tune.json" 2>&1 | grep -v Warning |
+  tee "$OUT/tune.log" | grep -v "^# tune" | tail -16
+
+echo "== 2. pick"
+pick=$base
+if [[ -s $OUT/tune.json ]]; then
+  python experiments/pick_variant.py "$OUT/tune.json" --base "$base" --slack "$SLACK" --apply | tee "$OUT/pick.txt"
+  pick=$(tail -1 "$OUT/pick.txt")
+fi
+echo "picked: $pick"
+
+echo "== 3. table at: $pick"
+timeout "$BUDGET_BENCH" python -m linearize.kernels.bench --T 32768 8192 2048 --reps 30 --no-naive --queued \
+  --out "$OUT/bench_results.json" 2>&1 | grep -v Warning | tee "$OUT/bench.log" | tail -24
+
+echo "== 4. GPU test tier at: $pick"
+timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/ops -q -m gpu -p no:cacheprovider -n "${XDIST_N:-12}" 2>&1 |
+  tee "$OUT/gpu_tests.log" | tail -8
+grep -n "^DELTA_TOTALS\|\"delta_totals\":" kernels/hybrid_attention/chunk.py | tee "$OUT/settings.txt"
