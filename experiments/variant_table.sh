@@ -10,7 +10,8 @@
 #   4. pytest tests/ops -m gpu                               the GPU test tier at the pick
 # Each phase has its own time limit, so that a late phase running out still leaves the earlier results under $OUT.
 # Knobs: OUT, VARIANTS (bench TUNE names, shell-quoted; the first is the baseline), ROUNDS, REPS, SLACK,
-# BUDGET_TUNE, BUDGET_BENCH, BUDGET_TESTS, XDIST_N.
+# BUDGET_TUNE, BUDGET_BENCH, BUDGET_TESTS, XDIST_N, BASE_TESTS_K (when the baseline is kept: no table, only the GPU
+# tests this -k filter selects).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/variant_table}
@@ -45,6 +46,13 @@ if [[ -s $OUT/tune.json ]]; then
   pick=$(tail -1 "$OUT/pick.txt")
 fi
 echo "picked: $pick"
+
+if [[ $pick == "$base" && -n ${BASE_TESTS_K:-} ]]; then  # the baseline's table is known: only these GPU tests
+  echo "== 3. (the baseline kept: no table) GPU tests -k $BASE_TESTS_K"
+  timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/ops -q -m gpu -p no:cacheprovider -n "${XDIST_N:-12}" \
+    -k "$BASE_TESTS_K" 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+  exit 0
+fi
 
 echo "== 3. table at: $pick"
 timeout "$BUDGET_BENCH" python -m linearize.kernels.bench --T 32768 8192 2048 --reps 30 --no-naive --queued \

@@ -397,6 +397,10 @@ TUNE = {
     "totals in the delta pass, 256 programs": {"DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 256},
     "totals in the delta pass, 1024 programs": {"DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 1024},
     "totals in the delta pass, 2048 programs": {"DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 2048},
+    # (KV_SPLIT's dk launch now goes first, beside the side stream's reverse scan)
+    "key side in two launches, dk beside the reverse scan": {"KV_SPLIT": True},
+    "key side in two launches, dk beside the reverse scan, totals in the delta pass, 256 programs": {
+        "KV_SPLIT": True, "DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 256},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:

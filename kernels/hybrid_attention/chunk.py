@@ -98,8 +98,9 @@ KEEP_STATES = True
 # STATE_Z_DOT: the state pass sums phi(k) (forward) or rb phi(q) (reverse) for z with a dot instead of a column sum
 # per step (the weighted one in fp32 operands): 5.97 -> 5.51 ms forward+backward at 32K on an H200.
 STATE_Z_DOT = True
-# Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches (linear side and softmax side; dv and dk),
-# fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K.
+# Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches (linear side and softmax side; dk and dv),
+# fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K. Since
+# session 20 KV_SPLIT's dk launch goes first, before the main stream waits for the side stream's reverse pass.
 Q_SPLIT = True
 KV_SPLIT = False
 # SIDE_STREAM: in the backward of a sequence of at least SIDE_STREAM_MIN_CHUNKS chunks with linear terms, the state
@@ -2010,20 +2011,17 @@ class HybridAttentionFunction(torch.autograd.Function):
                 if side:
                     side.kf.record(side.stream)
         del hs, zs, kept
-        if side:
-            main.wait_event(side.reverse)
-        if kf_dv:  # before the key side, which starts its dv from dvl
-            launch(_bwd_kfdv_kernel, (NT, B * Hkv), (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
-                   lambda: ((*strides()[6:], T, H, G, NT, window), dict(
-                       DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
-                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, **_options("bwd_kfdv", big, q.dtype))))
-        # the key side reads the query side's blocks: after it
-        kv_parts = [dict(DO_DV=True, DO_DK=False), dict(DO_DV=False, DO_DK=True)] if KV_SPLIT and softmax else [{}]
-        if kf_dv and not softmax:  # _bwd_kfdv_kernel wrote dv: nothing is left for the key side
+        # the key side reads the query side's blocks: after it. KV_SPLIT: dk, then dv; the dk pass reads only the
+        # query side's blocks, so it goes before the main stream waits for the side stream's reverse pass and runs
+        # beside it (unless KF_DV, whose kernel reads the reverse states and goes first)
+        kv_parts = [dict(DO_DV=False, DO_DK=True), dict(DO_DV=True, DO_DK=False)] if KV_SPLIT and softmax else [{}]
+        if kf_dv and not softmax:  # _bwd_kfdv_kernel writes dv: nothing is left for the key side
             kv_parts = []
+        early = kv_parts[:1] if KV_SPLIT and softmax and not kf_dv else []
         # (KF_DV, REV_LIN: the dv pass has no linear terms left)
         kv_lin = dict(LINEAR=0, CUR_LIN=0, FWD_LIN=False) if kf_dv or rev_lin else dict(FWD_LIN=fwd_lin)
-        for part in kv_parts:
+
+        def kv(part):
             launch(_bwd_kv_kernel, (NT, B * Hkv),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs, lb,
                     dvl),
@@ -2031,6 +2029,18 @@ class HybridAttentionFunction(torch.autograd.Function):
                         WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw, DG_SUM=dg_sum,
                         FWD_P=fwd_p, DV_INIT=kf_dv and part.get("DO_DV", True),
                         DVL_HEADS=rev_lin and part.get("DO_DV", True), **kv_lin))
+
+        for part in early:
+            kv(part)
+        if side:
+            main.wait_event(side.reverse)
+        if kf_dv:  # before the key side's dv pass, which starts from dvl
+            launch(_bwd_kfdv_kernel, (NT, B * Hkv), (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
+                   lambda: ((*strides()[6:], T, H, G, NT, window), dict(
+                       DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
+                       SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, **_options("bwd_kfdv", big, q.dtype))))
+        for part in kv_parts[len(early):]:
+            kv(part)
         if lin and not side_kf and not kf_in_kv and not kf_dv and not rev_lin:
             kf(launch)
         elif side and side_kf:

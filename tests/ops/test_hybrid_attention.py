@@ -785,20 +785,24 @@ def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
 @pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only"])
-@pytest.mark.parametrize("side_kf,keep", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["states", "states-and-dk_feat", "kept-states", "kept-states-and-dk_feat"])
-def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, monkeypatch):
+@pytest.mark.parametrize("side_kf,keep,kv_split", [(False, False, False), (True, False, False), (False, True, False),
+                                                   (True, True, False), (False, True, True)],
+                         ids=["states", "states-and-dk_feat", "kept-states", "kept-states-and-dk_feat",
+                              "kept-states-key-side-split"])
+def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, kv_split, monkeypatch):
     """SIDE_STREAM runs the same kernels with the state passes (and, SIDE_KF, dk_feat) on a second stream: every
     output and gradient must be bit-identical to the one-stream run, through Triton's path and through replayed
     launch plans. A missing wait would let a kernel read a buffer before it is written; so that such a read cannot
     find the numbers of the run before, the allocator's cache is filled with NaN before every run, and each run
     holds every launch of one stream back by ~1 ms (the op's stream and the side stream in turn), so that a kernel
     whose wait is missing runs before its producer instead of after it by chance (session 10: with the dk_feat
-    kernel's wait on the query side removed, the test without these passed)."""
+    kernel's wait on the query side removed, the test without these passed). kv_split: the key side's dk launch
+    goes before the wait for the side stream's reverse pass (KV_SPLIT)."""
     softmax, linear = MODES[mode]
     kw = dict(window=64, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=11)
     monkeypatch.setattr(chunk, "KEEP_STATES", keep)
+    monkeypatch.setattr(chunk, "KV_SPLIT", kv_split)
     monkeypatch.setattr(chunk, "SIDE_KF", side_kf)
     monkeypatch.setattr(chunk, "REV_LIN", not side_kf)  # (SIDE_KF: the reverse states and dk_feat's own kernel)
     monkeypatch.setattr(chunk, "SIDE_STREAM", False)
@@ -947,6 +951,8 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                # (bf16: the row weights rounded to bf16, one dot a step)
                "reverse-scan-z-by-one-bf16-dot-seg2": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True, "REV_SEG": 2},
                "reverse-scan-z-by-one-bf16-dot": {"REV_ZDOT": True, "REV_ZDOT_BF16_ONE": True},
+               # the key side's dk launch beside the reverse scan on the side stream
+               "key-side-split-side-stream": {"KV_SPLIT": True, "SIDE_STREAM_MIN_CHUNKS": 1},
                # the totals in the delta pass: a part a segment, 4 parts of 2 chunks a segment, on the side stream
                "totals-in-the-delta-pass-seg2": {"DELTA_TOTALS": True, "REV_SEG": 2},
                "totals-in-the-delta-pass-seg8-parts-of-2": {"DELTA_TOTALS": True, "REV_SEG": 8,
