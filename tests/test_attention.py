@@ -74,9 +74,34 @@ def test_window_covering_sequence_reproduces_hf_logits(arch):
         A.convert(model, attn_cfg(window=37), fm_cfg())
         for layer in A.hybrid_layers(model):  # a gamma far from its init must still cancel
             layer.theta.data.uniform_(-3, 3)
+        shortcut = model(x).logits  # inference: run as SDPA (test_short_sequences_at_inference_skip_the_op)
+    with torch.enable_grad():  # with autograd on, the hybrid op itself
         got = model(x).logits
     assert model.config._attn_implementation == A.IMPLEMENTATION
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(shortcut, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "swa_only", "la_only"])
+@pytest.mark.parametrize("T", [5, 8, 9])
+@pytest.mark.parametrize("grad", [False, True])
+def test_short_sequences_at_inference_skip_the_op(monkeypatch, mode, T, grad):
+    """At inference a sequence no longer than the window has no linear term in hybrid and swa_only modes: it runs
+    as SDPA (same output as the op), while la_only, longer sequences and anything under autograd take the op."""
+    layer = A.HybridAttention(4, 2, 8, attn_cfg(window=8), fm_cfg())
+    with torch.no_grad():
+        layer.theta.uniform_(-2, 2)
+    layer.mode = mode
+    q, k, v, *_ = random_inputs(2, T, 4, 2, 8, 1)
+    want = layer(q, k, v, scale=8**-0.5)  # autograd on: the op
+    calls = []
+    op = A.hybrid_attention
+    monkeypatch.setattr(A, "hybrid_attention", lambda *a, **kw: calls.append(1) or op(*a, **kw))
+    with torch.set_grad_enabled(grad):
+        got = layer(q, k, v, scale=8**-0.5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    skipped = not grad and T <= 8 and mode in ("hybrid", "swa_only")
+    assert calls == ([] if skipped else [1])
 
 
 def test_swa_only_matches_hf_sliding_window_model():

@@ -110,6 +110,15 @@ def test_window_below_T_gives_positive_share_only_beyond_it():
     assert len(u["layers"]) == 2 and u["heads"] == 4
 
 
+def test_usage_runs_the_lm_head_on_one_position():
+    """The recorder reads the attention layers; the usage forwards do not build [B, T, vocab] logits."""
+    model, _ = converted(window=8)
+    positions = []
+    model.lm_head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
+    D.usage(model, token_batch(3, 40), window=8, batch_size=2)
+    assert positions == [1, 1]
+
+
 def test_la_only_share_is_one():
     model, _ = converted(window=8)
     with A.attention_mode(model, "la_only"):
@@ -223,17 +232,39 @@ def test_passkey_prompt_has_the_length_and_the_key():
         D.passkey_prompt(tok, 20, "12345", depth=0.5)
 
 
-def test_candidate_scores_match_separate_forwards():
+@pytest.mark.parametrize("row", ["base", "hybrid", "swa_only", "la_only", "sinks_only", "no_attention"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_candidate_scores_match_separate_forwards(row, lora):
+    """Each candidate's score equals the log-likelihood of a full forward of context + candidate. The context runs
+    once (batch 1) and its cache serves the candidates, except for sinks_only, which no cache can serve."""
     model, tok = converted(window=8)
+    if lora:
+        from linearize import finetune
+
+        model = finetune.wrap(model, compose(["model=tiny_llama"])).eval()
+        with torch.no_grad():  # a non-zero adapter, so that the base row (adapter off) differs
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
     context = token_batch(1, 30)[0].tolist()
-    candidates = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    scores = D.continuation_logprobs(model, context, candidates)
-    for i, cand in enumerate(candidates):
-        seq = torch.tensor([context + cand])
-        with torch.no_grad():
-            lp = model(input_ids=seq, use_cache=False).logits.log_softmax(-1)[0]
-        ref = sum(lp[len(context) - 1 + t, c].item() for t, c in enumerate(cand))
-        assert scores[i].item() == pytest.approx(ref, abs=1e-4)
+    candidates = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    batches = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    with D._row(model, row):
+        scores = D.continuation_logprobs(model, context, candidates)
+        hook.remove()
+        for i, cand in enumerate(candidates):
+            seq = torch.tensor([context + cand])
+            with torch.no_grad():
+                lp = model(input_ids=seq, use_cache=False).logits.log_softmax(-1)[0]
+            ref = sum(lp[len(context) - 1 + t, c].item() for t, c in enumerate(cand))
+            assert scores[i].item() == pytest.approx(ref, abs=1e-4), (row, i)
+    if row == "sinks_only":
+        assert batches == [(4, 33)]
+    else:
+        assert batches == [(1, 30), (4, 3)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -62,6 +62,17 @@ def test_transfer_trains_only_feature_maps_and_gamma(tmp_path):
     assert (tmp_path / transfer.CHECKPOINT).is_file()
 
 
+def test_transfer_runs_the_lm_head_on_one_position():
+    """Transfer trains on the attention layers' outputs; its forwards (steps and validation) ask for the logits of
+    the last position only instead of [B, T, vocab]."""
+    cfg = small_cfg()
+    model = converted_tiny(cfg)
+    positions = []
+    model.lm_head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
+    transfer.run(model, cfg, random_data())
+    assert len(positions) == 4 + 2 * 2 and set(positions) == {1}  # 4 steps, 2 validations of 2 batches
+
+
 def test_transfer_lowers_the_held_out_loss(tmp_path):
     cfg = small_cfg(**{"transfer.max_steps": 12, "transfer.eval_every": 12, "transfer.lr": 0.05})
     model = converted_tiny(cfg)

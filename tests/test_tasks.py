@@ -488,6 +488,43 @@ def test_task_limits_override_limit_per_task(tmp_path, monkeypatch):
 
 
 
+def test_logits_kept_covers_every_scored_position():
+    from linearize.evaluate import logits_kept
+
+    scored = {(5, 6, 7, 8): 2, (9, 10): 1, (3, 0): 1}  # input tokens -> continuation length
+    # width 6: row 0 scores positions 2-3 (within the last 4), row 1 position 1 (the last 5)
+    assert logits_kept([[5, 6, 7, 8, 0, 0], [9, 10, 0, 0, 0, 0]], scored) == 5
+    assert logits_kept([[5, 6, 7, 8]], scored) == 2
+    assert logits_kept([[3, 0, 0]], scored) == 2  # an input that ends in token 0, which is also the padding
+    assert logits_kept([[3, 0, 0]], {**scored, (3,): 1}) is None  # both readings count: position 0 as well
+    assert logits_kept([[5, 6, 7, 8], [1, 2, 3, 4]], scored) is None  # a row matching no request: all positions
+
+
+@needs_data
+def test_scoring_lm_matches_hflm_with_fewer_logits(tmp_path, monkeypatch):
+    """evaluate's lm-eval model gives HFLM's log-likelihoods and greedy flags while the LM head sees fewer
+    positions (logits_to_keep), on batches of mixed lengths with right padding."""
+    from lm_eval.models.huggingface import HFLM
+
+    from linearize import evaluate
+
+    model, tok = _tiny_model_and_tokenizer()
+    monkeypatch.chdir(tmp_path)
+    positions: list[int] = []
+    model.lm_head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[0] * args[0].shape[1]))
+    for task in ("piqa", "arc_easy"):
+        names, manager = build_tasks([task], DATA_DIR, {"arc_easy": "dev"})
+        (task_obj,) = manager.load(names)["tasks"].values()
+        task_obj.build_all_requests(limit=6, rank=0, world_size=1)
+        want = HFLM(pretrained=model, tokenizer=tok, batch_size=4).loglikelihood(task_obj.instances, disable_tqdm=True)
+        full, positions[:] = sum(positions), []
+        got = evaluate.scoring_lm(model, tok, batch_size=4).loglikelihood(task_obj.instances, disable_tqdm=True)
+        kept, positions[:] = sum(positions), []
+        assert [flag for _, flag in got] == [flag for _, flag in want]
+        assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-5)
+        assert kept < full, (task, kept, full)
+
+
 def test_training_data_without_a_data_directory_or_the_hub_names_the_fix(monkeypatch):
     """No data directory anywhere and the hub unreachable (an offline machine): the error names the variable and
     the option that fix it, not the frames of datasets."""

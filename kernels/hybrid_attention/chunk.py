@@ -100,9 +100,11 @@ KEEP_STATES = True
 STATE_Z_DOT = True
 # Q_SPLIT / KV_SPLIT: the query-side / key-side backward as two launches (linear side and softmax side; dk and dv),
 # fewer live registers per program for a few recomputed dots. Q_SPLIT with 4 warps: 9.68 -> 8.96 ms at 32K. Since
-# session 20 KV_SPLIT's dk launch goes first, before the main stream waits for the side stream's reverse pass.
+# session 20 KV_SPLIT's dk launch goes first, before the main stream waits for the side stream's reverse pass, and
+# runs beside it: H100, 32K, interleaved, 3.881 against 3.910 ms forward+backward (3 rounds) and 3.934 against 3.965
+# (6 rounds); 1.099 against 1.097 at 8K. On since then (off before: one launch, with the wait before it).
 Q_SPLIT = True
-KV_SPLIT = False
+KV_SPLIT = True
 # SIDE_STREAM: in the backward of a sequence of at least SIDE_STREAM_MIN_CHUNKS chunks with linear terms, the state
 # passes (the forward states again unless KEEP_STATES, then the reverse ones once delta is written) run on a second
 # CUDA stream, beside the delta kernel and the softmax side of the query-side backward on the op's stream. A state

@@ -607,7 +607,7 @@ def test_triton_interpreter_linear_backward_in_the_reverse_scan(mode, w, setting
         assert launched["_chunk_state_kernel"] == [(1, 4, 1)] + ([(1, 4, nseg - 1)] if nseg > 1 else [])
         assert "_delta_totals_kernel" not in launched and len(launched["_delta_kernel"]) == 1
     assert "_bwd_kf_kernel" not in launched and "_bwd_kfdv_kernel" not in launched
-    assert len(launched["_bwd_kv_kernel"]) == 1
+    assert len(launched["_bwd_kv_kernel"]) == (2 if chunk.KV_SPLIT and MODES[mode][0] else 1)  # (dk, dv: KV_SPLIT)
 
 
 def _ptxas_missing() -> str | None:
