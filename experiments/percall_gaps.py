@@ -16,7 +16,9 @@
 
 Session 19 (H100, 32K): lead sweep 4.050 / 3.951 / 3.976 / 3.908 / 3.869 / 3.828 / 3.829 ms forward+backward at 0 /
 0.05 / 0.1 / 0.2 / 0.5 / 1 / 3 ms (kernels/percall_leads_h100_session19.log); the marks put the whole loss before the
-first kernel ends (kernels/percall_marks_h100_session19.log); --probe and --gc have not run on a GPU yet.
+first kernel ends (kernels/percall_marks_h100_session19.log). Session 20 (H100, 32K, --leads 0 --probe --gc,
+kernels/percall_probe_h100_session20.*): no prelude and neither collector setting removed the loss (lone
+forward+backward 3.889-4.205 ms against 3.902 after nothing: a spread as large as the loss).
 
 Needs a CUDA device (run it through the device tool). Prints tables; --json writes them."""
 

@@ -5,7 +5,8 @@ forward+backward at the longest T, unless it is more than ``--slack`` slower tha
 
 Prints the chosen length (``chunk.REV_SEG`` when no variant wins); the baseline at the shorter T is the "default"
 variant, or (``experiments/seg_tune.py``) the variant at ``chunk.REV_SEG``. Written in session 19 to set
-``chunk.REV_SEG`` on the device between a tune and the table; that call did not run.
+``chunk.REV_SEG`` on the device between a tune and the table (``experiments/seg_table.sh``); session 20 ran it on an
+H100 and kept 64 (kernels/seg_tune_h100_session20.*).
 """
 
 import argparse
