@@ -70,6 +70,14 @@ class FeatureMap(nn.Module):
 
 
 
+def softmax_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention (SDPA), [B, T, H, D] q and [B, T, Hkv, D] k/v -> [B, T, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
 def _softmax_window_only(q, k, v, scale: float, n_keys: int) -> torch.Tensor:
     """Softmax attention restricted to the first ``n_keys`` keys (attention sinks). [B, T, H, D] layout."""
     H = q.shape[2]
@@ -125,7 +133,16 @@ class HybridAttention(nn.Module):
         return self.q_map(q), self.k_map(repeat_kv(k, self.n_heads))
 
     def attend(self, q, k, v, scale: float, softmax: bool, linear: str) -> torch.Tensor:
-        """Hybrid attention with explicit spans. q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]."""
+        """Hybrid attention with explicit spans. q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D].
+
+        At inference (no autograd), a sequence no longer than the window with the softmax terms on and no linear
+        term (``linear`` "none", or "outside" where no key lies outside any query's window) is plain causal
+        softmax attention: gamma multiplies the numerator and the normaliser alike, so it runs as SDPA instead of
+        the op (the same values up to float rounding; on a CPU the op's T x T float32 path and the feature maps
+        cost a short-sequence forward a quarter of its time). Training keeps the op, so gradients never change.
+        """
+        if softmax and q.shape[1] <= self.window and linear in ("none", "outside") and not torch.is_grad_enabled():
+            return softmax_heads(q, k, v, scale)
         q_feat = k_feat = None
         if linear != "none":
             q_feat, k_feat = self.features(q, k)

@@ -68,6 +68,7 @@ from omegaconf import DictConfig
 from linearize.attention import HybridAttention, attention_mode, hybrid_layers
 from linearize.config import MissingInputError
 from linearize.kernels.hybrid_attention.naive import repeat_kv
+from linearize.models import base_transformers_model, last_logits_only, takes_logits_to_keep
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +301,11 @@ def usage(
     device = next(model.parameters()).device
     layers = hybrid_layers(model)
     recorder = UsageRecorder(layers, chunk_size=chunk_size)
+    no_logits = last_logits_only(model)  # the hooks record; the logits are not needed
     with recorder:
         for batch, lengths in _batches(sequences, batch_size, pad_id):
             recorder.observe(lengths)
-            model(input_ids=batch.to(device), use_cache=False)
+            model(input_ids=batch.to(device), use_cache=False, **no_logits)
     out = recorder.summary(window, bin_size)
     out.update(mode=recorder.mode, num_sequences=len(sequences), seq_len=max(len(s) for s in sequences))
     return out
@@ -451,20 +453,62 @@ def passkey_prompt(tokenizer, length: int, key: str, depth: float) -> tuple[list
     return ids, length - (at + len(key_ids))
 
 
+def _prefix_cache(model):
+    """A cache that can carry a shared context into several continuations, or None when none serves the model as it
+    runs now: the hybrid cache (``linearize.cache``) for converted layers, transformers' DynamicCache for softmax
+    attention (the base row or an unconverted model); ``sinks_only`` needs the whole prefix and gets none."""
+    from transformers.cache_utils import DynamicCache
+
+    from linearize.attention import IMPLEMENTATION
+    from linearize.cache import HybridCache
+
+    base = base_transformers_model(model)
+    if base.config._attn_implementation == IMPLEMENTATION:
+        return None if any(layer.mode == "sinks_only" for layer in hybrid_layers(model)) else HybridCache(model)
+    if hybrid_layers(model) and base.config._attn_implementation not in ("sdpa", "eager"):
+        return None
+    return DynamicCache(config=base.config)
+
+
 @torch.no_grad()
 def continuation_logprobs(model, context: list[int], candidates: list[list[int]], pad_id: int = 0) -> torch.Tensor:
-    """Sum of log p(candidate tokens | context) for each candidate, one batched full forward: [N]."""
+    """Sum of log p(candidate tokens | context) for each candidate: [N].
+
+    The context runs once; its cache (:func:`_prefix_cache`) is repeated for the candidates, which then run as one
+    right-padded batch, so the context is not recomputed per candidate. Without such a cache (``sinks_only``) each
+    candidate runs after its own copy of the context in one batched full forward. Only the scored positions go
+    through the LM head.
+    """
+    from linearize.cache import cache_kwargs
+
     device = next(model.parameters()).device
-    width = len(context) + max(len(c) for c in candidates) - 1
-    batch = torch.full((len(candidates), width), pad_id, dtype=torch.long)
+    longest = max(len(c) for c in candidates)
+    keep = {"logits_to_keep": longest} if takes_logits_to_keep(model) else {}
+    cache = _prefix_cache(model)
+    if cache is None or not keep:
+        width = len(context) + longest - 1
+        batch = torch.full((len(candidates), width), pad_id, dtype=torch.long)
+        for i, cand in enumerate(candidates):
+            seq = context + cand[:-1]
+            batch[i, : len(seq)] = torch.tensor(seq)
+        logits = model(input_ids=batch.to(device), use_cache=False, **keep).logits
+        logprobs = logits[:, -longest:].float().log_softmax(-1).cpu()  # from the context's last position on
+    else:
+        # the context's cache, then every candidate's tokens but its last as a batch: the logit before token t
+        # predicts it, the first from the context's last position
+        kw = cache_kwargs(base_transformers_model(model), cache)
+        first = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1, **kw).logits
+        logprobs = first.float().log_softmax(-1).cpu().expand(len(candidates), -1, -1)
+        if longest > 1:
+            cache.batch_repeat_interleave(len(candidates))
+            batch = torch.full((len(candidates), longest - 1), pad_id, dtype=torch.long)
+            for i, cand in enumerate(candidates):
+                batch[i, : len(cand) - 1] = torch.tensor(cand[:-1])
+            rest = model(input_ids=batch.to(device), use_cache=True, **kw).logits.float().log_softmax(-1).cpu()
+            logprobs = torch.cat([logprobs, rest], dim=1)
+    scores = torch.zeros(len(candidates), dtype=torch.float64)  # logprobs[i, t] predicts candidate i's token t
     for i, cand in enumerate(candidates):
-        seq = context + cand[:-1]
-        batch[i, : len(seq)] = torch.tensor(seq)
-    logprobs = model(input_ids=batch.to(device), use_cache=False).logits.float().log_softmax(-1).cpu()
-    scores = torch.zeros(len(candidates), dtype=torch.float64)
-    for i, cand in enumerate(candidates):
-        positions = torch.arange(len(context) - 1, len(context) - 1 + len(cand))
-        scores[i] = logprobs[i, positions, torch.tensor(cand)].double().sum()
+        scores[i] = logprobs[i, torch.arange(len(cand)), torch.tensor(cand)].double().sum()
     return scores
 
 

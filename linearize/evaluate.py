@@ -3,8 +3,9 @@ ablation, with Rec. Perf (mean score / base mean x 100).
 
     python -m linearize.train stages=[evaluate] eval.limit=100
 
-The converted model is handed to lm-eval in-process (``HFLM(pretrained=model)``); the base row runs the same
-weights with LoRA disabled and Hugging Face's softmax attention. Each (row, task) result is cached as JSON under
+The converted model is handed to lm-eval in-process (``HFLM(pretrained=model)``, through :func:`scoring_lm`, which
+runs the LM head only where lm-eval reads logits); the base row runs the same weights with LoRA disabled and
+Hugging Face's softmax attention. Each (row, task) result is cached as JSON under
 ``<run>/eval/`` with the settings that produced it, so a rerun only computes what is missing.
 
 Rows: ``base``; one per ``eval.modes`` entry (component ablations of the model as converted); and one per
@@ -16,15 +17,18 @@ so an extra kind adds a single row, in mode ``hybrid``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from linearize import tasks as task_registry
 from linearize.attention import attention_kind, attention_mode, hybrid_layers, softmax_attention
+from linearize.models import takes_logits_to_keep
 from linearize.training import LogFn
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,81 @@ def _no_kv_cache(model):
         yield
     finally:
         config.use_cache = previous
+
+
+def logits_kept(rows: list[list[int]], scored: dict[tuple[int, ...], int]) -> int | None:
+    """How many trailing positions of a right-padded (with 0) batch hold every logit lm-eval reads, or None (all).
+
+    ``scored`` maps each request's input tokens to its continuation length (lm-eval reads the logits of the last
+    ``contlen`` input positions). A row is matched by its tokens, trying each length whose tail is all padding (a
+    real input may end in token 0), and every match counts, so the answer covers the row whatever its true length;
+    a row that matches nothing makes the whole batch keep every position.
+    """
+    width = len(rows[0]) if rows else 0
+    keep = 0
+    for row in rows:
+        need, n = 0, width
+        while n > 0:
+            contlen = scored.get(tuple(row[:n]))
+            if contlen is not None:
+                need = max(need, width - n + contlen)
+            if row[n - 1] != 0:  # the padding starts after position n - 1 at the earliest
+                break
+            n -= 1
+        if need == 0:
+            return None
+        keep = max(keep, need)
+    return keep if keep < width else None
+
+
+@functools.cache
+def _scoring_lm_class():
+    from lm_eval.models.huggingface import HFLM
+
+    class ScoringLM(HFLM):
+        """``HFLM`` that projects onto the vocabulary only at the positions whose logits lm-eval reads.
+
+        For a multiple-choice request lm-eval keeps the logits of the continuation and drops the context's, but
+        ``HFLM`` computes the LM head (and a log-softmax over the vocabulary) at every position of the batch; for
+        SmolLM2-135M the 49k-token head is a fifth of the model's FLOPs. Here each batch's forward gets
+        ``logits_to_keep`` = the fewest trailing positions that still hold every row's continuation (right padding
+        included); lm-eval locates the continuation from the end of the returned logits (its offset for prefix
+        tokens), so the scores are the same numbers. Batches that cannot be matched to their requests keep every
+        position.
+        """
+
+        _scored: dict[tuple[int, ...], int] | None = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            if self.backend != "causal" or not takes_logits_to_keep(self.model):
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            scored: dict[tuple[int, ...], int] = {}
+            for _, context_enc, continuation_enc in requests:  # the input HFLM builds for each request
+                key = tuple((context_enc + continuation_enc)[-(self.max_length + 1) :][:-1])
+                scored[key] = max(scored.get(key, 0), len(continuation_enc))
+            self._scored = scored
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            finally:
+                self._scored = None
+
+        def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+            keep = None
+            if self._scored is not None and attn_mask is None and labels is None:
+                keep = logits_kept(inps.tolist(), self._scored)
+            if keep is None:
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            dtype = getattr(self, "mixed_precision_dtype", None)
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
+                return self.model(inps, logits_to_keep=keep).logits
+
+    return ScoringLM
+
+
+def scoring_lm(model, tokenizer, **kwargs):
+    """lm-eval's ``HFLM`` around an in-memory ``model`` (kwargs: ``batch_size``, ``max_length``, ...), computing
+    logits only where lm-eval scores them (:func:`logits_kept`)."""
+    return _scoring_lm_class()(pretrained=model, tokenizer=tokenizer, **kwargs)
 
 
 def _score(results: dict, task: str) -> tuple[float, dict]:
@@ -144,8 +223,6 @@ def run(model, tokenizer, cfg: DictConfig, *, out_dir: Path | None = None, log_f
     and ``rec``); ``metrics`` flattens it as ``eval/<row>/<task>``; ``details[row][task]`` holds every metric
     lm-eval returned, the lm-eval task name and its version.
     """
-    from lm_eval.models.huggingface import HFLM
-
     ecfg = cfg.eval
     data_dir = task_registry.resolve_data_dir(ecfg.data_dir)
     tasks = list(ecfg.tasks)
@@ -156,7 +233,7 @@ def run(model, tokenizer, cfg: DictConfig, *, out_dir: Path | None = None, log_f
     rows = ([BASE] if ecfg.base else []) + (list(ecfg.modes) + list(kinds) if converted else [])
     splits = OmegaConf.to_container(ecfg.splits)
     cache_dir = Path(out_dir) / "eval" if out_dir is not None else None
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ecfg.batch_size)
+    lm = scoring_lm(model, tokenizer, batch_size=ecfg.batch_size)
     table: dict[str, dict[str, float]] = {}
     details: dict[str, dict] = {}
     with _no_kv_cache(model):

@@ -4,6 +4,7 @@ random model built in memory."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -97,6 +98,25 @@ def tiny_model(tiny: DictConfig, vocab_size: int):
         config.sliding_window = None  # the base model is full softmax attention
     torch.manual_seed(tiny.seed)
     return model_cls(config)
+
+
+def base_transformers_model(model):
+    """The transformers model under any peft wrappers (``model`` itself when there are none)."""
+    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
+        model = model.get_base_model()
+    return model
+
+
+def takes_logits_to_keep(model) -> bool:
+    """True when the causal LM's forward accepts ``logits_to_keep`` (transformers' Llama, Mistral, Qwen2, ...), which
+    runs the LM head on the last positions only."""
+    return "logits_to_keep" in inspect.signature(type(base_transformers_model(model)).forward).parameters
+
+
+def last_logits_only(model) -> dict:
+    """Forward kwargs that compute the logits of the last position only (``logits_to_keep=1``), for passes that
+    want the attention layers and not the LM head's [B, T, vocab] output; empty when the model does not take it."""
+    return {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
 
 
 def load_model(cfg: DictConfig):

@@ -27,24 +27,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from linearize import ssd as ssd_lib
-from linearize.attention import HybridAttention, hybrid_layers, load_hybrid, save_hybrid
+from linearize.attention import HybridAttention, hybrid_layers, load_hybrid, save_hybrid, softmax_heads
 from linearize.data import PackedData
 from linearize.kernels.hybrid_attention.naive import repeat_kv
+from linearize.models import last_logits_only
 from linearize.training import LogFn, mean_over_val, train
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "feature_maps.safetensors"
-
-
-def softmax_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention, [B, T, H, D] q and [B, T, Hkv, D] k/v -> [B, T, H, D]."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True
-    )
-    return out.transpose(1, 2)
-
-
 
 
 def attention_weight_kl(
@@ -186,6 +177,7 @@ def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None
     hook = TeacherForcing(tcfg)
     for layer in layers:
         layer.transfer_hook = hook
+    no_logits = last_logits_only(model)  # the hooks see every layer; the LM head's output is never used
     best_state: dict[str, torch.Tensor] = {}
     last_val: dict[str, list[float]] = {}  # per-layer held-out losses of the latest evaluation
     best_val_layers: dict[str, list[float]] = {}
@@ -193,7 +185,7 @@ def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None
     def forward_backward(batch: torch.Tensor, loss_scale: float):
         hook.backward, hook.loss_scale = True, loss_scale
         with torch.no_grad():
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch, use_cache=False, **no_logits)
         per_layer = hook.collect()
         metrics = {"transfer/loss": hook.loss(per_layer).mean().item()}
         metrics.update({f"transfer/{name}": values.mean().item() for name, values in per_layer.items()})
@@ -201,7 +193,7 @@ def run(model, cfg: DictConfig, data: PackedData, *, out_dir: Path | None = None
 
     def val_batch(batch: torch.Tensor) -> torch.Tensor:
         hook.backward = False
-        model(input_ids=batch, use_cache=False)
+        model(input_ids=batch, use_cache=False, **no_logits)
         per_layer = hook.collect()
         return torch.stack([per_layer["mse"], per_layer.get("xent", torch.zeros_like(per_layer["mse"]))])
 
