@@ -43,11 +43,14 @@ def lora_config(cfg: DictConfig):
 
 
 def wrap(model, cfg: DictConfig):
-    """Adds LoRA adapters through peft; returns the ``PeftModel``."""
+    """Adds LoRA adapters through peft; returns the ``PeftModel``. Their random initialisation (lora_A) is drawn
+    from ``cfg.seed``, not from the process's random state (torch seeds that anew in every process)."""
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(cfg.finetune.lora))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return get_peft_model(model, lora_config(cfg.finetune.lora))
     except ValueError as err:
         raise ValueError(f"finetune.lora.target_modules={list(cfg.finetune.lora.target_modules)}: {err}") from err
 

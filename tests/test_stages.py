@@ -120,6 +120,24 @@ def test_finetune_trains_only_lora_and_round_trips(tmp_path):
         torch.testing.assert_close(reloaded(x).logits, want)
 
 
+def test_lora_initialisation_follows_the_seed():
+    """The adapters' random init comes from cfg.seed, whatever the process's random state (torch seeds it anew in
+    every process), and the caller's random state is left as it was."""
+
+    def lora_a(cfg, global_seed):
+        base = converted_tiny(cfg)  # (seeds the global generator itself)
+        torch.manual_seed(global_seed)
+        model = finetune.wrap(base, cfg)
+        after = torch.rand(1)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1)), "wrap must not consume the caller's random numbers"
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, again, other = lora_a(small_cfg(), 1), lora_a(small_cfg(), 2), lora_a(small_cfg(seed=1), 1)
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
+    assert not any(torch.equal(first[n], other[n]) for n in first)
+
+
 def test_finetune_with_feature_maps_trains_both():
     cfg = small_cfg(**{"finetune.train_feature_maps": "true"})
     model = converted_tiny(cfg)
