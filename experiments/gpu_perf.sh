@@ -12,7 +12,6 @@
 # BUDGET_*. The GPU tier needs .device/whl carried (tests/conftest.py imports omegaconf); the bench needs .device/fla
 # (the fla-core and flash-linear-attention 0.6.0 wheels) for its fla row. pytest-xdist is on the GPU image.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/gpu_perf}
 T_BENCH=${T_BENCH:-2048 8192 32768}
 DECODE_CONTEXTS=${DECODE_CONTEXTS:-1024 8192 32768}
@@ -23,16 +22,9 @@ BUDGET_TUNE=${BUDGET_TUNE:-150}
 PHASES=${PHASES:-bench decode tests}
 T_TUNE=${T_TUNE:-32768}
 TESTS_K=${TESTS_K:-}
-mkdir -p "$OUT"
-
-# whichever of the two wheel folders was carried (a glob that matches nothing would fail the whole install)
-wheels=$(compgen -G ".device/whl/*.whl"; compgen -G ".device/fla/*.whl")
-if [[ -n $wheels ]]; then
-  # shellcheck disable=SC2086
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels || echo "wheel install failed"
-fi
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+XDIST_N=${XDIST_N:-8}
+source experiments/device_env.sh
+device_setup
 
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 
@@ -53,12 +45,8 @@ fi
 
 if has tests; then
   echo "== 3. GPU test tier"
-  # compiling the kernels for every dtype x mode x head dim dominates: spread it over processes when xdist is there
-  xdist=$(python -c "import xdist" 2>/dev/null && echo "-n ${XDIST_N:-8}")
-  # shellcheck disable=SC2086
-  # -k: xdist workers still compiling when the budget ends would otherwise live on and disturb later timings
-  timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/ops -q -m gpu -p no:cacheprovider $xdist ${TESTS_K:+-k "$TESTS_K"} 2>&1 |
-    tee "$OUT/gpu_tests.log" | tail -15
+  # compiling the kernels for every dtype x mode x head dim dominates: spread it over processes
+  gpu_tier "$BUDGET_TESTS" 15 "$TESTS_K"
 fi
 
 if has tune; then

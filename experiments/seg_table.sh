@@ -10,21 +10,13 @@
 # Each phase has its own time limit so that a late phase running out still leaves the earlier results under $OUT.
 # Knobs: OUT, SEGS, BUDGET_SEG, BUDGET_BENCH, BUDGET_TESTS, XDIST_N.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/seg_table}
 SEGS=${SEGS:-32 64 128}
 BUDGET_SEG=${BUDGET_SEG:-170}
 BUDGET_BENCH=${BUDGET_BENCH:-200}
 BUDGET_TESTS=${BUDGET_TESTS:-150}
-mkdir -p "$OUT"
-wheels=$(compgen -G ".device/whl/*.whl"; compgen -G ".device/fla/*.whl")
-if [[ -n $wheels ]]; then
-  # shellcheck disable=SC2086
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels 2>/dev/null ||
-    echo "wheel install failed"
-fi
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source experiments/device_env.sh
+device_setup
 chunk=kernels/hybrid_attention/chunk.py
 
 echo "== 1. segment lengths alone"
@@ -45,9 +37,7 @@ if [[ $seg =~ ^[0-9]+$ && $seg != "$was" ]]; then
 fi
 
 echo "== 3. table at REV_SEG=$seg"
-timeout "$BUDGET_BENCH" python -m linearize.kernels.bench --T 32768 8192 2048 --reps 30 --no-naive --queued \
-  --out "$OUT/bench_results.json" 2>&1 | grep -v Warning | tee "$OUT/bench.log" | tail -45
+bench_table "$BUDGET_BENCH" 45
 
 echo "== 4. GPU test tier at REV_SEG=$seg"
-timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/ops -q -m gpu -p no:cacheprovider -n "${XDIST_N:-12}" 2>&1 |
-  tee "$OUT/gpu_tests.log" | tail -15
+gpu_tier "$BUDGET_TESTS" 15

@@ -13,7 +13,6 @@
 # BUDGET_TUNE, BUDGET_BENCH, BUDGET_TESTS, XDIST_N, BASE_TESTS_K (when the baseline is kept: no table, only the GPU
 # tests this -k filter selects).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/variant_table}
 VARIANTS=${VARIANTS:-default}
 ROUNDS=${ROUNDS:-3}
@@ -22,15 +21,8 @@ SLACK=${SLACK:-0.01}
 BUDGET_TUNE=${BUDGET_TUNE:-200}
 BUDGET_BENCH=${BUDGET_BENCH:-200}
 BUDGET_TESTS=${BUDGET_TESTS:-150}
-mkdir -p "$OUT"
-wheels=$(compgen -G ".device/whl/*.whl"; compgen -G ".device/fla/*.whl")
-if [[ -n $wheels ]]; then
-  # shellcheck disable=SC2086
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels 2>/dev/null ||
-    echo "wheel install failed"
-fi
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source experiments/device_env.sh
+device_setup
 eval "variants=($VARIANTS)"
 base=${variants[0]}
 
@@ -49,16 +41,13 @@ echo "picked: $pick"
 
 if [[ $pick == "$base" && -n ${BASE_TESTS_K:-} ]]; then  # the baseline's table is known: only these GPU tests
   echo "== 3. (the baseline kept: no table) GPU tests -k $BASE_TESTS_K"
-  timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/ops -q -m gpu -p no:cacheprovider -n "${XDIST_N:-12}" \
-    -k "$BASE_TESTS_K" 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+  gpu_tier "$BUDGET_TESTS" 8 "$BASE_TESTS_K"
   exit 0
 fi
 
 echo "== 3. table at: $pick"
-timeout "$BUDGET_BENCH" python -m linearize.kernels.bench --T 32768 8192 2048 --reps 30 --no-naive --queued \
-  --out "$OUT/bench_results.json" 2>&1 | grep -v Warning | tee "$OUT/bench.log" | tail -24
+bench_table "$BUDGET_BENCH" 24
 
 echo "== 4. GPU test tier at: $pick"
-timeout -k 10 "$BUDGET_TESTS" python -m pytest tests/ops -q -m gpu -p no:cacheprovider -n "${XDIST_N:-12}" 2>&1 |
-  tee "$OUT/gpu_tests.log" | tail -8
+gpu_tier "$BUDGET_TESTS" 8
 grep -n "^DELTA_TOTALS\|\"delta_totals\":" kernels/hybrid_attention/chunk.py | tee "$OUT/settings.txt"

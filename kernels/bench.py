@@ -856,8 +856,9 @@ def main(argv=None):
 
     if args.tune_only and not args.tune:
         sys.exit("--tune-only needs --tune")
+    table_ts = [] if args.tune_only else args.T  # (the T of the table of the op and its peers)
     rows = []
-    for T in [] if args.tune_only else args.T:
+    for T in table_ts:
         rows.append(measure("hybrid (ours)", ours, T, args.reps, queued=args.queued))
         for name, build in PEERS.items():
             rows.append(measure(name, build, T, args.reps, queued=args.queued))
@@ -871,7 +872,7 @@ def main(argv=None):
             print("# " + json.dumps(r), flush=True)
 
     # ratios: ours over the best peer and over flex SWA + fla LA (the two halves of a hybrid) summed
-    for T in [] if args.tune_only else args.T:
+    for T in table_ts:
         at = {r["op"]: r for r in rows if r["T"] == T}
         o = at["hybrid (ours)"]
         for key in ("fwd_ms", "fwd_bwd_ms"):
@@ -921,7 +922,7 @@ def main(argv=None):
         print("| T | op | fwd ms, per call / queued | fwd+bwd ms, per call / queued | fwd+bwd queued / (SWA+LA) "
               "| host us to first launch |")
         print("|---|---|---|---|---|---|")
-        for T in args.T:
+        for T in table_ts:
             at = {r["op"]: r for r in rows if r["T"] == T and "skipped" not in r}
             la = [at.get(p, {}).get("fwd_bwd_queued_ms") for p in ("flex_swa", "fla_chunk_la")]
             for r in at.values():

@@ -2018,10 +2018,11 @@ class HybridAttentionFunction(torch.autograd.Function):
         # the key side reads the query side's blocks: after it. KV_SPLIT: dk, then dv; the dk pass reads only the
         # query side's blocks, so it goes before the main stream waits for the side stream's reverse pass and runs
         # beside it (unless KF_DV, whose kernel reads the reverse states and goes first)
-        kv_parts = [dict(DO_DV=False, DO_DK=True), dict(DO_DV=True, DO_DK=False)] if KV_SPLIT and softmax else [{}]
+        kv_split = KV_SPLIT and softmax
+        kv_parts = [dict(DO_DV=False, DO_DK=True), dict(DO_DV=True, DO_DK=False)] if kv_split else [{}]
         if kf_dv and not softmax:  # _bwd_kfdv_kernel writes dv: nothing is left for the key side
             kv_parts = []
-        early = kv_parts[:1] if KV_SPLIT and softmax and not kf_dv else []
+        early = kv_parts[:1] if kv_split and not kf_dv else []
         # (KF_DV, REV_LIN: the dv pass has no linear terms left)
         kv_lin = dict(LINEAR=0, CUR_LIN=0, FWD_LIN=False) if kf_dv or rev_lin else dict(FWD_LIN=fwd_lin)
 
