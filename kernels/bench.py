@@ -401,10 +401,6 @@ TUNE = {
     "key side in two launches, dk beside the reverse scan": {"KV_SPLIT": True},
     "key side in two launches, dk beside the reverse scan, totals in the delta pass, 256 programs": {
         "KV_SPLIT": True, "DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 256},
-    "TMA stores, reverse scan": {"REV_TMA": True},
-    "TMA stores, state pass": {"STATE_TMA": True},
-    "TMA stores, forward": {"FWD_TMA": True},
-    "TMA stores": {"REV_TMA": True, "STATE_TMA": True, "FWD_TMA": True},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:

@@ -111,7 +111,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                  PREC=prec)
     # the weighted z dot of the reverse pass takes fp32 operands at 3xTF32 for 16-bit inputs
     state = dict(F=F, DV=DV, BF=F, BDV=DV, BK=state_blocks, BV=state_blocks, BT=chunk.BT, DT=dt, PREC=prec,
-                 Z_DOT=chunk.STATE_Z_DOT, ZPREC="ieee" if dtype == "fp32" else "tf32x3", TMA=chunk.STATE_TMA)
+                 Z_DOT=chunk.STATE_Z_DOT, ZPREC="ieee" if dtype == "fp32" else "tf32x3")
     out = []
     if lin:
         out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
@@ -122,11 +122,10 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                     dict(state, PHASE=0, REVERSE=True, HAS_RB=True, SC=rev_stride, HAS_RS=chunk.REV_DO)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd",
                 dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, FWD_P=False,
-                     FWD_LIN=False, NDW=ndw, TMA=chunk.FWD_TMA)))
+                     FWD_LIN=False, NDW=ndw)))
     if fwd_p or fwd_lin:
         out.append((f"fwd, blocks for the backward (BV={out_bv})", chunk._fwd_kernel, "fwd",
-                    dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, **fwd_blocks,
-                     TMA=chunk.FWD_TMA)))
+                    dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, **fwd_blocks)))
     if lin and chunk.FUSED_FWD:
         out.append((f"fwd fused (BV={out_bv})", chunk._fwd_fused_kernel, "fwd_fused",
                     dict(heads, BV=out_bv, SC=stride, SBK=state_blocks, SBV=state_blocks, Z_DOT=chunk.STATE_Z_DOT,
@@ -165,8 +164,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                          NV=chunk.REV_SPLIT, NF=chunk.REV_SPLIT,
                          ZDOT=chunk._rev_zdot(torch.float32 if dtype == "fp32" else torch.bfloat16,
                                               F // chunk.REV_SPLIT),
-                         ZSPLIT=chunk._rev_zsplit(torch.float32 if dtype == "fp32" else torch.bfloat16),
-                         TMA=chunk.REV_TMA)))
+                         ZSPLIT=chunk._rev_zsplit(torch.float32 if dtype == "fp32" else torch.bfloat16))))
         out.append(("bwd_kv (REV_LIN)", chunk._bwd_kv_kernel, "bwd_kv",
                     dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DVL_HEADS=True)))
     if lin and not chunk.KF_IN_KV and not chunk.KF_DV and not chunk.REV_LIN:
@@ -194,12 +192,6 @@ def main(argv=None):
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
     ap.add_argument("--delta-totals", action="store_true",
                     help="also compile delta with the reverse scan's totals (chunk.DELTA_TOTALS)")
-    ap.add_argument("--rev-tma", action="store_true",
-                    help="compile with chunk.REV_TMA on (the reverse scan's tiles out by TMA stores)")
-    ap.add_argument("--fwd-tma", action="store_true",
-                    help="compile with chunk.FWD_TMA on (the forward's output and p0 blocks out by TMA stores)")
-    ap.add_argument("--state-tma", action="store_true",
-                    help="compile with chunk.STATE_TMA on (the state pass's states out by TMA stores)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
@@ -219,9 +211,6 @@ def main(argv=None):
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
     chunk.DELTA_TOTALS = chunk.DELTA_TOTALS or args.delta_totals
     chunk.KF_DV = chunk.KF_DV or args.kf_dv
-    chunk.REV_TMA = chunk.REV_TMA or args.rev_tma
-    chunk.STATE_TMA = chunk.STATE_TMA or args.state_tma
-    chunk.FWD_TMA = chunk.FWD_TMA or args.fwd_tma
     chunk.REV_DO = chunk.REV_DO or args.rev_do
     chunk.REV_LIN = chunk.REV_LIN and not args.reverse_states
     chunk.FWD_P = chunk.FWD_P or args.fwd_blocks

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
-from triton.runtime import _allocation, driver
+from triton.runtime import driver
 
 from ..launch import Plans, direct
 from .naive import LINEAR_SPANS
@@ -227,16 +227,6 @@ REV_ZDOT_MIN_COLS = 64
 # (interleaved, one call) 4.053 against 4.084 ms with segments of 32 and 4.075 against 4.014 with segments of 64:
 # no gain shown. Off.
 REV_ZDOT_BF16_ONE = False
-# REV_TMA: the reverse scan's output tiles (dv's per-head terms, dk_feat) stored by asynchronous (TMA) copies from
-# shared memory through tensor descriptors made in the kernel, instead of a conversion of each tile from the dot
-# accumulator's layout to the store's (through shared memory, two barriers) and masked stores on every step's chain.
-# Where the outputs' rows are 16-byte aligned (the copy engine's rule), else the masked stores.
-REV_TMA = False
-# STATE_TMA: the same for the states the state pass stores each step (not in FUSED_FWD, whose flags order plain stores
-# only).
-STATE_TMA = False
-# FWD_TMA: the same for the forward's output tile and p0's window block (FWD_P) (not in FUSED_FWD).
-FWD_TMA = False
 # DELTA_TOTALS: with REV_LIN in more than one segment, the delta kernel and the reverse scan's segment totals in one
 # pass (_delta_totals_kernel): its programs compute delta, rb and dA for a run of chunks and add phi(q)^T dA and rb
 # phi(q) into the totals as they go, so that the totals pass (0.19-0.23 ms at 32K on an H100) reads neither dA nor
@@ -326,25 +316,6 @@ def _load_tile(ptr, rows, cols, T, NC, stride_t):
 def _store_tile(ptr, x, rows, cols, T, NC, stride_t):
     mask = (rows[:, None] < T) & (cols[None, :] < NC)
     tl.store(ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _tile_out(ptr, T, NC, stride_t, BR: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr):
-    """Where a loop stores [BR, BC] tiles of a [T, NC] slice (row stride stride_t): a tensor descriptor (TMA, stores
-    clipped to the slice by the copy engine) or the base pointer itself (``_tile_put`` then masks)."""
-    out = ptr
-    if TMA:
-        out = tl.make_tensor_descriptor(ptr, shape=[T, NC], strides=[stride_t, 1], block_shape=[BR, BC])
-    return out
-
-
-@triton.jit
-def _tile_put(out, x, rows, cols, r0, c0, T, NC, stride_t, TMA: tl.constexpr):
-    """Store the tile x at rows x cols (ranges from r0 >= 0 and c0) through ``_tile_out``'s ``out``."""
-    if TMA:
-        out.store([r0, c0], x.to(out.dtype))
-    else:
-        _store_tile(out, x, rows, cols, T, NC, stride_t)
 
 
 @triton.jit
@@ -476,7 +447,6 @@ def _chunk_state_kernel(
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee", SC: tl.constexpr = 1, HAS_RS: tl.constexpr = False,
-    TMA: tl.constexpr = False,
 ):
     """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t stores
     state p = t, or NS-1-t in reverse, then adds the SC chunks that separate it from the next state: one [SC BT, BK]
@@ -489,12 +459,11 @@ def _chunk_state_kernel(
     x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
     ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was; two bf16 dots of x with rb split in a
     high and a low bf16 part were no faster on an H200).
-    HAS_RS: the rows of X enter the state (not z) divided by RS[bh, t] (REV_DO: phi(q) / Zd against do).
-    TMA (STATE_TMA): the states go out by asynchronous (TMA) stores."""
+    HAS_RS: the rows of X enter the state (not z) divided by RS[bh, t] (REV_DO: phi(q) / Zd against do)."""
     _state_scan(X, Y, RB, HS, ZS, TOT, ZTOT, X, tl.program_id(0), tl.program_id(1), tl.program_id(2),
                 sxb, sxt, sxh, syb, syt, syh, T, H, GY, NS, L, NTOT,
                 F, DV, BF, BDV, BK, BV, BT, PHASE, REVERSE, HAS_RB, DT, PREC, Z_DOT, ZPREC, SC, False,
-                RS=RS, HAS_RS=HAS_RS, TMA=TMA)
+                RS=RS, HAS_RS=HAS_RS)
 
 
 @triton.jit
@@ -516,14 +485,11 @@ def _state_scan(
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     Z_DOT: tl.constexpr, ZPREC: tl.constexpr, SC: tl.constexpr, SIGNAL: tl.constexpr, NTHREADS: tl.constexpr = 128,
-    RS=None, HAS_RS: tl.constexpr = False, TMA: tl.constexpr = False,
+    RS=None, HAS_RS: tl.constexpr = False,
 ):
     """The body of ``_chunk_state_kernel`` for one (state block, batch * head, segment). SIGNAL (the fused forward,
     one segment, forward only): once state p's block is stored, READY[bh, p] counts it (``_signal``), one step late,
-    so that each release waits for the stores of the step before rather than those just issued. TMA (not with SIGNAL:
-    a release does not order the copy engine's stores): the states through a tensor descriptor of this head's
-    [NS BF, BDV] states."""
-    tl.static_assert(not (TMA and SIGNAL), "the counts of SIGNAL do not order TMA stores")
+    so that each release waits for the stores of the step before rather than those just issued."""
     pid_k = pid_kv // (BDV // BV)
     pid_v = pid_kv % (BDV // BV)
     b = pid_bh // H
@@ -536,8 +502,6 @@ def _state_scan(
     rowp = pid_bh.to(tl.int64) * T
     S = tl.zeros([BK, BV], dtype=tl.float32)
     zr = tl.arange(0, 16)
-    if PHASE != 1:
-        hs_out = _tile_out(HS + pid_bh.to(tl.int64) * NS * (BF * BDV), NS * BF, BDV, BDV, BK, BV, TMA)
     # z, as one row ([BK]) or, with Z_DOT, as 16 identical rows ([16, BK]); written from row 0
     if Z_DOT:
         z = tl.zeros([16, BK], dtype=tl.float32)
@@ -567,10 +531,7 @@ def _state_scan(
             if t > 0:
                 _signal(READY + pid_bh.to(tl.int64) * NS + p - 1, NTHREADS)
         if PHASE != 1:
-            if TMA:
-                hs_out.store([p * BF + pid_k * BK, pid_v * BV], S.to(hs_out.dtype))
-            else:
-                tl.store(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
+            tl.store(_state_ptr(HS, pid_bh, p, NS, BF, BDV, ff, vv), S.to(HS.dtype.element_ty))
             tl.store(ZS + (pid_bh.to(tl.int64) * NS + p) * BF + zoff, z, mask=z_owner)
         rows = start + r
         x = _load_tile(xp, rows, ff, T, F, sxt)
@@ -605,7 +566,7 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep
                D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
                BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr,
                DT: tl.constexpr, PREC: tl.constexpr, WIN: tl.constexpr = False, FWD_P: tl.constexpr = False,
-               FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1, TMA: tl.constexpr = False):
+               FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1):
     """Numerator [BT, len(vv)], normaliser and window row max of query chunk i from the key chunks i-1 and i.
     CUR_LIN = 0: the linear terms of key chunk i are all masked (hybrid with w >= BT) and their dot is skipped.
     WIN (WINDOW_BLOCKS): p0 of both key chunks from one window block of scores. For the backward (where ``keep``
@@ -635,13 +596,7 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep
                      tl.min(tl.where(s == tl.max(s, axis=1)[:, None], key, 2147483647), axis=1), mask=(n < T) & keep)
         p0 = tl.exp(s - m[:, None])
         if FWD_P:
-            if TMA:  # the block as one tile of a descriptor; only the first Dv block's program stores
-                if tl.max(keep.to(tl.int32), axis=0) > 0:
-                    pb = tl.make_tensor_descriptor(PB + (pid_bh.to(tl.int64) * NT + i) * (BT * BT), shape=[BT, BT],
-                                                   strides=[BT, 1], block_shape=[BT, BT])
-                    pb.store([0, 0], p0.to(DT))
-            else:
-                tl.store(_pair_ptr(PB, pid_bh, i, 0, NT, BT, 1), p0.to(DT), mask=keep[:, None])
+            tl.store(_pair_ptr(PB, pid_bh, i, 0, NT, BT, 1), p0.to(DT), mask=keep[:, None])
         w = tl.where(own, 0.0, gamma * p0)
     else:
         w = _softmax_weights(s_p, m, gamma, SOFTMAX)
@@ -667,11 +622,9 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep
 
 
 @triton.jit
-def _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, r0, vv, T, sob, sot, soh, DV: tl.constexpr,
-               BT: tl.constexpr, BV: tl.constexpr, TMA: tl.constexpr):
+def _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, vv, T, sob, sot, soh, DV: tl.constexpr):
     zd = zacc + eps
-    out = _tile_out(_head(OUT, b, h, sob, soh), T, DV, sot, BT, BV, TMA)
-    _tile_put(out, acc / zd[:, None], n, vv, r0, pid_v * BV, T, DV, sot, TMA)
+    _store_tile(_head(OUT, b, h, sob, soh), acc / zd[:, None], n, vv, T, DV, sot)
     rowp = pid_bh.to(tl.int64) * T
     first = n + pid_v * T < T  # n < T in Dv block 0: every Dv block has the same row statistics, one writes them
     tl.store(M + rowp + n, m, mask=first)
@@ -687,16 +640,15 @@ def _fwd_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     SC: tl.constexpr = 1, GROUP: tl.constexpr = False, WIN: tl.constexpr = False, FWD_P: tl.constexpr = False,
-    FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1, TMA: tl.constexpr = False,
+    FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1,
 ):
     """One program per (query chunk, Dv block, batch * head); the state of its group is read from HS (state pass).
-    FWD_P / FWD_LIN: blocks for the backward (``_fwd_local``). TMA (FWD_TMA): the output tile and p0's window block
-    go out by asynchronous (TMA) stores."""
+    FWD_P / FWD_LIN: blocks for the backward (``_fwd_local``)."""
     i, pid_bh = _chunk_and_head(0, 2, G, GROUP)
     _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, Q, PB, ARG, LB, i, tl.program_id(1), pid_bh, 0,
                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G, NT, window, scale,
                eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, False, WIN, FWD_P, FWD_LIN,
-               NDW, TMA)
+               NDW)
 
 
 @triton.jit
@@ -708,7 +660,7 @@ def _fwd_chunk(
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     SC: tl.constexpr, WAIT: tl.constexpr, WIN: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr,
-    NDW: tl.constexpr, TMA: tl.constexpr = False,
+    NDW: tl.constexpr,
 ):
     """The body of ``_fwd_kernel`` for query chunk i, Dv block pid_v, batch * head pid_bh. WAIT (the fused
     forward): after the local blocks, wait until READY[bh, p] counts ``need`` blocks of its state (an acquire at GPU
@@ -724,7 +676,7 @@ def _fwd_chunk(
     keep = tl.arange(0, BT) + pid_v * BT < BT  # [BT]: all True in the first Dv block's program, else all False
     acc, zacc, m = _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep,
                               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, NT, window, scale,
-                              D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, WIN, FWD_P, FWD_LIN, NDW, TMA)
+                              D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, WIN, FWD_P, FWD_LIN, NDW)
     if LINEAR != 0:  # keys of chunks <= SC p - 2 through the state, read right before its dot
         p = i // SC
         NS = tl.cdiv(NT, SC)
@@ -750,7 +702,7 @@ def _fwd_chunk(
                 a = tl.dot(qf, tl.trans(_load_tile(kfp, j, ff, T, F, sft)), input_precision=PREC)
                 acc = tl.dot(a.to(DT), _load_tile(vp, j, vv, T, DV, svt), acc, input_precision=PREC)
                 zacc += tl.sum(a, axis=1)
-    _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, i * BT, vv, T, sob, sot, soh, DV, BT, BV, TMA)
+    _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, vv, T, sob, sot, soh, DV)
 
 
 @triton.jit
@@ -786,7 +738,7 @@ def _fwd_fused_kernel(
         _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, READY, PB, ARG, LB, c // NV, c % NV, bhk * G + g,
                    NKV * NTHREADS, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G,
                    NT, window, scale, eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, True,
-                   WIN, FWD_P, FWD_LIN, NDW, False)
+                   WIN, FWD_P, FWD_LIN, NDW)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1411,7 +1363,7 @@ def _bwd_rev_kernel(
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = False,
-    ZSPLIT: tl.constexpr = True, KS: tl.constexpr = 1, TMA: tl.constexpr = False,
+    ZSPLIT: tl.constexpr = True, KS: tl.constexpr = 1,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
@@ -1421,24 +1373,24 @@ def _bwd_rev_kernel(
     and write those columns of dk_feat_j: v_j dh^T + dz + the local terms, in the dtype of the features. A part's
     block of the state starts from the totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s
     phase 1 over the same segments, or ``_delta_totals_kernel``'s over KS parts a segment; PREFIX: their inclusive
-    prefixes). TMA (REV_TMA): the output tiles go out by asynchronous (TMA) stores from shared memory."""
+    prefixes)."""
     part = tl.program_id(0)  # (the parts of a segment and head run next to each other and share their tiles in L2)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
     if part < NV:
         _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh,
-                     part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX, KS, TMA)
+                     part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX, KS)
     else:
         _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
                       window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX, ZDOT,
-                      ZSPLIT, KS, TMA)
+                      ZSPLIT, KS)
 
 
 @triton.jit
 def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh, part,
                  DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                  LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                 NV: tl.constexpr, PREFIX: tl.constexpr, KS: tl.constexpr, TMA: tl.constexpr):
+                 NV: tl.constexpr, PREFIX: tl.constexpr, KS: tl.constexpr):
     """``_bwd_rev_kernel``'s dv part ``part``: dv's columns vv, the local weights a over all F against dA's columns."""
     b = pid_bh // H
     h = pid_bh % H
@@ -1448,7 +1400,6 @@ def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H,
     ff = tl.arange(0, BF)
     vv = part * (BDV // NV) + tl.arange(0, BDV // NV)
     S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg * KS, NTOT, ff, vv, BF, BDV, PREFIX)
-    out = _tile_out(_head(DVH, b, h, sab, sah), T, DV, sat, BT, BDV // NV, TMA)
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         j = (NT - 1 - t) * BT + tl.arange(0, BT)
         n = j + BT  # query chunk i + 1: its local terms, then into the state
@@ -1459,7 +1410,7 @@ def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H,
         if CUR_LIN:
             dv = _rev_dv(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat), kf, j, j, T, window,
                          dv, LINEAR, DT, PREC)
-        _tile_put(out, dv, j, vv, (NT - 1 - t) * BT, part * (BDV // NV), T, DV, sat, TMA)
+        _store_tile(_head(DVH, b, h, sab, sah), dv, j, vv, T, DV, sat)
         S = tl.dot(tl.trans(qf), da, S, input_precision=PREC)
 
 
@@ -1469,7 +1420,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
                   DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                   LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                   NF: tl.constexpr, PREFIX: tl.constexpr, ZDOT: tl.constexpr, ZSPLIT: tl.constexpr,
-                  KS: tl.constexpr, TMA: tl.constexpr):
+                  KS: tl.constexpr):
     """``_bwd_rev_kernel``'s dk_feat part ``part``: dk_feat's columns ff, the local weights da over all Dv against
     phi(q)'s columns."""
     b = pid_bh // H
@@ -1483,7 +1434,6 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
     S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg * KS, NTOT, ff, vv, BF, BDV, PREFIX)
     if ZDOT:  # z in every row of a dot accumulator (REV_ZDOT)
         zb = tl.zeros([BT, BF // NF], dtype=tl.float32) + z[None, :]
-    out = _tile_out(_head(DKF, b, h, sfb, sfh), T, F, sft, BT, BF // NF, TMA)
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
         j = (NT - 1 - t) * BT + tl.arange(0, BT)
         n = j + BT
@@ -1499,7 +1449,7 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
         if CUR_LIN:
             dkf = _rev_dkf(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat),
                            _load_row(RB + rowp, j, T, 0.0), v, j, j, T, window, dkf, LINEAR, DT, PREC)
-        _tile_put(out, dkf, j, ff, (NT - 1 - t) * BT, part * (BF // NF), T, F, sft, TMA)
+        _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
         if ZDOT:
             zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC, ZSPLIT)
         else:
@@ -1577,7 +1527,7 @@ def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool, reverse: bool, s
     """Constexprs and launch options shared by every state-pass launch in one direction."""
     BF, BDV, BK, BV = _state_tiles(F, Dv, side)
     return dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC=_prec(dtype),
-                Z_DOT=STATE_Z_DOT, TMA=STATE_TMA, ZPREC="ieee" if dtype == torch.float32 else "tf32x3", SC=_stride(reverse),
+                Z_DOT=STATE_Z_DOT, ZPREC="ieee" if dtype == torch.float32 else "tf32x3", SC=_stride(reverse),
                 **_options("side_state" if side and SIDE_STATE_BLOCKS else "state", big, dtype))
 
 
@@ -1731,37 +1681,16 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
                 (n, ntot), dict(BLOCK=block, num_warps=4, num_stages=1)))
     dkf = torch.empty_like(k_feat)
     dvh = torch.empty_like(dA)
-    tma = REV_TMA and _tma_ready(dkf, dvh)
     nv, nf = (REV_SPLIT if BDV // REV_SPLIT >= 16 else 1), (REV_SPLIT if BF // REV_SPLIT >= 16 else 1)
     launch(_bwd_rev_kernel, (nv + nf, nseg, B * H), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh), lambda: (
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, ntot, window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
              DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT=_rev_zdot(dtype, BF // nf),
-             ZSPLIT=_rev_zsplit(dtype), KS=ks, TMA=tma,
+             ZSPLIT=_rev_zsplit(dtype), KS=ks,
              **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
-
-
-def _tma_ready(*tensors) -> bool:
-    """Whether kernels may store into ``tensors`` (last dim contiguous) through tensor descriptors made in the kernel:
-    the address and every stride but the last 16-byte aligned, as the copy engine needs."""
-    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and not any(s * t.element_size() % 16 for s in t.stride()[:-1])
-               for t in tensors)
-
-
-def _ensure_allocator():
-    """Set Triton's allocator of launch scratch memory (the tensor descriptors of STATE_TMA / REV_TMA) where none is:
-    a context variable, unset in a thread that has not set it (autograd's device threads among them)."""
-    if not INTERPRETED and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
-
-
-def _scratch(size: int, alignment: int, stream):
-    """Scratch memory of a launch (the tensor descriptors kernels make), from torch's caching allocator on the
-    current stream."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def _grid(NT: int, B: int, H: int, G: int, *middle: int) -> tuple:
@@ -1795,8 +1724,7 @@ def _switches() -> tuple:
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
-            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, REV_TMA, STATE_TMA, FWD_TMA,
-            tuple(MAXNREG.items()))
+            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, tuple(MAXNREG.items()))
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1881,8 +1809,6 @@ class HybridAttentionFunction(torch.autograd.Function):
             assert q_feat_t.stride() == k_feat_t.stride()
         gam = gamma if gamma is not None else torch.ones(H, device=q.device, dtype=torch.float32)
         gam = gam.float().contiguous()
-        if STATE_TMA or FWD_TMA:
-            _ensure_allocator()
         # the blocks the backward reads from the forward (FWD_P, FWD_LIN), only where a gradient is wanted (grad: the
         # caller's grad mode and inputs; ctx.needs_input_grad is set under torch.no_grad too)
         fwd_p, fwd_lin = _fwd_blocks(softmax, lin, grad)
@@ -1937,7 +1863,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         else:
             launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV),
                    (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, pb, arg, lb),
-                   lambda: rest(GROUP=GROUP_HEADS, TMA=FWD_TMA and _tma_ready(o), **_options("fwd", big, q.dtype)))
+                   lambda: rest(GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype)))
         launch.done()
         # unless KEEP_STATES the states are recomputed in the backward: [NT / SC, F, Dv] per head is 2 / SC times
         # the size of q
@@ -1959,8 +1885,6 @@ class HybridAttentionFunction(torch.autograd.Function):
         Hkv, Dv = k.shape[2], v.shape[-1]
         G = H // Hkv
         do = _c(do)
-        if STATE_TMA or REV_TMA:
-            _ensure_allocator()
         # the forward's key covers every saved input; o and the buffers below are fresh (aligned) allocations
         key = None if fkey is None else _plan_key("bwd", do, extra=(fkey,))
         launch = PLANS.start(key, _stream)

@@ -336,37 +336,6 @@ def test_triton_interpreter_forward_blocks_give_the_bits_of_recomputation(mode, 
         assert torch.equal(chunk.hybrid_attention_chunk(*inputs, **kw), ref_out)
 
 
-# (mode, window, settings): the hybrid at w = BT and below it (CUR_LIN), overlap, linear-only, sliding-window-only;
-# the state pass in segments at a stride of 1 and with the reverse states in memory (REV_LIN off)
-TMA_CASES = [
-    ("hybrid", 64, {}),
-    ("hybrid", 33, {"STATE_SEG": 2, "STATE_STRIDE": 1}),
-    ("overlap", 64, {"REV_LIN": False, "REV_STATE_STRIDE": 2}),
-    ("la_only", 64, {"REV_SEG": 2}),
-    ("swa_only", 20, {}),
-]
-
-
-@needs_interpreter
-@pytest.mark.parametrize("mode,w,settings", TMA_CASES, ids=settings_ids(TMA_CASES))
-def test_triton_interpreter_tma_stores_give_the_bits_of_plain_stores(mode, w, settings, monkeypatch, interpret):
-    """FWD_TMA, STATE_TMA, REV_TMA store the same values through tensor descriptors (the forward's output and p0
-    blocks, the states, the reverse scan's tiles): outputs and gradients bit-identical to the masked stores', the
-    last chunk partial (T = 330), with and without gradients."""
-    softmax, linear = MODES[mode]
-    kw = dict(window=w, softmax=softmax, linear=linear)
-    for name, value in settings.items():
-        monkeypatch.setattr(chunk, name, value)
-    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 3)
-    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    for name in ("FWD_TMA", "STATE_TMA", "REV_TMA"):
-        monkeypatch.setattr(chunk, name, True)
-    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    assert_same_bits(out, grads, ref_out, ref_grads)
-    with torch.no_grad():
-        assert torch.equal(chunk.hybrid_attention_chunk(*inputs, **kw), ref_out)
-
-
 # (mode, window, settings): dk_feat in the key side's dv pass (KF_IN_KV) with the stored dW blocks (hybrid at w = BT
 # and below it: CUR_LIN), without them (overlap: SAVE_DW off), in linear-only mode (no softmax, no stored blocks), at
 # reverse strides 1, 2 and 4 (the query chunks between the keys and the reverse state), with the key side split
@@ -523,27 +492,6 @@ def test_triton_state_pass_matches_reference(B, T, H, GY, F, DV, reverse, weight
 
 
 @needs_interpreter
-@pytest.mark.parametrize("case", [1, 2, 4, 8], ids=lambda i: f"STATE_CASES[{i}]")
-def test_triton_state_pass_tma_stores(case, monkeypatch, interpret):
-    """STATE_TMA: the states stored through a tensor descriptor of each head's [NS BF, BDV] states equal the plain
-    stores' (the reference's sums and zero padding), in segments, at strides 1 and 2, in reverse with row weights,
-    over two F blocks."""
-    monkeypatch.setattr(chunk, "STATE_TMA", True)
-    test_triton_state_pass_matches_reference(*STATE_CASES[case], monkeypatch, interpret)
-
-
-@pytest.mark.skipif(chunk is None, reason="triton is not installed")
-def test_tma_needs_16_byte_rows():
-    """_tma_ready: TMA stores only into tensors whose address and strides (but the last, which must be 1) are
-    multiples of 16 bytes."""
-    x = torch.empty(2, 10, 4, 16, dtype=torch.bfloat16)
-    assert chunk._tma_ready(x, torch.empty(1, 3, 2, 8))
-    assert not chunk._tma_ready(torch.empty(2, 10, 4, 12, dtype=torch.bfloat16))  # 24-byte rows
-    assert not chunk._tma_ready(x.transpose(2, 3))  # last dim not contiguous
-    assert not chunk._tma_ready(x, x.view(-1)[4:644].view(1, 10, 4, 16))  # 8 bytes off
-
-
-@needs_interpreter
 @pytest.mark.parametrize("seg,stride", [(0, 1), (2, 2)], ids=["one-pass-sc1", "seg2-sc2"])
 def test_triton_state_pass_row_divisors_scale_the_state_not_z(seg, stride, monkeypatch, interpret):
     """REV_DO's reverse pass: x's rows divided by rs enter the state h, the undivided rows z (against rb); over two
@@ -609,11 +557,6 @@ REV_LIN_CASES = [
     ("overlap", 64, {"REV_SEG": 1, "DELTA_TOTALS": True, "REV_PREFIX": True}),
     ("hybrid", 64, {"REV_SEG": 2, "DELTA_TOTALS": True, "DELTA_TOTALS_MIN_CHUNKS": 1, "REV_PREFIX": True}),
     ("hybrid", 64, {"REV_SEG": 2, "DELTA_TOTALS": False}),
-    # the output tiles and the states by TMA stores (REV_TMA, STATE_TMA): partial last chunks (T = w + 41), the same
-    # chunk's linear block, in segments, linear-only, the forward states per 2 chunks
-    ("hybrid", 33, {"REV_SEG": 2, "REV_TMA": True, "STATE_TMA": True}),
-    ("overlap", 64, {"REV_SEG": 4, "REV_TMA": True, "STATE_TMA": True, "STATE_STRIDE": 2}),
-    ("la_only", 64, {"REV_SEG": 32, "REV_TMA": True}),
 ]
 
 
@@ -1015,11 +958,7 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "totals-in-the-delta-pass-seg8-parts-of-2": {"DELTA_TOTALS": True, "REV_SEG": 8,
                                                             "DELTA_TOTALS_MIN_CHUNKS": 2},
                "totals-in-the-delta-pass-side-stream": {"DELTA_TOTALS": True, "REV_SEG": 4,
-                                                        "SIDE_STREAM_MIN_CHUNKS": 1},
-               # the forward's output and p0 blocks, the states and the reverse scan's tiles by TMA stores
-               "tma-stores": {"FWD_TMA": True, "STATE_TMA": True, "REV_TMA": True},
-               "tma-stores-seg2-side-stream": {"FWD_TMA": True, "STATE_TMA": True, "REV_TMA": True, "REV_SEG": 2,
-                                               "SIDE_STREAM_MIN_CHUNKS": 1}}
+                                                        "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
 @pytest.mark.gpu
@@ -1071,33 +1010,6 @@ def test_triton_gpu_reverse_scan_starts_at_scale(setting, monkeypatch):
             if r is not None:
                 err = ((g.float() - r.float()).norm() / r.float().norm()).item()
                 assert err < 5e-3, f"{name}: {err:.2e} from {setting} off"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
-@pytest.mark.parametrize("mode", ["hybrid", "overlap"])
-def test_triton_gpu_tma_stores_give_the_bits_of_plain_stores(mode, monkeypatch):
-    """FWD_TMA, STATE_TMA and REV_TMA on the GPU at the benchmark's head shapes, T = 4100 (the last chunk partial,
-    the copy engine clips it): outputs and gradients bit-identical to the masked stores', in three calls (the later
-    ones replay the launch plan), and in a thread that never set Triton's allocator (a context variable)."""
-    import threading
-
-    inputs, do = make_inputs(1, 4100, 32, 8, 128, 128, torch.bfloat16, device="cuda", seed=31)
-    softmax, linear = MODES[mode]
-    kw = dict(window=64, softmax=softmax, linear=linear)
-    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
-    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    for name in ("FWD_TMA", "STATE_TMA", "REV_TMA"):
-        monkeypatch.setattr(chunk, name, True)
-    for _ in range(3):
-        out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-        assert_same_bits(out, grads, ref_out, ref_grads)
-    got = []
-    thread = threading.Thread(target=lambda: got.append(run(chunk.hybrid_attention_chunk, inputs, do, **kw)))
-    thread.start()
-    thread.join()
-    assert got, "the call in a new thread raised"
-    assert_same_bits(*got[0], ref_out, ref_grads)
 
 
 @pytest.mark.gpu
