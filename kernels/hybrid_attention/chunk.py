@@ -44,7 +44,6 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
-from triton.runtime import driver
 
 from ..launch import Plans, direct
 from .naive import LINEAR_SPANS
@@ -1512,7 +1511,9 @@ def _interpreting() -> bool:
 
 
 def _c(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """x with its last dim contiguous; a copy is detached (an input's copy is made for the kernels, outside autograd's
+    graph: the op's Function takes the inputs themselves)."""
+    return x if x.stride(-1) == 1 else x.detach().contiguous()
 
 
 def _state_tiles(F: int, Dv: int, side: bool = False) -> tuple[int, int, int, int]:
@@ -1741,7 +1742,7 @@ def _plan_key(kind: str, *tensors, extra: tuple):
     if addr & 15:
         return None
     # the current device too: the launches go to its stream, with kernels loaded for it
-    current = torch.cuda.current_device() if tensors[0].is_cuda else -1
+    current = _cuda_device() if tensors[0].is_cuda else -1
     return (kind, current, tensors[0].device.index, tensors[0].dtype, *[(t.shape, t.stride()) for t in tensors],
             *extra, _switches())
 
@@ -1751,8 +1752,15 @@ def _hooked(*hooks) -> bool:
     return any(getattr(h, "calls", h) for h in hooks)
 
 
+# the current CUDA device and its current raw stream, as torch.cuda.current_device() and Triton's driver read them,
+# without their Python wrappers (a replayed launch reads the stream each time); absent from CPU builds of torch,
+# where no plan replays
+_cuda_device = getattr(torch._C, "_cuda_getDevice", None)
+_cuda_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream():
-    return driver.active.get_current_stream(driver.active.get_current_device())
+    return _cuda_raw_stream(_cuda_device())
 
 
 class _Side:
@@ -1794,36 +1802,63 @@ def _side(x: torch.Tensor, wanted: bool) -> _Side | None:
     return side
 
 
+class _Prelude:
+    """What a forward call settles before its output kernel (``_prelude``): its inputs as the kernels take them, the
+    launch plan's key and launch function, the block sizes, and the forward states from the state pass, already
+    launched."""
+
+    __slots__ = ("q", "k", "v", "q_feat", "k_feat", "gam", "F", "fwd_p", "fwd_lin", "key", "launch", "big", "NT",
+                 "fused", "hs", "zs")
+
+
+def _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, lin, scale, eps, grad) -> _Prelude:
+    """The forward up to and including the state pass's launch. ``hybrid_attention_chunk`` calls it before the
+    autograd Function (whose apply costs microseconds of host time a call, on the way to the first launch while the
+    GPU waits), except while torch.compile traces the op, where the Function's forward calls it. Nothing here
+    enters autograd's graph: copies of the inputs are detached."""
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    Dv = v.shape[-1]
+    r = _Prelude()
+    r.q, r.k, r.v = _c(q), _c(k), _c(v)
+    if lin == 0:  # no features: pass q as a dummy pointer, never read
+        r.q_feat, r.k_feat, r.F = r.q, r.q, 16
+    else:
+        r.q_feat, r.k_feat, r.F = _c(q_feat), _c(k_feat), q_feat.shape[-1]
+        assert r.q_feat.stride() == r.k_feat.stride()
+    gam = gamma if gamma is not None else torch.ones(H, device=q.device, dtype=torch.float32)
+    r.gam = gam.detach().float().contiguous()
+    # the blocks the backward reads from the forward (FWD_P, FWD_LIN), only where a gradient is wanted (grad: the
+    # caller's grad mode and inputs; ctx.needs_input_grad is set under torch.no_grad too)
+    r.fwd_p, r.fwd_lin = _fwd_blocks(softmax, lin, grad)
+    r.key = _plan_key("fwd", r.q, r.k, r.v, r.q_feat, r.k_feat, r.gam,
+                      extra=(window, softmax, lin, scale, eps, r.fwd_p, r.fwd_lin))
+    r.launch = PLANS.start(r.key, _stream)
+    r.big = max(_p2(D), _p2(Dv), _p2(r.F)) >= 128
+    r.NT = _cdiv(T, BT)
+    r.fused = FUSED_FWD and bool(lin) and STATE_SEG == 0
+    r.hs = r.zs = None
+    # the state pass first: it needs none of the forward's buffers, and the GPU starts on it while they are allocated
+    if lin and not r.fused:
+        r.hs, r.zs = chunk_states(r.k_feat, r.v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=r.big,
+                                  launch=r.launch)
+    return r
+
+
 class HybridAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps, grad):
+    def forward(ctx, q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps, grad, pre=None):
         B, T, H, D = q.shape
         Hkv, Dv = k.shape[2], v.shape[-1]
         G = H // Hkv
         lin = _LINEAR_CODE[linear]
-        q, k, v = _c(q), _c(k), _c(v)
-        if lin == 0:  # no features: pass q as a dummy pointer, never read
-            q_feat_t, k_feat_t, F = q, q, 16
-        else:
-            q_feat_t, k_feat_t, F = _c(q_feat), _c(k_feat), q_feat.shape[-1]
-            assert q_feat_t.stride() == k_feat_t.stride()
-        gam = gamma if gamma is not None else torch.ones(H, device=q.device, dtype=torch.float32)
-        gam = gam.float().contiguous()
-        # the blocks the backward reads from the forward (FWD_P, FWD_LIN), only where a gradient is wanted (grad: the
-        # caller's grad mode and inputs; ctx.needs_input_grad is set under torch.no_grad too)
-        fwd_p, fwd_lin = _fwd_blocks(softmax, lin, grad)
-        key = _plan_key("fwd", q, k, v, q_feat_t, k_feat_t, gam,
-                        extra=(window, softmax, lin, scale, eps, fwd_p, fwd_lin))
-        launch = PLANS.start(key, _stream)
+        if pre is None:  # (torch.compile: the whole forward traced inside the Function)
+            pre = _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, lin, scale, eps, grad)
+        q, k, v, q_feat_t, k_feat_t, gam, F = pre.q, pre.k, pre.v, pre.q_feat, pre.k_feat, pre.gam, pre.F
+        fwd_p, fwd_lin, key, launch = pre.fwd_p, pre.fwd_lin, pre.key, pre.launch
+        big, NT, fused, hs, zs = pre.big, pre.NT, pre.fused, pre.hs, pre.zs
         BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
-        big = max(BD, BDV, BF) >= 128
-        NT = _cdiv(T, BT)
         dev = q.device
-        fused = FUSED_FWD and bool(lin) and STATE_SEG == 0
-        # the state pass first: it needs none of the buffers below, and the GPU starts on it while they are allocated
-        if lin and not fused:
-            hs, zs = chunk_states(k_feat_t, v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=big,
-                                  launch=launch)
         o = torch.empty(B, T, H, Dv, device=dev, dtype=v.dtype)
         M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
@@ -2058,7 +2093,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         if not softmax:
             dq = dk = None
         dqf_out, dkf_out = (dqf, dkf) if lin else (None, None)
-        return dq, dk, dv, dqf_out, dkf_out, dgamma, None, None, None, None, None, None
+        return dq, dk, dv, dqf_out, dkf_out, dgamma, None, None, None, None, None, None, None
 
 
 def hybrid_attention_chunk(
@@ -2097,4 +2132,8 @@ def hybrid_attention_chunk(
         q_feat = q_feat if q_feat.dtype == q.dtype else q_feat.to(q.dtype)
         k_feat = k_feat if k_feat.dtype == q.dtype else k_feat.to(q.dtype)
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, q_feat, k_feat, gamma))
-    return HybridAttentionFunction.apply(q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps, grad)
+    pre = None
+    if not torch.compiler.is_compiling():  # the state pass launched before the autograd Function's overhead
+        pre = _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, _LINEAR_CODE[linear], scale, eps, grad)
+    return HybridAttentionFunction.apply(q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps, grad,
+                                         pre)
