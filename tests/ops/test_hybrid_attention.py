@@ -689,6 +689,41 @@ def test_triton_interpreter_features_and_gamma_in_another_dtype(interpret):
 
 
 @needs_interpreter
+def test_triton_interpreter_forward_prelude_in_and_out_of_the_function(monkeypatch, interpret):
+    """The forward's prelude (the inputs as the kernels take them, the plan, the state pass) runs before the autograd
+    Function, and inside it while torch.compile traces: the same bits either way. With inputs whose last dim is not
+    contiguous and a bf16 gamma, the prelude's copies stay out of autograd's graph: the output's only node is the op's,
+    and every gradient matches the call on contiguous inputs."""
+    inputs, do = make_inputs(1, 130, 2, 1, 16, 16, torch.float32, seed=14)
+    where = []  # grad mode at each prelude: on outside the Function (the inputs want gradients), off inside it
+    real = chunk._prelude
+    monkeypatch.setattr(chunk, "_prelude", lambda *a: where.append(torch.is_grad_enabled()) or real(*a))
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, window=16)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        out_c, grads_c = run(chunk.hybrid_attention_chunk, inputs, do, window=16)
+    assert where == [True, False]
+    assert_same_bits(out_c, grads_c, out, grads)
+    # the same values in [B, T, H, D] views whose last dim has stride 2 (every other element of a wider tensor)
+    strided = []
+    for x in inputs[:5]:
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1])
+        wide[..., ::2] = x.detach()
+        strided.append(wide[..., ::2].requires_grad_())
+    gamma = inputs[5].detach().bfloat16().float().bfloat16().requires_grad_()
+    pre = real(*strided, gamma, 16, True, 1, 0.25, 1e-12, True)
+    assert all(x.grad_fn is None for x in (pre.q, pre.k, pre.v, pre.q_feat, pre.k_feat, pre.gam))
+    out_s = chunk.hybrid_attention_chunk(*strided, gamma, window=16)
+    assert out_s.grad_fn.name() == "HybridAttentionFunctionBackward"
+    grads_s = torch.autograd.grad(out_s, [*strided, gamma], do)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, [*[x.detach().clone().requires_grad_() for x in inputs[:5]],
+                                                            gamma.detach().float().requires_grad_()], do, window=16)
+    assert torch.equal(out_s, ref_out)
+    for name, g, r in zip(GRAD_NAMES, grads_s, ref_grads):
+        assert torch.equal(g, r.to(g.dtype)), name  # (dgamma: the fp32 call's, rounded to gamma's bf16)
+
+
+@needs_interpreter
 def test_triton_rejects_unsupported(interpret):
     inputs, _ = make_inputs(1, 20, 2, 1, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="window"):
