@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by the one-call GPU scripts (gpu_perf.sh, seg_table.sh, variant_table.sh): the carried wheels into
+# Sourced by the one-call GPU scripts (gpu_perf.sh, variant_table.sh): the carried wheels into
 # /tmp/site, PYTHONPATH, the GPU's name under $OUT, and the phases those scripts share. Needs OUT set.
 
 # device_setup: install whichever of the two wheel folders was carried (a glob that matches nothing would fail the

@@ -2,6 +2,9 @@
 # VARIANTS='default "name" ...' bash experiments/variant_table.sh   (on the GPU machine, one call; carry .device/whl
 # and .device/fla)
 #
+# The reverse scan's segment length, say, is VARIANTS='default "linear backward in the reverse scan, segments of 32"
+# "linear backward in the reverse scan, segments of 128"' (session 20's seg_table.sh, folded in here in session 21).
+#
 # Tries TUNE variants, keeps the best and measures the table at it, in one call:
 #   1. python -m linearize.kernels.bench --tune --tune-only   the variants, interleaved, at 32K and 8K (no peers)
 #   2. experiments/pick_variant.py --apply                    the fastest at 32K that is no slower at 8K, written

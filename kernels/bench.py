@@ -361,6 +361,7 @@ TUNE = {
     "reverse states in memory": {"REV_LIN": False},
     "linear backward in the reverse scan": {"REV_LIN": True},
     "linear backward in the reverse scan, segments of 16": {"REV_LIN": True, "REV_SEG": 16},
+    "linear backward in the reverse scan, segments of 32": {"REV_LIN": True, "REV_SEG": 32},
     "linear backward in the reverse scan, segments of 64": {"REV_LIN": True, "REV_SEG": 64},
     "linear backward in the reverse scan, segments of 128": {"REV_LIN": True, "REV_SEG": 128},
     "linear backward in the reverse scan, segments of 256": {"REV_LIN": True, "REV_SEG": 256},

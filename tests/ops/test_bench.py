@@ -115,3 +115,49 @@ def test_first_launch_us_times_the_host_work_before_the_first_launch_only(monkey
     assert chunk.PLANS.start is fake_start  # the wrapper is gone
     with pytest.raises(RuntimeError, match="launched no kernel"):
         bench.first_launch_us(lambda: None, reps=1)
+
+
+def _pick_variant():
+    """experiments/pick_variant.py as a module (experiments/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "pick_variant.py"
+    spec = importlib.util.spec_from_file_location("pick_variant", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pick_variant_takes_the_fastest_at_the_longest_T_that_holds_at_the_others():
+    """The pick: fastest forward+backward at the longest T by more than the slack, and within the slack of the
+    baseline at every shorter T; else the baseline."""
+    pick = _pick_variant().pick
+
+    def rows(**times):  # variant -> (ms at 8K, ms at 32K)
+        return [{"T": t, "variant": v, "fwd_bwd_ms": ms} for v, pair in times.items() for t, ms in zip((8192, 32768), pair)]
+
+    assert pick(rows(default=(1.10, 4.00), a=(1.10, 3.90), b=(1.10, 3.95)), "default", 0.01) == "a"
+    # a is fastest at 32K but 5% slower at 8K: the next one that holds there
+    assert pick(rows(default=(1.10, 4.00), a=(1.155, 3.80), b=(1.11, 3.90)), "default", 0.01) == "b"
+    # 0.5% faster is within the slack: the baseline stays
+    assert pick(rows(default=(1.10, 4.00), a=(1.10, 3.98)), "default", 0.01) == "default"
+    # a variant with no time at a shorter T does not hold there
+    assert pick(rows(default=(1.10, 4.00), a=(None, 3.50)), "default", 0.01) == "default"
+
+
+def test_pick_variant_applies_a_variant_to_the_source(tmp_path, monkeypatch):
+    """--apply rewrites the module's ``NAME = value`` lines and LAUNCH entries a TUNE variant sets, and stops on a
+    setting it cannot find."""
+    module = _pick_variant()
+    src = tmp_path / "chunk.py"
+    src.write_text('REV_SEG = 64\nKV_SPLIT = True\nLAUNCH = {\n    "bwd_rev": (4, 2),\n    "fwd": (4, 2),\n}\n')
+    monkeypatch.setitem(bench.TUNE, "t", {"REV_SEG": 128, "KV_SPLIT": False, "LAUNCH": {"bwd_rev": (8, 1)}})
+    done = module.apply("t", src)
+    assert done == ["REV_SEG = 128", "KV_SPLIT = False", "LAUNCH['bwd_rev'] = (8, 1)"]
+    assert src.read_text() == 'REV_SEG = 128\nKV_SPLIT = False\nLAUNCH = {\n    "bwd_rev": (8, 1),\n    "fwd": (4, 2),\n}\n'
+    monkeypatch.setitem(bench.TUNE, "u", {"NO_SUCH_SETTING": 1})
+    with pytest.raises(SystemExit, match="NO_SUCH_SETTING"):
+        module.apply("u", src)
+    # the segment lengths are variants (session 20's seg_table.sh, folded into variant_table.sh)
+    assert bench.TUNE["linear backward in the reverse scan, segments of 32"]["REV_SEG"] == 32
