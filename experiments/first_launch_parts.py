@@ -101,10 +101,15 @@ def main(argv=None):
     for _ in range(5):
         fwd()
     torch.cuda.synchronize()
-    F, Dv, NS = qf.shape[-1], v.shape[-1], chunk._n_states(T, False)
-    BF, BDV, _, _ = chunk._state_tiles(F, Dv)
-    extra = (bench.WINDOW, True, 1, q.shape[-1] ** -0.5, 1e-12, False, False)
+    # the forward's own key and state buffers, as its prelude builds them (it launches the state pass once more)
+    scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        pre = chunk._prelude(q, k, v, qf, kf, gamma, bench.WINDOW, True, 1, scale, 1e-12, False)
+    torch.cuda.synchronize()
+    extra = (bench.WINDOW, True, 1, scale, 1e-12, pre.fwd_p, pre.fwd_lin)
     key = chunk._plan_key("fwd", q, k, v, qf, kf, gamma, extra=extra)
+    if key != pre.key:  # (the replay's lookup below must find the forward's plan)
+        sys.exit("the key built here is not the forward's: update this script to chunk._prelude's extra")
     rows = {
         "span (bench.first_launch_us, real launches)": bench.first_launch_us(fwd, 200),
         "span, first launch faked (no GPU work)": to_first_launch(fwd),
@@ -114,8 +119,9 @@ def main(argv=None):
             lambda: torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, qf, kf, gamma))),
         "autograd.Function.apply, 12 args, forward returns q": per_call_us(
             lambda: _Noop.apply(q, k, v, qf, kf, gamma, 64, True, "outside", 0.1, 1e-12, False)),
-        "_c x5 + gamma.float().contiguous()": per_call_us(
-            lambda: (chunk._c(q), chunk._c(k), chunk._c(v), chunk._c(qf), chunk._c(kf), gamma.float().contiguous())),
+        "_c x5 + gamma.detach().float().contiguous()": per_call_us(
+            lambda: (chunk._c(q), chunk._c(k), chunk._c(v), chunk._c(qf), chunk._c(kf),
+                     gamma.detach().float().contiguous())),
         "_plan_key": per_call_us(lambda: chunk._plan_key("fwd", q, k, v, qf, kf, gamma, extra=extra)),
         "  _switches()": per_call_us(chunk._switches),
         "  hash(key)": per_call_us(lambda: hash(key)),
@@ -123,8 +129,8 @@ def main(argv=None):
         "  torch._C._cuda_getDevice()": per_call_us(torch._C._cuda_getDevice),
         "PLANS.start (a replay's lookup)": per_call_us(lambda: chunk.PLANS.start(key, chunk._stream)),
         "torch.empty x2 (the forward states hs, zs)": per_call_us(
-            lambda: (torch.empty(32, NS, BF, BDV, device="cuda", dtype=q.dtype),
-                     torch.empty(32, NS, BF, device="cuda", dtype=torch.float32))),
+            lambda: (torch.empty(pre.hs.shape, device="cuda", dtype=pre.hs.dtype),
+                     torch.empty(pre.zs.shape, device="cuda", dtype=pre.zs.dtype))),
         "_stream()": per_call_us(chunk._stream),
         "torch._C._cuda_getCurrentRawStream(dev)": per_call_us(lambda: torch._C._cuda_getCurrentRawStream(0)),
     }
