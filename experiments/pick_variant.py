@@ -6,7 +6,8 @@ that the table and the GPU tier of the same call run at the pick).
 
 The pick: the variant with the fastest forward+backward at the longest T that beats ``--base`` there by more than
 ``--slack`` and is no slower than it (within ``--slack``) at every other T; else ``--base``. Prints the variant's name
-last. ``--apply`` rewrites the module's ``NAME = value`` lines and the ``LAUNCH`` entries the variant sets.
+last. ``--apply`` rewrites the module's ``NAME = value`` lines (a dict setting: the variant's entries over the
+module's) and the ``LAUNCH`` entries the variant sets.
 """
 
 import argparse
@@ -46,7 +47,11 @@ def apply(name: str, path: Path = CHUNK) -> list[str]:
                     raise SystemExit(f"LAUNCH[{kernel!r}] not found in {path}")
                 done.append(f"LAUNCH[{kernel!r}] = {tuple(setting)}")
         else:
-            text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
+            if isinstance(value, dict):  # (PREFETCH, MAXNREG: the variant's entries over the module's)
+                from linearize.kernels.hybrid_attention import chunk
+
+                value = {**getattr(chunk, key), **value}
+            text, n = re.subn(rf"^{key}(: [^=]+)? = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
             if n != 1:
                 raise SystemExit(f"{key} not found in {path}")
             done.append(f"{key} = {value!r}")

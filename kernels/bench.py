@@ -402,6 +402,11 @@ TUNE = {
     "key side in two launches, dk beside the reverse scan": {"KV_SPLIT": True},
     "key side in two launches, dk beside the reverse scan, totals in the delta pass, 256 programs": {
         "KV_SPLIT": True, "DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 256},
+    # session 22: L2 prefetches of the tiles a program loads after its first dots (PREFETCH)
+    "L2 prefetch in the forward": {"PREFETCH": {"fwd": True}},
+    "L2 prefetch in the query side": {"PREFETCH": {"bwd_q": True}},
+    "L2 prefetch in the key side": {"PREFETCH": {"bwd_kv": True}},
+    "L2 prefetch everywhere": {"PREFETCH": {"fwd": True, "bwd_q": True, "bwd_kv": True}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -420,7 +425,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
-         "DELTA_TOTALS_MIN_CHUNKS")
+         "DELTA_TOTALS_MIN_CHUNKS", "PREFETCH")
 
 
 def kernel_config() -> dict:
