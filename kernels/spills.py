@@ -66,15 +66,20 @@ def _signature(fn, constexprs: dict, dtype: str):
     return sig, attrs
 
 
+def compile_sm90(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, maxnreg: int | None = None):
+    """``fn`` compiled by Triton for sm_90a under the chunk.py argument convention (its ``asm`` holds the PTX)."""
+    sig, attrs = _signature(fn, constexprs, dtype)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
+
+
 def compile_stats(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
     """Compile ``fn`` for sm_90a and read ``ptxas -v``: registers, spill bytes, stack and shared memory (``maxnreg``:
     a cap on the registers a thread, as ``chunk.MAXNREG`` sets it)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    sig, attrs = _signature(fn, constexprs, dtype)
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
+    compiled = compile_sm90(fn, constexprs, dtype, num_warps, num_stages, maxnreg)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as fh:

@@ -9,6 +9,7 @@ Outputs and every gradient (q, k, v, q_feat, k_feat, gamma) on random non-zero i
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -664,6 +665,49 @@ def test_kernels_compile_for_sm90_under_the_tuned_options(options):
     assert res.stdout.count(f"| {name}") == rows, res.stdout
     if options == "dk_feat-in-the-key-side":
         assert "| bwd_kf |" not in res.stdout, "KF_IN_KV still compiles _bwd_kf_kernel"
+
+
+# counts `prefetch.global.L2` in each kernel PREFETCH names, compiled for sm_90a with PF off and on (a subprocess:
+# under TRITON_INTERPRET=1, set in this process, Triton's jit functions are the interpreter's and do not compile)
+_PREFETCH_COUNT = """
+import json
+from linearize.kernels import spills
+from linearize.kernels.hybrid_attention import chunk
+out = {}
+for name, fn, launch, cx in spills.kernel_configs("hybrid", "bf16", 128, 64, 2, 1):
+    if "PF" in cx:
+        warps, stages = chunk.LAUNCH[launch]
+        out[name] = [spills.compile_sm90(fn, dict(cx, PF=pf), "bf16", warps, stages).asm["ptx"].count(
+            "prefetch.global.L2") for pf in (False, True)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(chunk is None, reason="triton is not installed")
+@pytest.mark.slow
+def test_prefetch_reaches_the_compiled_kernels_only_when_asked():
+    """PREFETCH's prefetches are inline PTX, which the interpreter cannot run (the host passes PF = False there), so
+    no interpreter test sees them: compile each kernel that takes PF for an H100 with it off and on, and find the
+    prefetch instructions in the PTX of the second only, in the forward, both query-side launches and both key-side
+    passes."""
+    import json
+    import subprocess
+    import sys
+
+    why = _ptxas_missing()
+    if why:
+        pytest.skip(why)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _PREFETCH_COUNT], capture_output=True, text=True, timeout=900,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    wanted = {"fwd (BV=128)", "bwd_q linear side (Q_SPLIT)", "bwd_q softmax side (Q_SPLIT)", "bwd_kv dv (KV_SPLIT)",
+              "bwd_kv dk (KV_SPLIT)"}
+    assert wanted <= set(counts), counts
+    for name in wanted:
+        off, on = counts[name]
+        assert off == 0 and on > 0, (name, counts[name])
 
 
 @needs_interpreter
