@@ -1037,7 +1037,9 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "totals-in-the-delta-pass-seg8-parts-of-2": {"DELTA_TOTALS": True, "REV_SEG": 8,
                                                             "DELTA_TOTALS_MIN_CHUNKS": 2},
                "totals-in-the-delta-pass-side-stream": {"DELTA_TOTALS": True, "REV_SEG": 4,
-                                                        "SIDE_STREAM_MIN_CHUNKS": 1}}
+                                                        "SIDE_STREAM_MIN_CHUNKS": 1},
+               # L2 prefetches in the forward, the query side and the key side
+               "prefetch-everywhere": {"PREFETCH": {"fwd": True, "bwd_q": True, "bwd_kv": True}}}
 
 
 @pytest.mark.gpu
@@ -1064,6 +1066,25 @@ def test_triton_gpu_options_match_naive(options, monkeypatch):
     inputs, do = make_inputs(1, 1000, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=17)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.bfloat16, f"triton-gpu-{options}",
                         window=64, softmax=True, linear="outside")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
+@pytest.mark.parametrize("mode,T", [("hybrid", 1000), ("hybrid", 4096), ("overlap", 700), ("la_only", 300)])
+def test_triton_gpu_prefetch_changes_no_bit(mode, T, monkeypatch):
+    """PREFETCH only asks the L2 for lines (clamped into each tensor, the last chunk's and the last head's included):
+    the output and every gradient are bit for bit those without it, at a length that ends mid-chunk and at one that
+    does not, and in the modes whose prefetches differ."""
+    softmax, linear = MODES[mode]
+    inputs, do = make_inputs(1, T, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=31)
+    kw = dict(window=64, softmax=softmax, linear=linear)
+    monkeypatch.setattr(chunk, "PREFETCH", dict.fromkeys(chunk.PREFETCH, False))
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    monkeypatch.setattr(chunk, "PREFETCH", dict.fromkeys(chunk.PREFETCH, True))
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    assert torch.equal(out, ref_out)
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert (g is None) == (r is None) and (r is None or torch.equal(g, r)), name
 
 
 @pytest.mark.gpu
