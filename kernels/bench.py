@@ -402,11 +402,11 @@ TUNE = {
     "key side in two launches, dk beside the reverse scan": {"KV_SPLIT": True},
     "key side in two launches, dk beside the reverse scan, totals in the delta pass, 256 programs": {
         "KV_SPLIT": True, "DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 256},
-    # session 22: L2 prefetches of the tiles a program loads after its first dots (PREFETCH)
-    "L2 prefetch in the forward": {"PREFETCH": {"fwd": True}},
-    "L2 prefetch in the query side": {"PREFETCH": {"bwd_q": True}},
-    "L2 prefetch in the key side": {"PREFETCH": {"bwd_kv": True}},
-    "L2 prefetch everywhere": {"PREFETCH": {"fwd": True, "bwd_q": True, "bwd_kv": True}},
+    # session 22: the forward's state pass (128 programs at 32K, batch 1: one an SM; 32 KB of tiles a stage) with more
+    # loads in flight (5 stages is the default since then)
+    "state 3 stages": {"LAUNCH": {"state": (4, 3)}},
+    "state 5 stages": {"LAUNCH": {"state": (4, 5)}},
+    "state 6 stages": {"LAUNCH": {"state": (4, 6)}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -425,7 +425,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
-         "DELTA_TOTALS_MIN_CHUNKS", "PREFETCH")
+         "DELTA_TOTALS_MIN_CHUNKS")
 
 
 def kernel_config() -> dict:

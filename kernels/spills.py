@@ -66,20 +66,15 @@ def _signature(fn, constexprs: dict, dtype: str):
     return sig, attrs
 
 
-def compile_sm90(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, maxnreg: int | None = None):
-    """``fn`` compiled by Triton for sm_90a under the chunk.py argument convention (its ``asm`` holds the PTX)."""
-    sig, attrs = _signature(fn, constexprs, dtype)
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
-
-
 def compile_stats(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
     """Compile ``fn`` for sm_90a and read ``ptxas -v``: registers, spill bytes, stack and shared memory (``maxnreg``:
     a cap on the registers a thread, as ``chunk.MAXNREG`` sets it)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    compiled = compile_sm90(fn, constexprs, dtype, num_warps, num_stages, maxnreg)
+    sig, attrs = _signature(fn, constexprs, dtype)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as fh:
@@ -127,11 +122,10 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                     dict(state, PHASE=0, REVERSE=True, HAS_RB=True, SC=rev_stride, HAS_RS=chunk.REV_DO)))
     out.append((f"fwd (BV={out_bv})", chunk._fwd_kernel, "fwd",
                 dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, FWD_P=False,
-                     FWD_LIN=False, NDW=ndw, PF=chunk._pf("fwd"))))
+                     FWD_LIN=False, NDW=ndw)))
     if fwd_p or fwd_lin:
         out.append((f"fwd, blocks for the backward (BV={out_bv})", chunk._fwd_kernel, "fwd",
-                    dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, **fwd_blocks,
-                     PF=chunk._pf("fwd"))))
+                    dict(heads, BV=out_bv, SC=stride, GROUP=chunk.GROUP_HEADS, WIN=chunk.WINDOW_BLOCKS, **fwd_blocks)))
     if lin and chunk.FUSED_FWD:
         out.append((f"fwd fused (BV={out_bv})", chunk._fwd_fused_kernel, "fwd_fused",
                     dict(heads, BV=out_bv, SC=stride, SBK=state_blocks, SBV=state_blocks, Z_DOT=chunk.STATE_Z_DOT,
@@ -144,8 +138,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                     dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, DT=dt, PREC=prec)))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,
-                SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p,
-                PF=chunk._pf("bwd_q"))
+                SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p)
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", both))
     if softmax and lin:
         out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
@@ -153,7 +146,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     # (DG_SUM: the benchmark's gamma, dgamma summed in the key side)
     both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride, SAVE_P=chunk.SAVE_P, WIN=chunk.WINDOW_BLOCKS,
                 WITH_KF=chunk.KF_IN_KV and bool(lin), SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), NDW=ndw,
-                DG_SUM=bool(softmax), FWD_P=fwd_p, FWD_LIN=fwd_lin, PF=chunk._pf("bwd_kv"))
+                DG_SUM=bool(softmax), FWD_P=fwd_p, FWD_LIN=fwd_lin)
     out.append(("bwd_kv", chunk._bwd_kv_kernel, "bwd_kv", both))
     if softmax:
         out.append(("bwd_kv dv (KV_SPLIT)", chunk._bwd_kv_kernel, "bwd_kv", dict(both, DO_DK=False)))
@@ -208,8 +201,6 @@ def main(argv=None):
                     help="chunks per forward state (STATE_STRIDE)")
     ap.add_argument("--rev-stride", type=int, nargs="+", default=[chunk.REV_STATE_STRIDE],
                     help="chunks per reverse state (REV_STATE_STRIDE)")
-    ap.add_argument("--prefetch", action="store_true",
-                    help="compile with chunk.PREFETCH on for every kernel it names (the L2 prefetches)")
     ap.add_argument("--kernels", nargs="*", help="only kernels whose name starts with one of these")
     ap.add_argument("--maxnreg", type=int, nargs="*",
                     help="register caps a thread to try (default: chunk.MAXNREG, none for a kernel not in it)")
@@ -224,8 +215,6 @@ def main(argv=None):
     chunk.REV_LIN = chunk.REV_LIN and not args.reverse_states
     chunk.FWD_P = chunk.FWD_P or args.fwd_blocks
     chunk.FWD_LIN = chunk.FWD_LIN or args.fwd_blocks
-    if args.prefetch:
-        chunk.PREFETCH = dict.fromkeys(chunk.PREFETCH, True)
 
     print(f"# triton {triton.__version__}, sm_90a, D=F=Dv={D}, BT={chunk.BT}, {args.dtype}; bytes per thread")
     print("| mode | kernel | SC | warps | stages | cap | registers | spill stores B | spill loads B | stack B | shared KiB |")

@@ -259,8 +259,13 @@ SIDE_STATE_BLOCKS = (128, 128)
 # (num_warps, num_stages) per kernel. 4 warps spill in the key-side backward (a [64, 128] fp32 tile is 64 registers
 # a thread; the forward no longer does, since the same chunk's linear block is skipped at w >= BT) and are still
 # faster at 32K: forward 2.48 -> 1.89 ms (H100), forward+backward with a 4-warp _bwd_kv_kernel 8.02 -> 6.81 ms (H100),
-# 6.36 -> 5.46 ms against 8 warps (H200).
-LAUNCH = {"state": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3), "bwd_q": (4, 1), "bwd_kv": (4, 1),
+# 6.36 -> 5.46 ms against 8 warps (H200). The forward's state pass at 5 stages (session 22; 3 before): at 32K, batch 1,
+# its 128 programs run one an SM, so the 160 KB of shared memory of 5 stages of [128, 64] tiles cost no occupancy and
+# keep more loads in flight. H100, interleaved, 5 rounds (kernels/bench_tune_h100_session22_state_stages.*): forward
+# 1.025 against 1.072 ms, forward+backward 3.898 against 3.953 at 32K; 0.312 / 1.096 against 0.322 / 1.104 at 8K; 4
+# stages 1.048 / 3.941, 6 stages 1.039 / 3.911. Not timed at more programs than SMs (batch > 1), where 3 stages fit
+# two programs an SM.
+LAUNCH = {"state": (4, 5), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3), "bwd_q": (4, 1), "bwd_kv": (4, 1),
           "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2),
           "delta_totals": (8, 2)}
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
@@ -276,11 +281,6 @@ LAUNCH_FP32 = (8, 1)
 # two calls (session 16). Capped at 168 and slower there: the key side (255 registers, 460 B of spills; with the query
 # side's cap 4.602 against 4.297) and the forward (255, 444 B; forward 1.604 against 1.053 ms).
 MAXNREG: dict[str, int | None] = {"bwd_q": 168}
-# PREFETCH: kernels (LAUNCH names) whose programs ask the L2, at their start, for the tiles they load only after their
-# first dots (``_prefetch``: one `prefetch.global.L2` per 128-byte line, no registers held). Without it each of those
-# loads waits on the barriers of the dots before it and takes its miss on the program's chain; with two programs an
-# SM (255 registers) little else hides it. Untimed: off.
-PREFETCH = {"fwd": False, "bwd_q": False, "bwd_kv": False}
 # Launch plans (kernels/launch.py): the first forward / backward call of a key (shapes, strides, dtype, mode and the
 # settings above) launches through Triton and records every compiled kernel with its arguments; later calls of that
 # key hand only the tensors to the launchers. LAUNCH_PLANS = False launches every kernel through fn[grid](...).
@@ -323,20 +323,6 @@ def _store_tile(ptr, x, rows, cols, T, NC, stride_t):
 
 
 @triton.jit
-def _prefetch(ptr, rows, T, stride_t, NC, BC: tl.constexpr):
-    """Ask the L2 for the [len(rows), NC] tile of a [T, NC] slice at ptr (row stride stride_t) ahead of its load
-    (PREFETCH): one ``prefetch.global.L2`` per 128-byte line, BC (a power of two >= NC) bounding the columns; nothing
-    is held in registers or waited on. Rows and columns are clamped into the slice, so every address is one the
-    kernel may read. Compiled code only: the interpreter runs no inline PTX (the host passes PF = False there)."""
-    EPL: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth  # elements a line
-    cols = tl.minimum(tl.arange(0, (BC + EPL - 1) // EPL) * EPL, NC - 1)
-    r = tl.minimum(tl.maximum(rows, 0), T - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l",
-                              [ptr + r[:, None].to(tl.int64) * stride_t + cols[None, :]],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _load_row(ptr, rows, T, other):
     return tl.load(ptr + rows, mask=(rows >= 0) & (rows < T), other=other)
 
@@ -353,15 +339,6 @@ def _pair_ptr(PB, bh, c, slot, NT, BT: tl.constexpr, NSLOT: tl.constexpr = 2):
     blocks: slot 0 holds the keys of chunk c - 1, slot 1 (NSLOT = 2) those of chunk c (rows: queries, columns: keys)."""
     r = tl.arange(0, BT)
     return PB + ((bh.to(tl.int64) * NT + c) * NSLOT + slot) * (BT * BT) + r[:, None] * BT + r[None, :]
-
-
-@triton.jit
-def _prefetch_blocks(PB, bh, c, NT, BT: tl.constexpr, NSLOT: tl.constexpr):
-    """``_prefetch`` of the NSLOT [BT, BT] blocks of query chunk c (clamped to the last chunk) in a tensor laid out as
-    ``_pair_ptr``'s: BT rows of NSLOT BT contiguous elements."""
-    c = tl.minimum(c, NT - 1)
-    _prefetch(PB + (bh.to(tl.int64) * NT + c) * (NSLOT * BT * BT), tl.arange(0, BT), BT, NSLOT * BT, NSLOT * BT,
-              NSLOT * BT)
 
 
 @triton.jit
@@ -649,32 +626,6 @@ def _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep
 
 
 @triton.jit
-def _fwd_prefetch(K, V, KF, HS, b, h, G, i, pid_bh, n, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, NT,
-                  D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                  BF: tl.constexpr, BT: tl.constexpr, LINEAR: tl.constexpr, SC: tl.constexpr):
-    """PREFETCH: what ``_fwd_chunk`` loads after its first dot, asked of the L2 at its start: the key tile of its own
-    chunk, both value tiles, the feature tile of chunk i - 1, the state of its group and the key chunks between that
-    state and the local blocks. (Each load waits on the barriers of the dots before it, so these misses would
-    otherwise be taken one by one on the program's chain.)"""
-    kp = _head(K, b, h // G, skb, skh)
-    vp = _head(V, b, h // G, svb, svh)
-    _prefetch(kp, n, T, skt, D, BD)
-    _prefetch(vp, n - BT, T, svt, DV, BDV)
-    _prefetch(vp, n, T, svt, DV, BDV)
-    if LINEAR != 0:
-        kfp = _head(KF, b, h, sfb, sfh)
-        _prefetch(kfp, n - BT, T, sft, F, BF)
-        p = i // SC
-        NS = tl.cdiv(NT, SC)
-        _prefetch(HS + (pid_bh.to(tl.int64) * NS + p) * (BF * BDV), tl.arange(0, BF), BF, BDV, BDV, BDV)
-        if SC > 1:
-            for c in range(tl.maximum(p * SC - 1, 0), i - 1):
-                j = c * BT + tl.arange(0, BT)
-                _prefetch(kfp, j, T, sft, F, BF)
-                _prefetch(vp, j, T, svt, DV, BDV)
-
-
-@triton.jit
 def _fwd_store(OUT, M, ZD, acc, zacc, m, eps, b, h, pid_bh, pid_v, n, vv, T, sob, sot, soh, DV: tl.constexpr):
     zd = zacc + eps
     _store_tile(_head(OUT, b, h, sob, soh), acc / zd[:, None], n, vv, T, DV, sot)
@@ -693,15 +644,15 @@ def _fwd_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     SC: tl.constexpr = 1, GROUP: tl.constexpr = False, WIN: tl.constexpr = False, FWD_P: tl.constexpr = False,
-    FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1, PF: tl.constexpr = False,
+    FWD_LIN: tl.constexpr = False, NDW: tl.constexpr = 1,
 ):
     """One program per (query chunk, Dv block, batch * head); the state of its group is read from HS (state pass).
-    FWD_P / FWD_LIN: blocks for the backward (``_fwd_local``). PF: ``_fwd_prefetch`` (PREFETCH)."""
+    FWD_P / FWD_LIN: blocks for the backward (``_fwd_local``)."""
     i, pid_bh = _chunk_and_head(0, 2, G, GROUP)
     _fwd_chunk(Q, K, V, QF, KF, GAMMA, HS, ZS, OUT, M, ZD, Q, PB, ARG, LB, i, tl.program_id(1), pid_bh, 0,
                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sob, sot, soh, T, H, G, NT, window, scale,
                eps, D, DV, F, BD, BDV, BF, BV, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, False, WIN, FWD_P, FWD_LIN,
-               NDW, PF)
+               NDW)
 
 
 @triton.jit
@@ -713,7 +664,7 @@ def _fwd_chunk(
     BD: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     SC: tl.constexpr, WAIT: tl.constexpr, WIN: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr,
-    NDW: tl.constexpr, PF: tl.constexpr = False,
+    NDW: tl.constexpr,
 ):
     """The body of ``_fwd_kernel`` for query chunk i, Dv block pid_v, batch * head pid_bh. WAIT (the fused
     forward): after the local blocks, wait until READY[bh, p] counts ``need`` blocks of its state (an acquire at GPU
@@ -727,9 +678,6 @@ def _fwd_chunk(
     if LINEAR != 0:
         qf = _load_tile(_head(QF, b, h, sfb, sfh), n, ff, T, F, sft)
     keep = tl.arange(0, BT) + pid_v * BT < BT  # [BT]: all True in the first Dv block's program, else all False
-    if PF:
-        _fwd_prefetch(K, V, KF, HS, b, h, G, i, pid_bh, n, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, NT,
-                      D, DV, F, BD, BDV, BF, BT, LINEAR, SC)
     acc, zacc, m = _fwd_local(Q, K, V, KF, GAMMA, qf, b, h, G, i, vv, PB, ARG, LB, pid_bh, keep,
                               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, T, NT, window, scale,
                               D, DV, F, BD, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, WIN, FWD_P, FWD_LIN, NDW)
@@ -899,7 +847,7 @@ def _bwd_q_kernel(
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True, SC: tl.constexpr = 1, GROUP: tl.constexpr = False,
     SAVE_P: tl.constexpr = False, SAVE_DW: tl.constexpr = False, WIN: tl.constexpr = False, NDW: tl.constexpr = 2,
-    FWD_P: tl.constexpr = False, PF: tl.constexpr = False,
+    FWD_P: tl.constexpr = False,
 ):
     """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, dgamma); one launch with both, or one
     launch each (Q_SPLIT: fewer live registers per program, dW computed twice). The softmax side also stores, for the
@@ -908,7 +856,7 @@ def _bwd_q_kernel(
     stores the local linear terms' gradient blocks da = dW on L(n) (DWL; the same chunk's only if CUR_LIN), which the
     linear side of a split launch and dk_feat read instead of computing dW again. FWD_P (with WIN): the window
     block of p0 and the arg maxes come from the forward (PS, ARG): no scores are computed and nothing is stored in
-    PS. PF (PREFETCH): the tiles loaded after the first dots, asked of the L2 at the start."""
+    PS."""
     i, pid_bh = _chunk_and_head(0, 1, G, GROUP)
     b = pid_bh // H
     h = pid_bh % H
@@ -921,22 +869,6 @@ def _bwd_q_kernel(
     vp = _head(V, b, h // G, svb, svh)
     kfp = _head(KF, b, h, sfb, sfh)
     rowp = pid_bh.to(tl.int64) * T
-    if PF:
-        if LINEAR != 0 and DO_LIN:  # the state, the key chunks between it and the local blocks, their features
-            p = i // SC
-            _prefetch(HS + (pid_bh.to(tl.int64) * tl.cdiv(NT, SC) + p) * (BF * BDV), ff, BF, BDV, BDV, BDV)
-            if SC > 1:
-                for c in range(tl.maximum(p * SC - 1, 0), i - 1):
-                    _prefetch(vp, c * BT + tl.arange(0, BT), T, svt, DV, BDV)
-                    _prefetch(kfp, c * BT + tl.arange(0, BT), T, sft, F, BF)
-            _prefetch(kfp, jp, T, sft, F, BF)
-            if CUR_LIN:
-                _prefetch(kfp, n, T, sft, F, BF)
-        if SOFTMAX and DO_SM:  # the value tiles of dW and the key tiles of dq
-            _prefetch(vp, jp, T, svt, DV, BDV)
-            _prefetch(vp, n, T, svt, DV, BDV)
-            _prefetch(kp, jp, T, skt, D, BD)
-            _prefetch(kp, n, T, skt, D, BD)
     do, inv, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
     # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
     if LINEAR != 0 and DO_LIN and not (SAVE_DW and not DO_SM):  # (the softmax side alone computes each block where
@@ -1133,7 +1065,7 @@ def _bwd_dv_pass(
     BT: tl.constexpr, SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr,
     PREC: tl.constexpr, SC: tl.constexpr, SAVE_P: tl.constexpr, WIN: tl.constexpr, WITH_KF: tl.constexpr,
     SAVE_DW: tl.constexpr, NDW: tl.constexpr, FWD_P: tl.constexpr, FWD_LIN: tl.constexpr, DV_INIT: tl.constexpr,
-    DVL_HEADS: tl.constexpr = False, PF: tl.constexpr = False,
+    DVL_HEADS: tl.constexpr = False,
 ):
     """dv_j of key chunk i of kv head hk, summed over its G query heads; written in the dtype of v. WITH_KF
     (KF_IN_KV): dk_feat of each of those heads too, from the reverse state and the query rows this pass reads, in
@@ -1166,14 +1098,6 @@ def _bwd_dv_pass(
         rowp = pid_bh.to(tl.int64) * T
         gamma = tl.load(GAMMA + h).to(tl.float32)
         kfp = _head(KF, b, h, sfb, sfh)
-        if PF:  # the next head's tiles of the default path: its linear terms (DVL_HEADS), blocks of p0, do
-            if g + 1 < G:
-                if DVL_HEADS:
-                    _prefetch(_head(DVL, b, h + 1, sdb, sdh), j, T, sdt, DV, BDV)
-                for t in range(nq):
-                    if SOFTMAX and (SAVE_P or FWD_P) and t < 2:
-                        _prefetch_blocks(PS, pid_bh + 1, i + t, NT, BT, 1 if WIN else 2)
-                    _prefetch(dop + sdh, j + t * BT, T, sdt, DV, BDV)
         if DVL_HEADS:
             dv += _load_tile(_head(DVL, b, h, sdb, sdh), j, vv, T, DV, sdt).to(tl.float32)
         if LINEAR != 0:  # queries of chunks >= SC p + SC + 1 through the reverse state of the group: dh^T phi(k_j)
@@ -1202,7 +1126,6 @@ def _bwd_dv_pass(
 def _bwd_dk_pass(
     Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, WIN: tl.constexpr,
-    PF: tl.constexpr = False,
 ):
     """dk_j = scale sum_n ds_nj q_n of key chunk i of kv head hk over the query rows of chunks i and i + 1 and its G
     query heads (ds from the query side: gamma p0 dW - [j = argmax_n] r_n); written in the dtype of k."""
@@ -1212,11 +1135,6 @@ def _bwd_dk_pass(
         h = hk * G + g
         pid_bh = b * H + h
         qp = _head(Q, b, h, sqb, sqh)
-        if PF:  # the next head's query tiles and blocks
-            if g + 1 < G:
-                for t in range(2):
-                    _prefetch(qp + sqh, j + t * BT, T, sqt, D, BD)
-                    _prefetch_blocks(DS, pid_bh + 1, i + t, NT, BT, 1 if WIN else 2)
         for t in range(2):
             n = j + t * BT
             ds = _blk_load(DS, pid_bh, i + t, 1 - t, NT, (n < T)[:, None], BT, WIN)
@@ -1236,14 +1154,13 @@ def _bwd_kv_kernel(
     DO_DV: tl.constexpr = True, DO_DK: tl.constexpr = True, SC: tl.constexpr = 1, SAVE_P: tl.constexpr = False,
     WIN: tl.constexpr = False, WITH_KF: tl.constexpr = False, SAVE_DW: tl.constexpr = False,
     NDW: tl.constexpr = 2, DG_SUM: tl.constexpr = False, FWD_P: tl.constexpr = False, FWD_LIN: tl.constexpr = False,
-    DV_INIT: tl.constexpr = False, DVL_HEADS: tl.constexpr = False, PF: tl.constexpr = False,
+    DV_INIT: tl.constexpr = False, DVL_HEADS: tl.constexpr = False,
 ):
     """dv, then dk, of key chunk i of one kv head, summed over the G query heads that share it (written once, in
     the dtype of k / v, at the strides of k / v). Two passes over the query blocks, so that one fp32 accumulator is
     live at a time. DO_DV / DO_DK: both passes in one launch, or one launch each (KV_SPLIT). WITH_KF: the dv pass
     also writes dk_feat (KF_IN_KV). FWD_P / FWD_LIN: the dv pass reads the forward's blocks of p0 (in PS) and of the
-    local linear terms (LB). PF (PREFETCH): each pass asks the L2 for the next query head's tiles while it works on
-    this one's."""
+    local linear terms (LB)."""
     i = tl.program_id(0)
     pid_bk = tl.program_id(1)  # batch * kv head
     Hkv = H // G
@@ -1254,10 +1171,9 @@ def _bwd_kv_kernel(
         _bwd_dv_pass(Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, PS, DWL, DHS, DZS, DV_, DKF, LB, DVL, b, hk, i, j,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh, T, H, G, NT, window,
                      scale, D, DV, F, BD, BDV, BF, BT, SOFTMAX, LINEAR, CUR_LIN, DT, PREC, SC, SAVE_P, WIN,
-                     WITH_KF and LINEAR != 0, SAVE_DW, NDW, FWD_P, FWD_LIN, DV_INIT, DVL_HEADS, PF)
+                     WITH_KF and LINEAR != 0, SAVE_DW, NDW, FWD_P, FWD_LIN, DV_INIT, DVL_HEADS)
     if SOFTMAX and DO_DK:
-        _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC, WIN,
-                     PF)
+        _bwd_dk_pass(Q, DS, DK, b, hk, i, j, sqb, sqt, sqh, skb, skt, skh, T, H, G, NT, scale, D, BD, BT, PREC, WIN)
     if SOFTMAX and DO_DK and DG_SUM:
         if i == 0:  # dgamma of the group's heads from the query side's chunk partials DG (written before this
             # launch): DGS[b H + h] = sum over the chunks, here rather than in a torch launch of its own (host time)
@@ -1578,11 +1494,6 @@ def _options(name: str, big: bool, dtype: torch.dtype) -> dict:
     return dict(num_warps=warps, num_stages=stages)
 
 
-def _pf(name: str) -> bool:
-    """PREFETCH for kernel ``name``: compiled launches only (the interpreter runs no inline PTX)."""
-    return bool(PREFETCH.get(name)) and not _interpreting()
-
-
 def supported(q, k, v, q_feat, k_feat, *, window: int, softmax: bool, linear: str) -> str | None:
     """None when the Triton path handles these inputs, else the reason it does not."""
     if not q.is_cuda and not _interpreting():
@@ -1819,8 +1730,7 @@ def _switches() -> tuple:
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
-            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, tuple(MAXNREG.items()),
-            tuple(PREFETCH.items()))
+            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, tuple(MAXNREG.items()))
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1993,7 +1903,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         else:
             launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV),
                    (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, pb, arg, lb),
-                   lambda: rest(GROUP=GROUP_HEADS, PF=_pf("fwd"), **_options("fwd", big, q.dtype)))
+                   lambda: rest(GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype)))
         launch.done()
         # unless KEEP_STATES the states are recomputed in the backward: [NT / SC, F, Dv] per head is 2 / SC times
         # the size of q
@@ -2133,7 +2043,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dwl, dg, arg),
                    rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P, SAVE_DW=save_dw,
-                        WIN=WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p, PF=_pf("bwd_q")))
+                        WIN=WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p))
             # SIDE_KF: once the first query-side launch has stored its dW blocks, on the side stream after the
             # reverse states (the launch order depends on the settings alone, not on whether this call has a side
             # stream: a launch plan replays it)
@@ -2163,7 +2073,7 @@ class HybridAttentionFunction(torch.autograd.Function):
                    rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS,
                         WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw, DG_SUM=dg_sum,
                         FWD_P=fwd_p, DV_INIT=kf_dv and part.get("DO_DV", True),
-                        DVL_HEADS=rev_lin and part.get("DO_DV", True), PF=_pf("bwd_kv"), **kv_lin))
+                        DVL_HEADS=rev_lin and part.get("DO_DV", True), **kv_lin))
 
         for part in early:
             kv(part)

@@ -9,7 +9,6 @@ Outputs and every gradient (q, k, v, q_feat, k_feat, gamma) on random non-zero i
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -667,49 +666,6 @@ def test_kernels_compile_for_sm90_under_the_tuned_options(options):
         assert "| bwd_kf |" not in res.stdout, "KF_IN_KV still compiles _bwd_kf_kernel"
 
 
-# counts `prefetch.global.L2` in each kernel PREFETCH names, compiled for sm_90a with PF off and on (a subprocess:
-# under TRITON_INTERPRET=1, set in this process, Triton's jit functions are the interpreter's and do not compile)
-_PREFETCH_COUNT = """
-import json
-from linearize.kernels import spills
-from linearize.kernels.hybrid_attention import chunk
-out = {}
-for name, fn, launch, cx in spills.kernel_configs("hybrid", "bf16", 128, 64, 2, 1):
-    if "PF" in cx:
-        warps, stages = chunk.LAUNCH[launch]
-        out[name] = [spills.compile_sm90(fn, dict(cx, PF=pf), "bf16", warps, stages).asm["ptx"].count(
-            "prefetch.global.L2") for pf in (False, True)]
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.skipif(chunk is None, reason="triton is not installed")
-@pytest.mark.slow
-def test_prefetch_reaches_the_compiled_kernels_only_when_asked():
-    """PREFETCH's prefetches are inline PTX, which the interpreter cannot run (the host passes PF = False there), so
-    no interpreter test sees them: compile each kernel that takes PF for an H100 with it off and on, and find the
-    prefetch instructions in the PTX of the second only, in the forward, both query-side launches and both key-side
-    passes."""
-    import json
-    import subprocess
-    import sys
-
-    why = _ptxas_missing()
-    if why:
-        pytest.skip(why)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _PREFETCH_COUNT], capture_output=True, text=True, timeout=900,
-                         env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    counts = json.loads(res.stdout.strip().splitlines()[-1])
-    wanted = {"fwd (BV=128)", "bwd_q linear side (Q_SPLIT)", "bwd_q softmax side (Q_SPLIT)", "bwd_kv dv (KV_SPLIT)",
-              "bwd_kv dk (KV_SPLIT)"}
-    assert wanted <= set(counts), counts
-    for name in wanted:
-        off, on = counts[name]
-        assert off == 0 and on > 0, (name, counts[name])
-
-
 @needs_interpreter
 def test_triton_interpreter_no_gamma_custom_scale(interpret):
     inputs, do = make_inputs(1, 90, 2, 1, 16, 16, torch.float32, seed=11, gamma=False)
@@ -1037,9 +993,7 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "totals-in-the-delta-pass-seg8-parts-of-2": {"DELTA_TOTALS": True, "REV_SEG": 8,
                                                             "DELTA_TOTALS_MIN_CHUNKS": 2},
                "totals-in-the-delta-pass-side-stream": {"DELTA_TOTALS": True, "REV_SEG": 4,
-                                                        "SIDE_STREAM_MIN_CHUNKS": 1},
-               # L2 prefetches in the forward, the query side and the key side
-               "prefetch-everywhere": {"PREFETCH": {"fwd": True, "bwd_q": True, "bwd_kv": True}}}
+                                                        "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
 @pytest.mark.gpu
@@ -1066,25 +1020,6 @@ def test_triton_gpu_options_match_naive(options, monkeypatch):
     inputs, do = make_inputs(1, 1000, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=17)
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.bfloat16, f"triton-gpu-{options}",
                         window=64, softmax=True, linear="outside")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
-@pytest.mark.parametrize("mode,T", [("hybrid", 1000), ("hybrid", 4096), ("overlap", 700), ("la_only", 300)])
-def test_triton_gpu_prefetch_changes_no_bit(mode, T, monkeypatch):
-    """PREFETCH only asks the L2 for lines (clamped into each tensor, the last chunk's and the last head's included):
-    the output and every gradient are bit for bit those without it, at a length that ends mid-chunk and at one that
-    does not, and in the modes whose prefetches differ."""
-    softmax, linear = MODES[mode]
-    inputs, do = make_inputs(1, T, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=31)
-    kw = dict(window=64, softmax=softmax, linear=linear)
-    monkeypatch.setattr(chunk, "PREFETCH", dict.fromkeys(chunk.PREFETCH, False))
-    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    monkeypatch.setattr(chunk, "PREFETCH", dict.fromkeys(chunk.PREFETCH, True))
-    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    assert torch.equal(out, ref_out)
-    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
-        assert (g is None) == (r is None) and (r is None or torch.equal(g, r)), name
 
 
 @pytest.mark.gpu
