@@ -47,7 +47,7 @@ def apply(name: str, path: Path = CHUNK) -> list[str]:
                     raise SystemExit(f"LAUNCH[{kernel!r}] not found in {path}")
                 done.append(f"LAUNCH[{kernel!r}] = {tuple(setting)}")
         else:
-            if isinstance(value, dict):  # (PREFETCH, MAXNREG: the variant's entries over the module's)
+            if isinstance(value, dict):  # (MAXNREG: the variant's entries over the module's)
                 from linearize.kernels.hybrid_attention import chunk
 
                 value = {**getattr(chunk, key), **value}
