@@ -7,10 +7,11 @@ that the table and the GPU tier of the same call run at the pick).
 The pick: the variant with the fastest forward+backward at the longest T that beats ``--base`` there by more than
 ``--slack`` and is no slower than it (within ``--slack``) at every other T; else ``--base``. Prints the variant's name
 last. ``--apply`` rewrites the module's ``NAME = value`` lines (a dict setting: the variant's entries over the
-module's) and the ``LAUNCH`` entries the variant sets.
+line's) and the ``LAUNCH`` entries the variant sets.
 """
 
 import argparse
+import ast
 import json
 import re
 from pathlib import Path
@@ -47,13 +48,12 @@ def apply(name: str, path: Path = CHUNK) -> list[str]:
                     raise SystemExit(f"LAUNCH[{kernel!r}] not found in {path}")
                 done.append(f"LAUNCH[{kernel!r}] = {tuple(setting)}")
         else:
-            if isinstance(value, dict):  # (MAXNREG: the variant's entries over the module's)
-                from linearize.kernels.hybrid_attention import chunk
-
-                value = {**getattr(chunk, key), **value}
-            text, n = re.subn(rf"^{key}(: [^=]+)? = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
-            if n != 1:
+            line = re.search(rf"^{key}(?:: [^=]+)? = (.*)$", text, flags=re.M)
+            if line is None:
                 raise SystemExit(f"{key} not found in {path}")
+            if isinstance(value, dict):  # (MAXNREG: the variant's entries over those of the file's line)
+                value = {**ast.literal_eval(line.group(1)), **value}
+            text = f"{text[:line.start()]}{key} = {value!r}{text[line.end():]}"
             done.append(f"{key} = {value!r}")
     path.write_text(text)
     return done

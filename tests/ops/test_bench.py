@@ -159,12 +159,11 @@ def test_pick_variant_applies_a_variant_to_the_source(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.TUNE, "u", {"NO_SUCH_SETTING": 1})
     with pytest.raises(SystemExit, match="NO_SUCH_SETTING"):
         module.apply("u", src)
-    # a dict setting (MAXNREG, on an annotated line): the variant's entries over the module's
-    chunk = pytest.importorskip("linearize.kernels.hybrid_attention.chunk")
-    monkeypatch.setattr(chunk, "MAXNREG", {"bwd_q": 168})
-    src.write_text('MAXNREG: dict[str, int | None] = {"bwd_q": 168}\nREV_SEG = 64\n')
+    # a dict setting (MAXNREG, on an annotated line): the variant's entries over those of the file's line (160 here,
+    # not the module's 168)
+    src.write_text('MAXNREG: dict[str, int | None] = {"bwd_q": 160}\nREV_SEG = 64\n')
     monkeypatch.setitem(bench.TUNE, "v", {"MAXNREG": {"fwd": 168}})
-    assert module.apply("v", src) == ["MAXNREG = {'bwd_q': 168, 'fwd': 168}"]
-    assert src.read_text() == "MAXNREG = {'bwd_q': 168, 'fwd': 168}\nREV_SEG = 64\n"
+    assert module.apply("v", src) == ["MAXNREG = {'bwd_q': 160, 'fwd': 168}"]
+    assert src.read_text() == "MAXNREG = {'bwd_q': 160, 'fwd': 168}\nREV_SEG = 64\n"
     # the segment lengths are variants (session 20's seg_table.sh, folded into variant_table.sh)
     assert bench.TUNE["linear backward in the reverse scan, segments of 32"]["REV_SEG"] == 32
