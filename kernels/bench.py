@@ -407,6 +407,9 @@ TUNE = {
     "state 3 stages": {"LAUNCH": {"state": (4, 3)}},
     "state 5 stages": {"LAUNCH": {"state": (4, 5)}},
     "state 6 stages": {"LAUNCH": {"state": (4, 6)}},
+    # session 23: the same pass where its programs outnumber the SMs (batch > 1): 5 stages fit one an SM, 3 fit two
+    "state 3 stages when wide": {"LAUNCH": {"state_wide": (4, 3)}},
+    "state 5 stages when wide": {"LAUNCH": {"state_wide": (4, 5)}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -822,6 +825,7 @@ def fmt(x, nd=3):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
+    ap.add_argument("--B", type=int, default=B, help="batch size of every input (the check's too)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--check-T", type=int, default=1000)
     ap.add_argument("--out", default="kernels/bench_results.json")
@@ -848,6 +852,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA device")
+    if args.B < 1:
+        sys.exit(f"--B must be at least 1, got {args.B}")
+    global B
+    B = args.B
 
     info = header()
     print("# " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)

@@ -265,8 +265,10 @@ SIDE_STATE_BLOCKS = (128, 128)
 # 1.025 against 1.072 ms, forward+backward 3.898 against 3.953 at 32K; 0.312 / 1.096 against 0.322 / 1.104 at 8K; 4
 # stages 1.048 / 3.941, 6 stages 1.039 / 3.911. Not timed at more programs than SMs (batch > 1), where 3 stages fit
 # two programs an SM.
-LAUNCH = {"state": (4, 5), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3), "bwd_q": (4, 1), "bwd_kv": (4, 1),
-          "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2),
+# "state_wide": the forward's state pass when its programs outnumber the SMs (batch > 1 at 32 heads and these tiles),
+# where the stages decide how many programs an SM holds and so how many waves the scan takes.
+LAUNCH = {"state": (4, 5), "state_wide": (4, 5), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3),
+          "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2),
           "delta_totals": (8, 2)}
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
@@ -1529,12 +1531,28 @@ def _state_tiles(F: int, Dv: int, side: bool = False) -> tuple[int, int, int, in
     return BF, BDV, min(bf, BF), min(bv, BDV)
 
 
-def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool, reverse: bool, side: bool = False) -> dict:
-    """Constexprs and launch options shared by every state-pass launch in one direction."""
+def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool, reverse: bool, side: bool = False,
+                wide: bool = False) -> dict:
+    """Constexprs and launch options shared by every state-pass launch in one direction (wide: the launch has more
+    programs than the device has SMs, ``_wide``)."""
     BF, BDV, BK, BV = _state_tiles(F, Dv, side)
+    name = "side_state" if side and SIDE_STATE_BLOCKS else ("state_wide" if wide else "state")
     return dict(F=F, DV=Dv, BF=BF, BDV=BDV, BK=BK, BV=BV, BT=BT, DT=_dot_dtype(dtype), PREC=_prec(dtype),
                 Z_DOT=STATE_Z_DOT, ZPREC="ieee" if dtype == torch.float32 else "tf32x3", SC=_stride(reverse),
-                **_options("side_state" if side and SIDE_STATE_BLOCKS else "state", big, dtype))
+                **_options(name, big, dtype))
+
+
+_SMS: dict[int, int] = {}
+
+
+def _wide(programs: int, device: torch.device) -> bool:
+    """Whether a launch of ``programs`` programs outnumbers the SMs of ``device`` (never off CUDA)."""
+    if device.type != "cuda":
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return programs > _SMS[i]
 
 
 def _n_states(T: int, reverse: bool) -> int:
@@ -1581,8 +1599,8 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
         return lambda: (
             (x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
              T, H, heads_per_y, NS, L, max(nseg - 1, 1)),
-            dict(_state_meta(F, Dv, dtype, big, reverse, side), REVERSE=reverse, HAS_RB=has_rb, PHASE=phase,
-                 HAS_RS=has_rs),
+            dict(_state_meta(F, Dv, dtype, big, reverse, side, _wide(blocks * B * H * nseg, x.device)),
+                 REVERSE=reverse, HAS_RB=has_rb, PHASE=phase, HAS_RS=has_rs),
         )
 
     if nseg == 1:

@@ -1064,3 +1064,38 @@ def test_gpu_dispatcher_uses_triton_and_warns_once_on_fallback(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hybrid_attention(*inputs, window=128)  # second fallback for the same reason: silent
+
+
+@pytest.mark.skipif(chunk is None, reason="triton is not installed")
+def test_state_pass_takes_its_wide_launch_options_when_its_programs_outnumber_the_sms(monkeypatch):
+    """The forward's state pass launches with LAUNCH["state_wide"] when its grid (F / BK x Dv / BV blocks x B H x
+    segments) has more programs than the device has SMs, else with LAUNCH["state"]; the backward's side-stream pass
+    keeps LAUNCH["side_state"]; off CUDA a launch is never wide."""
+    monkeypatch.setitem(chunk._SMS, 0, 132)
+    monkeypatch.setattr(chunk, "LAUNCH", {**chunk.LAUNCH, "state": (4, 5), "state_wide": (4, 3), "side_state": (8, 2)})
+    monkeypatch.setattr(chunk, "STATE_SEG", 0)
+    gpu = torch.device("cuda", 0)
+    assert not chunk._wide(132, gpu) and chunk._wide(133, gpu)
+    assert not chunk._wide(10**6, torch.device("cpu"))
+
+    def meta(wide, side=False, big=True, dtype=torch.bfloat16):
+        return chunk._state_meta(128, 128, dtype, big, False, side, wide)
+
+    assert (meta(False)["num_stages"], meta(True)["num_stages"]) == (5, 3)
+    assert meta(True, side=True)["num_warps"] == 8 and meta(True, side=True)["num_stages"] == 2
+    assert meta(True, big=False)["num_stages"] == 1 and meta(True, dtype=torch.float32)["num_stages"] == 1
+
+    # the grid chunk_states launches is the count it asks about
+    asked, stages = [], []
+    monkeypatch.setattr(chunk, "_wide", lambda programs, device: asked.append(programs) or programs > 132)
+
+    def record(fn, grid, tensors, rest):
+        stages.append((grid, rest()[1]["num_stages"]))
+
+    for batch in (1, 2):
+        x = torch.zeros(batch, 256, 32, 128, dtype=torch.bfloat16)
+        y = torch.zeros(batch, 256, 8, 128, dtype=torch.bfloat16)
+        chunk.chunk_states(x, y, None, heads_per_y=4, reverse=False, dtype=torch.bfloat16, big=True, launch=record)
+    blocks = (128 // chunk.STATE_BF) * (128 // chunk.STATE_BV)
+    assert asked == [blocks * 32, blocks * 64]
+    assert stages == [((blocks, 32, 1), 5 if blocks * 32 <= 132 else 3), ((blocks, 64, 1), 3)]
