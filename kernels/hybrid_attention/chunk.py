@@ -265,9 +265,10 @@ SIDE_STATE_BLOCKS = (128, 128)
 # 1.025 against 1.072 ms, forward+backward 3.898 against 3.953 at 32K; 0.312 / 1.096 against 0.322 / 1.104 at 8K; 4
 # stages 1.048 / 3.941, 6 stages 1.039 / 3.911. Not timed at more programs than SMs (batch > 1), where 3 stages fit
 # two programs an SM.
-# "state_wide": the forward's state pass when its programs outnumber the SMs (batch > 1 at 32 heads and these tiles),
-# where the stages decide how many programs an SM holds and so how many waves the scan takes.
-LAUNCH = {"state": (4, 5), "state_wide": (4, 5), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3),
+# "state_wide": a state pass (not on the side stream) whose programs outnumber the SMs (batch > 1 at 32 heads and
+# these tiles), where the stages decide how many programs an SM holds and so how many waves the scan takes: 3 stages
+# (96 KB) fit two an SM, 5 (160 KB) one.
+LAUNCH = {"state": (4, 5), "state_wide": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3),
           "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2),
           "delta_totals": (8, 2)}
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
@@ -1695,8 +1696,9 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
                (q_feat, dA, rb, rb, tot, ztot, tot, ztot), lambda: (
             (q_feat.stride(0), q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
              T, H, 1, NT, L, nseg - 1),
-            dict(_state_meta(F, Dv, dtype, big, True, side), SC=1, REVERSE=True, HAS_RB=True, PHASE=1,
-                 HAS_RS=False),
+            dict(_state_meta(F, Dv, dtype, big, True, side,
+                             _wide((BF // BK) * (BDV // BV) * B * H * (nseg - 1), q_feat.device)),
+                 SC=1, REVERSE=True, HAS_RB=True, PHASE=1, HAS_RS=False),
         ))  # fmt: skip
     if nseg > 1 and prefix:  # the totals into inclusive prefixes, in place
         for buf, n in ((tot, BF * BDV), (ztot, BF)):
