@@ -823,6 +823,7 @@ def fmt(x, nd=3):
 
 
 def main(argv=None):
+    global B  # (--B sets the batch of every input)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
     ap.add_argument("--B", type=int, default=B, help="batch size of every input (the check's too)")
@@ -854,7 +855,6 @@ def main(argv=None):
         sys.exit("the benchmark needs a CUDA device")
     if args.B < 1:
         sys.exit(f"--B must be at least 1, got {args.B}")
-    global B
     B = args.B
 
     info = header()
