@@ -263,11 +263,12 @@ SIDE_STATE_BLOCKS = (128, 128)
 # its 128 programs run one an SM, so the 160 KB of shared memory of 5 stages of [128, 64] tiles cost no occupancy and
 # keep more loads in flight. H100, interleaved, 5 rounds (kernels/bench_tune_h100_session22_state_stages.*): forward
 # 1.025 against 1.072 ms, forward+backward 3.898 against 3.953 at 32K; 0.312 / 1.096 against 0.322 / 1.104 at 8K; 4
-# stages 1.048 / 3.941, 6 stages 1.039 / 3.911. Not timed at more programs than SMs (batch > 1), where 3 stages fit
-# two programs an SM.
+# stages 1.048 / 3.941, 6 stages 1.039 / 3.911. More programs than SMs (batch > 1): "state_wide" below.
 # "state_wide": a state pass (not on the side stream) whose programs outnumber the SMs (batch > 1 at 32 heads and
 # these tiles), where the stages decide how many programs an SM holds and so how many waves the scan takes: 3 stages
-# (96 KB) fit two an SM, 5 (160 KB) one.
+# (96 KB) fit two an SM, 5 (160 KB) one. H200, batch 2, interleaved, 3 rounds (session 23,
+# kernels/bench_tune_h200_session23_batch2.*): forward 1.753 against 1.857 ms at 32K, 0.478 against 0.500 at 8K;
+# forward+backward the same (6.964 / 6.975, 1.825 / 1.850). At batch 1, 2K and 8K, 3 and 5 stages time alike.
 LAUNCH = {"state": (4, 5), "state_wide": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3),
           "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2),
           "delta_totals": (8, 2)}
