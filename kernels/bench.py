@@ -410,6 +410,10 @@ TUNE = {
     # session 23: the same pass where its programs outnumber the SMs (batch > 1): 5 stages fit one an SM, 3 fit two
     "state 3 stages when wide": {"LAUNCH": {"state_wide": (4, 3)}},
     "state 5 stages when wide": {"LAUNCH": {"state_wide": (4, 5)}},
+    # the backward's totals pass on the side stream (32 programs at 32K, batch 1; 128 x 128 tiles of one chunk a
+    # step, 32 KB a stage) with more loads in flight
+    "side states 4 stages": {"LAUNCH": {"side_state": (8, 4)}},
+    "side states 5 stages": {"LAUNCH": {"side_state": (8, 5)}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
