@@ -3,8 +3,8 @@
     python -m linearize.kernels.bench [--T 2048 8192 32768] [--out kernels/bench_results.json]
 
 B=1 (--B N for another batch), 32 query heads, 8 kv heads, d=128, 128 features, w=64, bf16 (DESIGN.md section 8).
-Prints a machine header, checks the Triton op against the naive reference first (forward and every gradient, at --check-T), then times
-forward and forward+backward with CUDA events (median of --reps after warm-up) for:
+Prints a machine header, checks the Triton op against the naive reference first (forward and every gradient, at
+--check-T), then times forward and forward+backward with CUDA events (median of --reps after warm-up) for:
   hybrid (ours)   linearize.kernels.hybrid_attention.chunk, LoLCATs hybrid (sliding-window softmax + linear)
   sdpa            torch scaled_dot_product_attention, full causal (GQA)
   flex_swa        torch flex_attention with a sliding-window block mask, compiled
