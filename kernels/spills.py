@@ -116,6 +116,8 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
     if lin:
         out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
                     dict(state, PHASE=0, REVERSE=False, HAS_RB=False, SC=stride)))
+        out.append(("state (fwd, grid wider than the SMs)", chunk._chunk_state_kernel, "state_wide",
+                    dict(state, PHASE=0, REVERSE=False, HAS_RB=False, SC=stride)))
         out.append(("state totals (fwd)", chunk._chunk_state_kernel, "state",
                     dict(state, PHASE=1, REVERSE=False, HAS_RB=False, SC=stride)))
         out.append(("state (bwd, reverse)", chunk._chunk_state_kernel, "state",

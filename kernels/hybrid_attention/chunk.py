@@ -38,6 +38,7 @@ in registers and writes them once, in the dtype of k/v.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -1544,17 +1545,10 @@ def _state_meta(F: int, Dv: int, dtype: torch.dtype, big: bool, reverse: bool, s
                 **_options(name, big, dtype))
 
 
-_SMS: dict[int, int] = {}
-
-
 def _wide(programs: int, device: torch.device) -> bool:
-    """Whether a launch of ``programs`` programs outnumbers the SMs of ``device`` (never off CUDA)."""
-    if device.type != "cuda":
-        return False
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return programs > _SMS[i]
+    """Whether a launch of ``programs`` programs outnumbers the SMs of ``device`` (never off CUDA). Asked only when a
+    launch is bound (recorded into a plan, or LAUNCH_PLANS off), not on a plan's replay."""
+    return device.type == "cuda" and programs > torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _n_states(T: int, reverse: bool) -> int:
@@ -1693,12 +1687,11 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
         ztot = torch.empty(B * H, max(nseg - 1, 1), BF, device=q_feat.device, dtype=torch.float32)
     ntot = tot.shape[1]
     if nseg > 1 and totals is None:  # the totals of segments 0 .. nseg-2 (phase 1 of the state pass, one state per chunk)
-        launch(_chunk_state_kernel, ((BF // BK) * (BDV // BV), B * H, nseg - 1),
-               (q_feat, dA, rb, rb, tot, ztot, tot, ztot), lambda: (
+        grid = ((BF // BK) * (BDV // BV), B * H, nseg - 1)
+        launch(_chunk_state_kernel, grid, (q_feat, dA, rb, rb, tot, ztot, tot, ztot), lambda: (
             (q_feat.stride(0), q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
              T, H, 1, NT, L, nseg - 1),
-            dict(_state_meta(F, Dv, dtype, big, True, side,
-                             _wide((BF // BK) * (BDV // BV) * B * H * (nseg - 1), q_feat.device)),
+            dict(_state_meta(F, Dv, dtype, big, True, side, _wide(math.prod(grid), q_feat.device)),
                  SC=1, REVERSE=True, HAS_RB=True, PHASE=1, HAS_RS=False),
         ))  # fmt: skip
     if nseg > 1 and prefix:  # the totals into inclusive prefixes, in place

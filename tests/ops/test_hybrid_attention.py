@@ -1068,10 +1068,14 @@ def test_gpu_dispatcher_uses_triton_and_warns_once_on_fallback(monkeypatch):
 
 @pytest.mark.skipif(chunk is None, reason="triton is not installed")
 def test_state_pass_takes_its_wide_launch_options_when_its_programs_outnumber_the_sms(monkeypatch):
-    """The forward's state pass launches with LAUNCH["state_wide"] when its grid (F / BK x Dv / BV blocks x B H x
-    segments) has more programs than the device has SMs, else with LAUNCH["state"]; the backward's side-stream pass
-    keeps LAUNCH["side_state"]; off CUDA a launch is never wide."""
-    monkeypatch.setitem(chunk._SMS, 0, 132)
+    """The forward's state pass and the reverse scan's totals pass (off the side stream) launch with
+    LAUNCH["state_wide"] when their grid (F / BK x Dv / BV blocks x B H x segments) has more programs than the device
+    has SMs, else with LAUNCH["state"]; the backward's side-stream pass keeps LAUNCH["side_state"]; off CUDA a launch
+    is never wide."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))
     monkeypatch.setattr(chunk, "LAUNCH", {**chunk.LAUNCH, "state": (4, 5), "state_wide": (4, 3), "side_state": (8, 2)})
     monkeypatch.setattr(chunk, "STATE_SEG", 0)
     gpu = torch.device("cuda", 0)
@@ -1099,3 +1103,15 @@ def test_state_pass_takes_its_wide_launch_options_when_its_programs_outnumber_th
     blocks = (128 // chunk.STATE_BF) * (128 // chunk.STATE_BV)
     assert asked == [blocks * 32, blocks * 64]
     assert stages == [((blocks, 32, 1), 5 if blocks * 32 <= 132 else 3), ((blocks, 64, 1), 3)]
+
+    # the reverse scan's totals pass off the side stream (2 segments: one totals launch), then the scan itself
+    monkeypatch.setattr(chunk, "REV_SEG", 2)
+    asked.clear(), stages.clear()
+    for batch in (1, 2):
+        qf = torch.zeros(batch, 256, 32, 128, dtype=torch.bfloat16)
+        v = torch.zeros(batch, 256, 8, 128, dtype=torch.bfloat16)
+        chunk.rev_linear_backward(qf, qf, v, torch.zeros_like(qf), torch.zeros(batch * 32, 256), G=4, window=64,
+                                  lin=1, dtype=torch.bfloat16, big=True, launch=record)
+    assert asked == [blocks * 32, blocks * 64]
+    assert [s for s in stages if s[0][0] == blocks and s[0][2] == 1] == [
+        ((blocks, 32, 1), 5 if blocks * 32 <= 132 else 3), ((blocks, 64, 1), 3)]
