@@ -167,3 +167,18 @@ def test_pick_variant_applies_a_variant_to_the_source(tmp_path, monkeypatch):
     assert src.read_text() == "MAXNREG = {'bwd_q': 160, 'fwd': 168}\nREV_SEG = 64\n"
     # the segment lengths are variants (session 20's seg_table.sh, folded into variant_table.sh)
     assert bench.TUNE["linear backward in the reverse scan, segments of 32"]["REV_SEG"] == 32
+
+
+def test_every_tune_variant_names_settings_and_launches_the_kernels_have():
+    """A TUNE variant's settings are chunk.py's module settings, and its LAUNCH / MAXNREG entries name launches that
+    chunk.LAUNCH knows: a misspelt launch name would otherwise time the defaults under the variant's name."""
+    from linearize.kernels.hybrid_attention import chunk
+
+    launches = set(chunk.LAUNCH)
+    for name, overrides in bench.TUNE.items():
+        for setting, value in overrides.items():
+            assert hasattr(chunk, setting), f"TUNE[{name!r}] sets {setting}, which chunk.py does not have"
+            if setting in ("LAUNCH", "MAXNREG"):
+                assert set(value) <= launches, f"TUNE[{name!r}] {setting} names {set(value) - launches}"
+            if setting == "LAUNCH":
+                assert all(len(v) == 2 and v[0] in (1, 2, 4, 8, 16) and v[1] >= 1 for v in value.values()), name
