@@ -414,13 +414,16 @@ TUNE = {
     # step, 32 KB a stage) with more loads in flight
     "side states 4 stages": {"LAUNCH": {"side_state": (8, 4)}},
     "side states 5 stages": {"LAUNCH": {"side_state": (8, 5)}},
-    # session 24: warp counts not timed before. ptxas (spills tool): the forward at 8 warps 251 registers and no
-    # spills (4 warps: 255, 8 B), one program an SM against two; the query side at 8 warps spills 24 B a thread in its
-    # softmax launch (4: 92 B) at 168 registers, one program an SM against three; delta at 8 warps 60 registers
+    # session 24: warp counts not timed before (all slower on an H100, kernels/bench_tune_h100_session24_*). ptxas
+    # (spills tool): the forward at 8 warps 251 registers and no spills (4 warps: 255, 8 B), one program an SM against
+    # two; the query side at 8 warps spills 24 B a thread in its softmax launch (4: 92 B) at 168 registers, one
+    # program an SM against three; delta at 8 warps 60 registers
     "fwd 8 warps": {"LAUNCH": {"fwd": (8, 2)}},
     "bwd_q 8 warps": {"LAUNCH": {"bwd_q": (8, 1)}},
     "delta 8 warps": {"LAUNCH": {"delta": (8, 1)}},
     "delta 2 stages": {"LAUNCH": {"delta": (4, 2)}},
+    "state 8 warps": {"LAUNCH": {"state": (8, 5)}},
+    "reverse scan at most 168 registers": {"MAXNREG": {"bwd_rev": 168}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
