@@ -424,6 +424,13 @@ TUNE = {
     "delta 2 stages": {"LAUNCH": {"delta": (4, 2)}},
     "state 8 warps": {"LAUNCH": {"state": (8, 5)}},
     "reverse scan at most 168 registers": {"MAXNREG": {"bwd_rev": 168}},
+    # session 25: delta from the query side's first launch, the delta kernel (or the totals' pass) on the side stream
+    # ahead of the reverse scan (DELTA_Q): neither stream waits for the delta kernel before it forks
+    "delta in the query side": {"DELTA_Q": True},
+    "delta in the query side, totals in the delta pass": {"DELTA_Q": True, "DELTA_TOTALS": True},
+    "delta in the query side, totals in the delta pass, 256 programs": {
+        "DELTA_Q": True, "DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 256},
+    "delta in the query side, delta 8 warps": {"DELTA_Q": True, "LAUNCH": {"delta": (8, 1)}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -442,7 +449,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
-         "DELTA_TOTALS_MIN_CHUNKS")
+         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q")
 
 
 def kernel_config() -> dict:

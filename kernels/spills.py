@@ -133,17 +133,20 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                     dict(heads, BV=out_bv, SC=stride, SBK=state_blocks, SBV=state_blocks, Z_DOT=chunk.STATE_Z_DOT,
                          ZPREC=state["ZPREC"], NTHREADS=32 * chunk.LAUNCH["fwd_fused"][0], WIN=chunk.WINDOW_BLOCKS,
                          **fwd_blocks)))
+    # (DELTA_Q: the query side's first launch stores delta, the delta kernel only rb and dA)
     out.append(("delta", chunk._delta_kernel, "delta",
-                dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin) and not chunk.REV_DO)))
+                dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin) and not chunk.REV_DO, HAS_DELTA=not chunk.DELTA_Q)))
     if lin and chunk.REV_LIN and chunk.DELTA_TOTALS:  # delta with the reverse scan's totals (more than one segment)
         out.append(("delta_totals (DELTA_TOTALS)", chunk._delta_totals_kernel, "delta_totals",
-                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, DT=dt, PREC=prec)))
+                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, DT=dt, PREC=prec, HAS_DELTA=not chunk.DELTA_Q)))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,
-                SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p)
+                SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p,
+                DELTA_Q=chunk.DELTA_Q)
     out.append(("bwd_q", chunk._bwd_q_kernel, "bwd_q", both))
-    if softmax and lin:
-        out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_SM=False)))
+    if softmax and lin:  # (the first launch computes delta under DELTA_Q: the softmax side)
+        out.append(("bwd_q linear side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q",
+                    dict(both, DO_SM=False, DELTA_Q=False)))
         out.append(("bwd_q softmax side (Q_SPLIT)", chunk._bwd_q_kernel, "bwd_q", dict(both, DO_LIN=False)))
     # (DG_SUM: the benchmark's gamma, dgamma summed in the key side)
     both = dict(heads, DO_DV=True, DO_DK=True, SC=rev_stride, SAVE_P=chunk.SAVE_P, WIN=chunk.WINDOW_BLOCKS,
@@ -194,6 +197,8 @@ def main(argv=None):
     ap.add_argument("--fused-fwd", action="store_true", help="also compile the fused forward (chunk.FUSED_FWD)")
     ap.add_argument("--delta-totals", action="store_true",
                     help="also compile delta with the reverse scan's totals (chunk.DELTA_TOTALS)")
+    ap.add_argument("--delta-q", action="store_true",
+                    help="compile with chunk.DELTA_Q on (delta computed by the query side's first launch)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
@@ -212,6 +217,7 @@ def main(argv=None):
     chunk.KF_IN_KV = chunk.KF_IN_KV or args.kf_in_kv
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
     chunk.DELTA_TOTALS = chunk.DELTA_TOTALS or args.delta_totals
+    chunk.DELTA_Q = chunk.DELTA_Q or args.delta_q
     chunk.KF_DV = chunk.KF_DV or args.kf_dv
     chunk.REV_DO = chunk.REV_DO or args.rev_do
     chunk.REV_LIN = chunk.REV_LIN and not args.reverse_states

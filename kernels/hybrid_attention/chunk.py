@@ -238,6 +238,14 @@ REV_ZDOT_BF16_ONE = False
 DELTA_TOTALS = False
 DELTA_TOTALS_PROGRAMS = 512
 DELTA_TOTALS_MIN_CHUNKS = 8
+# DELTA_Q: the query side's first launch (the softmax side under Q_SPLIT) computes delta = do . o for its rows itself,
+# from o, and stores it for the launches after it; the delta kernel (or DELTA_TOTALS' pass) writes only the reverse
+# scan's inputs rb and dA, and goes to the side stream, ahead of the reverse scan. Without it the delta kernel runs on
+# the op's stream before both streams fork (0.28 ms at 32K on an H100, at the bandwidth of its 0.8 GB), so that
+# neither the softmax side nor the reverse scan starts before it ends. Where it applies: a backward whose reverse scan
+# goes to the side stream (from SIDE_STREAM_MIN_CHUNKS chunks; where no side stream is taken, the same launches on
+# one stream, for the same bits), and a backward without linear terms, which then launches no delta kernel.
+DELTA_Q = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -438,6 +446,18 @@ def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.conste
     do = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(DT)
     dZ = -_load_row(DELTA + rowp, n, T, 0.0) * inv
     return do, inv, dZ
+
+
+@triton.jit
+def _row_grads_from_out(dop, op, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr):
+    """``_row_grads`` with delta_n = do_n . o_n computed here from o (same strides as do) and stored into DELTA for
+    the launches after this one (DELTA_Q): the sum of ``_delta_kernel``, over the same [BT, BDV] tile."""
+    vv = tl.arange(0, BDV)
+    inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
+    do = _load_tile(dop, n, vv, T, DV, sdt)
+    delta = tl.sum(_load_tile(op, n, vv, T, DV, sdt).to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + rowp + n, delta, mask=n < T)
+    return do.to(DT), inv, -delta * inv
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -759,7 +779,7 @@ def _delta_kernel(
     OUT, DO, ZD, DELTA, RB, DA,
     sob, sot, soh, sdb, sdt, sdh, sab, sat, sah,
     T, H,
-    DV: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, HAS_DA: tl.constexpr,
+    DV: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, HAS_DA: tl.constexpr, HAS_DELTA: tl.constexpr = True,
 ):
     """delta_n = do_n . o_n and, for the reverse state pass, its row weights rb_n = -delta_n / Zd_n and (HAS_DA)
     dA_n = do_n / Zd_n in the dtype of do: the rounding the state pass's dot applied to it when the pass scaled do
@@ -776,7 +796,8 @@ def _delta_kernel(
     rowp = pid_bh.to(tl.int64) * T
     delta = tl.sum(o * do, axis=1)
     inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
-    tl.store(DELTA + rowp + n, delta, mask=n < T)
+    if HAS_DELTA:  # (DELTA_Q: the query side's first launch stores delta)
+        tl.store(DELTA + rowp + n, delta, mask=n < T)
     tl.store(RB + rowp + n, -delta * inv, mask=n < T)
     if HAS_DA:
         _store_tile(_head(DA, b, h, sab, sah), do * inv[:, None], n, vv, T, DV, sat)
@@ -788,7 +809,7 @@ def _delta_totals_kernel(
     sob, sot, soh, sdb, sdt, sdh, sfb, sft, sfh, sab, sat, sah,
     T, H, NT, LS, NTOT,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, HAS_DELTA: tl.constexpr = True,
 ):
     """``_delta_kernel`` and the reverse scan's segment totals in one pass (DELTA_TOTALS): program (part, bh) takes
     the LS key chunks that part ``part`` of the reverse scan's order covers, chunks NT - part LS - j for j in
@@ -823,7 +844,8 @@ def _delta_totals_kernel(
         da = (do * inv[:, None]).to(DA.dtype.element_ty)
         jr = r * 0 + j  # (j in every row: the masks below stay tensors in the interpreter)
         keep = (n >= 0) & (n < T) & (jr > 0)
-        tl.store(DELTA + rowp + n, delta, mask=keep)
+        if HAS_DELTA:
+            tl.store(DELTA + rowp + n, delta, mask=keep)
         tl.store(RB + rowp + n, rb, mask=keep)
         tl.store(ap + n[:, None].to(tl.int64) * sat + vv[None, :], da, mask=keep[:, None] & (vv[None, :] < DV))
         # phi(q) of the rows in this part's total (none for j = LS, nor in a part without a total: no loads)
@@ -844,7 +866,7 @@ def _delta_totals_kernel(
 @triton.jit
 def _bwd_q_kernel(
     Q, K, V, QF, KF, GAMMA, DO, M, ZD, DELTA, HS, ZS,
-    DQ, DQF, PS, DS, DWL, DG, ARG,
+    DQ, DQF, PS, DS, DWL, DG, ARG, OUT,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sfb, sft, sfh, sdb, sdt, sdh,
     T, H, G, NT, window, scale,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -852,7 +874,7 @@ def _bwd_q_kernel(
     SOFTMAX: tl.constexpr, LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     DO_LIN: tl.constexpr = True, DO_SM: tl.constexpr = True, SC: tl.constexpr = 1, GROUP: tl.constexpr = False,
     SAVE_P: tl.constexpr = False, SAVE_DW: tl.constexpr = False, WIN: tl.constexpr = False, NDW: tl.constexpr = 2,
-    FWD_P: tl.constexpr = False,
+    FWD_P: tl.constexpr = False, DELTA_Q: tl.constexpr = False,
 ):
     """DO_LIN / DO_SM: the linear side (dq_feat) and the softmax side (dq, dgamma); one launch with both, or one
     launch each (Q_SPLIT: fewer live registers per program, dW computed twice). The softmax side also stores, for the
@@ -861,7 +883,8 @@ def _bwd_q_kernel(
     stores the local linear terms' gradient blocks da = dW on L(n) (DWL; the same chunk's only if CUR_LIN), which the
     linear side of a split launch and dk_feat read instead of computing dW again. FWD_P (with WIN): the window
     block of p0 and the arg maxes come from the forward (PS, ARG): no scores are computed and nothing is stored in
-    PS."""
+    PS. DELTA_Q: this launch computes delta = do . o itself from the output OUT (strides of DO) and stores it in
+    DELTA, which the delta kernel (on the side stream, or not launched) then leaves alone."""
     i, pid_bh = _chunk_and_head(0, 1, G, GROUP)
     b = pid_bh // H
     h = pid_bh % H
@@ -874,7 +897,11 @@ def _bwd_q_kernel(
     vp = _head(V, b, h // G, svb, svh)
     kfp = _head(KF, b, h, sfb, sfh)
     rowp = pid_bh.to(tl.int64) * T
-    do, inv, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
+    if DELTA_Q:
+        do, inv, dZ = _row_grads_from_out(_head(DO, b, h, sdb, sdh), _head(OUT, b, h, sdb, sdh), sdt, ZD, DELTA, rowp,
+                                          n, T, DV, BDV, DT)
+    else:
+        do, inv, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
     # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
     if LINEAR != 0 and DO_LIN and not (SAVE_DW and not DO_SM):  # (the softmax side alone computes each block where
         # it uses it; the linear side alone with SAVE_DW reads the local blocks)
@@ -1644,9 +1671,17 @@ def _delta_totals_wanted(T: int, F: int, Dv: int, rev_lin: bool) -> bool:
     return bool(DELTA_TOTALS and rev_lin and _rev_segments(T)[1] > 1 and _p2(F) <= 128 and _p2(Dv) <= 128)
 
 
-def delta_totals(o, do, ZD, q_feat, delta, rb, dA, *, dtype: torch.dtype, big: bool, launch=direct):
-    """DELTA_TOTALS: delta, rb and dA into the given buffers, and the reverse scan's totals over KS parts a segment;
-    returns (tot, ztot, KS)."""
+def _delta_q(lin: int, NT: int, o: torch.Tensor, do: torch.Tensor) -> bool:
+    """Whether DELTA_Q applies to this backward: from SIDE_STREAM_MIN_CHUNKS chunks (where the reverse scan's inputs
+    go to the side stream; whether or not SIDE_STREAM is on, so that both give the same bits) or without linear
+    terms (no delta kernel at all), and o with the strides of do (the query side reads both with one set)."""
+    return bool(DELTA_Q and (NT >= SIDE_STREAM_MIN_CHUNKS or not lin) and o.stride() == do.stride())
+
+
+def delta_totals(o, do, ZD, q_feat, delta, rb, dA, *, dtype: torch.dtype, big: bool, launch=direct,
+                 has_delta: bool = True):
+    """DELTA_TOTALS: delta (unless not ``has_delta``), rb and dA into the given buffers, and the reverse scan's totals
+    over KS parts a segment; returns (tot, ztot, KS)."""
     B, T, H, F = q_feat.shape
     Dv = do.shape[-1]
     NT = _cdiv(T, BT)
@@ -1659,7 +1694,7 @@ def delta_totals(o, do, ZD, q_feat, delta, rb, dA, *, dtype: torch.dtype, big: b
     launch(_delta_totals_kernel, (parts, B * H), (o, do, ZD, q_feat, delta, rb, dA, tot, ztot), lambda: (
         (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), q_feat.stride(0),
          q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2), T, H, NT, L // ks, ntot),
-        dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, DT=_dot_dtype(dtype), PREC=_prec(dtype),
+        dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, DT=_dot_dtype(dtype), PREC=_prec(dtype), HAS_DELTA=has_delta,
              **_options("delta_totals", big, dtype)),
     ))  # fmt: skip
     return tot, ztot, ks
@@ -1744,7 +1779,7 @@ def _switches() -> tuple:
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
-            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, tuple(MAXNREG.items()))
+            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, tuple(MAXNREG.items()))
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1970,16 +2005,20 @@ class HybridAttentionFunction(torch.autograd.Function):
         elif lin:
             hs, zs = kept
         totals = None
+        # DELTA_Q: the query side's first launch computes delta; rb and dA for the reverse scan on the side stream
+        delta_q = _delta_q(lin, NT, o, do)
+        delta_launch = state_launch if delta_q else launch
         if _delta_totals_wanted(T, F, Dv, rev_lin):  # delta and the reverse scan's totals in one pass
-            totals = delta_totals(o, do, ZD, q_feat, delta, rb, dA, dtype=q.dtype, big=big, launch=launch)
-        else:  # (dA bound as a default: the name is deleted below, before the gradient buffers)
-            launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda dA=dA: (
+            totals = delta_totals(o, do, ZD, q_feat, delta, rb, dA, dtype=q.dtype, big=big, launch=delta_launch,
+                                  has_delta=not delta_q)
+        elif lin or not delta_q:  # (dA bound as a default: the name is deleted below, before the gradient buffers)
+            delta_launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda dA=dA: (
                 (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
                  dA.stride(0), dA.stride(1), dA.stride(2), T, H),
-                dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=has_da, **_options("delta", big, q.dtype)),
+                dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=has_da, HAS_DELTA=not delta_q, **_options("delta", big, q.dtype)),
             ))  # fmt: skip
         if lin:
-            if side:
+            if side and not delta_q:  # (with DELTA_Q the side stream ran the delta kernel itself)
                 side.delta.record(main)
                 side.stream.wait_event(side.delta)
             if rev_lin:  # dk_feat and dv's linear terms per query head, no reverse states in memory
@@ -2055,9 +2094,9 @@ class HybridAttentionFunction(torch.autograd.Function):
             if side and not kept and part.get("DO_LIN", True):
                 main.wait_event(side.states)
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dwl, dg, arg),
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dwl, dg, arg, o),
                    rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P, SAVE_DW=save_dw,
-                        WIN=WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p))
+                        WIN=WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p, DELTA_Q=delta_q and i == 0))
             # SIDE_KF: once the first query-side launch has stored its dW blocks, on the side stream after the
             # reverse states (the launch order depends on the settings alone, not on whether this call has a side
             # stream: a launch plan replays it)

@@ -275,6 +275,34 @@ def test_triton_interpreter_recomputed_states(mode, w, monkeypatch, interpret):
                         window=w, softmax=softmax, linear=linear)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only", "swa_only"])
+@pytest.mark.parametrize("totals", [False, True], ids=["delta-kernel", "totals-in-the-delta-pass"])
+def test_triton_interpreter_delta_in_the_query_side_gives_the_same_bits(mode, totals, monkeypatch, interpret):
+    """DELTA_Q: the query side's first launch sums delta = do . o over the same [BT, Dv] tile as the delta kernel and
+    stores it; the delta kernel (or DELTA_TOTALS' pass, 2 parts a segment) then writes only rb and dA (none at all in
+    sliding-window-only mode). Under the interpreter every output and gradient must keep its bits; the naive
+    reference checks the DELTA_Q run too (a delta never stored would leave the linear side reading an empty
+    buffer)."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=33, softmax=softmax, linear=linear)
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=41)
+    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
+    monkeypatch.setattr(chunk, "DELTA_TOTALS", totals)
+    monkeypatch.setattr(chunk, "DELTA_TOTALS_MIN_CHUNKS", 1)
+    monkeypatch.setattr(chunk, "REV_SEG", 2)
+    monkeypatch.setattr(chunk, "DELTA_Q", False)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    monkeypatch.setattr(chunk, "DELTA_Q", True)
+    launched = []
+    real = chunk._delta_q
+    monkeypatch.setattr(chunk, "_delta_q", lambda *a: launched.append(real(*a)) or launched[-1])
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    assert launched == [True]
+    assert_same_bits(out, grads, ref_out, ref_grads)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp-delta-q", **kw)
+
+
 # (mode, window): the hybrid at w = BT (no linear terms in the own chunk) and below it (CUR_LIN), the overlap and
 # sliding-window-only modes (no local dW blocks)
 WINDOW_BLOCK_CASES = [("hybrid", 64), ("hybrid", 33), ("overlap", 64), ("swa_only", 20)]
@@ -820,11 +848,12 @@ def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
 @pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only"])
-@pytest.mark.parametrize("side_kf,keep,kv_split", [(False, False, False), (True, False, False), (False, True, False),
-                                                   (True, True, False), (False, True, True)],
-                         ids=["states", "states-and-dk_feat", "kept-states", "kept-states-and-dk_feat",
-                              "kept-states-key-side-split"])
-def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, kv_split, monkeypatch):
+@pytest.mark.parametrize("side_kf,keep,kv_split,delta_q", [
+    (False, False, False, False), (True, False, False, False), (False, True, False, False),
+    (True, True, False, False), (False, True, True, False), (False, True, True, True)],
+    ids=["states", "states-and-dk_feat", "kept-states", "kept-states-and-dk_feat", "kept-states-key-side-split",
+         "kept-states-key-side-split-delta-in-the-query-side"])
+def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, kv_split, delta_q, monkeypatch):
     """SIDE_STREAM runs the same kernels with the state passes (and, SIDE_KF, dk_feat) on a second stream: every
     output and gradient must be bit-identical to the one-stream run, through Triton's path and through replayed
     launch plans. A missing wait would let a kernel read a buffer before it is written; so that such a read cannot
@@ -832,18 +861,21 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
     holds every launch of one stream back by ~1 ms (the op's stream and the side stream in turn), so that a kernel
     whose wait is missing runs before its producer instead of after it by chance (session 10: with the dk_feat
     kernel's wait on the query side removed, the test without these passed). kv_split: the key side's dk launch
-    goes before the wait for the side stream's reverse pass (KV_SPLIT)."""
+    goes before the wait for the side stream's reverse pass (KV_SPLIT). delta_q: the delta kernel on the side stream,
+    delta from the query side's first launch (DELTA_Q)."""
     softmax, linear = MODES[mode]
     kw = dict(window=64, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=11)
+    monkeypatch.setattr(chunk, "DELTA_Q", delta_q)
     monkeypatch.setattr(chunk, "KEEP_STATES", keep)
     monkeypatch.setattr(chunk, "KV_SPLIT", kv_split)
     monkeypatch.setattr(chunk, "SIDE_KF", side_kf)
     monkeypatch.setattr(chunk, "REV_LIN", not side_kf)  # (SIDE_KF: the reverse states and dk_feat's own kernel)
+    # (the threshold in both runs: DELTA_Q goes by it, on one stream too)
+    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
     monkeypatch.setattr(chunk, "SIDE_STREAM", False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "SIDE_STREAM", True)
-    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
     sides = []
     real = chunk._side
     monkeypatch.setattr(chunk, "_side", lambda *a: sides.append(real(*a)) or sides[-1])
@@ -993,7 +1025,11 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "totals-in-the-delta-pass-seg8-parts-of-2": {"DELTA_TOTALS": True, "REV_SEG": 8,
                                                             "DELTA_TOTALS_MIN_CHUNKS": 2},
                "totals-in-the-delta-pass-side-stream": {"DELTA_TOTALS": True, "REV_SEG": 4,
-                                                        "SIDE_STREAM_MIN_CHUNKS": 1}}
+                                                        "SIDE_STREAM_MIN_CHUNKS": 1},
+               # delta from the query side's first launch, the delta kernel / the totals' pass on the side stream
+               "delta-in-the-query-side-side-stream": {"DELTA_Q": True, "SIDE_STREAM_MIN_CHUNKS": 1},
+               "delta-in-the-query-side-totals-in-the-delta-pass": {"DELTA_Q": True, "DELTA_TOTALS": True,
+                                                                    "REV_SEG": 4, "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
 @pytest.mark.gpu
