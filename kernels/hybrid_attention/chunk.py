@@ -17,7 +17,8 @@ the state S = sum phi(k) v^T, z = sum phi(k). As in flash-linear-attention's chu
 Backward (FlashAttention-style recomputation; o, the row max m and the normaliser Zd are saved, h is recomputed
 unless KEEP_STATES, p0 unless FWD_P):
   dA = do / Zd, dZ = -(do . o) / Zd, dW_nj = dA_n . v_j + dZ_n for the combined weight W = gamma exp(s - m) + a.
-  _delta_kernel writes delta = do . o, dZ and, for the reverse state pass, dA in the dtype of do.
+  _delta_kernel writes delta = do . o, dZ and, for the reverse state pass, dA in the dtype of do (DELTA_Q: only dZ
+  and dA, on the side stream; the query side's first launch computes delta itself).
   The state pass, run in reverse on phi(q) and dA, gives dh[p] = sum_{query chunks >= SC p + SC + 1} phi(q)^T dA
   and dz[p]; key chunk i adds the query chunks i+2 .. SC p + SC exactly. From SIDE_STREAM_MIN_CHUNKS chunks the
   state passes run on a second CUDA stream, beside the delta kernel and the query side's softmax launch.
