@@ -425,7 +425,8 @@ TUNE = {
     "state 8 warps": {"LAUNCH": {"state": (8, 5)}},
     "reverse scan at most 168 registers": {"MAXNREG": {"bwd_rev": 168}},
     # session 25: delta from the query side's first launch, the delta kernel (or the totals' pass) on the side stream
-    # ahead of the reverse scan (DELTA_Q): neither stream waits for the delta kernel before it forks
+    # ahead of the reverse scan (DELTA_Q): neither stream waits for the delta kernel before it forks. Slower on an
+    # H100 at 32K (kernels/bench_tune_h100_session25_delta_q*); "delta 8 warps" beside it was not timed
     "delta in the query side": {"DELTA_Q": True},
     "delta in the query side, totals in the delta pass": {"DELTA_Q": True, "DELTA_TOTALS": True},
     "delta in the query side, totals in the delta pass, 256 programs": {

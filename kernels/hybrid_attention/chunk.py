@@ -245,7 +245,10 @@ DELTA_TOTALS_MIN_CHUNKS = 8
 # the op's stream before both streams fork (0.28 ms at 32K on an H100, at the bandwidth of its 0.8 GB), so that
 # neither the softmax side nor the reverse scan starts before it ends. Where it applies: a backward whose reverse scan
 # goes to the side stream (from SIDE_STREAM_MIN_CHUNKS chunks; where no side stream is taken, the same launches on
-# one stream, for the same bits), and a backward without linear terms, which then launches no delta kernel.
+# one stream, for the same bits), and a backward without linear terms, which then launches no delta kernel. H100,
+# 32K, interleaved (session 25, kernels/bench_tune_h100_session25_delta_q*): 3.968 against 3.907 ms forward+backward (3
+# rounds), 3.948 against 3.891 (6 rounds), 3.976 with DELTA_TOTALS too: the side stream, longer by the delta
+# kernel, then holds up the key side's dv launch. Off.
 DELTA_Q = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
