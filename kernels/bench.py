@@ -576,6 +576,46 @@ def profile_variants(Ts, names) -> list[dict]:
     return rows
 
 
+def stream_probe(T: int, reps: int, names) -> list[dict]:
+    """Where the backward's two streams meet (chunk.STREAM_PROBE), per TUNE variant of ``names``: the median over
+    ``reps`` forward+backward calls of the ms from the backward's fork until the side stream's reverse pass is done
+    (``side``), until the op's stream reaches its wait for it, the key side's dk launch done (``main``), and until its
+    last launch is done (``end``). main - side > 0: the op's stream is the longer one and the dv launch does not
+    wait."""
+    from .hybrid_attention import chunk
+
+    rows = []
+    for name in names:
+        _, step = ours(T)
+
+        def run(step=step):
+            chunk.STREAM_PROBE = []
+            try:
+                for _ in range(3):  # compile, plans, warm-up
+                    step()
+                torch.cuda.synchronize()
+                chunk.STREAM_PROBE.clear()
+                for _ in range(reps):
+                    step()
+                torch.cuda.synchronize()
+                return list(chunk.STREAM_PROBE)
+            finally:
+                chunk.STREAM_PROBE = None
+
+        marks = with_settings(TUNE[name], run)
+        row = {"T": T, "variant": name, "calls": len(marks)}
+        if marks:
+            for key in ("side", "main", "end"):
+                row[f"{key}_ms"] = statistics.median(m["fork"].elapsed_time(m[key]) for m in marks)
+            row["main_minus_side_ms"] = statistics.median(
+                m["fork"].elapsed_time(m["main"]) - m["fork"].elapsed_time(m["side"]) for m in marks)
+        else:
+            row["skipped"] = "no side stream at this T"
+        rows.append(row)
+        print("# streams " + json.dumps(row), flush=True)
+    return rows
+
+
 def state_probe(T: int, reps: int) -> list[dict]:
     """CUDA time of the state pass alone (the forward flavour on (phi(k), v) with GQA, and the reverse one on
     (phi(q), do) with row weights) under STATE_VARIANTS, at the benchmark shapes."""
@@ -860,11 +900,13 @@ def main(argv=None):
                     help="with --tune: time the variants interleaved, in this many rounds (1: one after the other)")
     ap.add_argument("--profile", action="store_true", help="also record CUDA time per kernel of the hybrid op")
     ap.add_argument("--profile-variants", nargs="+", metavar="NAME", default=["default"],
-                    help="with --profile: under these TUNE variants (default: the defaults)")
+                    help="with --profile / --stream-probe: under these TUNE variants (default: the defaults)")
     ap.add_argument("--no-naive", action="store_true", help="do not time the naive reference (it still checks)")
     ap.add_argument("--queued", action="store_true",
                     help="also time every op with the GPU queue kept busy before each call (no host latency in the "
                          "measurement) and our op's host latency to its first launch")
+    ap.add_argument("--stream-probe", type=int, nargs="*", metavar="T",
+                    help="also time where the backward's two streams meet at these T (the --profile-variants)")
     ap.add_argument("--state-probe", type=int, nargs="*", metavar="T",
                     help="also time the state pass alone under STATE_VARIANTS at these T")
     ap.add_argument("--host-breakdown", type=int, nargs="*", metavar="T",
@@ -929,6 +971,9 @@ def main(argv=None):
         result["tune"] = tune(args.T, args.reps, args.variants, args.rounds)
     if args.profile:
         result["profile"] = profile_variants(args.T, args.profile_variants)
+    if args.stream_probe:
+        result["stream_probe"] = [r for T in args.stream_probe for r in stream_probe(T, args.reps,
+                                                                                      args.profile_variants)]
     if args.state_probe:
         result["state_probe"] = [r for T in args.state_probe for r in state_probe(T, args.reps)]
     if args.host_breakdown:
@@ -976,6 +1021,14 @@ def main(argv=None):
             print(f"| {r['T']} | {r['variant']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
                   f"{fmt(r.get('fwd_bwd_host_ms'))} | {fmt(r.get('peak_gib'), 2)} |" if "skipped" not in r else
                   f"| {r['T']} | {r['variant']} | skipped: {r['skipped'][:60]} | | | |")
+    if result.get("stream_probe"):
+        print("\nThe backward's streams, ms from its fork to (median): the side stream's reverse pass done, the op's "
+              "stream at its wait for it (dk done), its last launch done")
+        print("| T | variant | side | main | main - side | end |")
+        print("|---|---|---|---|---|---|")
+        for r in result["stream_probe"]:
+            print(f"| {r['T']} | {r['variant']} | {fmt(r.get('side_ms'))} | {fmt(r.get('main_ms'))} | "
+                  f"{fmt(r.get('main_minus_side_ms'))} | {fmt(r.get('end_ms'))} |")
     if result.get("state_probe"):
         print("\n| T | state pass variant | forward ms | reverse ms |")
         print("|---|---|---|---|")

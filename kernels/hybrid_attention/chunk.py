@@ -263,6 +263,11 @@ FUSED_FWD = False
 SIDE_STREAM = True
 SIDE_STREAM_MIN_CHUNKS = 512
 SIDE_KF = False
+# STREAM_PROBE: a list (bench --stream-probe), or None. A list gets, per backward call that takes the side stream, a
+# dict of timing events: "fork" (the op's stream at the backward's start), "side" (the side stream after its reverse
+# pass), "main" (the op's stream where it waits for that pass) and "end" (after its last launch): their times show
+# which stream the key side's dv launch waits for. No launch depends on it (it is not part of a plan's key).
+STREAM_PROBE: list | None = None
 # SIDE_STATE_BLOCKS: (F block, Dv block) of the backward's state passes where they go to the side stream (None: those
 # of the forward, STATE_BF x STATE_BV), launched with LAUNCH["side_state"]: larger tiles take fewer SMs from the
 # kernels beside them, for a longer chain of their own. (With REV_LIN the backward's one state pass is the segment
@@ -1991,9 +1996,13 @@ class HybridAttentionFunction(torch.autograd.Function):
         side = _side(q, side_wanted)
         main = torch.cuda.current_stream(dev) if side else None
         state_launch = side.launch(launch) if side else launch
+        marks = None if side is None or STREAM_PROBE is None else {
+            name: torch.cuda.Event(enable_timing=True) for name in ("fork", "side", "main", "end")}
         if side:  # the side stream starts after everything queued so far (do, the saved tensors)
             side.fork.record(main)
             side.stream.wait_event(side.fork)
+            if marks:
+                marks["fork"].record(main)
         delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
         rb = torch.empty_like(delta)
         rev_lin = REV_LIN and bool(lin)  # the key side's linear terms in the reverse scan
@@ -2034,6 +2043,8 @@ class HybridAttentionFunction(torch.autograd.Function):
                                         launch=state_launch, side=side_wanted, rs=ZD if REV_DO else None)
             if side:
                 side.reverse.record(side.stream)
+                if marks:
+                    marks["side"].record(side.stream)
                 dA.record_stream(side.stream)  # read there: not reused before the reverse pass is done
         del dA  # before the gradient buffers: it is not alive at their peak
         dq = torch.empty_like(q)  # every buffer below is written in full by the kernels of the terms that use it
@@ -2135,6 +2146,8 @@ class HybridAttentionFunction(torch.autograd.Function):
         for part in early:
             kv(part)
         if side:
+            if marks:
+                marks["main"].record(main)
             main.wait_event(side.reverse)
         if kf_dv:  # before the key side's dv pass, which starts from dvl
             launch(_bwd_kfdv_kernel, (NT, B * Hkv), (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
@@ -2147,6 +2160,9 @@ class HybridAttentionFunction(torch.autograd.Function):
             kf(launch)
         elif side and side_kf:
             main.wait_event(side.kf)  # the join: every tensor the side stream used outlives this point
+        if marks:
+            marks["end"].record(main)
+            STREAM_PROBE.append(marks)
         launch.done()
         # terms absent from the function get None, as autograd gives for unused inputs of the reference
         dgamma = (dgs.view(B, H).sum(0) if B > 1 else dgs) if dg_sum else None

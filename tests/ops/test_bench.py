@@ -7,6 +7,7 @@ settings and warm-up, and which samples make up each row.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from linearize.kernels import bench
 
@@ -182,3 +183,18 @@ def test_every_tune_variant_names_settings_and_launches_the_kernels_have():
                 assert set(value) <= launches, f"TUNE[{name!r}] {setting} names {set(value) - launches}"
             if setting == "LAUNCH":
                 assert all(len(v) == 2 and v[0] in (1, 2, 4, 8, 16) and v[1] >= 1 for v in value.values()), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run it through the device tool)")
+def test_stream_probe_times_both_streams_of_the_backward(monkeypatch):
+    """--stream-probe at 2K with the side stream taken from one chunk: every timed call records its events, and its
+    last launch is done after the side stream's reverse pass (the dv launch waits for it) and after the op's stream
+    reached that wait; the probe is switched off afterwards."""
+    from linearize.kernels.hybrid_attention import chunk
+
+    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
+    (row,) = bench.stream_probe(2048, 4, ["default"])
+    assert row["calls"] == 4
+    assert 0 < row["side_ms"] <= row["end_ms"] and 0 < row["main_ms"] <= row["end_ms"]
+    assert chunk.STREAM_PROBE is None
