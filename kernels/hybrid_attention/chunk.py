@@ -447,26 +447,24 @@ def _dw_block(do, inv, dZ, vp, j, vv, T, DV: tl.constexpr, svt, PREC: tl.constex
 
 
 @triton.jit
-def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr):
+def _row_grads(dop, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr, op=None,
+               FROM_OUT: tl.constexpr = False):
     """The row gradients dA_n = do_n / Zd_n and dZ_n = -(do_n . o_n) / Zd_n of query rows n, as (do `[BT, BDV]` in
     the dtype of the dots, 1 / Zd `[BT]`, dZ `[BT]`): dA enters every dot linearly in its rows, so the dots take do
-    itself and scale their rows by 1 / Zd afterwards (no fp32 [BT, BDV] tile, no second rounding of dA)."""
+    itself and scale their rows by 1 / Zd afterwards (no fp32 [BT, BDV] tile, no second rounding of dA). delta_n =
+    do_n . o_n is read from DELTA, or (FROM_OUT, DELTA_Q) summed here from o at ``op`` (the strides of do) over the
+    delta kernel's [BT, BDV] tile and stored into DELTA for the launches after this one."""
     inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
-    do = _load_tile(dop, n, tl.arange(0, BDV), T, DV, sdt).to(DT)
-    dZ = -_load_row(DELTA + rowp, n, T, 0.0) * inv
-    return do, inv, dZ
-
-
-@triton.jit
-def _row_grads_from_out(dop, op, sdt, ZD, DELTA, rowp, n, T, DV: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr):
-    """``_row_grads`` with delta_n = do_n . o_n computed here from o (same strides as do) and stored into DELTA for
-    the launches after this one (DELTA_Q): the sum of ``_delta_kernel``, over the same [BT, BDV] tile."""
     vv = tl.arange(0, BDV)
-    inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
-    do = _load_tile(dop, n, vv, T, DV, sdt)
-    delta = tl.sum(_load_tile(op, n, vv, T, DV, sdt).to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + rowp + n, delta, mask=n < T)
-    return do.to(DT), inv, -delta * inv
+    if FROM_OUT:
+        do = _load_tile(dop, n, vv, T, DV, sdt)
+        delta = tl.sum(_load_tile(op, n, vv, T, DV, sdt).to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + rowp + n, delta, mask=n < T)
+        do = do.to(DT)
+    else:
+        do = _load_tile(dop, n, vv, T, DV, sdt).to(DT)
+        delta = _load_row(DELTA + rowp, n, T, 0.0)
+    return do, inv, -delta * inv
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -906,11 +904,8 @@ def _bwd_q_kernel(
     vp = _head(V, b, h // G, svb, svh)
     kfp = _head(KF, b, h, sfb, sfh)
     rowp = pid_bh.to(tl.int64) * T
-    if DELTA_Q:
-        do, inv, dZ = _row_grads_from_out(_head(DO, b, h, sdb, sdh), _head(OUT, b, h, sdb, sdh), sdt, ZD, DELTA, rowp,
-                                          n, T, DV, BDV, DT)
-    else:
-        do, inv, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT)
+    do, inv, dZ = _row_grads(_head(DO, b, h, sdb, sdh), sdt, ZD, DELTA, rowp, n, T, DV, BDV, DT,
+                             _head(OUT, b, h, sdb, sdh), DELTA_Q)
     # dW_nj = dA_n . v_j + dZ_n for every weight W_nj of the shared numerator / normaliser
     if LINEAR != 0 and DO_LIN and not (SAVE_DW and not DO_SM):  # (the softmax side alone computes each block where
         # it uses it; the linear side alone with SAVE_DW reads the local blocks)

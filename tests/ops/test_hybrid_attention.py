@@ -66,6 +66,13 @@ def assert_same_bits(out, grads, ref_out, ref_grads):
         assert (g is None) == (ref is None) and (g is None or torch.equal(g, ref)), name
 
 
+def record_results(monkeypatch, name: str) -> list:
+    """Wrap chunk.<name> so that each call's result is appended to the returned list (and still returned)."""
+    results, real = [], getattr(chunk, name)
+    monkeypatch.setattr(chunk, name, lambda *a: results.append(real(*a)) or results[-1])
+    return results
+
+
 def check_against_naive(fn, inputs, do, dtype, label, **kw):
     ref_inputs = [None if x is None else x.detach().float().requires_grad_() for x in inputs]
     ref_out, ref_grads = run(hybrid_attention_naive, ref_inputs, do.float(), **kw)
@@ -294,9 +301,7 @@ def test_triton_interpreter_delta_in_the_query_side_gives_the_same_bits(mode, to
     monkeypatch.setattr(chunk, "DELTA_Q", False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "DELTA_Q", True)
-    launched = []
-    real = chunk._delta_q
-    monkeypatch.setattr(chunk, "_delta_q", lambda *a: launched.append(real(*a)) or launched[-1])
+    launched = record_results(monkeypatch, "_delta_q")
     out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     assert launched == [True]
     assert_same_bits(out, grads, ref_out, ref_grads)
@@ -876,9 +881,7 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
     monkeypatch.setattr(chunk, "SIDE_STREAM", False)
     ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
     monkeypatch.setattr(chunk, "SIDE_STREAM", True)
-    sides = []
-    real = chunk._side
-    monkeypatch.setattr(chunk, "_side", lambda *a: sides.append(real(*a)) or sides[-1])
+    sides = record_results(monkeypatch, "_side")
     held = []  # the stream held back in this run: "op" or "side"
     start = chunk.PLANS.start
 
