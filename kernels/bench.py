@@ -432,6 +432,12 @@ TUNE = {
     "delta in the query side, totals in the delta pass, 256 programs": {
         "DELTA_Q": True, "DELTA_TOTALS": True, "DELTA_TOTALS_PROGRAMS": 256},
     "delta in the query side, delta 8 warps": {"DELTA_Q": True, "LAUNCH": {"delta": (8, 1)}},
+    # session 26: dA written on the side stream, by the totals' pass from delta (SIDE_DA): the delta kernel before the
+    # fork writes no dA
+    "dA on the side stream": {"SIDE_DA": True},
+    "dA on the side stream, 256 programs": {"SIDE_DA": True, "DELTA_TOTALS_PROGRAMS": 256},
+    "dA on the side stream, 1024 programs": {"SIDE_DA": True, "DELTA_TOTALS_PROGRAMS": 1024},
+    "dA on the side stream, 4 warps": {"SIDE_DA": True, "LAUNCH": {"delta_totals": (4, 2)}},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -450,7 +456,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
-         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q")
+         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA")
 
 
 def kernel_config() -> dict:

@@ -134,11 +134,18 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                          ZPREC=state["ZPREC"], NTHREADS=32 * chunk.LAUNCH["fwd_fused"][0], WIN=chunk.WINDOW_BLOCKS,
                          **fwd_blocks)))
     # (DELTA_Q: the query side's first launch stores delta, the delta kernel only rb and dA)
+    # (SIDE_DA: the delta kernel writes delta and rb, the side stream's totals pass dA)
+    side_da = chunk.SIDE_DA and not chunk.DELTA_Q and bool(lin) and chunk.REV_LIN
     out.append(("delta", chunk._delta_kernel, "delta",
-                dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin) and not chunk.REV_DO, HAS_DELTA=not chunk.DELTA_Q)))
-    if lin and chunk.REV_LIN and chunk.DELTA_TOTALS:  # delta with the reverse scan's totals (more than one segment)
+                dict(DV=DV, BDV=DV, BT=chunk.BT, HAS_DA=bool(lin) and not chunk.REV_DO and not side_da,
+                     HAS_DELTA=not chunk.DELTA_Q)))
+    if lin and chunk.REV_LIN and chunk.DELTA_TOTALS and not side_da:  # delta with the reverse scan's totals
         out.append(("delta_totals (DELTA_TOTALS)", chunk._delta_totals_kernel, "delta_totals",
-                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, DT=dt, PREC=prec, HAS_DELTA=not chunk.DELTA_Q)))
+                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, DT=dt, PREC=prec, HAS_DELTA=not chunk.DELTA_Q,
+                         FROM_DELTA=False)))
+    if side_da:
+        out.append(("delta_totals from delta (SIDE_DA)", chunk._delta_totals_kernel, "delta_totals",
+                    dict(DV=DV, F=F, BDV=DV, BF=F, BT=chunk.BT, DT=dt, PREC=prec, HAS_DELTA=False, FROM_DELTA=True)))
     # constexprs with defaults must be named here too, or the signature would make them runtime arguments
     both = dict(heads, DO_LIN=True, DO_SM=True, SC=stride, GROUP=chunk.GROUP_HEADS, SAVE_P=chunk.SAVE_P,
                 SAVE_DW=chunk.SAVE_DW and softmax and bool(lin), WIN=chunk.WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p,
@@ -199,6 +206,8 @@ def main(argv=None):
                     help="also compile delta with the reverse scan's totals (chunk.DELTA_TOTALS)")
     ap.add_argument("--delta-q", action="store_true",
                     help="compile with chunk.DELTA_Q on (delta computed by the query side's first launch)")
+    ap.add_argument("--side-da", action="store_true",
+                    help="compile with chunk.SIDE_DA on (dA written by the side stream's totals pass)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
@@ -218,6 +227,7 @@ def main(argv=None):
     chunk.FUSED_FWD = chunk.FUSED_FWD or args.fused_fwd
     chunk.DELTA_TOTALS = chunk.DELTA_TOTALS or args.delta_totals
     chunk.DELTA_Q = chunk.DELTA_Q or args.delta_q
+    chunk.SIDE_DA = chunk.SIDE_DA or args.side_da
     chunk.KF_DV = chunk.KF_DV or args.kf_dv
     chunk.REV_DO = chunk.REV_DO or args.rev_do
     chunk.REV_LIN = chunk.REV_LIN and not args.reverse_states

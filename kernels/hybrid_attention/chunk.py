@@ -250,6 +250,14 @@ DELTA_TOTALS_MIN_CHUNKS = 8
 # rounds), 3.948 against 3.891 (6 rounds), 3.976 with DELTA_TOTALS too: the side stream, longer by the delta
 # kernel, then holds up the key side's dv launch. Off.
 DELTA_Q = False
+# SIDE_DA: with REV_LIN in more than one segment, from SIDE_STREAM_MIN_CHUNKS chunks (whether or not the side stream is
+# taken, for the same bits), the delta kernel writes only delta and rb (0.54 GB read, 4 MB written at 32K, 32 heads,
+# against 0.81 GB with dA) on the op's stream before the fork, and dA = do / Zd is written on the side stream by
+# DELTA_TOTALS' pass, which loads delta in place of o (FROM_DELTA) and sums the reverse scan's totals from the dA it
+# computes, in place of the totals pass (which read phi(q) and dA: that pass reads phi(q) and do and writes dA, 0.27
+# GB more on the side stream). The dA write (~0.08 ms of the H100's bandwidth) moves from the stream the key side's
+# dv launch is on to the one it waits for. (Under DELTA_Q, ignored.)
+SIDE_DA = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -816,7 +824,7 @@ def _delta_totals_kernel(
     sob, sot, soh, sdb, sdt, sdh, sfb, sft, sfh, sab, sat, sah,
     T, H, NT, LS, NTOT,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, HAS_DELTA: tl.constexpr = True,
+    DT: tl.constexpr, PREC: tl.constexpr, HAS_DELTA: tl.constexpr = True, FROM_DELTA: tl.constexpr = False,
 ):
     """``_delta_kernel`` and the reverse scan's segment totals in one pass (DELTA_TOTALS): program (part, bh) takes
     the LS key chunks that part ``part`` of the reverse scan's order covers, chunks NT - part LS - j for j in
@@ -824,7 +832,9 @@ def _delta_totals_kernel(
     the state pass's phase 1 writes for the reverse scan, at LS chunks a part), from dA and rb as it computes them,
     so that neither is read back. It stores delta, rb and dA for chunks NT - part LS - j, j in [1, LS]: with j = 0
     (the chunk below the previous part's last, which that part stores) every chunk is stored once. Parts from NTOT on
-    write no total and load no phi(q): no segment of the reverse scan starts after them."""
+    write no total and load no phi(q): no segment of the reverse scan starts after them. FROM_DELTA (SIDE_DA): delta
+    and rb are in memory already (the delta kernel wrote them); the pass loads delta instead of o and stores only
+    dA."""
     part = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -843,17 +853,21 @@ def _delta_totals_kernel(
     zacc = tl.zeros([BT, BF], dtype=tl.float32)  # z's terms, summed over the rows once at the end
     for j in range(0, LS + 1):
         n = (NT - part * LS - j) * BT + r
-        o = _load_tile(op, n, vv, T, DV, sot).to(tl.float32)
         do = _load_tile(dop, n, vv, T, DV, sdt).to(tl.float32)
         inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0)
-        delta = tl.sum(o * do, axis=1)
+        if FROM_DELTA:
+            delta = _load_row(DELTA + rowp, n, T, 0.0)
+        else:
+            o = _load_tile(op, n, vv, T, DV, sot).to(tl.float32)
+            delta = tl.sum(o * do, axis=1)
         rb = -delta * inv
         da = (do * inv[:, None]).to(DA.dtype.element_ty)
         jr = r * 0 + j  # (j in every row: the masks below stay tensors in the interpreter)
         keep = (n >= 0) & (n < T) & (jr > 0)
-        if HAS_DELTA:
+        if HAS_DELTA and not FROM_DELTA:
             tl.store(DELTA + rowp + n, delta, mask=keep)
-        tl.store(RB + rowp + n, rb, mask=keep)
+        if not FROM_DELTA:
+            tl.store(RB + rowp + n, rb, mask=keep)
         tl.store(ap + n[:, None].to(tl.int64) * sat + vv[None, :], da, mask=keep[:, None] & (vv[None, :] < DV))
         # phi(q) of the rows in this part's total (none for j = LS, nor in a part without a total: no loads)
         qrow = (n >= 0) & (n < T) & (jr < LS) & total_r
@@ -1670,9 +1684,22 @@ def _delta_parts(NT: int, L: int, BH: int) -> tuple[int, int]:
     return ks, _cdiv(NT, L // ks)
 
 
+def _totals_pass_fits(T: int, F: int, Dv: int, rev_lin: bool) -> bool:
+    """Whether ``_delta_totals_kernel`` can take the reverse scan's totals: REV_LIN in more than one segment, the whole
+    [F, Dv] total in one program."""
+    return rev_lin and _rev_segments(T)[1] > 1 and _p2(F) <= 128 and _p2(Dv) <= 128
+
+
 def _delta_totals_wanted(T: int, F: int, Dv: int, rev_lin: bool) -> bool:
-    """Whether DELTA_TOTALS applies: REV_LIN in more than one segment, the whole [F, Dv] total in one program."""
-    return bool(DELTA_TOTALS and rev_lin and _rev_segments(T)[1] > 1 and _p2(F) <= 128 and _p2(Dv) <= 128)
+    """Whether DELTA_TOTALS applies (``_totals_pass_fits``)."""
+    return bool(DELTA_TOTALS and _totals_pass_fits(T, F, Dv, rev_lin))
+
+
+def _side_da(T: int, F: int, Dv: int, rev_lin: bool, delta_q: bool) -> bool:
+    """Whether SIDE_DA applies: from SIDE_STREAM_MIN_CHUNKS chunks (as DELTA_Q, whether or not a side stream is
+    taken), where the totals pass fits, and not under DELTA_Q."""
+    return bool(SIDE_DA and not delta_q and _cdiv(T, BT) >= SIDE_STREAM_MIN_CHUNKS
+                and _totals_pass_fits(T, F, Dv, rev_lin))
 
 
 def _delta_q(lin: int, NT: int, o: torch.Tensor, do: torch.Tensor) -> bool:
@@ -1683,9 +1710,10 @@ def _delta_q(lin: int, NT: int, o: torch.Tensor, do: torch.Tensor) -> bool:
 
 
 def delta_totals(o, do, ZD, q_feat, delta, rb, dA, *, dtype: torch.dtype, big: bool, launch=direct,
-                 has_delta: bool = True):
+                 has_delta: bool = True, from_delta: bool = False):
     """DELTA_TOTALS: delta (unless not ``has_delta``), rb and dA into the given buffers, and the reverse scan's totals
-    over KS parts a segment; returns (tot, ztot, KS)."""
+    over KS parts a segment; returns (tot, ztot, KS). from_delta (SIDE_DA): delta and rb are written already; only dA
+    and the totals, o not read."""
     B, T, H, F = q_feat.shape
     Dv = do.shape[-1]
     NT = _cdiv(T, BT)
@@ -1699,7 +1727,7 @@ def delta_totals(o, do, ZD, q_feat, delta, rb, dA, *, dtype: torch.dtype, big: b
         (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), q_feat.stride(0),
          q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2), T, H, NT, L // ks, ntot),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, DT=_dot_dtype(dtype), PREC=_prec(dtype), HAS_DELTA=has_delta,
-             **_options("delta_totals", big, dtype)),
+             FROM_DELTA=from_delta, **_options("delta_totals", big, dtype)),
     ))  # fmt: skip
     return tot, ztot, ks
 
@@ -1783,7 +1811,7 @@ def _switches() -> tuple:
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
-            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, tuple(MAXNREG.items()))
+            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, tuple(MAXNREG.items()))
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -2016,19 +2044,25 @@ class HybridAttentionFunction(torch.autograd.Function):
         # DELTA_Q: the query side's first launch computes delta; rb and dA for the reverse scan on the side stream
         delta_q = _delta_q(lin, NT, o, do)
         delta_launch = state_launch if delta_q else launch
-        if _delta_totals_wanted(T, F, Dv, rev_lin):  # delta and the reverse scan's totals in one pass
+        # SIDE_DA: the delta kernel writes delta and rb; dA and the totals come from a pass on the side stream
+        side_da = _side_da(T, F, Dv, rev_lin, delta_q)
+        if _delta_totals_wanted(T, F, Dv, rev_lin) and not side_da:  # delta and the reverse scan's totals in one pass
             totals = delta_totals(o, do, ZD, q_feat, delta, rb, dA, dtype=q.dtype, big=big, launch=delta_launch,
                                   has_delta=not delta_q)
         elif lin or not delta_q:  # (dA bound as a default: the name is deleted below, before the gradient buffers)
             delta_launch(_delta_kernel, (NT, B * H), (o, do, ZD, delta, rb, dA), lambda dA=dA: (
                 (o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
                  dA.stride(0), dA.stride(1), dA.stride(2), T, H),
-                dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=has_da, HAS_DELTA=not delta_q, **_options("delta", big, q.dtype)),
+                dict(DV=Dv, BDV=BDV, BT=BT, HAS_DA=has_da and not side_da, HAS_DELTA=not delta_q,
+                     **_options("delta", big, q.dtype)),
             ))  # fmt: skip
         if lin:
             if side and not delta_q:  # (with DELTA_Q the side stream ran the delta kernel itself)
                 side.delta.record(main)
                 side.stream.wait_event(side.delta)
+            if side_da:
+                totals = delta_totals(o, do, ZD, q_feat, delta, rb, dA, dtype=q.dtype, big=big, launch=state_launch,
+                                      has_delta=False, from_delta=True)
             if rev_lin:  # dk_feat and dv's linear terms per query head, no reverse states in memory
                 dkf, dvh, rev_totals = rev_linear_backward(q_feat, k_feat, v, dA, rb, G=G, window=window, lin=lin,
                                                         dtype=q.dtype, big=big, launch=state_launch,

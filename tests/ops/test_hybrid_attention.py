@@ -308,6 +308,31 @@ def test_triton_interpreter_delta_in_the_query_side_gives_the_same_bits(mode, to
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp-delta-q", **kw)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("mode,w", [("hybrid", 33), ("hybrid", 64), ("overlap", 64), ("la_only", 64)])
+def test_triton_interpreter_da_on_the_side_stream_gives_the_same_bits(mode, w, monkeypatch, interpret):
+    """SIDE_DA: the delta kernel writes delta and rb only, and DELTA_TOTALS' pass, loading delta in place of o, writes
+    dA and the reverse scan's totals. It computes delta's row weights and dA by the delta kernel's formulas, so under
+    the interpreter every output and gradient must keep the bits of DELTA_TOTALS' one pass (which keeps the
+    default's, the DELTA_Q test above); the naive reference checks the SIDE_DA run too (a dA never written would
+    leave the reverse scan reading an empty buffer)."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=w, softmax=softmax, linear=linear)
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 43)
+    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
+    monkeypatch.setattr(chunk, "DELTA_TOTALS_MIN_CHUNKS", 1)
+    monkeypatch.setattr(chunk, "REV_SEG", 2)
+    monkeypatch.setattr(chunk, "DELTA_TOTALS", True)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    monkeypatch.setattr(chunk, "DELTA_TOTALS", False)
+    monkeypatch.setattr(chunk, "SIDE_DA", True)
+    launched = record_results(monkeypatch, "_side_da")
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    assert launched == [True]
+    assert_same_bits(out, grads, ref_out, ref_grads)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp-side-da", **kw)
+
+
 # (mode, window): the hybrid at w = BT (no linear terms in the own chunk) and below it (CUR_LIN), the overlap and
 # sliding-window-only modes (no local dW blocks)
 WINDOW_BLOCK_CASES = [("hybrid", 64), ("hybrid", 33), ("overlap", 64), ("swa_only", 20)]
@@ -853,12 +878,13 @@ def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run it through the device tool)")
 @pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only"])
-@pytest.mark.parametrize("side_kf,keep,kv_split,delta_q", [
-    (False, False, False, False), (True, False, False, False), (False, True, False, False),
-    (True, True, False, False), (False, True, True, False), (False, True, True, True)],
+@pytest.mark.parametrize("side_kf,keep,kv_split,delta", [
+    (False, False, False, None), (True, False, False, None), (False, True, False, None),
+    (True, True, False, None), (False, True, True, None), (False, True, True, "DELTA_Q"),
+    (False, True, True, "SIDE_DA")],
     ids=["states", "states-and-dk_feat", "kept-states", "kept-states-and-dk_feat", "kept-states-key-side-split",
-         "kept-states-key-side-split-delta-in-the-query-side"])
-def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, kv_split, delta_q, monkeypatch):
+         "kept-states-key-side-split-delta-in-the-query-side", "kept-states-key-side-split-da-on-the-side-stream"])
+def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, kv_split, delta, monkeypatch):
     """SIDE_STREAM runs the same kernels with the state passes (and, SIDE_KF, dk_feat) on a second stream: every
     output and gradient must be bit-identical to the one-stream run, through Triton's path and through replayed
     launch plans. A missing wait would let a kernel read a buffer before it is written; so that such a read cannot
@@ -866,12 +892,16 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
     holds every launch of one stream back by ~1 ms (the op's stream and the side stream in turn), so that a kernel
     whose wait is missing runs before its producer instead of after it by chance (session 10: with the dk_feat
     kernel's wait on the query side removed, the test without these passed). kv_split: the key side's dk launch
-    goes before the wait for the side stream's reverse pass (KV_SPLIT). delta_q: the delta kernel on the side stream,
-    delta from the query side's first launch (DELTA_Q)."""
+    goes before the wait for the side stream's reverse pass (KV_SPLIT). delta: DELTA_Q (the delta kernel on the side
+    stream, delta from the query side's first launch) or SIDE_DA (dA written on the side stream by the totals' pass,
+    in segments of 16 chunks: four)."""
     softmax, linear = MODES[mode]
     kw = dict(window=64, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=11)
-    monkeypatch.setattr(chunk, "DELTA_Q", delta_q)
+    monkeypatch.setattr(chunk, "DELTA_Q", delta == "DELTA_Q")
+    monkeypatch.setattr(chunk, "SIDE_DA", delta == "SIDE_DA")
+    if delta == "SIDE_DA":
+        monkeypatch.setattr(chunk, "REV_SEG", 16)
     monkeypatch.setattr(chunk, "KEEP_STATES", keep)
     monkeypatch.setattr(chunk, "KV_SPLIT", kv_split)
     monkeypatch.setattr(chunk, "SIDE_KF", side_kf)
@@ -1032,7 +1062,11 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                # delta from the query side's first launch, the delta kernel / the totals' pass on the side stream
                "delta-in-the-query-side-side-stream": {"DELTA_Q": True, "SIDE_STREAM_MIN_CHUNKS": 1},
                "delta-in-the-query-side-totals-in-the-delta-pass": {"DELTA_Q": True, "DELTA_TOTALS": True,
-                                                                    "REV_SEG": 4, "SIDE_STREAM_MIN_CHUNKS": 1}}
+                                                                    "REV_SEG": 4, "SIDE_STREAM_MIN_CHUNKS": 1},
+               # dA written by the totals' pass on the side stream, from delta (SIDE_DA)
+               "da-on-the-side-stream": {"SIDE_DA": True, "REV_SEG": 4, "SIDE_STREAM_MIN_CHUNKS": 1},
+               "da-on-the-side-stream-parts-of-2": {"SIDE_DA": True, "REV_SEG": 8, "DELTA_TOTALS_MIN_CHUNKS": 2,
+                                                    "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
 @pytest.mark.gpu
