@@ -438,6 +438,10 @@ TUNE = {
     "dA on the side stream, 256 programs": {"SIDE_DA": True, "DELTA_TOTALS_PROGRAMS": 256},
     "dA on the side stream, 1024 programs": {"SIDE_DA": True, "DELTA_TOTALS_PROGRAMS": 1024},
     "dA on the side stream, 4 warps": {"SIDE_DA": True, "LAUNCH": {"delta_totals": (4, 2)}},
+    # session 26: the key side's dv pass on the side stream after the reverse scan (SIDE_DV), where --stream-probe
+    # showed that stream idle for the last ~0.7 ms of the backward
+    "dv on the side stream": {"SIDE_DV": True},
+    "dv and dA on the side stream": {"SIDE_DV": True, "SIDE_DA": True},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -456,7 +460,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
-         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA")
+         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV")
 
 
 def kernel_config() -> dict:

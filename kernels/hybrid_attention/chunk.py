@@ -258,6 +258,13 @@ DELTA_Q = False
 # GB more on the side stream). The dA write (~0.08 ms of the H100's bandwidth) moves from the stream the key side's
 # dv launch is on to the one it waits for. (Under DELTA_Q, ignored.)
 SIDE_DA = False
+# SIDE_DV: with REV_LIN and KV_SPLIT, from SIDE_STREAM_MIN_CHUNKS chunks, the key side's dv pass goes to the side
+# stream, after the reverse scan (whose per-head linear terms of dv it sums) and the query side's first launch (whose
+# dW blocks it reads), beside the query side's linear launch and the dk pass; the op's stream then waits for it at
+# the end. At the defaults the side stream is done 0.39 ms before the op's stream reaches its wait (H100, 32K,
+# session 26, bench --stream-probe: 1.970 against 2.364 ms from the fork), and the dv pass (~0.3 ms) then runs alone.
+# On one stream (under torch.compile, or without SIDE_STREAM) the same launch order.
+SIDE_DV = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1811,7 +1818,8 @@ def _switches() -> tuple:
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
-            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, tuple(MAXNREG.items()))
+            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV,
+            tuple(MAXNREG.items()))
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -1855,7 +1863,8 @@ class _Side:
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
-        self.fork, self.delta, self.states, self.reverse, self.q0, self.kf = (torch.cuda.Event() for _ in range(6))
+        self.fork, self.delta, self.states, self.reverse, self.q0, self.kf, self.dv = (
+            torch.cuda.Event() for _ in range(7))
 
     def launch(self, launch):
         """``launch`` with its kernels sent to the side stream; tensors stay allocated on the op's stream."""
@@ -2129,12 +2138,43 @@ class HybridAttentionFunction(torch.autograd.Function):
                      **group, SAVE_DW=save_dw, NDW=ndw, **_options("bwd_kf", big, q.dtype)),
             ))  # fmt: skip
 
+        # the key side reads the query side's blocks: its launches go after the query side's (SIDE_DV's dv pass after
+        # the first). KV_SPLIT: dk, then dv; the dk pass reads only the query side's blocks, so it goes before the
+        # main stream waits for the side stream's reverse pass and runs beside it (unless KF_DV, whose kernel reads
+        # the reverse states and goes first)
+        kv_split = KV_SPLIT and softmax
+        kv_parts = [dict(DO_DV=False, DO_DK=True), dict(DO_DV=True, DO_DK=False)] if kv_split else [{}]
+        if kf_dv and not softmax:  # _bwd_kfdv_kernel writes dv: nothing is left for the key side
+            kv_parts = []
+        early = kv_parts[:1] if kv_split and not kf_dv else []
+        # SIDE_DV: the dv pass on the side stream after the reverse scan (whose terms of dv it adds), beside the query
+        # side and the dk pass; from SIDE_STREAM_MIN_CHUNKS chunks, where the launch order is the same on one stream
+        side_dv = bool(SIDE_DV and kv_split and rev_lin and not kf_dv and NT >= SIDE_STREAM_MIN_CHUNKS)
+        # (its only input from the query side: gamma p0 under SAVE_P without FWD_P; otherwise it goes before the query
+        # side, right after the reverse scan on the side stream)
+        dv_after_q0 = side_dv and SAVE_P and not fwd_p
+        # (KF_DV, REV_LIN: the dv pass has no linear terms left)
+        kv_lin = dict(LINEAR=0, CUR_LIN=0, FWD_LIN=False) if kf_dv or rev_lin else dict(FWD_LIN=fwd_lin)
+
+        def kv(part, launch=launch):
+            launch(_bwd_kv_kernel, (NT, B * Hkv),
+                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs, lb,
+                    dvl),
+                   rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS,
+                        WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw, DG_SUM=dg_sum,
+                        FWD_P=fwd_p, DV_INIT=kf_dv and part.get("DO_DV", True),
+                        DVL_HEADS=rev_lin and part.get("DO_DV", True), **kv_lin))
+
         # the softmax side first: it needs no state, and runs beside the state passes on the side stream
         if Q_SPLIT and softmax and lin:
             q_parts = [dict(DO_LIN=False, DO_SM=True), dict(DO_LIN=True, DO_SM=False)]
         else:
             q_parts = [{}]
         for i, part in enumerate(q_parts):
+            if side_dv and not dv_after_q0 and i == 0:
+                kv(kv_parts[-1], state_launch)
+                if side:
+                    side.dv.record(side.stream)
             if side and not kept and part.get("DO_LIN", True):
                 main.wait_event(side.states)
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
@@ -2151,39 +2191,26 @@ class HybridAttentionFunction(torch.autograd.Function):
                 kf(state_launch)
                 if side:
                     side.kf.record(side.stream)
+            if dv_after_q0 and i == 0:
+                if side:
+                    side.q0.record(main)
+                    side.stream.wait_event(side.q0)
+                kv(kv_parts[-1], state_launch)
+                if side:
+                    side.dv.record(side.stream)
         del hs, zs, kept
-        # the key side reads the query side's blocks: after it. KV_SPLIT: dk, then dv; the dk pass reads only the
-        # query side's blocks, so it goes before the main stream waits for the side stream's reverse pass and runs
-        # beside it (unless KF_DV, whose kernel reads the reverse states and goes first)
-        kv_split = KV_SPLIT and softmax
-        kv_parts = [dict(DO_DV=False, DO_DK=True), dict(DO_DV=True, DO_DK=False)] if kv_split else [{}]
-        if kf_dv and not softmax:  # _bwd_kfdv_kernel writes dv: nothing is left for the key side
-            kv_parts = []
-        early = kv_parts[:1] if kv_split and not kf_dv else []
-        # (KF_DV, REV_LIN: the dv pass has no linear terms left)
-        kv_lin = dict(LINEAR=0, CUR_LIN=0, FWD_LIN=False) if kf_dv or rev_lin else dict(FWD_LIN=fwd_lin)
-
-        def kv(part):
-            launch(_bwd_kv_kernel, (NT, B * Hkv),
-                   (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, ps, ds, dwl, dhs, dzs, dk, dv, dkf, dg, dgs, lb,
-                    dvl),
-                   rest("bwd_kv", _stride(True), **part, SAVE_P=SAVE_P, WIN=WINDOW_BLOCKS,
-                        WITH_KF=kf_in_kv and part.get("DO_DV", True), SAVE_DW=save_dw, NDW=ndw, DG_SUM=dg_sum,
-                        FWD_P=fwd_p, DV_INIT=kf_dv and part.get("DO_DV", True),
-                        DVL_HEADS=rev_lin and part.get("DO_DV", True), **kv_lin))
-
         for part in early:
             kv(part)
         if side:
             if marks:
                 marks["main"].record(main)
-            main.wait_event(side.reverse)
+            main.wait_event(side.dv if side_dv else side.reverse)  # (SIDE_DV: the join)
         if kf_dv:  # before the key side's dv pass, which starts from dvl
             launch(_bwd_kfdv_kernel, (NT, B * Hkv), (q_feat, k_feat, v, do, ZD, delta, dhs, dzs, dwl, dkf, dvl),
                    lambda: ((*strides()[6:], T, H, G, NT, window), dict(
                        DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=cur_lin, DT=DT, PREC=PREC,
                        SC=_stride(True), SAVE_DW=save_dw, NDW=ndw, **_options("bwd_kfdv", big, q.dtype))))
-        for part in kv_parts[len(early):]:
+        for part in kv_parts[len(early):len(kv_parts) - side_dv]:
             kv(part)
         if lin and not side_kf and not kf_in_kv and not kf_dv and not rev_lin:
             kf(launch)

@@ -333,6 +333,34 @@ def test_triton_interpreter_da_on_the_side_stream_gives_the_same_bits(mode, w, m
     check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp-side-da", **kw)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("mode,w,fwd_p", [("hybrid", 33, True), ("hybrid", 33, False), ("overlap", 64, True),
+                                          ("la_only", 64, True)])
+def test_triton_interpreter_dv_on_the_side_stream_gives_the_same_bits(mode, w, fwd_p, monkeypatch, interpret):
+    """SIDE_DV moves the key side's dv launch ahead of the query side's launches (FWD_P: it reads p0 from the
+    forward) or between them (without FWD_P: gamma p0 from the query side's first launch), to the side stream where
+    one is taken; here one stream, in that order. The same kernels on the same inputs, so every output and gradient
+    must keep its bits. la_only has no dv pass of its own to move: the same launches."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=w, softmax=softmax, linear=linear)
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 47)
+    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
+    monkeypatch.setattr(chunk, "REV_SEG", 2)
+    monkeypatch.setattr(chunk, "FWD_P", fwd_p)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    monkeypatch.setattr(chunk, "SIDE_DV", True)
+    order = []  # the query side's and the key side's launches, in order
+    for name, tag in (("_bwd_q_kernel", "q"), ("_bwd_kv_kernel", "kv")):
+        real = getattr(chunk, name)
+        monkeypatch.setattr(chunk, name, type("Spy", (), {
+            "__getitem__": lambda self, grid, real=real, tag=tag: order.append(tag) or real[grid]})())
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    if softmax:  # the dv launch first or between the query side's two, then the dk launch
+        assert order == (["kv", "q", "q", "kv"] if fwd_p else ["q", "kv", "q", "kv"]), order
+    assert_same_bits(out, grads, ref_out, ref_grads)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp-side-dv", **kw)
+
+
 # (mode, window): the hybrid at w = BT (no linear terms in the own chunk) and below it (CUR_LIN), the overlap and
 # sliding-window-only modes (no local dW blocks)
 WINDOW_BLOCK_CASES = [("hybrid", 64), ("hybrid", 33), ("overlap", 64), ("swa_only", 20)]
@@ -881,9 +909,10 @@ def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypat
 @pytest.mark.parametrize("side_kf,keep,kv_split,delta", [
     (False, False, False, None), (True, False, False, None), (False, True, False, None),
     (True, True, False, None), (False, True, True, None), (False, True, True, "DELTA_Q"),
-    (False, True, True, "SIDE_DA")],
+    (False, True, True, "SIDE_DA"), (False, True, True, "SIDE_DV"), (False, True, True, "SIDE_DV+SIDE_DA")],
     ids=["states", "states-and-dk_feat", "kept-states", "kept-states-and-dk_feat", "kept-states-key-side-split",
-         "kept-states-key-side-split-delta-in-the-query-side", "kept-states-key-side-split-da-on-the-side-stream"])
+         "kept-states-key-side-split-delta-in-the-query-side", "kept-states-key-side-split-da-on-the-side-stream",
+         "kept-states-key-side-split-dv-on-the-side-stream", "kept-states-key-side-split-dv-and-da-on-the-side-stream"])
 def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, kv_split, delta, monkeypatch):
     """SIDE_STREAM runs the same kernels with the state passes (and, SIDE_KF, dk_feat) on a second stream: every
     output and gradient must be bit-identical to the one-stream run, through Triton's path and through replayed
@@ -893,14 +922,14 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
     whose wait is missing runs before its producer instead of after it by chance (session 10: with the dk_feat
     kernel's wait on the query side removed, the test without these passed). kv_split: the key side's dk launch
     goes before the wait for the side stream's reverse pass (KV_SPLIT). delta: DELTA_Q (the delta kernel on the side
-    stream, delta from the query side's first launch) or SIDE_DA (dA written on the side stream by the totals' pass,
-    in segments of 16 chunks: four)."""
+    stream, delta from the query side's first launch), SIDE_DA (dA written on the side stream by the totals' pass,
+    in segments of 16 chunks: four) and / or SIDE_DV (the key side's dv pass on the side stream)."""
     softmax, linear = MODES[mode]
     kw = dict(window=64, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=11)
-    monkeypatch.setattr(chunk, "DELTA_Q", delta == "DELTA_Q")
-    monkeypatch.setattr(chunk, "SIDE_DA", delta == "SIDE_DA")
-    if delta == "SIDE_DA":
+    for name in ("DELTA_Q", "SIDE_DA", "SIDE_DV"):
+        monkeypatch.setattr(chunk, name, name in (delta or "").split("+"))
+    if chunk.SIDE_DA:
         monkeypatch.setattr(chunk, "REV_SEG", 16)
     monkeypatch.setattr(chunk, "KEEP_STATES", keep)
     monkeypatch.setattr(chunk, "KV_SPLIT", kv_split)
@@ -1066,7 +1095,14 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                # dA written by the totals' pass on the side stream, from delta (SIDE_DA)
                "da-on-the-side-stream": {"SIDE_DA": True, "REV_SEG": 4, "SIDE_STREAM_MIN_CHUNKS": 1},
                "da-on-the-side-stream-parts-of-2": {"SIDE_DA": True, "REV_SEG": 8, "DELTA_TOTALS_MIN_CHUNKS": 2,
-                                                    "SIDE_STREAM_MIN_CHUNKS": 1}}
+                                                    "SIDE_STREAM_MIN_CHUNKS": 1},
+               # the key side's dv pass on the side stream (SIDE_DV): before the query side, or after its first
+               # launch (gamma p0 from there, without FWD_P); with SIDE_DA
+               "dv-on-the-side-stream": {"SIDE_DV": True, "SIDE_STREAM_MIN_CHUNKS": 1},
+               "dv-on-the-side-stream-p0-from-the-query-side": {"SIDE_DV": True, "FWD_P": False,
+                                                                "SIDE_STREAM_MIN_CHUNKS": 1},
+               "dv-and-da-on-the-side-stream": {"SIDE_DV": True, "SIDE_DA": True, "REV_SEG": 4,
+                                                "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
 @pytest.mark.gpu
