@@ -439,9 +439,11 @@ TUNE = {
     "dA on the side stream, 1024 programs": {"SIDE_DA": True, "DELTA_TOTALS_PROGRAMS": 1024},
     "dA on the side stream, 4 warps": {"SIDE_DA": True, "LAUNCH": {"delta_totals": (4, 2)}},
     # session 26: the key side's dv pass on the side stream after the reverse scan (SIDE_DV), where --stream-probe
-    # showed that stream idle for the last ~0.7 ms of the backward
+    # showed that stream idle for the last ~0.5-0.7 ms of the backward. No faster on an H100 at 32K, and dA on the
+    # side stream slower (kernels/bench_tune_h100_session26_side_dv*)
     "dv on the side stream": {"SIDE_DV": True},
     "dv and dA on the side stream": {"SIDE_DV": True, "SIDE_DA": True},
+    "dv on the op's stream": {"SIDE_DV": False},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:

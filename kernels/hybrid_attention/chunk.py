@@ -256,14 +256,19 @@ DELTA_Q = False
 # DELTA_TOTALS' pass, which loads delta in place of o (FROM_DELTA) and sums the reverse scan's totals from the dA it
 # computes, in place of the totals pass (which read phi(q) and dA: that pass reads phi(q) and do and writes dA, 0.27
 # GB more on the side stream). The dA write (~0.08 ms of the H100's bandwidth) moves from the stream the key side's
-# dv launch is on to the one it waits for. (Under DELTA_Q, ignored.)
+# dv launch is on to the one it waits for. (Under DELTA_Q, ignored.) H100, 32K, interleaved, 4 rounds (session 26,
+# kernels/bench_tune_h100_session26_side_dv_da.*): 4.011 against 3.932 ms forward+backward; the streams overlap by
+# sharing the GPU's bandwidth and SMs, so bytes moved between them are not saved. Off.
 SIDE_DA = False
 # SIDE_DV: with REV_LIN and KV_SPLIT, from SIDE_STREAM_MIN_CHUNKS chunks, the key side's dv pass goes to the side
 # stream, after the reverse scan (whose per-head linear terms of dv it sums) and the query side's first launch (whose
 # dW blocks it reads), beside the query side's linear launch and the dk pass; the op's stream then waits for it at
-# the end. At the defaults the side stream is done 0.39 ms before the op's stream reaches its wait (H100, 32K,
-# session 26, bench --stream-probe: 1.970 against 2.364 ms from the fork), and the dv pass (~0.3 ms) then runs alone.
-# On one stream (under torch.compile, or without SIDE_STREAM) the same launch order.
+# the end. At the defaults the side stream is done 0.17-0.39 ms before the op's stream reaches its wait (H100, 32K,
+# session 26, bench --stream-probe, two calls: 1.970 / 2.201 against 2.364 / 2.368 ms from the fork), and the dv pass
+# (~0.3 ms) then runs alone. On one stream (under torch.compile, or without SIDE_STREAM) the same launch order. H100,
+# 32K, interleaved (session 26): 3.898 against 3.932 ms forward+backward (4 rounds), 3.836 against 3.793 (6 rounds,
+# kernels/bench_tune_h100_session26_side_dv_6rounds.*): no gain shown; with it the side stream is the longer one (the
+# dv pass took ~0.47 ms beside the query side's linear launch and the dk pass). Off.
 SIDE_DV = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
