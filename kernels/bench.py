@@ -444,6 +444,8 @@ TUNE = {
     "dv on the side stream": {"SIDE_DV": True},
     "dv and dA on the side stream": {"SIDE_DV": True, "SIDE_DA": True},
     "dv on the op's stream": {"SIDE_DV": False},
+    # session 26: the reverse scan and its totals read do and divide by Zd themselves (REV_SCALE_DO): no dA written
+    "reverse scan on do": {"REV_SCALE_DO": True},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -462,7 +464,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
-         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV")
+         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV", "REV_SCALE_DO")
 
 
 def kernel_config() -> dict:

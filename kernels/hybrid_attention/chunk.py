@@ -270,6 +270,13 @@ SIDE_DA = False
 # kernels/bench_tune_h100_session26_side_dv_6rounds.*): no gain shown; with it the side stream is the longer one (the
 # dv pass took ~0.47 ms beside the query side's linear launch and the dk pass). Off.
 SIDE_DV = False
+# REV_SCALE_DO: with REV_LIN (and neither DELTA_TOTALS, DELTA_Q nor SIDE_DA, whose passes write dA), the reverse scan
+# and its totals pass read do itself and divide by Zd in registers, so that the delta kernel writes no dA = do / Zd
+# (at 32K, 32 heads: 0.27 GB written fewer, on the op's stream before the fork). The scan divides a's and da's query
+# columns (accumulators in registers) and phi(q)'s rows for its state's update (the dot's A operand, as the totals
+# pass's HAS_RS does). REV_DO did the same in the old reverse state pass and was slower (its loop at 223 registers
+# against 184).
+REV_SCALE_DO = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -1361,20 +1368,28 @@ def _bwd_kfdv_kernel(
 
 
 @triton.jit
-def _rev_dv(qf, da, kf, n, j, T, window, dv, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _rev_dv(qf, da, kf, n, j, T, window, dv, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, inv=None,
+            SCALE: tl.constexpr = False):
     """dv_j += sum_n a_nj dA_n over query rows n (tiles phi(q), dA) on key rows j (tile phi(k)), a = phi(q) phi(k)^T on
     L(n). a is computed transposed (keys as rows): its accumulator then feeds the next dot's A operand without a
-    transpose through shared memory."""
+    transpose through shared memory. SCALE (REV_SCALE_DO): da is do's tile, and a's query columns are multiplied by
+    inv (1 / Zd of the rows n) instead."""
     aT = tl.where(_lin_valid(n[None, :], j[:, None], T, window, LINEAR),
                   tl.dot(kf, tl.trans(qf), input_precision=PREC), 0.0)
+    if SCALE:
+        aT = aT * inv[None, :]
     return tl.dot(aT.to(DT), da, dv, input_precision=PREC)
 
 
 @triton.jit
-def _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+             inv=None, SCALE: tl.constexpr = False):
     """dkf_j += sum_n da_nj phi(q_n) over query rows n (tiles phi(q), dA, dZ) on key rows j (tile v), da = dA v^T + dZ
-    on L(n); computed transposed, as in ``_rev_dv``."""
-    daT = tl.dot(v, tl.trans(da), input_precision=PREC) + rb[None, :]
+    on L(n); computed transposed, as in ``_rev_dv`` (SCALE: da is do's tile, its products times inv)."""
+    daT = tl.dot(v, tl.trans(da), input_precision=PREC)
+    if SCALE:
+        daT = daT * inv[None, :]
+    daT = daT + rb[None, :]
     daT = tl.where(_lin_valid(n[None, :], j[:, None], T, window, LINEAR), daT, 0.0)
     return tl.dot(daT.to(DT), qf, dkf, input_precision=PREC)
 
@@ -1409,6 +1424,23 @@ def _row_sum_dot(w, x, acc, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit
+def _rev_state_add(S, qf, da, inv, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SCALE: tl.constexpr,
+                   ON_DA: tl.constexpr = False):
+    """S + phi(q)^T dA over a query chunk. SCALE (REV_SCALE_DO): da is do's tile, times inv = 1 / Zd: ON_DA, do's
+    rows in registers (the dot's B operand); otherwise phi(q)^T's columns, by a dot with the diagonal matrix of inv
+    (in DT) whose accumulator is the next dot's A operand in registers (phi(q)'s rows scaled in registers spilled:
+    ptxas, 156 B a thread in the dk_feat parts)."""
+    if SCALE and ON_DA:
+        da = (da.to(tl.float32) * inv[:, None]).to(DT)
+    elif SCALE:
+        r = tl.arange(0, BT)
+        dm = tl.where(r[:, None] == r[None, :], inv[None, :], 0.0).to(DT)
+        qT = tl.dot(tl.trans(qf), dm, input_precision=PREC)
+        return tl.dot(qT.to(DT), da, S, input_precision=PREC)
+    return tl.dot(tl.trans(qf), da, S, input_precision=PREC)
+
+
+@triton.jit
 def _prefix_kernel(X, N, NSEG, BLOCK: tl.constexpr):
     """In place over a [B H, NSEG, N] fp32 buffer: X[bh, s] becomes the sum of X[bh, 0 .. s] (REV_PREFIX), for
     BLOCK of the N entries of one bh."""
@@ -1423,13 +1455,13 @@ def _prefix_kernel(X, N, NSEG, BLOCK: tl.constexpr):
 
 @triton.jit
 def _bwd_rev_kernel(
-    QF, KF, V, DA, RB, TOT, ZTOT, DKF, DVH,
+    QF, KF, V, DA, RB, TOT, ZTOT, DKF, DVH, ZD,
     svb, svt, svh, sfb, sft, sfh, sab, sat, sah,
     T, H, G, NT, L, NTOT, window,
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = False,
-    ZSPLIT: tl.constexpr = True, KS: tl.constexpr = 1,
+    ZSPLIT: tl.constexpr = True, KS: tl.constexpr = 1, SCALE: tl.constexpr = False,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
@@ -1439,30 +1471,31 @@ def _bwd_rev_kernel(
     and write those columns of dk_feat_j: v_j dh^T + dz + the local terms, in the dtype of the features. A part's
     block of the state starts from the totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s
     phase 1 over the same segments, or ``_delta_totals_kernel``'s over KS parts a segment; PREFIX: their inclusive
-    prefixes)."""
+    prefixes). SCALE (REV_SCALE_DO): DA is do, and the kernel divides by Zd (ZD) itself."""
     part = tl.program_id(0)  # (the parts of a segment and head run next to each other and share their tiles in L2)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
     if part < NV:
-        _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh,
-                     part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX, KS)
+        _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, ZD, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg,
+                     pid_bh, part, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NV, PREFIX, KS, SCALE)
     else:
-        _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
-                      window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX, ZDOT,
-                      ZSPLIT, KS)
+        _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, ZD, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L,
+                      NTOT, window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX,
+                      ZDOT, ZSPLIT, KS, SCALE)
 
 
 @triton.jit
-def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh, part,
-                 DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, ZD, sft, sfb, sfh, sab, sat, sah, T, H, NT, L, NTOT, window, seg, pid_bh,
+                 part, DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                  LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                 NV: tl.constexpr, PREFIX: tl.constexpr, KS: tl.constexpr):
+                 NV: tl.constexpr, PREFIX: tl.constexpr, KS: tl.constexpr, SCALE: tl.constexpr):
     """``_bwd_rev_kernel``'s dv part ``part``: dv's columns vv, the local weights a over all F against dA's columns."""
     b = pid_bh // H
     h = pid_bh % H
     qfp = _head(QF, b, h, sfb, sfh)
     kfp = _head(KF, b, h, sfb, sfh)
     dap = _head(DA, b, h, sab, sah)
+    rowp = pid_bh.to(tl.int64) * T
     ff = tl.arange(0, BF)
     vv = part * (BDV // NV) + tl.arange(0, BDV // NV)
     S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg * KS, NTOT, ff, vv, BF, BDV, PREFIX)
@@ -1472,21 +1505,23 @@ def _rev_dv_part(QF, KF, DA, TOT, ZTOT, DVH, sft, sfb, sfh, sab, sat, sah, T, H,
         kf = _load_tile(kfp, j, ff, T, F, sft)
         qf = _load_tile(qfp, n, ff, T, F, sft)
         da = _load_tile(dap, n, vv, T, DV, sat)
-        dv = _rev_dv(qf, da, kf, n, j, T, window, tl.dot(kf, S.to(DT), input_precision=PREC), LINEAR, DT, PREC)
+        inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0) if SCALE else None
+        dv = _rev_dv(qf, da, kf, n, j, T, window, tl.dot(kf, S.to(DT), input_precision=PREC), LINEAR, DT, PREC, inv,
+                     SCALE)
         if CUR_LIN:
             dv = _rev_dv(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat), kf, j, j, T, window,
-                         dv, LINEAR, DT, PREC)
+                         dv, LINEAR, DT, PREC, 1.0 / _load_row(ZD + rowp, j, T, 1.0) if SCALE else None, SCALE)
         _store_tile(_head(DVH, b, h, sab, sah), dv, j, vv, T, DV, sat)
-        S = tl.dot(tl.trans(qf), da, S, input_precision=PREC)
+        S = _rev_state_add(S, qf, da, inv, BT, DT, PREC, SCALE, ON_DA=NV > 1)
 
 
 @triton.jit
-def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L, NTOT,
-                  window, seg, pid_bh, part,
+def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, ZD, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L,
+                  NTOT, window, seg, pid_bh, part,
                   DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                   LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                   NF: tl.constexpr, PREFIX: tl.constexpr, ZDOT: tl.constexpr, ZSPLIT: tl.constexpr,
-                  KS: tl.constexpr):
+                  KS: tl.constexpr, SCALE: tl.constexpr):
     """``_bwd_rev_kernel``'s dk_feat part ``part``: dk_feat's columns ff, the local weights da over all Dv against
     phi(q)'s columns."""
     b = pid_bh // H
@@ -1507,20 +1542,22 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, svb, svt, svh, sfb, sft, sfh, s
         qf = _load_tile(qfp, n, ff, T, F, sft)
         da = _load_tile(dap, n, vv, T, DV, sat)
         rb = _load_row(RB + rowp, n, T, 0.0)
+        inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0) if SCALE else None
         if ZDOT:
             dkf = tl.dot(v, tl.trans(S.to(DT)), input_precision=PREC) + zb
         else:
             dkf = tl.dot(v, tl.trans(S.to(DT)), input_precision=PREC) + z[None, :]
-        dkf = _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC)
+        dkf = _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC, inv, SCALE)
         if CUR_LIN:
             dkf = _rev_dkf(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat),
-                           _load_row(RB + rowp, j, T, 0.0), v, j, j, T, window, dkf, LINEAR, DT, PREC)
+                           _load_row(RB + rowp, j, T, 0.0), v, j, j, T, window, dkf, LINEAR, DT, PREC,
+                           1.0 / _load_row(ZD + rowp, j, T, 1.0) if SCALE else None, SCALE)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
         if ZDOT:
             zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC, ZSPLIT)
         else:
             z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
-        S = tl.dot(tl.trans(qf), da, S, input_precision=PREC)
+        S = _rev_state_add(S, qf, da, inv, BT, DT, PREC, SCALE)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1745,13 +1782,14 @@ def delta_totals(o, do, ZD, q_feat, delta, rb, dA, *, dtype: torch.dtype, big: b
 
 
 def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: int, dtype: torch.dtype, big: bool,
-                        launch=direct, side: bool = False, totals=None):
+                        launch=direct, side: bool = False, totals=None, zd=None):
     """REV_LIN: (dk_feat [B, T, H, F] in the dtype of the features, the linear terms of dv per query head
     [B, T, H, Dv] in the dtype of dA, the segment totals) from the reverse scan in segments; the first segment (the
     last key chunks) starts from zero, every other one from the totals of the segments before it. The caller keeps
     the totals alive until the stream that ran the launches is joined. side: the launches go to the side stream
     (the totals pass then takes the tiles of SIDE_STATE_BLOCKS). totals: (tot, ztot, KS) from ``delta_totals``
-    (DELTA_TOTALS), KS totals a segment, in place of the totals pass."""
+    (DELTA_TOTALS), KS totals a segment, in place of the totals pass. zd (REV_SCALE_DO): dA is do, and both passes
+    divide by zd (Zd, [B H, T]) themselves."""
     B, T, H, F = q_feat.shape
     Dv = dA.shape[-1]
     NT = _cdiv(T, BT)
@@ -1767,11 +1805,11 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
     ntot = tot.shape[1]
     if nseg > 1 and totals is None:  # the totals of segments 0 .. nseg-2 (phase 1 of the state pass, one state per chunk)
         grid = ((BF // BK) * (BDV // BV), B * H, nseg - 1)
-        launch(_chunk_state_kernel, grid, (q_feat, dA, rb, rb, tot, ztot, tot, ztot), lambda: (
+        launch(_chunk_state_kernel, grid, (q_feat, dA, rb, rb if zd is None else zd, tot, ztot, tot, ztot), lambda: (
             (q_feat.stride(0), q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
              T, H, 1, NT, L, nseg - 1),
             dict(_state_meta(F, Dv, dtype, big, True, side, _wide(math.prod(grid), q_feat.device)),
-                 SC=1, REVERSE=True, HAS_RB=True, PHASE=1, HAS_RS=False),
+                 SC=1, REVERSE=True, HAS_RB=True, PHASE=1, HAS_RS=zd is not None),
         ))  # fmt: skip
     if nseg > 1 and prefix:  # the totals into inclusive prefixes, in place
         for buf, n in ((tot, BF * BDV), (ztot, BF)):
@@ -1781,12 +1819,13 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
     dkf = torch.empty_like(k_feat)
     dvh = torch.empty_like(dA)
     nv, nf = (REV_SPLIT if BDV // REV_SPLIT >= 16 else 1), (REV_SPLIT if BF // REV_SPLIT >= 16 else 1)
-    launch(_bwd_rev_kernel, (nv + nf, nseg, B * H), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh), lambda: (
+    launch(_bwd_rev_kernel, (nv + nf, nseg, B * H), (q_feat, k_feat, v, dA, rb, tot, ztot, dkf, dvh,
+                                                      rb if zd is None else zd), lambda: (
         (v.stride(0), v.stride(1), v.stride(2), q_feat.stride(0), q_feat.stride(1), q_feat.stride(2),
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, ntot, window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
              DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT=_rev_zdot(dtype, BF // nf),
-             ZSPLIT=_rev_zsplit(dtype), KS=ks,
+             ZSPLIT=_rev_zsplit(dtype), KS=ks, SCALE=zd is not None,
              **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
@@ -1823,7 +1862,7 @@ def _switches() -> tuple:
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
-            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV,
+            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV, REV_SCALE_DO,
             tuple(MAXNREG.items()))
 
 
@@ -2045,6 +2084,13 @@ class HybridAttentionFunction(torch.autograd.Function):
         rev_lin = REV_LIN and bool(lin)  # the key side's linear terms in the reverse scan
         # dA = do / Zd for the reverse pass, unless it scales phi(q) itself (REV_DO); do is the dummy without it
         has_da = bool(lin) and (rev_lin or not REV_DO)
+        delta_q = _delta_q(lin, NT, o, do)
+        # SIDE_DA: the delta kernel writes delta and rb; dA and the totals come from a pass on the side stream
+        side_da = _side_da(T, F, Dv, rev_lin, delta_q)
+        # REV_SCALE_DO: the reverse scan and its totals divide do by Zd themselves: no dA
+        rev_scale = bool(REV_SCALE_DO and rev_lin and not delta_q and not side_da
+                         and not _delta_totals_wanted(T, F, Dv, rev_lin))
+        has_da = has_da and not rev_scale
         dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if has_da else do
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
         if lin and not kept:  # (before delta: it needs none of the backward's buffers)
@@ -2056,10 +2102,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             hs, zs = kept
         totals = None
         # DELTA_Q: the query side's first launch computes delta; rb and dA for the reverse scan on the side stream
-        delta_q = _delta_q(lin, NT, o, do)
         delta_launch = state_launch if delta_q else launch
-        # SIDE_DA: the delta kernel writes delta and rb; dA and the totals come from a pass on the side stream
-        side_da = _side_da(T, F, Dv, rev_lin, delta_q)
         if _delta_totals_wanted(T, F, Dv, rev_lin) and not side_da:  # delta and the reverse scan's totals in one pass
             totals = delta_totals(o, do, ZD, q_feat, delta, rb, dA, dtype=q.dtype, big=big, launch=delta_launch,
                                   has_delta=not delta_q)
@@ -2080,7 +2123,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             if rev_lin:  # dk_feat and dv's linear terms per query head, no reverse states in memory
                 dkf, dvh, rev_totals = rev_linear_backward(q_feat, k_feat, v, dA, rb, G=G, window=window, lin=lin,
                                                         dtype=q.dtype, big=big, launch=state_launch,
-                                                        side=side_wanted, totals=totals)
+                                                        side=side_wanted, totals=totals, zd=ZD if rev_scale else None)
             else:  # queries of chunks >= i+2: dh[i] = sum phi(q)^T dA, dz[i] = sum phi(q) dZ
                 dhs, dzs = chunk_states(q_feat, dA, rb, heads_per_y=1, reverse=True, dtype=q.dtype, big=big,
                                         launch=state_launch, side=side_wanted, rs=ZD if REV_DO else None)

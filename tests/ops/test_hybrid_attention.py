@@ -620,6 +620,12 @@ def test_triton_interpreter_reverse_pass_on_do(mode, w, settings, monkeypatch, i
 # sums the heads' dv), the scan in one segment or in segments of 2 or 4 chunks (T = 330: 6 chunks), with the flags
 # REV_LIN ignores set
 REV_LIN_CASES = [
+    # the scan and its totals on do, divided by Zd themselves (REV_SCALE_DO): in segments, with the same chunk's
+    # linear block, overlap, linear-only in one segment
+    ("hybrid", 64, {"REV_SEG": 2, "REV_SCALE_DO": True}),
+    ("hybrid", 33, {"REV_SEG": 4, "REV_SCALE_DO": True}),
+    ("overlap", 64, {"REV_SEG": 2, "REV_SCALE_DO": True}),
+    ("la_only", 64, {"REV_SEG": 32, "REV_SCALE_DO": True}),
     ("hybrid", 64, {"REV_SEG": 2}),
     ("hybrid", 33, {"REV_SEG": 4, "KF_DV": True, "REV_STATE_STRIDE": 2}),
     ("overlap", 64, {"REV_SEG": 32, "REV_DO": True}),
@@ -1102,7 +1108,10 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "dv-on-the-side-stream-p0-from-the-query-side": {"SIDE_DV": True, "FWD_P": False,
                                                                 "SIDE_STREAM_MIN_CHUNKS": 1},
                "dv-and-da-on-the-side-stream": {"SIDE_DV": True, "SIDE_DA": True, "REV_SEG": 4,
-                                                "SIDE_STREAM_MIN_CHUNKS": 1}}
+                                                "SIDE_STREAM_MIN_CHUNKS": 1},
+               # the reverse scan and its totals on do, divided by Zd themselves (REV_SCALE_DO): no dA
+               "reverse-scan-on-do-seg4": {"REV_SCALE_DO": True, "REV_SEG": 4},
+               "reverse-scan-on-do-side-stream": {"REV_SCALE_DO": True, "REV_SEG": 4, "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
 @pytest.mark.gpu
