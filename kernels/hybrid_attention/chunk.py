@@ -274,8 +274,11 @@ SIDE_DV = False
 # and its totals pass read do itself and divide by Zd in registers, so that the delta kernel writes no dA = do / Zd
 # (at 32K, 32 heads: 0.27 GB written fewer, on the op's stream before the fork). The scan divides a's and da's query
 # columns (accumulators in registers) and phi(q)'s rows for its state's update (the dot's A operand, as the totals
-# pass's HAS_RS does). REV_DO did the same in the old reverse state pass and was slower (its loop at 223 registers
-# against 184).
+# pass's HAS_RS does; in the dk_feat parts through a dot with the diagonal matrix of 1 / Zd, since their rows scaled in
+# registers spilled 156 B a thread). REV_DO did the same in the old reverse state pass and was slower (its loop at 223
+# registers against 184). ptxas (Triton 3.9, sm_90a, bf16): the kernel at 255 registers and 36 B of spills a thread in
+# hybrid mode (239 and none without). H100, 32K, interleaved, 4 rounds (session 26,
+# kernels/bench_tune_h100_session26_rev_scale_do.*): 4.030 against 3.785 ms forward+backward. Off.
 REV_SCALE_DO = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
