@@ -272,10 +272,10 @@ SIDE_DA = False
 SIDE_DV = False
 # REV_SCALE_DO: with REV_LIN (and neither DELTA_TOTALS, DELTA_Q nor SIDE_DA, whose passes write dA), the reverse scan
 # and its totals pass read do itself and divide by Zd in registers, so that the delta kernel writes no dA = do / Zd
-# (at 32K, 32 heads: 0.27 GB written fewer, on the op's stream before the fork). The scan divides a's and da's query
-# columns (accumulators in registers) and phi(q)'s rows for its state's update (the dot's A operand, as the totals
-# pass's HAS_RS does; in the dk_feat parts through a dot with the diagonal matrix of 1 / Zd, since their rows scaled in
-# registers spilled 156 B a thread). REV_DO did the same in the old reverse state pass and was slower (its loop at 223
+# (at 32K, 32 heads: 0.27 GB written fewer, on the op's stream before the fork). The scan multiplies a's and da's
+# query columns (accumulators in registers) by 1 / Zd, and one operand of its state's update: do's rows in the dv parts,
+# phi(q)'s in the dk_feat parts through a dot with the diagonal matrix of 1 / Zd (scaled in registers they spilled 156
+# B a thread); its totals pass divides phi(q)'s rows (HAS_RS). REV_DO did the same in the old reverse state pass and was slower (its loop at 223
 # registers against 184). ptxas (Triton 3.9, sm_90a, bf16): the kernel at 255 registers and 36 B of spills a thread in
 # hybrid mode (239 and none without). H100, 32K, interleaved, 4 rounds (session 26,
 # kernels/bench_tune_h100_session26_rev_scale_do.*): 4.030 against 3.785 ms forward+backward. Off.
@@ -2091,8 +2091,9 @@ class HybridAttentionFunction(torch.autograd.Function):
         # SIDE_DA: the delta kernel writes delta and rb; dA and the totals come from a pass on the side stream
         side_da = _side_da(T, F, Dv, rev_lin, delta_q)
         # REV_SCALE_DO: the reverse scan and its totals divide do by Zd themselves: no dA
-        rev_scale = bool(REV_SCALE_DO and rev_lin and not delta_q and not side_da
-                         and not _delta_totals_wanted(T, F, Dv, rev_lin))
+        # DELTA_TOTALS: delta and the reverse scan's totals in one pass (SIDE_DA's pass on the side stream instead)
+        merged_totals = _delta_totals_wanted(T, F, Dv, rev_lin) and not side_da
+        rev_scale = bool(REV_SCALE_DO and rev_lin and not delta_q and not side_da and not merged_totals)
         has_da = has_da and not rev_scale
         dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if has_da else do
         hs = zs = dhs = dzs = M  # dummies when there is no linear term
@@ -2106,7 +2107,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         totals = None
         # DELTA_Q: the query side's first launch computes delta; rb and dA for the reverse scan on the side stream
         delta_launch = state_launch if delta_q else launch
-        if _delta_totals_wanted(T, F, Dv, rev_lin) and not side_da:  # delta and the reverse scan's totals in one pass
+        if merged_totals:
             totals = delta_totals(o, do, ZD, q_feat, delta, rb, dA, dtype=q.dtype, big=big, launch=delta_launch,
                                   has_delta=not delta_q)
         elif lin or not delta_q:  # (dA bound as a default: the name is deleted below, before the gradient buffers)
@@ -2221,11 +2222,18 @@ class HybridAttentionFunction(torch.autograd.Function):
             q_parts = [dict(DO_LIN=False, DO_SM=True), dict(DO_LIN=True, DO_SM=False)]
         else:
             q_parts = [{}]
+
+        def side_dv_launch(after_q0: bool):  # SIDE_DV's dv pass, on the side stream where one is taken
+            if side and after_q0:
+                side.q0.record(main)
+                side.stream.wait_event(side.q0)
+            kv(kv_parts[-1], state_launch)
+            if side:
+                side.dv.record(side.stream)
+
         for i, part in enumerate(q_parts):
             if side_dv and not dv_after_q0 and i == 0:
-                kv(kv_parts[-1], state_launch)
-                if side:
-                    side.dv.record(side.stream)
+                side_dv_launch(False)
             if side and not kept and part.get("DO_LIN", True):
                 main.wait_event(side.states)
             launch(_bwd_q_kernel, _grid(NT, B, H, G),
@@ -2243,12 +2251,7 @@ class HybridAttentionFunction(torch.autograd.Function):
                 if side:
                     side.kf.record(side.stream)
             if dv_after_q0 and i == 0:
-                if side:
-                    side.q0.record(main)
-                    side.stream.wait_event(side.q0)
-                kv(kv_parts[-1], state_launch)
-                if side:
-                    side.dv.record(side.stream)
+                side_dv_launch(True)
         del hs, zs, kept
         for part in early:
             kv(part)

@@ -282,6 +282,29 @@ def test_triton_interpreter_recomputed_states(mode, w, monkeypatch, interpret):
                         window=w, softmax=softmax, linear=linear)
 
 
+def check_bits_kept(monkeypatch, mode, w, seed, base, change, label, decision=None, between=None):
+    """Under the interpreter, the op at settings ``base`` and then with ``change`` on top: every output and gradient
+    must keep its bits, and the changed run is checked against the naive reference too (a buffer never written would
+    leave a later launch reading an empty one). decision: the chunk function deciding whether the change applies to a
+    backward, which must say True once; between: called after the reference run (spies on the changed run)."""
+    softmax, linear = MODES[mode]
+    kw = dict(window=w, softmax=softmax, linear=linear)
+    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=seed)
+    for name, value in base.items():
+        monkeypatch.setattr(chunk, name, value)
+    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    for name, value in change.items():
+        monkeypatch.setattr(chunk, name, value)
+    launched = record_results(monkeypatch, decision) if decision else None
+    if between:
+        between()
+    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
+    if decision:
+        assert launched == [True]
+    assert_same_bits(out, grads, ref_out, ref_grads)
+    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, label, **kw)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("mode", ["hybrid", "overlap", "la_only", "swa_only"])
 @pytest.mark.parametrize("totals", [False, True], ids=["delta-kernel", "totals-in-the-delta-pass"])
@@ -291,21 +314,9 @@ def test_triton_interpreter_delta_in_the_query_side_gives_the_same_bits(mode, to
     sliding-window-only mode). Under the interpreter every output and gradient must keep its bits; the naive
     reference checks the DELTA_Q run too (a delta never stored would leave the linear side reading an empty
     buffer)."""
-    softmax, linear = MODES[mode]
-    kw = dict(window=33, softmax=softmax, linear=linear)
-    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=41)
-    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
-    monkeypatch.setattr(chunk, "DELTA_TOTALS", totals)
-    monkeypatch.setattr(chunk, "DELTA_TOTALS_MIN_CHUNKS", 1)
-    monkeypatch.setattr(chunk, "REV_SEG", 2)
-    monkeypatch.setattr(chunk, "DELTA_Q", False)
-    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    monkeypatch.setattr(chunk, "DELTA_Q", True)
-    launched = record_results(monkeypatch, "_delta_q")
-    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    assert launched == [True]
-    assert_same_bits(out, grads, ref_out, ref_grads)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp-delta-q", **kw)
+    check_bits_kept(monkeypatch, mode, 33, 41, {"SIDE_STREAM_MIN_CHUNKS": 1, "DELTA_TOTALS": totals,
+                                                "DELTA_TOTALS_MIN_CHUNKS": 1, "REV_SEG": 2, "DELTA_Q": False},
+                    {"DELTA_Q": True}, "triton-interp-delta-q", decision="_delta_q")
 
 
 @needs_interpreter
@@ -316,21 +327,9 @@ def test_triton_interpreter_da_on_the_side_stream_gives_the_same_bits(mode, w, m
     the interpreter every output and gradient must keep the bits of DELTA_TOTALS' one pass (which keeps the
     default's, the DELTA_Q test above); the naive reference checks the SIDE_DA run too (a dA never written would
     leave the reverse scan reading an empty buffer)."""
-    softmax, linear = MODES[mode]
-    kw = dict(window=w, softmax=softmax, linear=linear)
-    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 43)
-    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
-    monkeypatch.setattr(chunk, "DELTA_TOTALS_MIN_CHUNKS", 1)
-    monkeypatch.setattr(chunk, "REV_SEG", 2)
-    monkeypatch.setattr(chunk, "DELTA_TOTALS", True)
-    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    monkeypatch.setattr(chunk, "DELTA_TOTALS", False)
-    monkeypatch.setattr(chunk, "SIDE_DA", True)
-    launched = record_results(monkeypatch, "_side_da")
-    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    assert launched == [True]
-    assert_same_bits(out, grads, ref_out, ref_grads)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp-side-da", **kw)
+    check_bits_kept(monkeypatch, mode, w, w + 43, {"SIDE_STREAM_MIN_CHUNKS": 1, "DELTA_TOTALS_MIN_CHUNKS": 1,
+                                                   "REV_SEG": 2, "DELTA_TOTALS": True},
+                    {"DELTA_TOTALS": False, "SIDE_DA": True}, "triton-interp-side-da", decision="_side_da")
 
 
 @needs_interpreter
@@ -341,24 +340,19 @@ def test_triton_interpreter_dv_on_the_side_stream_gives_the_same_bits(mode, w, f
     forward) or between them (without FWD_P: gamma p0 from the query side's first launch), to the side stream where
     one is taken; here one stream, in that order. The same kernels on the same inputs, so every output and gradient
     must keep its bits. la_only has no dv pass of its own to move: the same launches."""
-    softmax, linear = MODES[mode]
-    kw = dict(window=w, softmax=softmax, linear=linear)
-    inputs, do = make_inputs(1, 330, 4, 2, 32, 32, torch.float32, seed=w + 47)
-    monkeypatch.setattr(chunk, "SIDE_STREAM_MIN_CHUNKS", 1)
-    monkeypatch.setattr(chunk, "REV_SEG", 2)
-    monkeypatch.setattr(chunk, "FWD_P", fwd_p)
-    ref_out, ref_grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    monkeypatch.setattr(chunk, "SIDE_DV", True)
-    order = []  # the query side's and the key side's launches, in order
-    for name, tag in (("_bwd_q_kernel", "q"), ("_bwd_kv_kernel", "kv")):
-        real = getattr(chunk, name)
-        monkeypatch.setattr(chunk, name, type("Spy", (), {
-            "__getitem__": lambda self, grid, real=real, tag=tag: order.append(tag) or real[grid]})())
-    out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
-    if softmax:  # the dv launch first or between the query side's two, then the dk launch
-        assert order == (["kv", "q", "q", "kv"] if fwd_p else ["q", "kv", "q", "kv"]), order
-    assert_same_bits(out, grads, ref_out, ref_grads)
-    check_against_naive(chunk.hybrid_attention_chunk, inputs, do, torch.float32, "triton-interp-side-dv", **kw)
+    order = []  # the query side's and the key side's launches of the SIDE_DV run, in order
+
+    def spy():
+        for name, tag in (("_bwd_q_kernel", "q"), ("_bwd_kv_kernel", "kv")):
+            real = getattr(chunk, name)
+            monkeypatch.setattr(chunk, name, type("Spy", (), {
+                "__getitem__": lambda self, grid, real=real, tag=tag: order.append(tag) or real[grid]})())
+
+    check_bits_kept(monkeypatch, mode, w, w + 47, {"SIDE_STREAM_MIN_CHUNKS": 1, "REV_SEG": 2, "FWD_P": fwd_p},
+                    {"SIDE_DV": True}, "triton-interp-side-dv", between=spy)
+    if MODES[mode][0]:  # (softmax terms) the dv launch first or between the query side's two, then the dk launch,
+        # in the bit check's run and in the naive check's
+        assert order == 2 * (["kv", "q", "q", "kv"] if fwd_p else ["q", "kv", "q", "kv"]), order
 
 
 # (mode, window): the hybrid at w = BT (no linear terms in the own chunk) and below it (CUR_LIN), the overlap and
