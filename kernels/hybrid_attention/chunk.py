@@ -295,8 +295,9 @@ SIDE_STREAM_MIN_CHUNKS = 512
 SIDE_KF = False
 # STREAM_PROBE: a list (bench --stream-probe), or None. A list gets, per backward call that takes the side stream, a
 # dict of timing events: "fork" (the op's stream at the backward's start), "side" (the side stream after its reverse
-# pass), "main" (the op's stream where it waits for that pass) and "end" (after its last launch): their times show
-# which stream the key side's dv launch waits for. No launch depends on it (it is not part of a plan's key).
+# pass), "main" (the op's stream where it waits for that pass, or under SIDE_DV for the side stream's dv pass after it)
+# and "end" (after its last launch): their times show which stream the key side's dv launch waits for. No launch
+# depends on it (it is not part of a plan's key).
 STREAM_PROBE: list | None = None
 # SIDE_STATE_BLOCKS: (F block, Dv block) of the backward's state passes where they go to the side stream (None: those
 # of the forward, STATE_BF x STATE_BV), launched with LAUNCH["side_state"]: larger tiles take fewer SMs from the
