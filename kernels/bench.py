@@ -447,6 +447,10 @@ TUNE = {
     # session 26: the reverse scan and its totals read do and divide by Zd themselves (REV_SCALE_DO): no dA written.
     # 0.25 ms slower on an H100 at 32K (kernels/bench_tune_h100_session26_rev_scale_do.*): its loop spills
     "reverse scan on do": {"REV_SCALE_DO": True},
+    # session 27: the dk_feat parts' state transposed (REV_ST), so that dividing phi(q)'s rows by Zd fits in the
+    # registers (ptxas: 255 and no spills under REV_SCALE_DO, 36 B without REV_ST); alone, 239 as the default
+    "reverse scan on do, state transposed": {"REV_SCALE_DO": True, "REV_ST": True},
+    "reverse scan state transposed": {"REV_ST": True},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -465,7 +469,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
-         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV", "REV_SCALE_DO")
+         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV", "REV_SCALE_DO", "REV_ST")
 
 
 def kernel_config() -> dict:

@@ -177,7 +177,12 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                          ZDOT=chunk._rev_zdot(torch.float32 if dtype == "fp32" else torch.bfloat16,
                                               F // chunk.REV_SPLIT),
                          ZSPLIT=chunk._rev_zsplit(torch.float32 if dtype == "fp32" else torch.bfloat16),
-                         SCALE=chunk.REV_SCALE_DO)))
+                         SCALE=chunk.REV_SCALE_DO, ST=chunk.REV_ST)))
+        if chunk.SIDE_STATE_BLOCKS:  # its segment totals on the side stream, in the side stream's tiles
+            bk, bv = chunk.SIDE_STATE_BLOCKS
+            out.append((f"reverse scan totals (side stream, {bk}x{bv})", chunk._chunk_state_kernel,
+                        "side_state", dict(state, BK=bk, BV=bv, PHASE=1, REVERSE=True, HAS_RB=True, SC=1,
+                                           HAS_RS=chunk.REV_SCALE_DO, RS_Y=chunk.REV_ST)))
         out.append(("bwd_kv (REV_LIN)", chunk._bwd_kv_kernel, "bwd_kv",
                     dict(both, LINEAR=0, CUR_LIN=0, WITH_KF=False, FWD_LIN=False, DVL_HEADS=True)))
     if lin and not chunk.KF_IN_KV and not chunk.KF_DV and not chunk.REV_LIN:
@@ -211,6 +216,8 @@ def main(argv=None):
                     help="compile with chunk.SIDE_DA on (dA written by the side stream's totals pass)")
     ap.add_argument("--rev-scale-do", action="store_true",
                     help="compile with chunk.REV_SCALE_DO on (the reverse scan divides do by Zd itself)")
+    ap.add_argument("--rev-st", action="store_true",
+                    help="compile with chunk.REV_ST on (the reverse scan's dk_feat parts hold dh transposed)")
     ap.add_argument("--fwd-blocks", action="store_true",
                     help="compile with chunk.FWD_P and chunk.FWD_LIN on (the forward's blocks for the backward)")
     ap.add_argument("--out-bv", type=int, nargs="+", default=[chunk.OUT_BV], help="forward Dv block")
@@ -232,6 +239,7 @@ def main(argv=None):
     chunk.DELTA_Q = chunk.DELTA_Q or args.delta_q
     chunk.SIDE_DA = chunk.SIDE_DA or args.side_da
     chunk.REV_SCALE_DO = chunk.REV_SCALE_DO or args.rev_scale_do
+    chunk.REV_ST = chunk.REV_ST or args.rev_st
     chunk.KF_DV = chunk.KF_DV or args.kf_dv
     chunk.REV_DO = chunk.REV_DO or args.rev_do
     chunk.REV_LIN = chunk.REV_LIN and not args.reverse_states

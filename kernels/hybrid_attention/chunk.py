@@ -280,6 +280,10 @@ SIDE_DV = False
 # hybrid mode (239 and none without). H100, 32K, interleaved, 4 rounds (session 26,
 # kernels/bench_tune_h100_session26_rev_scale_do.*): 4.030 against 3.785 ms forward+backward. Off.
 REV_SCALE_DO = False
+# REV_ST: the reverse scan's dk_feat parts hold their block of dh transposed (S^T, [Dv, F / NF]): the update dA^T phi(q)
+# takes phi(q) as the dot's B operand, whose rows REV_SCALE_DO divides by Zd in registers before it goes to shared
+# memory (no transposed operand in registers), and v S^T needs no transpose.
+REV_ST = False
 # FUSED_FWD: the forward's state pass and output kernel as one launch (_fwd_fused_kernel) in which the output
 # programs start while the state pass runs: each takes a ticket at its start (the first B H (F / STATE_BF) (Dv /
 # STATE_BV) run the state pass, the rest the output chunks, in chunk order), computes its local blocks and then waits
@@ -514,6 +518,7 @@ def _chunk_state_kernel(
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     Z_DOT: tl.constexpr = False, ZPREC: tl.constexpr = "ieee", SC: tl.constexpr = 1, HAS_RS: tl.constexpr = False,
+    RS_Y: tl.constexpr = False,
 ):
     """One [BK, BV] block of the states of one head over the steps [seg L, seg L + L) of the scan (step t stores
     state p = t, or NS-1-t in reverse, then adds the SC chunks that separate it from the next state: one [SC BT, BK]
@@ -526,11 +531,12 @@ def _chunk_state_kernel(
     x every step (0.62 -> 0.48 ms per forward pass at 32K on an H200). The weighted dot runs in fp32 operands at
     ZPREC (3xTF32 for 16-bit inputs: fp32-accurate, as the column sum was; two bf16 dots of x with rb split in a
     high and a low bf16 part were no faster on an H200).
-    HAS_RS: the rows of X enter the state (not z) divided by RS[bh, t] (REV_DO: phi(q) / Zd against do)."""
+    HAS_RS: the rows of X enter the state (not z) divided by RS[bh, t] (REV_DO: phi(q) / Zd against do); RS_Y: the
+    same division applied to Y's rows, the dot's B operand (REV_ST), in place of X's, its transposed A operand."""
     _state_scan(X, Y, RB, HS, ZS, TOT, ZTOT, X, tl.program_id(0), tl.program_id(1), tl.program_id(2),
                 sxb, sxt, sxh, syb, syt, syh, T, H, GY, NS, L, NTOT,
                 F, DV, BF, BDV, BK, BV, BT, PHASE, REVERSE, HAS_RB, DT, PREC, Z_DOT, ZPREC, SC, False,
-                RS=RS, HAS_RS=HAS_RS)
+                RS=RS, HAS_RS=HAS_RS, RS_Y=RS_Y)
 
 
 @triton.jit
@@ -552,7 +558,7 @@ def _state_scan(
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PHASE: tl.constexpr,
     REVERSE: tl.constexpr, HAS_RB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     Z_DOT: tl.constexpr, ZPREC: tl.constexpr, SC: tl.constexpr, SIGNAL: tl.constexpr, NTHREADS: tl.constexpr = 128,
-    RS=None, HAS_RS: tl.constexpr = False,
+    RS=None, HAS_RS: tl.constexpr = False, RS_Y: tl.constexpr = False,
 ):
     """The body of ``_chunk_state_kernel`` for one (state block, batch * head, segment). SIGNAL (the fused forward,
     one segment, forward only): once state p's block is stored, READY[bh, p] counts it (``_signal``), one step late,
@@ -612,7 +618,9 @@ def _state_scan(
             z += tl.sum(x.to(tl.float32) * _load_row(RB + rowp, rows, T, 0.0)[:, None], axis=0)
         else:
             z += tl.sum(x.to(tl.float32), axis=0)
-        if HAS_RS:  # x's rows scaled in registers: the dot's A operand, no round trip through shared memory
+        if HAS_RS and RS_Y:  # y's rows scaled in registers: the dot's B operand, through shared memory
+            y = (y.to(tl.float32) / _load_row(RS + rowp, rows, T, 1.0)[:, None]).to(DT)
+        elif HAS_RS:  # x's rows scaled in registers: the dot's A operand, no round trip through shared memory
             x = (x.to(tl.float32) / _load_row(RS + rowp, rows, T, 1.0)[:, None]).to(DT)
         S = tl.dot(tl.trans(x), y.to(DT), S, input_precision=PREC)
     if SIGNAL:
@@ -1465,7 +1473,7 @@ def _bwd_rev_kernel(
     DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
     LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     NV: tl.constexpr, NF: tl.constexpr, PREFIX: tl.constexpr = False, ZDOT: tl.constexpr = False,
-    ZSPLIT: tl.constexpr = True, KS: tl.constexpr = 1, SCALE: tl.constexpr = False,
+    ZSPLIT: tl.constexpr = True, KS: tl.constexpr = 1, SCALE: tl.constexpr = False, ST: tl.constexpr = False,
 ):
     """Key chunks i = NT-1-t for the steps t of segment seg (t in [seg L, seg L + L)), of one query head, with the
     reverse state dh = sum phi(q)^T dA, dz = sum phi(q) dZ over the query chunks >= i + 2 in registers, then chunk
@@ -1475,7 +1483,8 @@ def _bwd_rev_kernel(
     and write those columns of dk_feat_j: v_j dh^T + dz + the local terms, in the dtype of the features. A part's
     block of the state starts from the totals of the segments before this one (TOT, ZTOT: ``_chunk_state_kernel``'s
     phase 1 over the same segments, or ``_delta_totals_kernel``'s over KS parts a segment; PREFIX: their inclusive
-    prefixes). SCALE (REV_SCALE_DO): DA is do, and the kernel divides by Zd (ZD) itself."""
+    prefixes). SCALE (REV_SCALE_DO): DA is do, and the kernel divides by Zd (ZD) itself. ST (REV_ST): the dk_feat parts
+    hold their block of dh transposed."""
     part = tl.program_id(0)  # (the parts of a segment and head run next to each other and share their tiles in L2)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -1485,7 +1494,7 @@ def _bwd_rev_kernel(
     else:
         _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, ZD, svb, svt, svh, sfb, sft, sfh, sab, sat, sah, T, H, G, NT, L,
                       NTOT, window, seg, pid_bh, part - NV, DV, F, BDV, BF, BT, LINEAR, CUR_LIN, DT, PREC, NF, PREFIX,
-                      ZDOT, ZSPLIT, KS, SCALE)
+                      ZDOT, ZSPLIT, KS, SCALE, ST)
 
 
 @triton.jit
@@ -1525,9 +1534,10 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, ZD, svb, svt, svh, sfb, sft, sf
                   DV: tl.constexpr, F: tl.constexpr, BDV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                   LINEAR: tl.constexpr, CUR_LIN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                   NF: tl.constexpr, PREFIX: tl.constexpr, ZDOT: tl.constexpr, ZSPLIT: tl.constexpr,
-                  KS: tl.constexpr, SCALE: tl.constexpr):
+                  KS: tl.constexpr, SCALE: tl.constexpr, ST: tl.constexpr = False):
     """``_bwd_rev_kernel``'s dk_feat part ``part``: dk_feat's columns ff, the local weights da over all Dv against
-    phi(q)'s columns."""
+    phi(q)'s columns. ST: the state block is held as S^T [Dv, F / NF], updated by dA^T phi(q) (phi(q)'s rows times
+    1 / Zd under SCALE, the dot's B operand) and read by v S^T without a transpose."""
     b = pid_bh // H
     h = pid_bh % H
     qfp = _head(QF, b, h, sfb, sfh)
@@ -1537,6 +1547,8 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, ZD, svb, svt, svh, sfb, sft, sf
     ff = part * (BF // NF) + tl.arange(0, BF // NF)
     vv = tl.arange(0, BDV)
     S, z = _rev_carry_in(TOT, ZTOT, pid_bh, seg * KS, NTOT, ff, vv, BF, BDV, PREFIX)
+    if ST:
+        S = tl.trans(S)
     if ZDOT:  # z in every row of a dot accumulator (REV_ZDOT)
         zb = tl.zeros([BT, BF // NF], dtype=tl.float32) + z[None, :]
     for t in range(seg * L, tl.minimum(seg * L + L, NT)):
@@ -1547,21 +1559,38 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, ZD, svb, svt, svh, sfb, sft, sf
         da = _load_tile(dap, n, vv, T, DV, sat)
         rb = _load_row(RB + rowp, n, T, 0.0)
         inv = 1.0 / _load_row(ZD + rowp, n, T, 1.0) if SCALE else None
+        St = S.to(DT) if ST else tl.trans(S.to(DT))
         if ZDOT:
-            dkf = tl.dot(v, tl.trans(S.to(DT)), input_precision=PREC) + zb
+            dkf = tl.dot(v, St, input_precision=PREC) + zb
         else:
-            dkf = tl.dot(v, tl.trans(S.to(DT)), input_precision=PREC) + z[None, :]
-        dkf = _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC, inv, SCALE)
+            dkf = tl.dot(v, St, input_precision=PREC) + z[None, :]
+        if ST and SCALE:  # phi(q)'s rows over Zd, once for both dots; dZ's products times Zd to match
+            qs = (qf.to(tl.float32) * inv[:, None]).to(DT)
+            dkf = _rev_dkf(qs, da, rb / inv, v, n, j, T, window, dkf, LINEAR, DT, PREC)
+        else:
+            dkf = _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC, inv, SCALE)
         if CUR_LIN:
-            dkf = _rev_dkf(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat),
-                           _load_row(RB + rowp, j, T, 0.0), v, j, j, T, window, dkf, LINEAR, DT, PREC,
-                           1.0 / _load_row(ZD + rowp, j, T, 1.0) if SCALE else None, SCALE)
+            qc = _load_tile(qfp, j, ff, T, F, sft)
+            rc = _load_row(RB + rowp, j, T, 0.0)
+            if SCALE:
+                zc = _load_row(ZD + rowp, j, T, 1.0)
+                if ST:
+                    dkf = _rev_dkf((qc.to(tl.float32) / zc[:, None]).to(DT), _load_tile(dap, j, vv, T, DV, sat),
+                                   rc * zc, v, j, j, T, window, dkf, LINEAR, DT, PREC)
+                else:
+                    dkf = _rev_dkf(qc, _load_tile(dap, j, vv, T, DV, sat), rc, v, j, j, T, window, dkf, LINEAR, DT,
+                                   PREC, 1.0 / zc, SCALE)
+            else:
+                dkf = _rev_dkf(qc, _load_tile(dap, j, vv, T, DV, sat), rc, v, j, j, T, window, dkf, LINEAR, DT, PREC)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
         if ZDOT:
             zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC, ZSPLIT)
         else:
             z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
-        S = _rev_state_add(S, qf, da, inv, BT, DT, PREC, SCALE)
+        if ST:
+            S = tl.dot(tl.trans(da), qs if SCALE else qf, S, input_precision=PREC)
+        else:
+            S = _rev_state_add(S, qf, da, inv, BT, DT, PREC, SCALE)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1813,7 +1842,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
             (q_feat.stride(0), q_feat.stride(1), q_feat.stride(2), dA.stride(0), dA.stride(1), dA.stride(2),
              T, H, 1, NT, L, nseg - 1),
             dict(_state_meta(F, Dv, dtype, big, True, side, _wide(math.prod(grid), q_feat.device)),
-                 SC=1, REVERSE=True, HAS_RB=True, PHASE=1, HAS_RS=zd is not None),
+                 SC=1, REVERSE=True, HAS_RB=True, PHASE=1, HAS_RS=zd is not None, RS_Y=REV_ST),
         ))  # fmt: skip
     if nseg > 1 and prefix:  # the totals into inclusive prefixes, in place
         for buf, n in ((tot, BF * BDV), (ztot, BF)):
@@ -1829,7 +1858,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
          dA.stride(0), dA.stride(1), dA.stride(2), T, H, G, NT, L, ntot, window),
         dict(DV=Dv, F=F, BDV=BDV, BF=BF, BT=BT, LINEAR=lin, CUR_LIN=_cur_lin(lin, window),
              DT=_dot_dtype(dtype), PREC=_prec(dtype), NV=nv, NF=nf, PREFIX=prefix, ZDOT=_rev_zdot(dtype, BF // nf),
-             ZSPLIT=_rev_zsplit(dtype), KS=ks, SCALE=zd is not None,
+             ZSPLIT=_rev_zsplit(dtype), KS=ks, SCALE=zd is not None, ST=REV_ST,
              **_options("bwd_rev", big, dtype)),
     ))  # fmt: skip
     return dkf, dvh, (tot, ztot)
@@ -1866,7 +1895,7 @@ def _switches() -> tuple:
             STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
-            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV, REV_SCALE_DO,
+            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV, REV_SCALE_DO, REV_ST,
             tuple(MAXNREG.items()))
 
 

@@ -620,6 +620,14 @@ REV_LIN_CASES = [
     ("hybrid", 33, {"REV_SEG": 4, "REV_SCALE_DO": True}),
     ("overlap", 64, {"REV_SEG": 2, "REV_SCALE_DO": True}),
     ("la_only", 64, {"REV_SEG": 32, "REV_SCALE_DO": True}),
+    # the dk_feat parts' state held transposed (REV_ST), with phi(q)'s rows divided by Zd as its update's B operand
+    # and the totals pass dividing do's rows under REV_SCALE_DO; alone (no division) too
+    ("hybrid", 64, {"REV_SEG": 2, "REV_SCALE_DO": True, "REV_ST": True}),
+    ("hybrid", 33, {"REV_SEG": 4, "REV_SCALE_DO": True, "REV_ST": True}),
+    ("overlap", 64, {"REV_SEG": 2, "REV_SCALE_DO": True, "REV_ST": True}),
+    ("la_only", 64, {"REV_SEG": 32, "REV_SCALE_DO": True, "REV_ST": True}),
+    ("hybrid", 33, {"REV_SEG": 2, "REV_ST": True}),
+    ("overlap", 64, {"REV_SEG": 4, "REV_ST": True}),
     ("hybrid", 64, {"REV_SEG": 2}),
     ("hybrid", 33, {"REV_SEG": 4, "KF_DV": True, "REV_STATE_STRIDE": 2}),
     ("overlap", 64, {"REV_SEG": 32, "REV_DO": True}),
@@ -1105,7 +1113,11 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                                                 "SIDE_STREAM_MIN_CHUNKS": 1},
                # the reverse scan and its totals on do, divided by Zd themselves (REV_SCALE_DO): no dA
                "reverse-scan-on-do-seg4": {"REV_SCALE_DO": True, "REV_SEG": 4},
-               "reverse-scan-on-do-side-stream": {"REV_SCALE_DO": True, "REV_SEG": 4, "SIDE_STREAM_MIN_CHUNKS": 1}}
+               "reverse-scan-on-do-side-stream": {"REV_SCALE_DO": True, "REV_SEG": 4, "SIDE_STREAM_MIN_CHUNKS": 1},
+               # the same with the dk_feat parts' state transposed (REV_ST), and REV_ST alone
+               "reverse-scan-on-do-state-transposed": {"REV_SCALE_DO": True, "REV_ST": True, "REV_SEG": 4,
+                                                       "SIDE_STREAM_MIN_CHUNKS": 1},
+               "reverse-scan-state-transposed": {"REV_ST": True, "REV_SEG": 4}}
 
 
 @pytest.mark.gpu
