@@ -451,6 +451,10 @@ TUNE = {
     # registers (ptxas: 255 and no spills under REV_SCALE_DO, 36 B without REV_ST); alone, 239 as the default
     "reverse scan on do, state transposed": {"REV_SCALE_DO": True, "REV_ST": True},
     "reverse scan state transposed": {"REV_ST": True},
+    # session 27: the side stream above the op's in priority (SIDE_PRIORITY): the reverse scan's programs placed first
+    "side stream high priority": {"SIDE_PRIORITY": -1},
+    "side stream high priority, dv on the side stream": {"SIDE_PRIORITY": -1, "SIDE_DV": True},
+    "side stream high priority, delta in the query side": {"SIDE_PRIORITY": -1, "DELTA_Q": True},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -469,7 +473,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
-         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV", "REV_SCALE_DO", "REV_ST")
+         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV", "REV_SCALE_DO", "REV_ST", "SIDE_PRIORITY")
 
 
 def kernel_config() -> dict:

@@ -270,6 +270,10 @@ SIDE_DA = False
 # kernels/bench_tune_h100_session26_side_dv_6rounds.*): no gain shown; with it the side stream is the longer one (the
 # dv pass took ~0.47 ms beside the query side's linear launch and the dk pass). Off.
 SIDE_DV = False
+# SIDE_PRIORITY: the CUDA priority of the side stream (lower is higher; 0, the default streams' priority, the lowest).
+# Above the op's stream, the block scheduler places the side stream's pending programs (the reverse scan) first
+# wherever both streams have work waiting, instead of in the order the launches reached the GPU.
+SIDE_PRIORITY = 0
 # REV_SCALE_DO: with REV_LIN (and neither DELTA_TOTALS, DELTA_Q nor SIDE_DA, whose passes write dA), the reverse scan
 # and its totals pass read do itself and divide by Zd in registers, so that the delta kernel writes no dA = do / Zd
 # (at 32K, 32 heads: 0.27 GB written fewer, on the op's stream before the fork). The scan multiplies a's and da's
@@ -1896,6 +1900,7 @@ def _switches() -> tuple:
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
             DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV, REV_SCALE_DO, REV_ST,
+            SIDE_PRIORITY,
             tuple(MAXNREG.items()))
 
 
@@ -1938,8 +1943,8 @@ class _Side:
     """The side stream of one device (SIDE_STREAM) and the events of a backward call's fork and joins, kept for the
     next calls: a wait takes the event as last recorded before it, so recording it again later is safe."""
 
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device)
+    def __init__(self, device: torch.device, priority: int = 0):
+        self.stream = torch.cuda.Stream(device, priority=priority)
         self.fork, self.delta, self.states, self.reverse, self.q0, self.kf, self.dv = (
             torch.cuda.Event() for _ in range(7))
 
@@ -1968,9 +1973,10 @@ def _side(x: torch.Tensor, wanted: bool) -> _Side | None:
         return None
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return None
-    side = _SIDES.get(x.device.index)
+    key = (x.device.index, SIDE_PRIORITY)
+    side = _SIDES.get(key)
     if side is None:
-        side = _SIDES[x.device.index] = _Side(x.device)
+        side = _SIDES[key] = _Side(x.device, SIDE_PRIORITY)
     return side
 
 

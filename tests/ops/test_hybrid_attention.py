@@ -917,10 +917,12 @@ def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypat
 @pytest.mark.parametrize("side_kf,keep,kv_split,delta", [
     (False, False, False, None), (True, False, False, None), (False, True, False, None),
     (True, True, False, None), (False, True, True, None), (False, True, True, "DELTA_Q"),
-    (False, True, True, "SIDE_DA"), (False, True, True, "SIDE_DV"), (False, True, True, "SIDE_DV+SIDE_DA")],
+    (False, True, True, "SIDE_DA"), (False, True, True, "SIDE_DV"), (False, True, True, "SIDE_DV+SIDE_DA"),
+    (False, True, True, "SIDE_PRIORITY")],
     ids=["states", "states-and-dk_feat", "kept-states", "kept-states-and-dk_feat", "kept-states-key-side-split",
          "kept-states-key-side-split-delta-in-the-query-side", "kept-states-key-side-split-da-on-the-side-stream",
-         "kept-states-key-side-split-dv-on-the-side-stream", "kept-states-key-side-split-dv-and-da-on-the-side-stream"])
+         "kept-states-key-side-split-dv-on-the-side-stream", "kept-states-key-side-split-dv-and-da-on-the-side-stream",
+         "kept-states-key-side-split-side-stream-high-priority"])
 def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, kv_split, delta, monkeypatch):
     """SIDE_STREAM runs the same kernels with the state passes (and, SIDE_KF, dk_feat) on a second stream: every
     output and gradient must be bit-identical to the one-stream run, through Triton's path and through replayed
@@ -931,12 +933,14 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
     kernel's wait on the query side removed, the test without these passed). kv_split: the key side's dk launch
     goes before the wait for the side stream's reverse pass (KV_SPLIT). delta: DELTA_Q (the delta kernel on the side
     stream, delta from the query side's first launch), SIDE_DA (dA written on the side stream by the totals' pass,
-    in segments of 16 chunks: four) and / or SIDE_DV (the key side's dv pass on the side stream)."""
+    in segments of 16 chunks: four) and / or SIDE_DV (the key side's dv pass on the side stream), or SIDE_PRIORITY (the
+    side stream above the op's in priority)."""
     softmax, linear = MODES[mode]
     kw = dict(window=64, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=11)
     for name in ("DELTA_Q", "SIDE_DA", "SIDE_DV"):
         monkeypatch.setattr(chunk, name, name in (delta or "").split("+"))
+    monkeypatch.setattr(chunk, "SIDE_PRIORITY", -1 if delta == "SIDE_PRIORITY" else 0)
     if chunk.SIDE_DA:
         monkeypatch.setattr(chunk, "REV_SEG", 16)
     monkeypatch.setattr(chunk, "KEEP_STATES", keep)
@@ -970,6 +974,9 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
         out, grads = run(chunk.hybrid_attention_chunk, inputs, do, **kw)
         assert_same_bits(out, grads, ref_out, ref_grads)
     assert len(sides) == 4 and all(s is not None for s in sides), "the backward did not take the side stream"
+    # (a priority above the default streams' 0 where SIDE_PRIORITY asks for one: CUDA clamps it to the device's range)
+    prios = {s.stream.priority for s in sides}
+    assert prios == {0} if not chunk.SIDE_PRIORITY else len(prios) == 1 and min(prios) < 0, prios
 
 
 def _poison_cuda_cache():
