@@ -455,6 +455,8 @@ TUNE = {
     "side stream high priority": {"SIDE_PRIORITY": -1},
     "side stream high priority, dv on the side stream": {"SIDE_PRIORITY": -1, "SIDE_DV": True},
     "side stream high priority, delta in the query side": {"SIDE_PRIORITY": -1, "DELTA_Q": True},
+    "side stream high priority, dA on the side stream": {"SIDE_PRIORITY": -1, "SIDE_DA": True},
+    "side stream high priority, dv and dA on the side stream": {"SIDE_PRIORITY": -1, "SIDE_DV": True, "SIDE_DA": True},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
