@@ -457,6 +457,9 @@ TUNE = {
     "side stream high priority, delta in the query side": {"SIDE_PRIORITY": -1, "DELTA_Q": True},
     "side stream high priority, dA on the side stream": {"SIDE_PRIORITY": -1, "SIDE_DA": True},
     "side stream high priority, dv and dA on the side stream": {"SIDE_PRIORITY": -1, "SIDE_DV": True, "SIDE_DA": True},
+    # session 27: the query side's linear launch on the side stream after the reverse scan (SIDE_QLIN)
+    "query side's linear launch on the side stream": {"SIDE_QLIN": True},
+    "side stream high priority, query side's linear launch on it": {"SIDE_PRIORITY": -1, "SIDE_QLIN": True},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -475,7 +478,8 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "SIDE_STREAM", "SIDE_STREAM_MIN_CHUNKS", "SIDE_KF", "SIDE_STATE_BLOCKS",
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
-         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV", "REV_SCALE_DO", "REV_ST", "SIDE_PRIORITY")
+         "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV", "REV_SCALE_DO", "REV_ST", "SIDE_PRIORITY",
+         "SIDE_QLIN")
 
 
 def kernel_config() -> dict:

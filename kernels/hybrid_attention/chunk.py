@@ -274,6 +274,10 @@ SIDE_DV = False
 # Above the op's stream, the block scheduler places the side stream's pending programs (the reverse scan) first
 # wherever both streams have work waiting, instead of in the order the launches reached the GPU.
 SIDE_PRIORITY = 0
+# SIDE_QLIN: the query side's linear launch (Q_SPLIT) on the side stream, after the reverse scan and after the softmax
+# launch whose dW blocks it reads, beside the key side's passes; the op's stream joins it at the end. Not with SIDE_DV
+# or SIDE_KF, whose launches take that place on the side stream. On one stream the same launch order.
+SIDE_QLIN = False
 # REV_SCALE_DO: with REV_LIN (and neither DELTA_TOTALS, DELTA_Q nor SIDE_DA, whose passes write dA), the reverse scan
 # and its totals pass read do itself and divide by Zd in registers, so that the delta kernel writes no dA = do / Zd
 # (at 32K, 32 heads: 0.27 GB written fewer, on the op's stream before the fork). The scan multiplies a's and da's
@@ -1900,7 +1904,7 @@ def _switches() -> tuple:
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
             DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV, REV_SCALE_DO, REV_ST,
-            SIDE_PRIORITY,
+            SIDE_PRIORITY, SIDE_QLIN,
             tuple(MAXNREG.items()))
 
 
@@ -1947,6 +1951,7 @@ class _Side:
         self.stream = torch.cuda.Stream(device, priority=priority)
         self.fork, self.delta, self.states, self.reverse, self.q0, self.kf, self.dv = (
             torch.cuda.Event() for _ in range(7))
+        self.ql = torch.cuda.Event()
 
     def launch(self, launch):
         """``launch`` with its kernels sent to the side stream; tensors stay allocated on the op's stream."""
@@ -2259,6 +2264,10 @@ class HybridAttentionFunction(torch.autograd.Function):
         else:
             q_parts = [{}]
 
+        # SIDE_QLIN: the linear launch on the side stream, after the softmax launch
+        side_qlin = bool(SIDE_QLIN and len(q_parts) == 2 and not side_dv and not side_kf
+                         and NT >= SIDE_STREAM_MIN_CHUNKS)
+
         def side_dv_launch(after_q0: bool):  # SIDE_DV's dv pass, on the side stream where one is taken
             if side and after_q0:
                 side.q0.record(main)
@@ -2270,12 +2279,22 @@ class HybridAttentionFunction(torch.autograd.Function):
         for i, part in enumerate(q_parts):
             if side_dv and not dv_after_q0 and i == 0:
                 side_dv_launch(False)
-            if side and not kept and part.get("DO_LIN", True):
+            q_launch = launch
+            if side_qlin and i == 1:
+                q_launch = state_launch
+                if side:
+                    side.q0.record(main)
+                    side.stream.wait_event(side.q0)
+                    hs.record_stream(side.stream)  # (read there after this function lets go of them)
+                    zs.record_stream(side.stream)
+            elif side and not kept and part.get("DO_LIN", True):
                 main.wait_event(side.states)
-            launch(_bwd_q_kernel, _grid(NT, B, H, G),
+            q_launch(_bwd_q_kernel, _grid(NT, B, H, G),
                    (q, k, v, q_feat, k_feat, gam, do, M, ZD, delta, hs, zs, dq, dqf, ps, ds, dwl, dg, arg, o),
                    rest("bwd_q", _stride(False), **part, **group, SAVE_P=SAVE_P, SAVE_DW=save_dw,
                         WIN=WINDOW_BLOCKS, NDW=ndw, FWD_P=fwd_p, DELTA_Q=delta_q and i == 0))
+            if side_qlin and i == 1 and side:
+                side.ql.record(side.stream)
             # SIDE_KF: once the first query-side launch has stored its dW blocks, on the side stream after the
             # reverse states (the launch order depends on the settings alone, not on whether this call has a side
             # stream: a launch plan replays it)
@@ -2306,6 +2325,8 @@ class HybridAttentionFunction(torch.autograd.Function):
             kf(launch)
         elif side and side_kf:
             main.wait_event(side.kf)  # the join: every tensor the side stream used outlives this point
+        if side and side_qlin:
+            main.wait_event(side.ql)  # the join (SIDE_QLIN)
         if marks:
             marks["end"].record(main)
             STREAM_PROBE.append(marks)
