@@ -451,8 +451,10 @@ TUNE = {
     # registers (ptxas: 255 and no spills under REV_SCALE_DO, 36 B without REV_ST); alone, 239 as the default
     "reverse scan on do, state transposed": {"REV_SCALE_DO": True, "REV_ST": True},
     "reverse scan state transposed": {"REV_ST": True},
-    # session 27: the side stream above the op's in priority (SIDE_PRIORITY): the reverse scan's programs placed first
+    # session 27: the side stream above the op's in priority (SIDE_PRIORITY): the reverse scan's programs placed first.
+    # On by default since (kernels/bench_tune_h100_session27_priority*)
     "side stream high priority": {"SIDE_PRIORITY": -1},
+    "side stream at the default streams' priority": {"SIDE_PRIORITY": 0},
     "side stream high priority, dv on the side stream": {"SIDE_PRIORITY": -1, "SIDE_DV": True},
     "side stream high priority, delta in the query side": {"SIDE_PRIORITY": -1, "DELTA_Q": True},
     "side stream high priority, dA on the side stream": {"SIDE_PRIORITY": -1, "SIDE_DA": True},

@@ -929,12 +929,12 @@ def test_triton_gpu_launch_plans_replay_the_bits_of_tritons_path(mode, monkeypat
     (False, False, False, None), (True, False, False, None), (False, True, False, None),
     (True, True, False, None), (False, True, True, None), (False, True, True, "DELTA_Q"),
     (False, True, True, "SIDE_DA"), (False, True, True, "SIDE_DV"), (False, True, True, "SIDE_DV+SIDE_DA"),
-    (False, True, True, "SIDE_PRIORITY"), (False, True, True, "SIDE_QLIN+SIDE_PRIORITY")],
+    (False, True, True, "LOW_PRIORITY"), (False, True, True, "SIDE_QLIN")],
     ids=["states", "states-and-dk_feat", "kept-states", "kept-states-and-dk_feat", "kept-states-key-side-split",
          "kept-states-key-side-split-delta-in-the-query-side", "kept-states-key-side-split-da-on-the-side-stream",
          "kept-states-key-side-split-dv-on-the-side-stream", "kept-states-key-side-split-dv-and-da-on-the-side-stream",
-         "kept-states-key-side-split-side-stream-high-priority",
-         "kept-states-key-side-split-query-side-linear-on-the-high-priority-side-stream"])
+         "kept-states-key-side-split-side-stream-at-the-default-streams-priority",
+         "kept-states-key-side-split-query-side-linear-on-the-side-stream"])
 def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep, kv_split, delta, monkeypatch):
     """SIDE_STREAM runs the same kernels with the state passes (and, SIDE_KF, dk_feat) on a second stream: every
     output and gradient must be bit-identical to the one-stream run, through Triton's path and through replayed
@@ -945,14 +945,15 @@ def test_triton_gpu_side_stream_gives_the_bits_of_one_stream(mode, side_kf, keep
     kernel's wait on the query side removed, the test without these passed). kv_split: the key side's dk launch
     goes before the wait for the side stream's reverse pass (KV_SPLIT). delta: DELTA_Q (the delta kernel on the side
     stream, delta from the query side's first launch), SIDE_DA (dA written on the side stream by the totals' pass,
-    in segments of 16 chunks: four) and / or SIDE_DV (the key side's dv pass on the side stream), or SIDE_PRIORITY (the
-    side stream above the op's in priority), with SIDE_QLIN (the query side's linear launch on the side stream)."""
+    in segments of 16 chunks: four) and / or SIDE_DV (the key side's dv pass on the side stream), or SIDE_QLIN (the query
+    side's linear launch on the side stream); the side stream at SIDE_PRIORITY's high priority, or (LOW_PRIORITY) at
+    the default streams' 0."""
     softmax, linear = MODES[mode]
     kw = dict(window=64, softmax=softmax, linear=linear)
     inputs, do = make_inputs(1, 4096, 8, 2, 128, 128, torch.bfloat16, device="cuda", seed=11)
     for name in ("DELTA_Q", "SIDE_DA", "SIDE_DV", "SIDE_QLIN"):
         monkeypatch.setattr(chunk, name, name in (delta or "").split("+"))
-    monkeypatch.setattr(chunk, "SIDE_PRIORITY", -1 if "SIDE_PRIORITY" in (delta or "").split("+") else 0)
+    monkeypatch.setattr(chunk, "SIDE_PRIORITY", 0 if delta == "LOW_PRIORITY" else -1)
     if chunk.SIDE_DA:
         monkeypatch.setattr(chunk, "REV_SEG", 16)
     monkeypatch.setattr(chunk, "KEEP_STATES", keep)
