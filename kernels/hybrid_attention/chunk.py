@@ -274,17 +274,17 @@ SIDE_DV = False
 # CUDA clamps it to the device's range). Above the op's stream, the block scheduler places the side stream's pending
 # programs (its totals pass and the reverse scan) first wherever both streams have work waiting, instead of in the
 # order the launches reached the GPU: at 32K the reverse scan is done 1.30 ms after the fork instead of 1.77-2.21, and
-# the op's stream reaches its wait 0.03-0.06 ms sooner (bench --stream-probe). H100, 32K, interleaved, 4 calls (session
-# 27, kernels/bench_tune_h100_session27_priority*): 3.784 / 3.779 / 3.793 / 3.819 against 3.827 / 3.820 / 3.835 /
-# 3.914 ms forward+backward; 8K 1.234 / 1.180 / 1.166 against 1.207 / 1.118 / 1.172. On: -1. It changes only the
-# order in which the GPU starts the two streams' programs (the side-stream GPU test checks the bits); other
-# high-priority streams of a job (communication, say) share that level with it.
+# the op's stream reaches its wait 0.03-0.06 ms sooner (bench --stream-probe). H100, 32K, interleaved, 5 calls (session
+# 27, kernels/bench_tune_h100_session27_priority*): 3.784 / 3.779 / 3.793 / 3.819 / 3.874 against 3.827 / 3.820 /
+# 3.835 / 3.914 / 3.875 ms forward+backward (below SIDE_STREAM_MIN_CHUNKS there is no side stream: no change). On:
+# -1. It changes only the order in which the GPU starts the two streams' programs (the side-stream GPU test checks the
+# bits); other high-priority streams of a job (communication, say) share that level with it.
 SIDE_PRIORITY = -1
 # SIDE_QLIN: the query side's linear launch (Q_SPLIT) on the side stream, after the reverse scan and after the softmax
 # launch whose dW blocks it reads, beside the key side's passes; the op's stream joins it at the end. Not with SIDE_DV
 # or SIDE_KF, whose launches take that place on the side stream. On one stream the same launch order. H100, 32K,
 # interleaved, 6 rounds (session 27): 3.886 against 3.914 ms forward+backward at the side stream's default priority,
-# 3.898 against 3.819 at high priority; 8K 1.219 against 1.172 / 1.166. Off.
+# 3.898 against 3.819 at high priority. Off.
 SIDE_QLIN = False
 # REV_SCALE_DO: with REV_LIN (and neither DELTA_TOTALS, DELTA_Q nor SIDE_DA, whose passes write dA), the reverse scan
 # and its totals pass read do itself and divide by Zd in registers, so that the delta kernel writes no dA = do / Zd
