@@ -111,7 +111,7 @@ def kernel_configs(mode: str, dtype: str, out_bv: int, state_blocks: int, stride
                  PREC=prec)
     # the weighted z dot of the reverse pass takes fp32 operands at 3xTF32 for 16-bit inputs
     state = dict(F=F, DV=DV, BF=F, BDV=DV, BK=state_blocks, BV=state_blocks, BT=chunk.BT, DT=dt, PREC=prec,
-                 Z_DOT=chunk.STATE_Z_DOT, ZPREC="ieee" if dtype == "fp32" else "tf32x3")
+                 Z_DOT=chunk.STATE_Z_DOT, ZPREC="ieee" if dtype == "fp32" else "tf32x3", HAS_RS=False, RS_Y=False)
     out = []
     if lin:
         out.append(("state (fwd)", chunk._chunk_state_kernel, "state",
