@@ -274,9 +274,9 @@ SIDE_DV = False
 # CUDA clamps it to the device's range). Above the op's stream, the block scheduler places the side stream's pending
 # programs (its totals pass and the reverse scan) first wherever both streams have work waiting, instead of in the
 # order the launches reached the GPU: at 32K the reverse scan is done 1.30 ms after the fork instead of 1.77-2.21, and
-# the op's stream reaches its wait 0.03-0.06 ms sooner (bench --stream-probe). H100, 32K, interleaved, 5 calls (session
-# 27, kernels/bench_tune_h100_session27_priority*): 3.784 / 3.779 / 3.793 / 3.819 / 3.874 against 3.827 / 3.820 /
-# 3.835 / 3.914 / 3.875 ms forward+backward (below SIDE_STREAM_MIN_CHUNKS there is no side stream: no change). On:
+# the op's stream reaches its wait 0.03-0.06 ms sooner (bench --stream-probe). H100, 32K, interleaved, 6 calls (session
+# 27, kernels/bench_tune_h100_session27_priority*): 3.784 / 3.779 / 3.793 / 3.819 / 3.874 / 3.795 against 3.827 /
+# 3.820 / 3.835 / 3.914 / 3.875 / 3.854 ms forward+backward (below SIDE_STREAM_MIN_CHUNKS there is no side stream). On:
 # -1. It changes only the order in which the GPU starts the two streams' programs (the side-stream GPU test checks the
 # bits); other high-priority streams of a job (communication, say) share that level with it.
 SIDE_PRIORITY = -1
