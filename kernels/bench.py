@@ -462,6 +462,8 @@ TUNE = {
     # session 27: the query side's linear launch on the side stream after the reverse scan (SIDE_QLIN)
     "query side's linear launch on the side stream": {"SIDE_QLIN": True},
     "side stream high priority, query side's linear launch on it": {"SIDE_PRIORITY": -1, "SIDE_QLIN": True},
+    # session 27: the reverse scan in segments of 128 from 32K, of 64 below (REV_SEG_LONG; not timed in this form)
+    "reverse scan in segments of 128 from 32K": {"REV_SEG_LONG": (512, 128)},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -481,7 +483,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
          "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV", "REV_SCALE_DO", "REV_ST", "SIDE_PRIORITY",
-         "SIDE_QLIN")
+         "SIDE_QLIN", "REV_SEG_LONG")
 
 
 def kernel_config() -> dict:

@@ -193,6 +193,13 @@ REV_DO = False
 # or 2K (2K has one segment either way).
 REV_LIN = True
 REV_SEG = 64
+# REV_SEG_LONG: (chunks, segment length): from that many key chunks the reverse scan takes segments of that length
+# instead of REV_SEG (None: REV_SEG at every T). Session 27, H100, 32K, with the side stream at high priority
+# (SIDE_PRIORITY), where the reverse scan runs nearly alone for its first ~1 ms: segments of 128 were 0.030-0.035 ms
+# faster forward+backward than 64 in two interleaved calls (kernels/bench_tune_h100_session27_priority_{5,6}*); at 8K
+# 128 chunks make one segment a head (the twentieth pass measured 128 there 7% slower), hence a threshold. Not timed
+# in this form yet: off.
+REV_SEG_LONG: tuple[int, int] | None = None
 # REV_SPLIT: the programs of a (segment, head) in REV_LIN: REV_SPLIT for dv's Dv columns and REV_SPLIT for dk_feat's
 # F columns, each holding its block of the reverse state (the dv programs all of F and their Dv columns, the dk_feat
 # ones their F rows and all of Dv) and running the scan on it. H100, 32K: one program for both (the whole state, 8
@@ -1755,9 +1762,11 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
 
 
 def _rev_segments(T: int) -> tuple[int, int]:
-    """(steps per segment, segments) of REV_LIN's reverse scan over the NT key chunks of T tokens."""
+    """(steps per segment, segments) of REV_LIN's reverse scan over the NT key chunks of T tokens (REV_SEG, or
+    REV_SEG_LONG's length from its number of chunks)."""
     NT = _cdiv(T, BT)
-    L = max(1, min(REV_SEG, NT))
+    seg = REV_SEG_LONG[1] if REV_SEG_LONG and NT >= REV_SEG_LONG[0] else REV_SEG
+    L = max(1, min(seg, NT))
     return L, _cdiv(NT, L)
 
 
@@ -1912,7 +1921,7 @@ def _switches() -> tuple:
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
             DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV, REV_SCALE_DO, REV_ST,
-            SIDE_PRIORITY, SIDE_QLIN,
+            SIDE_PRIORITY, SIDE_QLIN, REV_SEG_LONG,
             tuple(MAXNREG.items()))
 
 

@@ -666,6 +666,31 @@ REV_LIN_CASES = [
 
 
 @pytest.mark.skipif(chunk is None, reason="triton is not installed")
+def test_reverse_scan_segments_by_length(monkeypatch):
+    """REV_SEG_LONG = (chunks, length): segments of that length from that many key chunks, REV_SEG below it and
+    when it is None (the default: REV_SEG at every T)."""
+    assert chunk.REV_SEG_LONG is None
+    monkeypatch.setattr(chunk, "REV_SEG", 64)
+    assert chunk._rev_segments(32768) == (64, 8)
+    monkeypatch.setattr(chunk, "REV_SEG_LONG", (512, 128))
+    assert chunk._rev_segments(32768) == (128, 4)  # 512 chunks
+    assert chunk._rev_segments(32768 - 64) == (64, 8)  # 511 chunks: REV_SEG
+    assert chunk._rev_segments(40000) == (128, 5)  # 625 chunks
+    assert chunk._rev_segments(8192) == (64, 2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,w,long,nseg", [("hybrid", 64, (6, 2), 3), ("hybrid", 33, (7, 2), 2),
+                                              ("overlap", 64, (6, 1), 6)])
+def test_triton_interpreter_reverse_scan_segments_by_length(mode, w, long, nseg, monkeypatch, interpret):
+    """The reverse scan at REV_SEG_LONG's length from its threshold (T = 330: 6 chunks; REV_SEG = 4 below it), against
+    the naive reference, with the grid of segments it launches."""
+    launched = spy_launches(monkeypatch, "_bwd_rev_kernel")
+    check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": True, "REV_SEG": 4, "REV_SEG_LONG": long}, w + 49)
+    assert launched["_bwd_rev_kernel"] == [(4, nseg, 4)]
+
+
+@pytest.mark.skipif(chunk is None, reason="triton is not installed")
 def test_reverse_scan_z_by_dots_only_where_it_was_right(monkeypatch):
     """REV_ZDOT's 16-bit split runs from REV_ZDOT_MIN_COLS columns a dk_feat part (below them it gave wrong dk_feat on
     an H100); fp32 takes one fp32 dot at any width; REV_ZDOT off keeps the column sum everywhere."""
