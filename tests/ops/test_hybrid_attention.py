@@ -1162,7 +1162,9 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                # the same with the dk_feat parts' state transposed (REV_ST), and REV_ST alone
                "reverse-scan-on-do-state-transposed": {"REV_SCALE_DO": True, "REV_ST": True, "REV_SEG": 4,
                                                        "SIDE_STREAM_MIN_CHUNKS": 1},
-               "reverse-scan-state-transposed": {"REV_ST": True, "REV_SEG": 4}}
+               "reverse-scan-state-transposed": {"REV_ST": True, "REV_SEG": 4},
+               # segments of REV_SEG_LONG's length from its number of chunks (not yet run on a GPU)
+               "reverse-scan-segments-by-length": {"REV_SEG_LONG": (8, 2), "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
 @pytest.mark.gpu
