@@ -1430,6 +1430,18 @@ def _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.c
 
 
 @triton.jit
+def _rev_dkf_scaled(qf, da, rb, inv, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr, SCALE: tl.constexpr, ST: tl.constexpr):
+    """``_rev_dkf``, with do's tile in place of dA's under SCALE (inv = 1 / Zd of the rows n): ST divides phi(q)'s
+    rows (the dot's B operand, as in the transposed state's update) and multiplies dZ's weights back by Zd; otherwise
+    da's products are scaled in registers."""
+    if SCALE and ST:
+        return _rev_dkf((qf.to(tl.float32) * inv[:, None]).to(DT), da, rb / inv, v, n, j, T, window, dkf, LINEAR, DT,
+                        PREC)
+    return _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC, inv, SCALE)
+
+
+@triton.jit
 def _rev_carry_in(TOT, ZTOT, pid_bh, seg, NTOT, ff, vv, BF: tl.constexpr, BDV: tl.constexpr, PREFIX: tl.constexpr):
     """This program's block of the reverse state and of z at the start of segment seg: the sum of the totals of the
     segments before it (PREFIX: the totals are inclusive prefixes already, and that sum is entry seg - 1)."""
@@ -1587,31 +1599,21 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, ZD, svb, svt, svh, sfb, sft, sf
             dkf = tl.dot(v, St, input_precision=PREC) + zb
         else:
             dkf = tl.dot(v, St, input_precision=PREC) + z[None, :]
-        if ST and SCALE:  # phi(q)'s rows over Zd, once for both dots; dZ's products times Zd to match
-            qs = (qf.to(tl.float32) * inv[:, None]).to(DT)
-            dkf = _rev_dkf(qs, da, rb / inv, v, n, j, T, window, dkf, LINEAR, DT, PREC)
-        else:
-            dkf = _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC, inv, SCALE)
+        dkf = _rev_dkf_scaled(qf, da, rb, inv, v, n, j, T, window, dkf, LINEAR, DT, PREC, SCALE, ST)
         if CUR_LIN:
-            qc = _load_tile(qfp, j, ff, T, F, sft)
-            rc = _load_row(RB + rowp, j, T, 0.0)
-            if SCALE:
-                zc = _load_row(ZD + rowp, j, T, 1.0)
-                if ST:
-                    dkf = _rev_dkf((qc.to(tl.float32) / zc[:, None]).to(DT), _load_tile(dap, j, vv, T, DV, sat),
-                                   rc * zc, v, j, j, T, window, dkf, LINEAR, DT, PREC)
-                else:
-                    dkf = _rev_dkf(qc, _load_tile(dap, j, vv, T, DV, sat), rc, v, j, j, T, window, dkf, LINEAR, DT,
-                                   PREC, 1.0 / zc, SCALE)
-            else:
-                dkf = _rev_dkf(qc, _load_tile(dap, j, vv, T, DV, sat), rc, v, j, j, T, window, dkf, LINEAR, DT, PREC)
+            dkf = _rev_dkf_scaled(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat),
+                                  _load_row(RB + rowp, j, T, 0.0),
+                                  1.0 / _load_row(ZD + rowp, j, T, 1.0) if SCALE else None, v, j, j, T, window, dkf,
+                                  LINEAR, DT, PREC, SCALE, ST)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
         if ZDOT:
             zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC, ZSPLIT)
         else:
             z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
         if ST:
-            S = tl.dot(tl.trans(da), qs if SCALE else qf, S, input_precision=PREC)
+            # (under SCALE the scaled phi(q) of the local term: the same tile)
+            S = tl.dot(tl.trans(da), (qf.to(tl.float32) * inv[:, None]).to(DT) if SCALE else qf, S,
+                       input_precision=PREC)
         else:
             S = _rev_state_add(S, qf, da, inv, BT, DT, PREC, SCALE)
 
