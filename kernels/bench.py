@@ -445,14 +445,15 @@ TUNE = {
     "dv and dA on the side stream": {"SIDE_DV": True, "SIDE_DA": True},
     "dv on the op's stream": {"SIDE_DV": False},
     # session 26: the reverse scan and its totals read do and divide by Zd themselves (REV_SCALE_DO): no dA written.
-    # 0.25 ms slower on an H100 at 32K (kernels/bench_tune_h100_session26_rev_scale_do.*): its loop spills
+    # 0.25 ms slower on an H100 at 32K (kernels/bench_tune_h100_session26_rev_scale_do.*); session 27: for the division
+    # on the scan's chain, not its spills (without them, REV_ST, the kernel 1.194 against 0.790 ms)
     "reverse scan on do": {"REV_SCALE_DO": True},
     # session 27: the dk_feat parts' state transposed (REV_ST), so that dividing phi(q)'s rows by Zd fits in the
     # registers (ptxas: 255 and no spills under REV_SCALE_DO, 36 B without REV_ST); alone, 239 as the default
     "reverse scan on do, state transposed": {"REV_SCALE_DO": True, "REV_ST": True},
     "reverse scan state transposed": {"REV_ST": True},
     # session 27: the side stream above the op's in priority (SIDE_PRIORITY): the reverse scan's programs placed first.
-    # On by default since (kernels/bench_tune_h100_session27_priority*)
+    # On by default since session 27 (kernels/bench_tune_h100_session27_priority*)
     "side stream high priority": {"SIDE_PRIORITY": -1},
     "side stream at the default streams' priority": {"SIDE_PRIORITY": 0},
     "side stream high priority, dv on the side stream": {"SIDE_PRIORITY": -1, "SIDE_DV": True},

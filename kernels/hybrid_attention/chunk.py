@@ -1968,9 +1968,13 @@ class _Side:
 
     def __init__(self, device: torch.device, priority: int = 0):
         self.stream = torch.cuda.Stream(device, priority=priority)
-        self.fork, self.delta, self.states, self.reverse, self.q0, self.kf, self.dv = (
-            torch.cuda.Event() for _ in range(7))
-        self.ql = torch.cuda.Event()
+        self.fork, self.delta, self.states, self.reverse, self.q0, self.kf, self.dv, self.ql = (
+            torch.cuda.Event() for _ in range(8))
+
+    def wait_for(self, stream, event):
+        """The side stream waits for the work queued on ``stream`` so far (``event`` recorded there)."""
+        event.record(stream)
+        self.stream.wait_event(event)
 
     def launch(self, launch):
         """``launch`` with its kernels sent to the side stream; tensors stay allocated on the op's stream."""
@@ -2138,8 +2142,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         marks = None if side is None or STREAM_PROBE is None else {
             name: torch.cuda.Event(enable_timing=True) for name in ("fork", "side", "main", "end")}
         if side:  # the side stream starts after everything queued so far (do, the saved tensors)
-            side.fork.record(main)
-            side.stream.wait_event(side.fork)
+            side.wait_for(main, side.fork)
             if marks:
                 marks["fork"].record(main)
         delta = torch.empty(B * H, T, device=dev, dtype=torch.float32)
@@ -2179,8 +2182,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             ))  # fmt: skip
         if lin:
             if side and not delta_q:  # (with DELTA_Q the side stream ran the delta kernel itself)
-                side.delta.record(main)
-                side.stream.wait_event(side.delta)
+                side.wait_for(main, side.delta)
             if side_da:
                 totals = delta_totals(o, do, ZD, q_feat, delta, rb, dA, dtype=q.dtype, big=big, launch=state_launch,
                                       has_delta=False, from_delta=True)
@@ -2289,8 +2291,7 @@ class HybridAttentionFunction(torch.autograd.Function):
 
         def side_dv_launch(after_q0: bool):  # SIDE_DV's dv pass, on the side stream where one is taken
             if side and after_q0:
-                side.q0.record(main)
-                side.stream.wait_event(side.q0)
+                side.wait_for(main, side.q0)
             kv(kv_parts[-1], state_launch)
             if side:
                 side.dv.record(side.stream)
@@ -2302,8 +2303,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             if side_qlin and i == 1:
                 q_launch = state_launch
                 if side:
-                    side.q0.record(main)
-                    side.stream.wait_event(side.q0)
+                    side.wait_for(main, side.q0)
                     hs.record_stream(side.stream)  # (read there after this function lets go of them)
                     zs.record_stream(side.stream)
             elif side and not kept and part.get("DO_LIN", True):
@@ -2319,8 +2319,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             # stream: a launch plan replays it)
             if side_kf and i == 0:
                 if side:
-                    side.q0.record(main)
-                    side.stream.wait_event(side.q0)
+                    side.wait_for(main, side.q0)
                 kf(state_launch)
                 if side:
                     side.kf.record(side.stream)
