@@ -6,18 +6,21 @@
 # "linear backward in the reverse scan, segments of 128"' (session 20's seg_table.sh, folded in here in session 21).
 #
 # Tries TUNE variants, keeps the best and measures the table at it, in one call:
-#   1. python -m linearize.kernels.bench --tune --tune-only   the variants, interleaved, at 32K and 8K (no peers)
-#   2. experiments/pick_variant.py --apply                    the fastest at 32K that is no slower at 8K, written
-#                                                             into this (device) copy of chunk.py as the defaults
+#   1. python -m linearize.kernels.bench --tune --tune-only   the variants, interleaved, at TUNE_TS (no peers)
+#   2. experiments/pick_variant.py --apply                    the fastest at the longest T, no slower at the others,
+#                                                             written into this (device) copy of chunk.py as defaults
 #   3. python -m linearize.kernels.bench --queued            the table (checks first) at the pick
 #   4. pytest tests/ops -m gpu                               the GPU test tier at the pick
 # Each phase has its own time limit, so that a late phase running out still leaves the earlier results under $OUT.
-# Knobs: OUT, VARIANTS (bench TUNE names, shell-quoted; the first is the baseline), ROUNDS, REPS, SLACK,
+# Knobs: OUT, VARIANTS (bench TUNE names, shell-quoted; the first is the baseline), TUNE_TS (the lengths of step 1;
+# "32768" alone for a variant that changes nothing below 32K, REV_SEG_LONG say, so that 8K's noise cannot veto it
+# through SLACK), ROUNDS, REPS, SLACK,
 # BUDGET_TUNE, BUDGET_BENCH, BUDGET_TESTS, XDIST_N, BASE_TESTS_K (when the baseline is kept: no table, only the GPU
 # tests this -k filter selects).
 set -uo pipefail
 OUT=${OUT:-outputs/variant_table}
 VARIANTS=${VARIANTS:-default}
+TUNE_TS=${TUNE_TS:-32768 8192}
 ROUNDS=${ROUNDS:-3}
 REPS=${REPS:-21}
 SLACK=${SLACK:-0.01}
@@ -29,8 +32,9 @@ device_setup
 eval "variants=($VARIANTS)"
 base=${variants[0]}
 
-echo "== 1. variants at 32K and 8K"
-timeout "$BUDGET_TUNE" python -m linearize.kernels.bench --T 32768 8192 --tune --tune-only --rounds "$ROUNDS" \
+echo "== 1. variants at T = $TUNE_TS"
+# shellcheck disable=SC2086
+timeout "$BUDGET_TUNE" python -m linearize.kernels.bench --T $TUNE_TS --tune --tune-only --rounds "$ROUNDS" \
   --reps "$REPS" --no-naive --variants "${variants[@]}" --out "$OUT/tune.json" 2>&1 | grep -v Warning |
   tee "$OUT/tune.log" | grep -v "^# tune" | tail -16
 

@@ -145,6 +145,11 @@ def test_pick_variant_takes_the_fastest_at_the_longest_T_that_holds_at_the_other
     assert pick(rows(default=(1.10, 4.00), a=(1.10, 3.98)), "default", 0.01) == "default"
     # a variant with no time at a shorter T does not hold there
     assert pick(rows(default=(1.10, 4.00), a=(None, 3.50)), "default", 0.01) == "default"
+    # a tune at one T (variant_table.sh's TUNE_TS=32768, for a variant that changes nothing shorter): nothing else
+    # to hold, and a slack under 1% lets a 0.8% gain through
+    one = [{"T": 32768, "variant": v, "fwd_bwd_ms": ms} for v, ms in (("default", 3.80), ("a", 3.77))]
+    assert pick(one, "default", 0.003) == "a"
+    assert pick(one, "default", 0.01) == "default"
 
 
 def test_pick_variant_applies_a_variant_to_the_source(tmp_path, monkeypatch):
@@ -166,6 +171,11 @@ def test_pick_variant_applies_a_variant_to_the_source(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.TUNE, "v", {"MAXNREG": {"fwd": 168}})
     assert module.apply("v", src) == ["MAXNREG = {'bwd_q': 160, 'fwd': 168}"]
     assert src.read_text() == "MAXNREG = {'bwd_q': 160, 'fwd': 168}\nREV_SEG = 64\n"
+    # a tuple-or-None setting on an annotated line (REV_SEG_LONG)
+    src.write_text("REV_SEG_LONG: tuple[int, int] | None = None\nREV_SEG = 64\n")
+    monkeypatch.setitem(bench.TUNE, "w", {"REV_SEG_LONG": (512, 128)})
+    assert module.apply("w", src) == ["REV_SEG_LONG = (512, 128)"]
+    assert src.read_text() == "REV_SEG_LONG = (512, 128)\nREV_SEG = 64\n"
     # the segment lengths are variants (session 20's seg_table.sh, folded into variant_table.sh)
     assert bench.TUNE["linear backward in the reverse scan, segments of 32"]["REV_SEG"] == 32
 
