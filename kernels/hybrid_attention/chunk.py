@@ -1430,15 +1430,23 @@ def _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.c
 
 
 @triton.jit
-def _rev_dkf_scaled(qf, da, rb, inv, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.constexpr,
-                    PREC: tl.constexpr, SCALE: tl.constexpr, ST: tl.constexpr):
-    """``_rev_dkf``, with do's tile in place of dA's under SCALE (inv = 1 / Zd of the rows n): ST divides phi(q)'s
-    rows (the dot's B operand, as in the transposed state's update) and multiplies dZ's weights back by Zd; otherwise
-    da's products are scaled in registers."""
+def _rows_over_zd(qf, inv, DT: tl.constexpr, SCALE: tl.constexpr, ST: tl.constexpr):
+    """phi(q)'s rows times inv (1 / Zd) under SCALE and ST, where both the local dk_feat term and the transposed
+    state's update take them divided (one tile for both); else qf as it is."""
     if SCALE and ST:
-        return _rev_dkf((qf.to(tl.float32) * inv[:, None]).to(DT), da, rb / inv, v, n, j, T, window, dkf, LINEAR, DT,
-                        PREC)
-    return _rev_dkf(qf, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC, inv, SCALE)
+        return (qf.to(tl.float32) * inv[:, None]).to(DT)
+    return qf
+
+
+@triton.jit
+def _rev_dkf_scaled(qs, da, rb, inv, v, n, j, T, window, dkf, LINEAR: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr, SCALE: tl.constexpr, ST: tl.constexpr):
+    """``_rev_dkf``, with do's tile in place of dA's under SCALE (inv = 1 / Zd of the rows n): under ST, qs is phi(q)
+    already divided (``_rows_over_zd``; the dot's B operand, as in the transposed state's update) and dZ's weights are
+    multiplied back by Zd; otherwise da's products are scaled in registers."""
+    if SCALE and ST:
+        return _rev_dkf(qs, da, rb / inv, v, n, j, T, window, dkf, LINEAR, DT, PREC)
+    return _rev_dkf(qs, da, rb, v, n, j, T, window, dkf, LINEAR, DT, PREC, inv, SCALE)
 
 
 @triton.jit
@@ -1599,21 +1607,20 @@ def _rev_dkf_part(QF, V, DA, RB, TOT, ZTOT, DKF, ZD, svb, svt, svh, sfb, sft, sf
             dkf = tl.dot(v, St, input_precision=PREC) + zb
         else:
             dkf = tl.dot(v, St, input_precision=PREC) + z[None, :]
-        dkf = _rev_dkf_scaled(qf, da, rb, inv, v, n, j, T, window, dkf, LINEAR, DT, PREC, SCALE, ST)
+        qs = _rows_over_zd(qf, inv, DT, SCALE, ST)
+        dkf = _rev_dkf_scaled(qs, da, rb, inv, v, n, j, T, window, dkf, LINEAR, DT, PREC, SCALE, ST)
         if CUR_LIN:
-            dkf = _rev_dkf_scaled(_load_tile(qfp, j, ff, T, F, sft), _load_tile(dap, j, vv, T, DV, sat),
-                                  _load_row(RB + rowp, j, T, 0.0),
-                                  1.0 / _load_row(ZD + rowp, j, T, 1.0) if SCALE else None, v, j, j, T, window, dkf,
-                                  LINEAR, DT, PREC, SCALE, ST)
+            inv_j = 1.0 / _load_row(ZD + rowp, j, T, 1.0) if SCALE else None
+            dkf = _rev_dkf_scaled(_rows_over_zd(_load_tile(qfp, j, ff, T, F, sft), inv_j, DT, SCALE, ST),
+                                  _load_tile(dap, j, vv, T, DV, sat), _load_row(RB + rowp, j, T, 0.0), inv_j, v, j, j,
+                                  T, window, dkf, LINEAR, DT, PREC, SCALE, ST)
         _store_tile(_head(DKF, b, h, sfb, sfh), dkf, j, ff, T, F, sft)
         if ZDOT:
             zb = _row_sum_dot(rb, qf, zb, BT, DT, PREC, ZSPLIT)
         else:
             z += tl.sum(qf.to(tl.float32) * rb[:, None], axis=0)
-        if ST:
-            # (under SCALE the scaled phi(q) of the local term: the same tile)
-            S = tl.dot(tl.trans(da), (qf.to(tl.float32) * inv[:, None]).to(DT) if SCALE else qf, S,
-                       input_precision=PREC)
+        if ST:  # (qs: phi(q) over Zd under SCALE, the local term's tile)
+            S = tl.dot(tl.trans(da), qs, S, input_precision=PREC)
         else:
             S = _rev_state_add(S, qf, da, inv, BT, DT, PREC, SCALE)
 
