@@ -197,9 +197,10 @@ REV_SEG = 64
 # instead of REV_SEG (None: REV_SEG at every T). Session 27, H100, 32K, with the side stream at high priority
 # (SIDE_PRIORITY), where the reverse scan runs nearly alone for its first ~1 ms: segments of 128 were 0.030-0.035 ms
 # faster forward+backward than 64 in two interleaved calls (kernels/bench_tune_h100_session27_priority_{5,6}*); at 8K
-# 128 chunks make one segment a head (the twentieth pass measured 128 there 7% slower), hence a threshold. Not timed
-# in this form yet: off.
-REV_SEG_LONG: tuple[int, int] | None = None
+# 128 chunks make one segment a head (the twentieth pass measured 128 there 7% slower), hence a threshold. Session 29,
+# H100, 32K, 6 interleaved rounds in this form: 3.806 against 3.845 ms forward+backward, peak 2.03 against 2.04 GiB
+# (kernels/bench_tune_h100_session29.*). On from 512 chunks (32K at BT = 64).
+REV_SEG_LONG: tuple[int, int] | None = (512, 128)
 # REV_SPLIT: the programs of a (segment, head) in REV_LIN: REV_SPLIT for dv's Dv columns and REV_SPLIT for dk_feat's
 # F columns, each holding its block of the reverse state (the dv programs all of F and their Dv columns, the dk_feat
 # ones their F rows and all of Dv) and running the scan on it. H100, 32K: one program for both (the whole state, 8

@@ -667,10 +667,11 @@ REV_LIN_CASES = [
 
 @pytest.mark.skipif(chunk is None, reason="triton is not installed")
 def test_reverse_scan_segments_by_length(monkeypatch):
-    """REV_SEG_LONG = (chunks, length): segments of that length from that many key chunks, REV_SEG below it and
-    when it is None (the default: REV_SEG at every T)."""
-    assert chunk.REV_SEG_LONG is None
+    """REV_SEG_LONG = (chunks, length): segments of that length from that many key chunks (the default: 128 from 512),
+    REV_SEG below it and at every T when it is None."""
+    assert chunk.REV_SEG_LONG == (512, 128)
     monkeypatch.setattr(chunk, "REV_SEG", 64)
+    monkeypatch.setattr(chunk, "REV_SEG_LONG", None)
     assert chunk._rev_segments(32768) == (64, 8)
     monkeypatch.setattr(chunk, "REV_SEG_LONG", (512, 128))
     assert chunk._rev_segments(32768) == (128, 4)  # 512 chunks
@@ -1163,7 +1164,7 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                "reverse-scan-on-do-state-transposed": {"REV_SCALE_DO": True, "REV_ST": True, "REV_SEG": 4,
                                                        "SIDE_STREAM_MIN_CHUNKS": 1},
                "reverse-scan-state-transposed": {"REV_ST": True, "REV_SEG": 4},
-               # segments of REV_SEG_LONG's length from its number of chunks (not yet run on a GPU)
+               # segments of REV_SEG_LONG's length from its number of chunks
                "reverse-scan-segments-by-length": {"REV_SEG_LONG": (8, 2), "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
