@@ -467,6 +467,8 @@ TUNE = {
     "reverse scan in segments of 128 from 32K": {"REV_SEG_LONG": (512, 128)},
     # session 29: two segments a head at 32K (256 programs of 256 steps against 512 of 128)
     "reverse scan in segments of 256 from 32K": {"REV_SEG_LONG": (512, 256)},
+    # one segment a head at 32K (128 programs of 512 steps; no carried totals)
+    "reverse scan in segments of 512 from 32K": {"REV_SEG_LONG": (512, 512)},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:

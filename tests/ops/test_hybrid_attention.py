@@ -678,11 +678,14 @@ def test_reverse_scan_segments_by_length(monkeypatch):
     assert chunk._rev_segments(32768 - 64) == (64, 8)  # 511 chunks: REV_SEG
     assert chunk._rev_segments(40000) == (128, 5)  # 625 chunks
     assert chunk._rev_segments(8192) == (64, 2)
+    monkeypatch.setattr(chunk, "REV_SEG_LONG", (512, 512))
+    assert chunk._rev_segments(32768) == (512, 1)  # one segment a head
+    assert chunk._rev_segments(40000) == (512, 2)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("mode,w,long,nseg", [("hybrid", 64, (6, 2), 3), ("hybrid", 33, (7, 2), 2),
-                                              ("overlap", 64, (6, 1), 6)])
+                                              ("overlap", 64, (6, 1), 6), ("hybrid", 64, (6, 8), 1)])
 def test_triton_interpreter_reverse_scan_segments_by_length(mode, w, long, nseg, monkeypatch, interpret):
     """The reverse scan at REV_SEG_LONG's length from its threshold (T = 330: 6 chunks; REV_SEG = 4 below it), against
     the naive reference, with the grid of segments it launches."""
