@@ -463,11 +463,11 @@ TUNE = {
     # session 27: the query side's linear launch on the side stream after the reverse scan (SIDE_QLIN)
     "query side's linear launch on the side stream": {"SIDE_QLIN": True},
     "side stream high priority, query side's linear launch on it": {"SIDE_PRIORITY": -1, "SIDE_QLIN": True},
-    # session 27: the reverse scan in segments of 128 from 32K, of 64 below (REV_SEG_LONG; the default since session 29)
+    # session 27: the reverse scan in segments of 128 from 32K, of 64 below (REV_SEG_LONG; the default in session 29)
     "reverse scan in segments of 128 from 32K": {"REV_SEG_LONG": (512, 128)},
     # session 29: two segments a head at 32K (256 programs of 256 steps against 512 of 128)
     "reverse scan in segments of 256 from 32K": {"REV_SEG_LONG": (512, 256)},
-    # one segment a head at 32K (128 programs of 512 steps; no carried totals)
+    # one segment a head at 32K (128 programs of 512 steps; no carried totals; the default since session 30)
     "reverse scan in segments of 512 from 32K": {"REV_SEG_LONG": (512, 512)},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,

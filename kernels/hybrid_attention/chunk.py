@@ -199,8 +199,11 @@ REV_SEG = 64
 # faster forward+backward than 64 in two interleaved calls (kernels/bench_tune_h100_session27_priority_{5,6}*); at 8K
 # 128 chunks make one segment a head (the twentieth pass measured 128 there 7% slower), hence a threshold. Session 29,
 # H100, 32K, 6 interleaved rounds in this form: 3.806 against 3.845 ms forward+backward, peak 2.03 against 2.04 GiB
-# (kernels/bench_tune_h100_session29.*). On from 512 chunks (32K at BT = 64).
-REV_SEG_LONG: tuple[int, int] | None = (512, 128)
+# (kernels/bench_tune_h100_session29.*). Session 30, H100, 32K, 5 interleaved rounds: one segment a head (512) 3.785,
+# two (256) 3.826, 128 3.889 ms forward+backward (kernels/bench_tune_h100_session30.*); one segment also drops the
+# totals pass. On from 512 chunks (32K at BT = 64). Tuned at B = 1, H = 32 (128 programs of the reverse scan on 132
+# SMs); far fewer heads a call would leave SMs idle at one segment a head (not measured).
+REV_SEG_LONG: tuple[int, int] | None = (512, 512)
 # REV_SPLIT: the programs of a (segment, head) in REV_LIN: REV_SPLIT for dv's Dv columns and REV_SPLIT for dk_feat's
 # F columns, each holding its block of the reverse state (the dv programs all of F and their Dv columns, the dk_feat
 # ones their F rows and all of Dv) and running the scan on it. H100, 32K: one program for both (the whole state, 8

@@ -667,9 +667,9 @@ REV_LIN_CASES = [
 
 @pytest.mark.skipif(chunk is None, reason="triton is not installed")
 def test_reverse_scan_segments_by_length(monkeypatch):
-    """REV_SEG_LONG = (chunks, length): segments of that length from that many key chunks (the default: 128 from 512),
-    REV_SEG below it and at every T when it is None."""
-    assert chunk.REV_SEG_LONG == (512, 128)
+    """REV_SEG_LONG = (chunks, length): segments of that length from that many key chunks (the default: 512 from 512,
+    one segment a head at 32K), REV_SEG below it and at every T when it is None."""
+    assert chunk.REV_SEG_LONG == (512, 512)
     monkeypatch.setattr(chunk, "REV_SEG", 64)
     monkeypatch.setattr(chunk, "REV_SEG_LONG", None)
     assert chunk._rev_segments(32768) == (64, 8)
