@@ -2,7 +2,8 @@
 
     python -m linearize.kernels.bench [--T 2048 8192 32768] [--out kernels/bench_results.json]
 
-B=1 (--B N for another batch), 32 query heads, 8 kv heads, d=128, 128 features, w=64, bf16 (DESIGN.md section 8).
+B=1 (--B N for another batch), 32 query heads (--H), 8 kv heads (--Hkv), d=128, 128 features, w=64, bf16
+(DESIGN.md section 8).
 Prints a machine header, checks the Triton op against the naive reference first (forward and every gradient, at
 --check-T), then times forward and forward+backward with CUDA events (median of --reps after warm-up) for:
   hybrid (ours)   linearize.kernels.hybrid_attention.chunk, LoLCATs hybrid (sliding-window softmax + linear)
@@ -469,6 +470,9 @@ TUNE = {
     "reverse scan in segments of 256 from 32K": {"REV_SEG_LONG": (512, 256)},
     # one segment a head at 32K (128 programs of 512 steps; no carried totals; the default since session 30)
     "reverse scan in segments of 512 from 32K": {"REV_SEG_LONG": (512, 512)},
+    # session 30: REV_SEG_LONG's length whatever the number of heads (one segment a head at 32K; with --H 8 --Hkv 2,
+    # 32 programs of 512 steps against the floor's 128 of 128)
+    "no floor on the reverse scan's segments": {"REV_MIN_SEGMENTS": 0},
 }
 # variants of the state pass alone for --state-probe: name -> (STATE_BF, STATE_BV, num_warps, num_stages, STATE_SEG,
 # stores); stores=False runs the pass without writing the per-chunk states (its segment-total mode over one segment:
@@ -488,7 +492,7 @@ KNOBS = ("BT", "STATE_BF", "STATE_BV", "STATE_SEG", "STATE_STRIDE", "REV_STATE_S
          "LAUNCH_PLANS", "LAUNCH_FP32", "MAXNREG", "REV_DO", "REV_LIN", "REV_SEG", "REV_SPLIT",
          "REV_PREFIX", "REV_ZDOT", "REV_ZDOT_MIN_COLS", "REV_ZDOT_BF16_ONE", "DELTA_TOTALS", "DELTA_TOTALS_PROGRAMS",
          "DELTA_TOTALS_MIN_CHUNKS", "DELTA_Q", "SIDE_DA", "SIDE_DV", "REV_SCALE_DO", "REV_ST", "SIDE_PRIORITY",
-         "SIDE_QLIN", "REV_SEG_LONG")
+         "SIDE_QLIN", "REV_SEG_LONG", "REV_MIN_SEGMENTS")
 
 
 def kernel_config() -> dict:
@@ -923,10 +927,12 @@ def fmt(x, nd=3):
 
 
 def main(argv=None):
-    global B  # (--B sets the batch of every input)
+    global B, H, HKV  # (--B, --H and --Hkv set the shapes of every input)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
     ap.add_argument("--B", type=int, default=B, help="batch size of every input (the check's too)")
+    ap.add_argument("--H", type=int, default=H, help="query heads of every input (the check's too)")
+    ap.add_argument("--Hkv", type=int, default=HKV, help="kv heads of every input; must divide --H")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--check-T", type=int, default=1000)
     ap.add_argument("--out", default="kernels/bench_results.json")
@@ -953,11 +959,13 @@ def main(argv=None):
     ap.add_argument("--host-profile", type=int, nargs="*", metavar="T",
                     help="also profile the host (Python) time of the hybrid op at these T")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("the benchmark needs a CUDA device")
     if args.B < 1:
         sys.exit(f"--B must be at least 1, got {args.B}")
-    B = args.B
+    if args.H < 1 or args.Hkv < 1 or args.H % args.Hkv:
+        sys.exit(f"--Hkv must divide --H (both at least 1), got --H {args.H} --Hkv {args.Hkv}")
+    if not torch.cuda.is_available():
+        sys.exit("the benchmark needs a CUDA device")
+    B, H, HKV = args.B, args.H, args.Hkv
 
     info = header()
     print("# " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)

@@ -201,9 +201,14 @@ REV_SEG = 64
 # H100, 32K, 6 interleaved rounds in this form: 3.806 against 3.845 ms forward+backward, peak 2.03 against 2.04 GiB
 # (kernels/bench_tune_h100_session29.*). Session 30, H100, 32K, 5 interleaved rounds: one segment a head (512) 3.785,
 # two (256) 3.826, 128 3.889 ms forward+backward (kernels/bench_tune_h100_session30.*); one segment also drops the
-# totals pass. On from 512 chunks (32K at BT = 64). Tuned at B = 1, H = 32 (128 programs of the reverse scan on 132
-# SMs); far fewer heads a call would leave SMs idle at one segment a head (not measured).
+# totals pass. On from 512 chunks (32K at BT = 64). Tuned at B = 1, H = 32: 128 programs of the reverse scan (4
+# parts a segment and head) on 132 SMs.
 REV_SEG_LONG: tuple[int, int] | None = (512, 512)
+# REV_MIN_SEGMENTS: REV_SEG_LONG's length is halved (not below REV_SEG) while the (segment, batch x head) pairs are
+# fewer than this. A program's steps run one after another, so with fewer heads than the tuned shape one segment a
+# head would leave most SMs idle for as long as 32 heads take (9 heads at 32K: 36 programs of 512 steps; with the
+# floor 144 of 128). 32: the tuned shape, B H = 32, keeps one segment a head.
+REV_MIN_SEGMENTS = 32
 # REV_SPLIT: the programs of a (segment, head) in REV_LIN: REV_SPLIT for dv's Dv columns and REV_SPLIT for dk_feat's
 # F columns, each holding its block of the reverse state (the dv programs all of F and their Dv columns, the dk_feat
 # ones their F rows and all of Dv) and running the scan on it. H100, 32K: one program for both (the whole state, 8
@@ -1774,11 +1779,16 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     return hs, zs
 
 
-def _rev_segments(T: int) -> tuple[int, int]:
-    """(steps per segment, segments) of REV_LIN's reverse scan over the NT key chunks of T tokens (REV_SEG, or
-    REV_SEG_LONG's length from its number of chunks)."""
+def _rev_segments(T: int, BH: int) -> tuple[int, int]:
+    """(steps per segment, segments) of REV_LIN's reverse scan over the NT key chunks of T tokens for B * H = ``BH``
+    heads (REV_SEG, or REV_SEG_LONG's length from its number of chunks, halved down to REV_SEG while the segments
+    of all heads are fewer than REV_MIN_SEGMENTS)."""
     NT = _cdiv(T, BT)
-    seg = REV_SEG_LONG[1] if REV_SEG_LONG and NT >= REV_SEG_LONG[0] else REV_SEG
+    seg = REV_SEG
+    if REV_SEG_LONG and NT >= REV_SEG_LONG[0]:
+        seg = REV_SEG_LONG[1]
+        while seg // 2 >= REV_SEG and _cdiv(NT, seg) * BH < REV_MIN_SEGMENTS:
+            seg //= 2
     L = max(1, min(seg, NT))
     return L, _cdiv(NT, L)
 
@@ -1804,22 +1814,22 @@ def _delta_parts(NT: int, L: int, BH: int) -> tuple[int, int]:
     return ks, _cdiv(NT, L // ks)
 
 
-def _totals_pass_fits(T: int, F: int, Dv: int, rev_lin: bool) -> bool:
+def _totals_pass_fits(T: int, BH: int, F: int, Dv: int, rev_lin: bool) -> bool:
     """Whether ``_delta_totals_kernel`` can take the reverse scan's totals: REV_LIN in more than one segment, the whole
     [F, Dv] total in one program."""
-    return rev_lin and _rev_segments(T)[1] > 1 and _p2(F) <= 128 and _p2(Dv) <= 128
+    return rev_lin and _rev_segments(T, BH)[1] > 1 and _p2(F) <= 128 and _p2(Dv) <= 128
 
 
-def _delta_totals_wanted(T: int, F: int, Dv: int, rev_lin: bool) -> bool:
+def _delta_totals_wanted(T: int, BH: int, F: int, Dv: int, rev_lin: bool) -> bool:
     """Whether DELTA_TOTALS applies (``_totals_pass_fits``)."""
-    return bool(DELTA_TOTALS and _totals_pass_fits(T, F, Dv, rev_lin))
+    return bool(DELTA_TOTALS and _totals_pass_fits(T, BH, F, Dv, rev_lin))
 
 
-def _side_da(T: int, F: int, Dv: int, rev_lin: bool, delta_q: bool) -> bool:
+def _side_da(T: int, BH: int, F: int, Dv: int, rev_lin: bool, delta_q: bool) -> bool:
     """Whether SIDE_DA applies: from SIDE_STREAM_MIN_CHUNKS chunks (as DELTA_Q, whether or not a side stream is
     taken), where the totals pass fits, and not under DELTA_Q."""
     return bool(SIDE_DA and not delta_q and _cdiv(T, BT) >= SIDE_STREAM_MIN_CHUNKS
-                and _totals_pass_fits(T, F, Dv, rev_lin))
+                and _totals_pass_fits(T, BH, F, Dv, rev_lin))
 
 
 def _delta_q(lin: int, NT: int, o: torch.Tensor, do: torch.Tensor) -> bool:
@@ -1837,7 +1847,7 @@ def delta_totals(o, do, ZD, q_feat, delta, rb, dA, *, dtype: torch.dtype, big: b
     B, T, H, F = q_feat.shape
     Dv = do.shape[-1]
     NT = _cdiv(T, BT)
-    L, nseg = _rev_segments(T)
+    L, nseg = _rev_segments(T, B * H)
     ks, parts = _delta_parts(NT, L, B * H)
     ntot = (nseg - 1) * ks
     BF, BDV = _p2(F), _p2(Dv)
@@ -1864,7 +1874,7 @@ def rev_linear_backward(q_feat, k_feat, v, dA, rb, *, G: int, window: int, lin: 
     B, T, H, F = q_feat.shape
     Dv = dA.shape[-1]
     NT = _cdiv(T, BT)
-    L, nseg = _rev_segments(T)
+    L, nseg = _rev_segments(T, B * H)
     BF, BDV, BK, BV = _state_tiles(F, Dv, side)
     prefix = REV_PREFIX and nseg > 2  # (one or two segments: the sum of the totals before one is one load already)
     if totals is not None:
@@ -1934,7 +1944,7 @@ def _switches() -> tuple:
             SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
             REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
             DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV, REV_SCALE_DO, REV_ST,
-            SIDE_PRIORITY, SIDE_QLIN, REV_SEG_LONG,
+            SIDE_PRIORITY, SIDE_QLIN, REV_SEG_LONG, REV_MIN_SEGMENTS,
             tuple(MAXNREG.items()))
 
 
@@ -2163,10 +2173,10 @@ class HybridAttentionFunction(torch.autograd.Function):
         has_da = bool(lin) and (rev_lin or not REV_DO)
         delta_q = _delta_q(lin, NT, o, do)
         # SIDE_DA: the delta kernel writes delta and rb; dA and the totals come from a pass on the side stream
-        side_da = _side_da(T, F, Dv, rev_lin, delta_q)
+        side_da = _side_da(T, B * H, F, Dv, rev_lin, delta_q)
         # REV_SCALE_DO: the reverse scan and its totals divide do by Zd themselves: no dA
         # DELTA_TOTALS: delta and the reverse scan's totals in one pass (SIDE_DA's pass on the side stream instead)
-        merged_totals = _delta_totals_wanted(T, F, Dv, rev_lin) and not side_da
+        merged_totals = _delta_totals_wanted(T, B * H, F, Dv, rev_lin) and not side_da
         rev_scale = bool(REV_SCALE_DO and rev_lin and not delta_q and not side_da and not merged_totals)
         has_da = has_da and not rev_scale
         dA = torch.empty(B, T, H, Dv, device=dev, dtype=do.dtype) if has_da else do

@@ -195,6 +195,16 @@ def test_every_tune_variant_names_settings_and_launches_the_kernels_have():
                 assert all(len(v) == 2 and v[0] in (1, 2, 4, 8, 16) and v[1] >= 1 for v in value.values()), name
 
 
+@pytest.mark.parametrize("argv,message", [(["--B", "0"], "--B must be at least 1"),
+                                          (["--H", "32", "--Hkv", "6"], "--Hkv must divide --H"),
+                                          (["--H", "0"], "--Hkv must divide --H")])
+def test_bench_rejects_bad_shapes_before_anything_else(argv, message):
+    """A batch or head count the op cannot take is named before the benchmark looks for a GPU."""
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert message in str(exit_.value)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run it through the device tool)")
 def test_stream_probe_times_both_streams_of_the_backward(monkeypatch):

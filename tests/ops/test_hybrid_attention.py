@@ -668,29 +668,43 @@ REV_LIN_CASES = [
 @pytest.mark.skipif(chunk is None, reason="triton is not installed")
 def test_reverse_scan_segments_by_length(monkeypatch):
     """REV_SEG_LONG = (chunks, length): segments of that length from that many key chunks (the default: 512 from 512,
-    one segment a head at 32K), REV_SEG below it and at every T when it is None."""
-    assert chunk.REV_SEG_LONG == (512, 512)
+    one segment a head at 32K), REV_SEG below it and at every T when it is None; the length halved (not below REV_SEG)
+    while the segments of all B H heads are fewer than REV_MIN_SEGMENTS."""
+    assert chunk.REV_SEG_LONG == (512, 512) and chunk.REV_MIN_SEGMENTS == 32
+    assert chunk._rev_segments(32768, 32) == (512, 1)  # the tuned shape: B = 1, H = 32
+    assert chunk._rev_segments(32768, 9) == (128, 4)  # SmolLM2's 9 heads: 36 segments
+    assert chunk._rev_segments(32768, 2) == (64, 8)  # not below REV_SEG
+    monkeypatch.setattr(chunk, "REV_MIN_SEGMENTS", 0)
     monkeypatch.setattr(chunk, "REV_SEG", 64)
     monkeypatch.setattr(chunk, "REV_SEG_LONG", None)
-    assert chunk._rev_segments(32768) == (64, 8)
+    assert chunk._rev_segments(32768, 1) == (64, 8)
     monkeypatch.setattr(chunk, "REV_SEG_LONG", (512, 128))
-    assert chunk._rev_segments(32768) == (128, 4)  # 512 chunks
-    assert chunk._rev_segments(32768 - 64) == (64, 8)  # 511 chunks: REV_SEG
-    assert chunk._rev_segments(40000) == (128, 5)  # 625 chunks
-    assert chunk._rev_segments(8192) == (64, 2)
+    assert chunk._rev_segments(32768, 1) == (128, 4)  # 512 chunks
+    assert chunk._rev_segments(32768 - 64, 1) == (64, 8)  # 511 chunks: REV_SEG
+    assert chunk._rev_segments(40000, 1) == (128, 5)  # 625 chunks
+    assert chunk._rev_segments(8192, 1) == (64, 2)
     monkeypatch.setattr(chunk, "REV_SEG_LONG", (512, 512))
-    assert chunk._rev_segments(32768) == (512, 1)  # one segment a head
-    assert chunk._rev_segments(40000) == (512, 2)
+    assert chunk._rev_segments(32768, 1) == (512, 1)  # one segment a head
+    assert chunk._rev_segments(40000, 1) == (512, 2)
+    monkeypatch.setattr(chunk, "REV_MIN_SEGMENTS", 16)
+    assert chunk._rev_segments(32768, 8) == (256, 2)
+    assert chunk._rev_segments(32768, 4) == (128, 4)
+    assert chunk._rev_segments(32768, 16) == (512, 1)
+    monkeypatch.setattr(chunk, "REV_SEG", 1024)  # REV_SEG_LONG's length already below REV_SEG: kept
+    assert chunk._rev_segments(32768, 1) == (512, 1)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode,w,long,nseg", [("hybrid", 64, (6, 2), 3), ("hybrid", 33, (7, 2), 2),
-                                              ("overlap", 64, (6, 1), 6), ("hybrid", 64, (6, 8), 1)])
-def test_triton_interpreter_reverse_scan_segments_by_length(mode, w, long, nseg, monkeypatch, interpret):
-    """The reverse scan at REV_SEG_LONG's length from its threshold (T = 330: 6 chunks; REV_SEG = 4 below it), against
-    the naive reference, with the grid of segments it launches."""
+@pytest.mark.parametrize("mode,w,long,floor,nseg", [("hybrid", 64, (6, 2), 0, 3), ("hybrid", 33, (7, 2), 0, 2),
+                                                    ("overlap", 64, (6, 1), 0, 6), ("hybrid", 64, (6, 8), 0, 1),
+                                                    ("hybrid", 64, (6, 8), 8, 2), ("la_only", 64, (6, 8), 5, 2)])
+def test_triton_interpreter_reverse_scan_segments_by_length(mode, w, long, floor, nseg, monkeypatch, interpret):
+    """The reverse scan at REV_SEG_LONG's length from its threshold (T = 330: 6 chunks; REV_SEG = 4 below it), halved
+    where the 4 heads' segments would be fewer than REV_MIN_SEGMENTS = ``floor``, against the naive reference, with the
+    grid of segments it launches."""
     launched = spy_launches(monkeypatch, "_bwd_rev_kernel")
-    check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": True, "REV_SEG": 4, "REV_SEG_LONG": long}, w + 49)
+    check_settings_against_naive(monkeypatch, mode, w, {"REV_LIN": True, "REV_SEG": 4, "REV_SEG_LONG": long,
+                                                        "REV_MIN_SEGMENTS": floor}, w + 49)
     assert launched["_bwd_rev_kernel"] == [(4, nseg, 4)]
 
 
@@ -1168,7 +1182,10 @@ OPTION_SETS = {"rev-stride-2": {**OFF, "REV_STATE_STRIDE": 2},
                                                        "SIDE_STREAM_MIN_CHUNKS": 1},
                "reverse-scan-state-transposed": {"REV_ST": True, "REV_SEG": 4},
                # segments of REV_SEG_LONG's length from its number of chunks
-               "reverse-scan-segments-by-length": {"REV_SEG_LONG": (8, 2), "SIDE_STREAM_MIN_CHUNKS": 1}}
+               "reverse-scan-segments-by-length": {"REV_SEG_LONG": (8, 2), "SIDE_STREAM_MIN_CHUNKS": 1},
+               # REV_SEG_LONG's 16 halved to 4 chunks a segment: 4 segments of the 8 heads reach REV_MIN_SEGMENTS
+               "reverse-scan-segments-by-length-floor": {"REV_SEG_LONG": (8, 16), "REV_SEG": 2, "REV_MIN_SEGMENTS": 32,
+                                                         "SIDE_STREAM_MIN_CHUNKS": 1}}
 
 
 @pytest.mark.gpu
