@@ -207,7 +207,9 @@ REV_SEG_LONG: tuple[int, int] | None = (512, 512)
 # REV_MIN_SEGMENTS: REV_SEG_LONG's length is halved (not below REV_SEG) while the (segment, batch x head) pairs are
 # fewer than this. A program's steps run one after another, so with fewer heads than the tuned shape one segment a
 # head would leave most SMs idle for as long as 32 heads take (9 heads at 32K: 36 programs of 512 steps; with the
-# floor 144 of 128). 32: the tuned shape, B H = 32, keeps one segment a head.
+# floor 144 of 128). 32: the tuned shape, B H = 32, keeps one segment a head. Session 30, H100, 32K, H = 8 on 2 kv heads,
+# 4 interleaved rounds: 1.507 ms forward+backward with the floor (segments of 128) against 2.091 without (one of 512)
+# (kernels/bench_tune_h100_session30_floor.*).
 REV_MIN_SEGMENTS = 32
 # REV_SPLIT: the programs of a (segment, head) in REV_LIN: REV_SPLIT for dv's Dv columns and REV_SPLIT for dk_feat's
 # F columns, each holding its block of the reverse state (the dv programs all of F and their Dv columns, the dk_feat
