@@ -1,0 +1,153 @@
+"""Where a lone forward's host time to its first kernel launch goes, measured as the benchmark's per-call timing
+sees it (a synchronised queue before each call), against the same path with warm caches.
+
+``first_launch_parts.py`` times each step alone in a tight loop, warm; their sum (~30 us on an H100 host) is well
+below the span of a lone call (65-115 us). This script stamps the path itself (``time.perf_counter`` at the entry of
+``supported``, ``_prelude``, ``chunk_states`` and the first launch, at the exit of ``_plan_key`` and
+``PLANS.start``) under four conditions, 200 calls each:
+
+* ``gpu wait``: real launches, ``torch.cuda.synchronize()`` before each call (what ``bench.first_launch_us`` and a
+  per-call timing see);
+* ``sleep kernel + sync``: the first launch faked (no GPU work), a ~1 ms sleep kernel queued and waited for before
+  each call: the host waits as long as in ``gpu wait`` but the op queues nothing;
+* ``host sleep``: the first launch faked, ``time.sleep(1 ms)`` before each call (an idle host, no CUDA wait);
+* ``back to back``: the first launch faked, nothing between calls (warm).
+
+If ``sleep kernel + sync`` reads as ``gpu wait``, the lone call's extra time is the host's state after a wait, not
+the op's work.
+
+    python experiments/first_launch_stamps.py [--T 32768] [--json FILE]
+
+Needs a CUDA device (run it through the device tool). Prints a table of median microseconds from the call to each
+stamp; --json writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from linearize.kernels import bench  # noqa: E402
+from linearize.kernels.hybrid_attention import chunk  # noqa: E402
+
+MARKS = ("supported", "_prelude", "_plan_key done", "PLANS.start done", "chunk_states", "first launch")
+
+
+class _Stop(Exception):
+    pass
+
+
+def stamped(call, before, fake: bool, reps: int = 200, skip: int = 20) -> dict[str, float]:
+    """Median microseconds from ``call()`` to each of MARKS over ``reps`` calls (after ``skip``), ``before()`` run
+    ahead of each call and outside the span. fake: the first launch raises instead of launching."""
+    stamps: dict[str, float] = {}
+    saved = {name: getattr(chunk, name) for name in ("supported", "_prelude", "_plan_key", "chunk_states")}
+    real_start = chunk.PLANS.start
+
+    def at_entry(name, fn):
+        def wrapped(*a, **kw):
+            stamps.setdefault(name, time.perf_counter())
+            return fn(*a, **kw)
+
+        return wrapped
+
+    def at_exit(name, fn):
+        def wrapped(*a, **kw):
+            out = fn(*a, **kw)
+            stamps.setdefault(name, time.perf_counter())
+            return out
+
+        return wrapped
+
+    def start(key, stream):
+        inner = real_start(key, stream)
+        stamps.setdefault("PLANS.start done", time.perf_counter())
+
+        def launch(*args):
+            if "first launch" not in stamps:
+                stamps["first launch"] = time.perf_counter()
+                if fake:
+                    raise _Stop
+            return inner(*args)
+
+        launch.done = inner.done
+        return launch
+
+    chunk.supported = at_entry("supported", saved["supported"])
+    chunk._prelude = at_entry("_prelude", saved["_prelude"])
+    chunk._plan_key = at_exit("_plan_key done", saved["_plan_key"])
+    chunk.chunk_states = at_entry("chunk_states", saved["chunk_states"])
+    chunk.PLANS.start = start
+    rows: dict[str, list[float]] = {m: [] for m in MARKS}
+    try:
+        for i in range(reps + skip):
+            before()
+            stamps.clear()
+            t0 = time.perf_counter()
+            try:
+                call()
+            except _Stop:
+                pass
+            if i >= skip:
+                for m in MARKS:
+                    rows[m].append((stamps[m] - t0) * 1e6)
+    finally:
+        for name, fn in saved.items():
+            setattr(chunk, name, fn)
+        chunk.PLANS.start = real_start
+        torch.cuda.synchronize()
+    return {m: statistics.median(v) for m, v in rows.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA device")
+    q, k, v, qf, kf, gamma, _ = bench.make_inputs(args.T)
+    for x in (q, k, v, qf, kf, gamma):
+        x.requires_grad_()
+
+    def fwd():  # the benchmark's forward: inputs that want gradients, so it stores the backward's blocks
+        return chunk.hybrid_attention_chunk(q, k, v, qf, kf, gamma, window=bench.WINDOW, softmax=True,
+                                            linear="outside")
+
+    for _ in range(5):
+        fwd()
+    torch.cuda.synchronize()
+    bench._sleep_ms(0.1)  # (calibrates the sleep kernel)
+
+    def sleep_kernel_sync():
+        bench._sleep_ms(1.0)
+        torch.cuda.synchronize()
+
+    conditions = {
+        "gpu wait": (torch.cuda.synchronize, False),
+        "sleep kernel + sync": (sleep_kernel_sync, True),
+        "host sleep": (lambda: time.sleep(1e-3), True),
+        "back to back": (lambda: None, True),
+    }
+    table = {name: stamped(fwd, before, fake, args.reps) for name, (before, fake) in conditions.items()}
+    print(f"\n{torch.cuda.get_device_name()} | T={args.T} | median host us from the call to each stamp")
+    print("| condition | " + " | ".join(MARKS) + " |")
+    print("|---" * (len(MARKS) + 1) + "|")
+    for name, row in table.items():
+        print(f"| {name} | " + " | ".join(f"{row[m]:.1f}" for m in MARKS) + " |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"header": bench.header(), "T": args.T, "us": table}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
