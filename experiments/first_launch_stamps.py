@@ -1,8 +1,8 @@
 """Where a lone forward's host time to its first kernel launch goes, measured as the benchmark's per-call timing
 sees it (a synchronised queue before each call), against the same path with warm caches.
 
-``first_launch_parts.py`` times each step alone in a tight loop, warm; their sum (~30 us on an H100 host) is well
-below the span of a lone call (65-115 us). This script stamps the path itself (``time.perf_counter`` at the entry of
+``first_launch_parts.py`` times each step alone in a tight loop, warm; their sum (~31 us on an H100 host) is well
+below the span of a lone call (52-122 us in the last four benchmark runs). This script stamps the path itself (``time.perf_counter`` at the entry of
 ``supported``, ``_prelude``, ``chunk_states`` and the first launch, at the exit of ``_plan_key`` and
 ``PLANS.start``) under four conditions, 200 calls each:
 
