@@ -2,7 +2,9 @@
 rounds (session 13 compared 9fb3ed1 with b356f63 this way).
 
     git show 9fb3ed1:kernels/hybrid_attention/chunk.py > .device/chunk_before.py
-    python experiments/host_ab.py --before .device/chunk_before.py --out $OUT/host_ab.json
+    git show 9fb3ed1:kernels/launch.py > .device/launch_before.py
+    python experiments/host_ab.py --before .device/chunk_before.py [--before-launch .device/launch_before.py] \
+        --out $OUT/host_ab.json
 
 Both versions run the same inputs (bench.py's Mistral-7B attention shapes); their outputs must be bit-identical (the
 kernels are the same source, only the Python around them differs). Per version and T: the no-grad forward's CUDA and
@@ -38,16 +40,33 @@ def load_before(path: str):
     return mod
 
 
+def load_versions(chunk_path: str, launch_path: str | None):
+    """The earlier chunk.py as a module (host_ab.load_before), importing the earlier launch.py where given."""
+    if launch_path is None:
+        return load_before(chunk_path)
+    name = "linearize.kernels.launch"
+    spec = importlib.util.spec_from_file_location(name + "_before", launch_path)
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    saved = sys.modules[name]
+    sys.modules[name] = launch
+    try:
+        return load_before(chunk_path)
+    finally:
+        sys.modules[name] = saved
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", required=True, help="path of the earlier chunk.py")
+    ap.add_argument("--before-launch", help="path of the earlier kernels/launch.py (default: the working tree's)")
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 32768])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", default="host_ab.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the host A/B needs a CUDA device")
-    versions = {"before": load_before(args.before), "after": current}
+    versions = {"before": load_versions(args.before, args.before_launch), "after": current}
     rows = []
     for T in args.T:
         *inputs, do = bench.make_inputs(T)

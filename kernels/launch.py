@@ -19,7 +19,6 @@ A launch site reads ``launch(fn, grid, tensors, rest)``: ``tensors`` are the ker
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 
 _OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
@@ -101,24 +100,30 @@ class Plans:
 
     def __init__(self, limit: int = 256):
         self.limit = limit
-        self._plans: OrderedDict = OrderedDict()
+        # key -> [last use, entries]: a replay finds its plan with one hash of the key and marks its use in place
+        # (an OrderedDict's move_to_end would hash the key again, on the way to the op's first launch)
+        self._plans: dict = {}
+        self._clock = 0
         self._signatures: dict = {}
         self.replays = 0  # replayed op calls, for tests and the benchmark
 
     def start(self, key: Hashable | None, stream: Callable[[], int]):
         if key is None:
             return _DIRECT
-        entries = self._plans.get(key)
-        if entries is None:
+        slot = self._plans.get(key)
+        if slot is None:
             return _Record(self, key)
-        self._plans.move_to_end(key)
+        self._clock += 1
+        slot[0] = self._clock
         self.replays += 1
-        return _Replay(entries, stream)
+        return _Replay(slot[1], stream)
 
     def store(self, key, entries):
-        self._plans[key] = entries
-        while len(self._plans) > self.limit:
-            self._plans.popitem(last=False)
+        self._clock += 1
+        self._plans[key] = [self._clock, entries]
+        if len(self._plans) > self.limit:  # (the least recently used out: a scan, only when a new plan is stored)
+            for old, _ in sorted(self._plans.items(), key=lambda item: item[1][0])[:len(self._plans) - self.limit]:
+                del self._plans[old]
 
     def signature(self, fn) -> inspect.Signature:
         sig = self._signatures.get(fn)

@@ -39,8 +39,11 @@ in registers and writes them once, in the dtype of k/v.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import sys
+import types
 
 import torch
 import triton
@@ -356,9 +359,9 @@ SIDE_STATE_BLOCKS = (128, 128)
 # (96 KB) fit two an SM, 5 (160 KB) one. H200, batch 2, interleaved, 3 rounds (session 23,
 # kernels/bench_tune_h200_session23_batch2.*): forward 1.753 against 1.857 ms at 32K, 0.478 against 0.500 at 8K;
 # forward+backward the same (6.964 / 6.975, 1.825 / 1.850). At batch 1, 2K and 8K, 3 and 5 stages time alike.
-LAUNCH = {"state": (4, 5), "state_wide": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3),
+LAUNCH = types.MappingProxyType({"state": (4, 5), "state_wide": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3),
           "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2),
-          "delta_totals": (8, 2)}
+          "delta_totals": (8, 2)})
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
 # 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
@@ -371,7 +374,7 @@ LAUNCH_FP32 = (8, 1)
 # either way): H100, 32K, interleaved, 3 rounds, 4.185 against 4.262 and 4.297 against 4.499 ms forward+backward in
 # two calls (session 16). Capped at 168 and slower there: the key side (255 registers, 460 B of spills; with the query
 # side's cap 4.602 against 4.297) and the forward (255, 444 B; forward 1.604 against 1.053 ms).
-MAXNREG: dict[str, int | None] = {"bwd_q": 168}
+MAXNREG = types.MappingProxyType({"bwd_q": 168})
 # Launch plans (kernels/launch.py): the first forward / backward call of a key (shapes, strides, dtype, mode and the
 # settings above) launches through Triton and records every compiled kernel with its arguments; later calls of that
 # key hand only the tensors to the launchers. LAUNCH_PLANS = False launches every kernel through fn[grid](...).
@@ -1675,7 +1678,7 @@ def supported(q, k, v, q_feat, k_feat, *, window: int, softmax: bool, linear: st
         return "inputs are not on a CUDA device"
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {q.dtype} is not supported"
-    if len({q.dtype, k.dtype, v.dtype}) != 1:
+    if k.dtype != q.dtype or v.dtype != q.dtype:
         return f"q, k, v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
     if (softmax or linear == "outside") and window > BT:
         return f"window {window} > chunk size {BT}"
@@ -1734,6 +1737,17 @@ def _stride(reverse: bool) -> int:
     return sc
 
 
+@functools.lru_cache(maxsize=256)
+def _state_geometry(T: int, F: int, Dv: int, reverse: bool, side: bool) -> tuple[int, int, int, int, int, int]:
+    """(NS, BF, BDV, blocks, L, nseg) of a state pass over T tokens: its stored states (``_n_states``), padded head
+    dims, state tiles a head, steps a segment (STATE_SEG, or the whole scan) and segments. Cached (a forward asks for
+    it on the way to its first launch); assigning a setting of the module clears the cache (``_SettingsModule``)."""
+    NS = _n_states(T, reverse)
+    BF, BDV, BK, BV = _state_tiles(F, Dv, side)
+    L = STATE_SEG if STATE_SEG > 0 else NS
+    return NS, BF, BDV, (BF // BK) * (BDV // BV), L, _cdiv(NS, L)
+
+
 def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtype, big: bool, launch=direct,
                  side: bool = False, rs=None):
     """The states of the linear terms, one per SC chunks (STATE_STRIDE, or REV_STATE_STRIDE in reverse), from the
@@ -1750,13 +1764,9 @@ def chunk_states(x, y, rb, *, heads_per_y: int, reverse: bool, dtype: torch.dtyp
     """
     B, T, H, F = x.shape
     Dv = y.shape[-1]
-    NS = _n_states(T, reverse)
-    BF, BDV, BK, BV = _state_tiles(F, Dv, side)
-    blocks = (BF // BK) * (BDV // BV)
+    NS, BF, BDV, blocks, L, nseg = _state_geometry(T, F, Dv, reverse, side)
     hs = torch.empty(B * H, NS, BF, BDV, device=x.device, dtype=dtype)
     zs = torch.empty(B * H, NS, BF, device=x.device, dtype=torch.float32)
-    L = STATE_SEG if STATE_SEG > 0 else NS  # steps of the scan per segment
-    nseg = _cdiv(NS, L)
     has_rb, has_rs = rb is not None, rs is not None
     rb = zs if rb is None else rb  # dummies, never read
     rs = zs if rs is None else rs
@@ -1939,15 +1949,46 @@ def _fwd_blocks(softmax: bool, lin: int, grad: bool) -> tuple[bool, bool]:
     return bool(FWD_P and softmax and WINDOW_BLOCKS and grad), bool(FWD_LIN and lin and grad)
 
 
-def _switches() -> tuple:
-    """The module settings the launches depend on (the benchmark and the tests change them): part of a plan's key."""
-    return (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
-            STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV, FUSED_FWD,
-            SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()), LAUNCH_FP32,
-            REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS, REV_ZDOT_BF16_ONE,
-            DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA, SIDE_DV, REV_SCALE_DO, REV_ST,
-            SIDE_PRIORITY, SIDE_QLIN, REV_SEG_LONG, REV_MIN_SEGMENTS,
-            tuple(MAXNREG.items()))
+def _switches() -> _Switches:
+    """The module settings the launches depend on (the benchmark and the tests change them), as one object: part of a
+    plan's key. Equal settings give the same object (hashed and compared by identity, so a plan's key costs no hash of
+    ~50 settings a call); it is built again only after a setting of the module was assigned (``_SettingsModule``)."""
+    sw = _SW
+    if sw is None:
+        sw = _settle()
+    return sw
+
+
+class _Switches:
+    """One set of the module's settings (``values``), made once per distinct set by ``_settle``."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: tuple):
+        self.values = values
+
+    def __repr__(self):
+        return f"_Switches{self.values}"
+
+
+_SW: _Switches | None = None
+_SW_MADE: dict[tuple, _Switches] = {}
+
+
+def _settle() -> _Switches:
+    global _SW
+    values = (BT, STATE_BF, STATE_BV, OUT_BV, STATE_SEG, STATE_STRIDE, REV_STATE_STRIDE, GROUP_HEADS, KEEP_STATES,
+              STATE_Z_DOT, Q_SPLIT, KV_SPLIT, SAVE_P, SAVE_DW, WINDOW_BLOCKS, FWD_P, FWD_LIN, KF_IN_KV, KF_DV,
+              FUSED_FWD, SIDE_STREAM, SIDE_STREAM_MIN_CHUNKS, SIDE_KF, SIDE_STATE_BLOCKS, tuple(LAUNCH.items()),
+              LAUNCH_FP32, REV_DO, REV_LIN, REV_SEG, REV_SPLIT, REV_PREFIX, REV_ZDOT, REV_ZDOT_MIN_COLS,
+              REV_ZDOT_BF16_ONE, DELTA_TOTALS, DELTA_TOTALS_PROGRAMS, DELTA_TOTALS_MIN_CHUNKS, DELTA_Q, SIDE_DA,
+              SIDE_DV, REV_SCALE_DO, REV_ST, SIDE_PRIORITY, SIDE_QLIN, REV_SEG_LONG, REV_MIN_SEGMENTS,
+              tuple(MAXNREG.items()))
+    sw = _SW_MADE.get(values)
+    if sw is None:
+        sw = _SW_MADE[values] = _Switches(values)
+    _SW = sw
+    return sw
 
 
 def _plan_key(kind: str, *tensors, extra: tuple):
@@ -2063,7 +2104,7 @@ def _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, lin, scale, eps, g
     r.key = _plan_key("fwd", r.q, r.k, r.v, r.q_feat, r.k_feat, r.gam,
                       extra=(window, softmax, lin, scale, eps, r.fwd_p, r.fwd_lin))
     r.launch = PLANS.start(r.key, _stream)
-    r.big = max(_p2(D), _p2(Dv), _p2(r.F)) >= 128
+    r.big = max(D, Dv, r.F) > 64  # (a padded head dim, _p2, of 128 or more)
     r.NT = _cdiv(T, BT)
     r.fused = FUSED_FWD and bool(lin) and STATE_SEG == 0
     r.hs = r.zs = None
@@ -2417,9 +2458,29 @@ def hybrid_attention_chunk(
     else:  # feature maps often run in fp32; the dots take them in the dtype of q (bf16 tensor cores)
         q_feat = q_feat if q_feat.dtype == q.dtype else q_feat.to(q.dtype)
         k_feat = k_feat if k_feat.dtype == q.dtype else k_feat.to(q.dtype)
-    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, q_feat, k_feat, gamma))
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+        q_feat is not None and (q_feat.requires_grad or k_feat.requires_grad)) or (
+        gamma is not None and gamma.requires_grad))
     pre = None
     if not torch.compiler.is_compiling():  # the state pass launched before the autograd Function's overhead
         pre = _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, _LINEAR_CODE[linear], scale, eps, grad)
     return HybridAttentionFunction.apply(q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps, grad,
                                          pre)
+
+
+class _SettingsModule(types.ModuleType):
+    """This module's class: assigning any of its names (``chunk.REV_SEG = 128``, monkeypatch, the benchmark's
+    variants) drops the cached settings object of the plan keys (``_switches``) and the geometry caches built from
+    the settings (``_state_geometry``). LAUNCH and MAXNREG are read-only mappings, so that a setting cannot change in place unseen: assign a
+    new dict (kept as a read-only copy)."""
+
+    def __setattr__(self, name, value):
+        if name in ("LAUNCH", "MAXNREG") and isinstance(value, dict):
+            value = types.MappingProxyType(dict(value))
+        super().__setattr__(name, value)
+        if name != "_SW":
+            super().__setattr__("_SW", None)
+            _state_geometry.cache_clear()
+
+
+sys.modules[__name__].__class__ = _SettingsModule

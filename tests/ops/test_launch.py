@@ -8,6 +8,8 @@ replayed launches of real kernels are compared with Triton's path on the GPU (te
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import torch
 
@@ -218,10 +220,47 @@ def test_plan_key_covers_every_setting_of_the_op(monkeypatch):
             other = value * 2 or 1
         elif value is None:
             other = (32, 32)
-        elif isinstance(value, dict):
+        elif isinstance(value, Mapping):
             other = {**value, "fwd": (8, 1)}
         else:
             other = tuple(2 * x for x in value)
         with monkeypatch.context() as m:
             m.setattr(chunk, name, other)
             assert chunk._plan_key("fwd", q, k, extra=(64,)) != key, f"{name} is not part of the plan key"
+
+
+def test_settings_object_of_the_key_follows_assignments_and_launch_settings_are_read_only(monkeypatch):
+    """The key's settings part (``_switches``) is cached between calls: an assignment to the module (monkeypatch, the
+    benchmark's variants) must rebuild it, settings equal to earlier ones must give the same object (keys equal by
+    identity, plans found again), and LAUNCH / MAXNREG cannot change in place, where no assignment would be seen."""
+    from linearize.kernels.hybrid_attention import chunk
+
+    first = chunk._switches()
+    assert chunk._switches() is first
+    with monkeypatch.context() as m:
+        m.setattr(chunk, "REV_SEG", chunk.REV_SEG * 2)
+        assert chunk._switches() is not first and chunk._switches().values != first.values
+        m.setattr(chunk, "LAUNCH", {**chunk.LAUNCH, "fwd": (8, 1)})  # a plain dict, kept as a read-only copy
+        assert chunk.LAUNCH["fwd"] == (8, 1) and tuple(chunk.LAUNCH.items()) in chunk._switches().values
+        with pytest.raises(TypeError):
+            chunk.LAUNCH["fwd"] = (4, 2)
+        with pytest.raises(TypeError):
+            chunk.MAXNREG["fwd"] = 168
+    assert chunk._switches() is first  # the same settings again: the same object
+
+
+def test_state_geometry_cache_follows_the_settings(monkeypatch):
+    """The state pass's geometry is cached per (T, F, Dv, direction, side): a setting assigned afterwards (the
+    stride of the stored states, the tiles, segments) must not be answered from the cache."""
+    from linearize.kernels.hybrid_attention import chunk
+
+    T = 64 * 40
+    NS, BF, BDV, blocks, L, nseg = chunk._state_geometry(T, 128, 128, False, False)
+    assert (NS, BF, BDV, L, nseg) == (chunk._n_states(T, False), 128, 128, NS, 1)
+    assert blocks == (128 // chunk.STATE_BF) * (128 // chunk.STATE_BV)
+    monkeypatch.setattr(chunk, "STATE_STRIDE", chunk.STATE_STRIDE * 2)
+    assert chunk._state_geometry(T, 128, 128, False, False)[0] == -(-40 // chunk.STATE_STRIDE)
+    monkeypatch.setattr(chunk, "STATE_SEG", 4)
+    assert chunk._state_geometry(T, 128, 128, False, False)[4:] == (4, -(-NS // 2 // 4))
+    monkeypatch.setattr(chunk, "STATE_BF", 32)
+    assert chunk._state_geometry(T, 128, 128, False, False)[3] == 4 * (128 // chunk.STATE_BV)

@@ -1,0 +1,131 @@
+"""The hybrid op's host path to its first launch, on the CPU: an earlier ``chunk.py`` against the working tree's.
+
+No GPU needed. Each version runs the forward's Python (checks, prelude, plan key and lookup, the state pass's
+buffers) up to the first kernel launch of a replayed launch plan, with CPU tensors and a fake launcher that stamps
+the time and stops the call there. The versions alternate in one process (the same heap, caches and clock for
+both), ``--rounds`` rounds of ``--calls`` calls each; a row is the median of the rounds' medians. Read it as a ratio:
+a GPU host runs this path ~3x slower warm and ~6x slower after a wait (``first_launch_stamps.py``), but the same
+Python does the same work.
+
+    git show HEAD:kernels/hybrid_attention/chunk.py > /tmp/chunk_before.py
+    git show HEAD:kernels/launch.py > /tmp/launch_before.py
+    python experiments/host_path_cpu.py --before /tmp/chunk_before.py [--before-launch /tmp/launch_before.py] \
+        [--T 2048] [--json FILE]
+
+``--before-launch``: the earlier ``kernels/launch.py`` (launch plans) the earlier ``chunk.py`` imports; without it
+both versions use the working tree's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from host_ab import load_versions  # noqa: E402
+
+from linearize.kernels.hybrid_attention import chunk as current  # noqa: E402
+
+
+class _Stop(Exception):
+    pass
+
+
+def path_timer(mod, inputs, window: int):
+    """A function that runs one call of ``mod``'s op up to its first launch and returns the microseconds it took.
+    The plan of this key is recorded with a fake launcher first (the first launch only: the call stops there)."""
+    mod.INTERPRETED = False
+    mod._interpreting = lambda: True  # (``supported`` lets CPU tensors through as under the interpreter)
+    mod._stream = lambda: 0
+    seen = {}
+    real_start = mod.PLANS.start
+
+    def capture(key, stream):
+        seen["key"] = key
+
+        def launch(fn, grid, tensors, rest):
+            seen["fn"], seen["grid"] = fn, grid
+            raise _Stop
+
+        launch.done = lambda: None
+        return launch
+
+    def call():
+        return mod.hybrid_attention_chunk(*inputs, window=window)
+
+    mod.PLANS.start = capture
+    try:
+        call()
+    except _Stop:
+        pass
+    finally:
+        mod.PLANS.start = real_start
+    if seen.get("key") is None:
+        raise SystemExit(f"{mod.__name__}: no plan key (plans off?)")
+    stamp = [0.0]
+
+    def run(*args):
+        stamp[0] = time.perf_counter()
+        raise _Stop
+
+    mod.PLANS.store(seen["key"], ((seen["fn"], seen["grid"], run, None, None, 1, 1, 1, ()),))
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        try:
+            call()
+        except _Stop:
+            pass
+        return (stamp[0] - t0) * 1e6
+
+    replays = mod.PLANS.replays
+    once()
+    if mod.PLANS.replays != replays + 1:
+        raise SystemExit(f"{mod.__name__}: the call did not replay its plan")
+    return once
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", required=True, help="path of the earlier chunk.py")
+    ap.add_argument("--before-launch", help="path of the earlier kernels/launch.py")
+    ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    B, H, Hkv, D, F = 1, 32, 8, 128, 128  # the benchmark's shapes (bench.py)
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+
+    inputs = (leaf(B, args.T, H, D), leaf(B, args.T, Hkv, D), leaf(B, args.T, Hkv, D), leaf(B, args.T, H, F),
+              leaf(B, args.T, H, F), leaf(H, dtype=torch.float32))
+    timers = {"before": path_timer(load_versions(args.before, args.before_launch), inputs, 64), "after": path_timer(current, inputs, 64)}
+    meds: dict[str, list[float]] = {name: [] for name in timers}
+    for r in range(args.rounds):
+        for name in list(timers) if r % 2 == 0 else list(timers)[::-1]:
+            meds[name].append(statistics.median(timers[name]() for _ in range(args.calls)))
+    rows = {name: statistics.median(m) for name, m in meds.items()}
+    print(f"host us from the call to the first launch, CPU, T={args.T}, {args.rounds} alternating rounds of "
+          f"{args.calls} calls (median of round medians)")
+    print("| chunk.py | us | min round | max round |\n|---|---|---|---|")
+    for name, m in meds.items():
+        print(f"| {name} | {rows[name]:.2f} | {min(m):.2f} | {max(m):.2f} |")
+    print(f"after / before: {rows['after'] / rows['before']:.3f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"T": args.T, "rounds": args.rounds, "calls": args.calls, "us": rows, "round_medians": meds}, fh,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
