@@ -8,7 +8,8 @@ module switches) needs that work once per key. The first call with a key goes th
 launch's compiled kernel, grid and non-tensor arguments; later calls hand the tensors straight to the launchers.
 
 The key is the caller's promise: equal keys mean equal grids, scalars, constexprs and launch sequence, and tensors of
-the same alignment class. Callers put every input's shape and strides in it and leave plans off (``key=None``) for
+the same alignment class on the same kind of device (a replay hands the launcher the tensors' addresses, which it
+does not check the way it checks a tensor's). Callers put every input's shape and strides in it and leave plans off (``key=None``) for
 inputs whose addresses are not 16-byte aligned, under the interpreter and while launch hooks (profilers) are set.
 
 A launch site reads ``launch(fn, grid, tensors, rest)``: ``tensors`` are the kernel's leading tensor arguments and
@@ -69,7 +70,10 @@ class _Replay:
             raise RuntimeError(f"launch plan out of step: launch {self.i} is {fn} on grid {grid}, the plan recorded "
                                f"{fn0} on grid {grid0}")
         self.i += 1
-        run(g0, g1, g2, self.stream(), function, packed, None, None, None, *tensors, *tail)
+        # the tensors as their addresses: the launcher takes an int as the pointer itself, where for a tensor it calls
+        # data_ptr() and asks the driver whether the address is a device one (cuPointerGetAttribute, a driver call
+        # per pointer argument and launch), which the recording launch already checked for these tensors' key
+        run(g0, g1, g2, self.stream(), function, packed, None, None, None, *[t.data_ptr() for t in tensors], *tail)
 
     def done(self):
         if self.i != len(self.entries):

@@ -1993,19 +1993,22 @@ def _settle() -> _Switches:
 
 def _plan_key(kind: str, *tensors, extra: tuple):
     """Key of the launch plan of one forward / backward call, or None (no plan: interpreter, launch hooks set, an
-    input not 16-byte aligned, which Triton would compile another kernel for, or torch.compile tracing the op, which
-    needs Triton's own launches to see the kernels)."""
+    input not 16-byte aligned, which Triton would compile another kernel for, inputs on the host and a GPU mixed,
+    or torch.compile tracing the op, which needs Triton's own launches to see the kernels)."""
     if INTERPRETED or not LAUNCH_PLANS or _hooked(knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
         return None
     if torch.compiler.is_compiling():
         return None
     addr = 0
+    cuda = tensors[0].is_cuda
     for t in tensors:
         addr |= t.data_ptr()
+        if t.is_cuda is not cuda:  # (Triton's own path raises for a host tensor; a replay would not check it)
+            return None
     if addr & 15:
         return None
     # the current device too: the launches go to its stream, with kernels loaded for it
-    current = _cuda_device() if tensors[0].is_cuda else -1
+    current = _cuda_device() if cuda else -1
     return (kind, current, tensors[0].device.index, tensors[0].dtype, *[(t.shape, t.stride()) for t in tensors],
             *extra, _switches())
 

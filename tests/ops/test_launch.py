@@ -72,9 +72,9 @@ def test_first_call_records_through_triton_then_replays_through_the_launcher():
     assert (g0, g1, g2, stream) == (3, 2, 1, 77)
     assert function is fn.compiled.function and packed == fn.compiled.packed_metadata
     assert (meta, enter, exit_) == (None, None, None)
-    # this call's tensors, then the recorded scalars and constexprs in signature order, the default applied and
-    # the launch options (num_warps) left out
-    assert bound[0] is x2 and bound[1] is y2 and bound[2:] == [5, 0.5, 16, False]
+    # this call's tensors (as their addresses), then the recorded scalars and constexprs in signature order, the
+    # default applied and the launch options (num_warps) left out
+    assert bound[0] == x2.data_ptr() and bound[1] == y2.data_ptr() and bound[2:] == [5, 0.5, 16, False]
 
 
 def test_a_replay_sends_each_launch_to_the_stream_current_at_that_launch():
@@ -190,6 +190,8 @@ def test_plan_key_of_the_hybrid_op(monkeypatch):
     assert key != chunk._plan_key("fwd", q, k, extra=(64,))  # a module setting
     off = torch.randn(1 + 70 * 2 * 16)[1:].view(1, 70, 2, 16)  # 4 bytes past an aligned address
     assert chunk._plan_key("fwd", off, k, extra=(64,)) is None
+    if torch.cuda.is_available():  # a host tensor beside a GPU one: Triton's path raises, a replay would not check
+        assert chunk._plan_key("fwd", q.cuda(), k, extra=(64,)) is None
     monkeypatch.setattr(chunk, "LAUNCH_PLANS", False)
     assert chunk._plan_key("fwd", q, k, extra=(64,)) is None
     monkeypatch.setattr(chunk, "LAUNCH_PLANS", True)
