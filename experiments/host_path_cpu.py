@@ -1,8 +1,9 @@
-"""The hybrid op's host path to its first launch, on the CPU: an earlier ``chunk.py`` against the working tree's.
+"""The hybrid op's forward host path, on the CPU: an earlier ``chunk.py`` against the working tree's.
 
-No GPU needed. Each version runs the forward's Python (checks, prelude, plan key and lookup, the state pass's
-buffers) up to the first kernel launch of a replayed launch plan, with CPU tensors and a fake launcher that stamps
-the time and stops the call there. The versions alternate in one process (the same heap, caches and clock for
+No GPU needed. Each version runs the forward's Python (checks, prelude, plan key and lookup, buffers, the autograd
+Function) through a replayed launch plan, with CPU tensors and a fake launcher that only stamps the time of each
+launch: the time to the first launch (the state pass: the GPU waits for it), to the last (the output kernel: a GPU
+that finishes the state pass first waits for it) and to the return. The versions alternate in one process (the same heap, caches and clock for
 both), ``--rounds`` rounds of ``--calls`` calls each; a row is the median of the rounds' medians. Read it as a ratio:
 a GPU host runs this path ~3x slower warm and ~6x slower after a wait (``first_launch_stamps.py``), but the same
 Python does the same work.
@@ -34,25 +35,21 @@ from host_ab import load_versions  # noqa: E402
 from linearize.kernels.hybrid_attention import chunk as current  # noqa: E402
 
 
-class _Stop(Exception):
-    pass
-
-
 def path_timer(mod, inputs, window: int):
-    """A function that runs one call of ``mod``'s op up to its first launch and returns the microseconds it took.
-    The plan of this key is recorded with a fake launcher first (the first launch only: the call stops there)."""
+    """A function that runs one forward of ``mod``'s op with fake launches and returns the microseconds from the call
+    to its first launch, to its last launch (the output kernel) and to its return. The plan of this key is recorded
+    first, from the launches that call makes (fake: nothing runs; the output is an unwritten buffer)."""
     mod.INTERPRETED = False
     mod._interpreting = lambda: True  # (``supported`` lets CPU tensors through as under the interpreter)
     mod._stream = lambda: 0
-    seen = {}
+    seen = {"launches": []}
     real_start = mod.PLANS.start
 
     def capture(key, stream):
         seen["key"] = key
 
         def launch(fn, grid, tensors, rest):
-            seen["fn"], seen["grid"] = fn, grid
-            raise _Stop
+            seen["launches"].append((fn, grid))
 
         launch.done = lambda: None
         return launch
@@ -63,33 +60,32 @@ def path_timer(mod, inputs, window: int):
     mod.PLANS.start = capture
     try:
         call()
-    except _Stop:
-        pass
     finally:
         mod.PLANS.start = real_start
     if seen.get("key") is None:
         raise SystemExit(f"{mod.__name__}: no plan key (plans off?)")
-    stamp = [0.0]
+    stamps: list[float] = []
 
     def run(*args):
-        stamp[0] = time.perf_counter()
-        raise _Stop
+        stamps.append(time.perf_counter())
 
-    mod.PLANS.store(seen["key"], ((seen["fn"], seen["grid"], run, None, None, 1, 1, 1, ()),))
+    mod.PLANS.store(seen["key"], tuple((fn, grid, run, None, None, 1, 1, 1, ()) for fn, grid in seen["launches"]))
 
-    def once() -> float:
+    def once() -> tuple[float, float, float]:
+        stamps.clear()
         t0 = time.perf_counter()
-        try:
-            call()
-        except _Stop:
-            pass
-        return (stamp[0] - t0) * 1e6
+        call()
+        t1 = time.perf_counter()
+        return (stamps[0] - t0) * 1e6, (stamps[-1] - t0) * 1e6, (t1 - t0) * 1e6
 
     replays = mod.PLANS.replays
     once()
     if mod.PLANS.replays != replays + 1:
         raise SystemExit(f"{mod.__name__}: the call did not replay its plan")
     return once
+
+
+MARKS = ("first launch", "last launch", "return")
 
 
 def main(argv=None):
@@ -109,18 +105,22 @@ def main(argv=None):
 
     inputs = (leaf(B, args.T, H, D), leaf(B, args.T, Hkv, D), leaf(B, args.T, Hkv, D), leaf(B, args.T, H, F),
               leaf(B, args.T, H, F), leaf(H, dtype=torch.float32))
-    timers = {"before": path_timer(load_versions(args.before, args.before_launch), inputs, 64), "after": path_timer(current, inputs, 64)}
-    meds: dict[str, list[float]] = {name: [] for name in timers}
+    timers = {"before": path_timer(load_versions(args.before, args.before_launch), inputs, 64),
+              "after": path_timer(current, inputs, 64)}
+    meds: dict[str, dict[str, list[float]]] = {name: {m: [] for m in MARKS} for name in timers}
     for r in range(args.rounds):
         for name in list(timers) if r % 2 == 0 else list(timers)[::-1]:
-            meds[name].append(statistics.median(timers[name]() for _ in range(args.calls)))
-    rows = {name: statistics.median(m) for name, m in meds.items()}
-    print(f"host us from the call to the first launch, CPU, T={args.T}, {args.rounds} alternating rounds of "
-          f"{args.calls} calls (median of round medians)")
-    print("| chunk.py | us | min round | max round |\n|---|---|---|---|")
-    for name, m in meds.items():
-        print(f"| {name} | {rows[name]:.2f} | {min(m):.2f} | {max(m):.2f} |")
-    print(f"after / before: {rows['after'] / rows['before']:.3f}")
+            calls = [timers[name]() for _ in range(args.calls)]
+            for i, m in enumerate(MARKS):
+                meds[name][m].append(statistics.median(c[i] for c in calls))
+    rows = {name: {m: statistics.median(v) for m, v in marks.items()} for name, marks in meds.items()}
+    print(f"host us from the call of a forward (inputs that want gradients) to its first launch, its last launch and "
+          f"its return; CPU, T={args.T}, {args.rounds} alternating rounds of {args.calls} calls (median of the "
+          f"round medians)")
+    print("| chunk.py | " + " | ".join(MARKS) + " |\n|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{row[m]:.2f}" for m in MARKS) + " |")
+    print("after / before: " + ", ".join(f"{m} {rows['after'][m] / rows['before'][m]:.3f}" for m in MARKS))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"T": args.T, "rounds": args.rounds, "calls": args.calls, "us": rows, "round_medians": meds}, fh,

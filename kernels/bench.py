@@ -499,7 +499,7 @@ def kernel_config() -> dict:
     from .hybrid_attention import chunk
 
     return {**{name: getattr(chunk, name) for name in KNOBS},
-            "LAUNCH": {k: list(v) for k, v in chunk.LAUNCH.items()}}
+            "LAUNCH": {k: list(v) for k, v in chunk.LAUNCH.items()}, "MAXNREG": dict(chunk.MAXNREG)}
 
 
 def with_settings(overrides: dict, fn):

@@ -2076,19 +2076,21 @@ def _side(x: torch.Tensor, wanted: bool) -> _Side | None:
 
 
 class _Prelude:
-    """What a forward call settles before its output kernel (``_prelude``): its inputs as the kernels take them, the
-    launch plan's key and launch function, the block sizes, and the forward states from the state pass, already
-    launched."""
+    """A forward call's launches (``_prelude``): its inputs as the kernels take them, the launch plan's key and launch
+    function, the block sizes, the forward states from the state pass, the output and the blocks kept for the
+    backward, all launched."""
 
     __slots__ = ("q", "k", "v", "q_feat", "k_feat", "gam", "F", "fwd_p", "fwd_lin", "key", "launch", "big", "NT",
-                 "fused", "hs", "zs")
+                 "fused", "hs", "zs", "o", "M", "ZD", "pb", "arg", "lb")
 
 
 def _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, lin, scale, eps, grad) -> _Prelude:
-    """The forward up to and including the state pass's launch. ``hybrid_attention_chunk`` calls it before the
-    autograd Function (whose apply costs microseconds of host time a call, on the way to the first launch while the
-    GPU waits), except while torch.compile traces the op, where the Function's forward calls it. Nothing here
-    enters autograd's graph: copies of the inputs are detached."""
+    """The forward's launches: the state pass, then the output kernel. ``hybrid_attention_chunk`` calls it before the
+    autograd Function, whose apply (~9 us of host time a call on the 2-core CPU of the tests, for a Function of these
+    13 arguments that does nothing) would otherwise stand between the two launches while the GPU runs the state pass,
+    and before the first while the GPU waits; the Function's forward then saves what the backward needs. While torch.compile traces
+    the op, the Function's forward calls it. Nothing here enters autograd's graph: copies of the inputs are
+    detached, the buffers are fresh."""
     B, T, H, D = q.shape
     G = H // k.shape[2]
     Dv = v.shape[-1]
@@ -2115,72 +2117,79 @@ def _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, lin, scale, eps, g
     if lin and not r.fused:
         r.hs, r.zs = chunk_states(r.k_feat, r.v, None, heads_per_y=G, reverse=False, dtype=q.dtype, big=r.big,
                                   launch=r.launch)
+    _output(r, B, T, H, D, G, Dv, window, softmax, lin, scale, eps)
     return r
+
+
+def _output(r: _Prelude, B: int, T: int, H: int, D: int, G: int, Dv: int, window, softmax, lin, scale, eps):
+    """The forward's output kernel (or the fused forward) launched, its buffers (o, M, ZD, the blocks kept for the
+    backward) into ``r``."""
+    q, k, v, q_feat_t, k_feat_t, gam, F = r.q, r.k, r.v, r.q_feat, r.k_feat, r.gam, r.F
+    fwd_p, fwd_lin, launch = r.fwd_p, r.fwd_lin, r.launch
+    big, NT, fused, hs, zs = r.big, r.NT, r.fused, r.hs, r.zs
+    Hkv = H // G
+    BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
+    dev = q.device
+    o = torch.empty(B, T, H, Dv, device=dev, dtype=v.dtype)
+    M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
+    ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
+    if not lin:
+        hs = zs = M  # dummies when there is no linear term
+    ndw = _ndw(lin, window)
+    # p0's window blocks and the arg maxes for the softmax side and the key side, the local linear blocks for the
+    # key side: [BT, BT] blocks in the dtype of q
+    pb = torch.empty(B * H, NT, BT, BT, device=dev, dtype=q.dtype) if fwd_p else M
+    arg = torch.empty(B * H, T, device=dev, dtype=torch.int32) if fwd_p else M
+    lb = torch.empty(B * H, NT, ndw, BT, BT, device=dev, dtype=q.dtype) if fwd_lin else M
+    BV = min(OUT_BV, BDV)
+
+    def rest(*scalars, **switches):  # the launch's arguments after the tensors, bound only when it is not
+        # replayed (its strides and constexprs took ~20 us of host time a call when they were bound every call)
+        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1),
+                   q_feat_t.stride(2), o.stride(0), o.stride(1), o.stride(2))
+        meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
+                    CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype),
+                    SC=_stride(False), WIN=WINDOW_BLOCKS, FWD_P=fwd_p, FWD_LIN=fwd_lin, NDW=ndw)
+        return (*strides, T, H, G, NT, window, scale, eps, *scalars), dict(meta, **switches)
+
+    if fused:  # the state pass and the output programs in one launch, the latter waiting on READY
+        NS = _n_states(T, False)
+        _, _, BK, BVS = _state_tiles(F, Dv)
+        nkv = (BF // BK) * (BDV // BVS)
+        hs = torch.empty(B * H, NS, BF, BDV, device=dev, dtype=q.dtype)
+        zs = torch.empty(B * H, NS, BF, device=dev, dtype=torch.float32)
+        ready = torch.zeros(B * H * NS + 1, device=dev, dtype=torch.int32)  # per-state counts, then the ticket
+        options = _options("fwd_fused", big, q.dtype)
+        launch(_fwd_fused_kernel, (nkv * B * H + NT * (BDV // BV) * B * H,),
+               (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, ready, pb, arg, lb), lambda: rest(
+            nkv * B * H, nkv, BDV // BV, B * Hkv, SBK=BK, SBV=BVS, Z_DOT=STATE_Z_DOT,
+            ZPREC="ieee" if q.dtype == torch.float32 else "tf32x3", NTHREADS=32 * options["num_warps"], **options,
+        ))  # fmt: skip
+    else:
+        launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV),
+               (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, pb, arg, lb),
+               lambda: rest(GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype)))
+    launch.done()
+    r.o, r.M, r.ZD, r.hs, r.zs, r.pb, r.arg, r.lb = o, M, ZD, hs, zs, pb, arg, lb
 
 
 class HybridAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps, grad, pre=None):
-        B, T, H, D = q.shape
-        Hkv, Dv = k.shape[2], v.shape[-1]
-        G = H // Hkv
         lin = _LINEAR_CODE[linear]
         if pre is None:  # (torch.compile: the whole forward traced inside the Function)
             pre = _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, lin, scale, eps, grad)
-        q, k, v, q_feat_t, k_feat_t, gam, F = pre.q, pre.k, pre.v, pre.q_feat, pre.k_feat, pre.gam, pre.F
-        fwd_p, fwd_lin, key, launch = pre.fwd_p, pre.fwd_lin, pre.key, pre.launch
-        big, NT, fused, hs, zs = pre.big, pre.NT, pre.fused, pre.hs, pre.zs
-        BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
-        dev = q.device
-        o = torch.empty(B, T, H, Dv, device=dev, dtype=v.dtype)
-        M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
-        ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
-        if not lin:
-            hs = zs = M  # dummies when there is no linear term
-        ndw = _ndw(lin, window)
-        # p0's window blocks and the arg maxes for the softmax side and the key side, the local linear blocks for the
-        # key side: [BT, BT] blocks in the dtype of q
-        pb = torch.empty(B * H, NT, BT, BT, device=dev, dtype=q.dtype) if fwd_p else M
-        arg = torch.empty(B * H, T, device=dev, dtype=torch.int32) if fwd_p else M
-        lb = torch.empty(B * H, NT, ndw, BT, BT, device=dev, dtype=q.dtype) if fwd_lin else M
-        BV = min(OUT_BV, BDV)
-
-        def rest(*scalars, **switches):  # the launch's arguments after the tensors, bound only when it is not
-            # replayed (its strides and constexprs took ~20 us of host time a call when they were bound every call)
-            strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                       v.stride(0), v.stride(1), v.stride(2), q_feat_t.stride(0), q_feat_t.stride(1),
-                       q_feat_t.stride(2), o.stride(0), o.stride(1), o.stride(2))
-            meta = dict(D=D, DV=Dv, F=F, BD=BD, BDV=BDV, BF=BF, BV=BV, BT=BT, SOFTMAX=softmax, LINEAR=lin,
-                        CUR_LIN=_cur_lin(lin, window), DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype),
-                        SC=_stride(False), WIN=WINDOW_BLOCKS, FWD_P=fwd_p, FWD_LIN=fwd_lin, NDW=ndw)
-            return (*strides, T, H, G, NT, window, scale, eps, *scalars), dict(meta, **switches)
-
-        if fused:  # the state pass and the output programs in one launch, the latter waiting on READY
-            NS = _n_states(T, False)
-            _, _, BK, BVS = _state_tiles(F, Dv)
-            nkv = (BF // BK) * (BDV // BVS)
-            hs = torch.empty(B * H, NS, BF, BDV, device=dev, dtype=q.dtype)
-            zs = torch.empty(B * H, NS, BF, device=dev, dtype=torch.float32)
-            ready = torch.zeros(B * H * NS + 1, device=dev, dtype=torch.int32)  # per-state counts, then the ticket
-            options = _options("fwd_fused", big, q.dtype)
-            launch(_fwd_fused_kernel, (nkv * B * H + NT * (BDV // BV) * B * H,),
-                   (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, ready, pb, arg, lb), lambda: rest(
-                nkv * B * H, nkv, BDV // BV, B * Hkv, SBK=BK, SBV=BVS, Z_DOT=STATE_Z_DOT,
-                ZPREC="ieee" if q.dtype == torch.float32 else "tf32x3", NTHREADS=32 * options["num_warps"], **options,
-            ))  # fmt: skip
-        else:
-            launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV),
-                   (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, pb, arg, lb),
-                   lambda: rest(GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype)))
-        launch.done()
+        fwd_p, fwd_lin = pre.fwd_p, pre.fwd_lin
         # unless KEEP_STATES the states are recomputed in the backward: [NT / SC, F, Dv] per head is 2 / SC times
         # the size of q
-        saved = (hs, zs) if lin and KEEP_STATES else ()
-        blocks = ((pb, arg) if fwd_p else ()) + ((lb,) if fwd_lin else ())
-        ctx.save_for_backward(q, k, v, q_feat_t, k_feat_t, gam, o, M, ZD, *saved, *blocks)
-        ctx.cfg = (window, softmax, lin, scale, NT, F, gamma is not None, key, len(saved), fwd_p, fwd_lin)
+        saved = (pre.hs, pre.zs) if lin and KEEP_STATES else ()
+        blocks = ((pre.pb, pre.arg) if fwd_p else ()) + ((pre.lb,) if fwd_lin else ())
+        ctx.save_for_backward(pre.q, pre.k, pre.v, pre.q_feat, pre.k_feat, pre.gam, pre.o, pre.M, pre.ZD, *saved,
+                              *blocks)
+        ctx.cfg = (window, softmax, lin, scale, pre.NT, pre.F, gamma is not None, pre.key, len(saved), fwd_p, fwd_lin)
         ctx.gamma_dtype = None if gamma is None else gamma.dtype
-        return o
+        return pre.o
 
     @staticmethod
     def backward(ctx, do):
