@@ -1,17 +1,18 @@
-"""Where a lone forward's host time to its first kernel launch goes, measured as the benchmark's per-call timing
+"""Where a lone forward's host time to its two kernel launches goes, measured as the benchmark's per-call timing
 sees it (a synchronised queue before each call), against the same path with warm caches.
 
 ``first_launch_parts.py`` times each step alone in a tight loop, warm; their sum (~31 us on an H100 host) is well
 below the span of a lone call (52-122 us in the last four benchmark runs). This script stamps the path itself (``time.perf_counter`` at the entry of
-``supported``, ``_prelude``, ``chunk_states`` and the first launch, at the exit of ``_plan_key`` and
-``PLANS.start``) under four conditions, 200 calls each:
+``supported``, ``_prelude``, ``chunk_states``, the first launch (the state pass) and the second (the output kernel,
+which the GPU waits for if the host reaches it after the state pass's ~0.22 ms at 32K), at the exit of
+``_plan_key`` and ``PLANS.start``, and at the return) under four conditions, 200 calls each:
 
 * ``gpu wait``: real launches, ``torch.cuda.synchronize()`` before each call (what ``bench.first_launch_us`` and a
   per-call timing see);
-* ``sleep kernel + sync``: the first launch faked (no GPU work), a ~1 ms sleep kernel queued and waited for before
+* ``sleep kernel + sync``: the launches faked (no GPU work), a ~1 ms sleep kernel queued and waited for before
   each call: the host waits as long as in ``gpu wait`` but the op queues nothing;
-* ``host sleep``: the first launch faked, ``time.sleep(1 ms)`` before each call (an idle host, no CUDA wait);
-* ``back to back``: the first launch faked, nothing between calls (warm).
+* ``host sleep``: the launches faked, ``time.sleep(1 ms)`` before each call (an idle host, no CUDA wait);
+* ``back to back``: the launches faked, nothing between calls (warm).
 
 If ``sleep kernel + sync`` reads as ``gpu wait``, the lone call's extra time is the host's state after a wait, not
 the op's work.
@@ -38,16 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linearize.kernels import bench  # noqa: E402
 from linearize.kernels.hybrid_attention import chunk  # noqa: E402
 
-MARKS = ("supported", "_prelude", "_plan_key done", "PLANS.start done", "chunk_states", "first launch")
-
-
-class _Stop(Exception):
-    pass
+MARKS = ("supported", "_prelude", "_plan_key done", "PLANS.start done", "chunk_states", "first launch",
+         "second launch", "return")
 
 
 def stamped(call, before, fake: bool, reps: int = 200, skip: int = 20) -> dict[str, float]:
     """Median microseconds from ``call()`` to each of MARKS over ``reps`` calls (after ``skip``), ``before()`` run
-    ahead of each call and outside the span. fake: the first launch raises instead of launching."""
+    ahead of each call and outside the span. fake: the launches are stamped and skipped (nothing runs; the output is
+    an unwritten buffer)."""
     stamps: dict[str, float] = {}
     saved = {name: getattr(chunk, name) for name in ("supported", "_prelude", "_plan_key", "chunk_states")}
     real_start = chunk.PLANS.start
@@ -72,13 +71,11 @@ def stamped(call, before, fake: bool, reps: int = 200, skip: int = 20) -> dict[s
         stamps.setdefault("PLANS.start done", time.perf_counter())
 
         def launch(*args):
-            if "first launch" not in stamps:
-                stamps["first launch"] = time.perf_counter()
-                if fake:
-                    raise _Stop
-            return inner(*args)
+            stamps.setdefault("second launch" if "first launch" in stamps else "first launch", time.perf_counter())
+            if not fake:
+                return inner(*args)
 
-        launch.done = inner.done
+        launch.done = (lambda: None) if fake else inner.done
         return launch
 
     chunk.supported = at_entry("supported", saved["supported"])
@@ -92,10 +89,8 @@ def stamped(call, before, fake: bool, reps: int = 200, skip: int = 20) -> dict[s
             before()
             stamps.clear()
             t0 = time.perf_counter()
-            try:
-                call()
-            except _Stop:
-                pass
+            call()
+            stamps["return"] = time.perf_counter()
             if i >= skip:
                 for m in MARKS:
                     rows[m].append((stamps[m] - t0) * 1e6)
