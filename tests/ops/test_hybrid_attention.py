@@ -838,8 +838,8 @@ def test_triton_interpreter_features_and_gamma_in_another_dtype(interpret):
 
 @needs_interpreter
 def test_triton_interpreter_forward_prelude_in_and_out_of_the_function(monkeypatch, interpret):
-    """The forward's prelude (the inputs as the kernels take them, the plan, the state pass) runs before the autograd
-    Function, and inside it while torch.compile traces: the same bits either way. With inputs whose last dim is not
+    """The forward's prelude (the inputs as the kernels take them, the plan, the state pass and the output kernel)
+    runs before the autograd Function, and inside it while torch.compile traces: the same bits either way. With inputs whose last dim is not
     contiguous and a bf16 gamma, the prelude's copies stay out of autograd's graph: the output's only node is the op's,
     and every gradient matches the call on contiguous inputs."""
     inputs, do = make_inputs(1, 130, 2, 1, 16, 16, torch.float32, seed=14)
@@ -860,6 +860,7 @@ def test_triton_interpreter_forward_prelude_in_and_out_of_the_function(monkeypat
         strided.append(wide[..., ::2].requires_grad_())
     gamma = inputs[5].detach().bfloat16().float().bfloat16().requires_grad_()
     pre = real(*strided, gamma, 16, True, 1, 0.25, 1e-12, True)
+    assert all(x.grad_fn is None and not x.requires_grad for x in (pre.o, pre.M, pre.ZD, pre.hs, pre.zs))
     assert all(x.grad_fn is None for x in (pre.q, pre.k, pre.v, pre.q_feat, pre.k_feat, pre.gam))
     out_s = chunk.hybrid_attention_chunk(*strided, gamma, window=16)
     assert out_s.grad_fn.name() == "HybridAttentionFunctionBackward"
