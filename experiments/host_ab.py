@@ -9,7 +9,7 @@ rounds (session 13 compared 9fb3ed1 with b356f63 this way).
 Both versions run the same inputs (bench.py's Mistral-7B attention shapes); their outputs must be bit-identical (the
 kernels are the same source, only the Python around them differs). Per version and T: the no-grad forward's CUDA and
 host time (``bench.cuda_samples``), forward+backward likewise, and the host microseconds from the call to the first
-kernel launch. Each row is the median over all rounds; the order of the versions flips every round. Prints a table;
+kernel launch and to the second (the forward's output kernel). Each row is the median over all rounds; the order of the versions flips every round. Prints a table;
 writes JSON.
 """
 
@@ -84,8 +84,8 @@ def main(argv=None):
         outs = [ops[name][1]() for name in ops]
         if not torch.equal(outs[0], outs[1]):
             sys.exit(f"T={T}: the two versions' outputs differ")
-        acc = {name: {"fwd": [], "fwd_host": [], "fwd_bwd": [], "fwd_bwd_host": [], "first_launch_us": []}
-               for name in ops}
+        acc = {name: {"fwd": [], "fwd_host": [], "fwd_bwd": [], "fwd_bwd_host": [], "first_launch_us": [],
+                      "second_launch_us": []} for name in ops}
         for r in range(args.rounds):
             for name in list(ops) if r % 2 == 0 else list(ops)[::-1]:
                 mod, fwd, step = ops[name]
@@ -96,19 +96,22 @@ def main(argv=None):
                 times, host = bench.cuda_samples(step, 20, warmup_ms=warm)
                 acc[name]["fwd_bwd"] += times
                 acc[name]["fwd_bwd_host"] += host
-                acc[name]["first_launch_us"] += bench.first_launch_samples(fwd, 40, module=mod)
+                stamps = bench.launch_samples(fwd, 40, module=mod)
+                acc[name]["first_launch_us"] += [s[0] for s in stamps]
+                acc[name]["second_launch_us"] += [s[1] for s in stamps if len(s) > 1]
         for name, samples in acc.items():
-            row = {"T": T, "version": name, **{key: statistics.median(v) for key, v in samples.items()}}
+            row = {"T": T, "version": name, **{key: statistics.median(v) if v else None for key, v in samples.items()}}
             rows.append(row)
             print("# " + json.dumps(row), flush=True)
     with open(args.out, "w") as fh:
         json.dump({"header": bench.header(), "before": args.before, "rounds": args.rounds, "rows": rows}, fh, indent=1)
     print(f"\n{torch.cuda.get_device_name()} | host A/B, {args.rounds} alternating rounds, medians")
-    print("| T | chunk.py | fwd ms | fwd host us | host us to first launch | fwd+bwd ms | fwd+bwd host us |")
+    print("| T | chunk.py | fwd ms | fwd host us | host us to first / second launch | fwd+bwd ms | fwd+bwd host us |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['T']} | {r['version']} | {r['fwd']:.3f} | {r['fwd_host'] * 1e3:.0f} | {r['first_launch_us']:.0f} | "
-              f"{r['fwd_bwd']:.3f} | {r['fwd_bwd_host'] * 1e3:.0f} |")
+        second = "-" if r["second_launch_us"] is None else f"{r['second_launch_us']:.0f}"
+        print(f"| {r['T']} | {r['version']} | {r['fwd']:.3f} | {r['fwd_host'] * 1e3:.0f} | "
+              f"{r['first_launch_us']:.0f} / {second} | {r['fwd_bwd']:.3f} | {r['fwd_bwd_host'] * 1e3:.0f} |")
 
 
 if __name__ == "__main__":

@@ -150,23 +150,24 @@ def cuda_time_queued(fn, reps: int, lead_ms: float = 3.0) -> float:
     return statistics.median(times)
 
 
-def first_launch_samples(fn, reps: int, module=None) -> list[float]:
-    """Host microseconds from calling fn() (the hybrid op, forward or forward+backward) to its first kernel launch,
-    one sample a call, each from an idle queue: Python, input checks, the plan key and the allocations before the
-    first state pass or output kernel. module: the chunk module whose ``PLANS`` fn launches through (default: ours;
-    experiments/host_ab.py passes an earlier version)."""
+def launch_samples(fn, reps: int, module=None) -> list[list[float]]:
+    """Host microseconds from calling fn() (the hybrid op, forward or forward+backward) to each of its kernel
+    launches, one list a call, each call from an idle queue: Python, input checks, the plan key and the allocations
+    before the first launch (the state pass or the output kernel), then the work up to each later one (the forward's
+    second launch is its output kernel, which the GPU waits for if the host reaches it after the state pass ends).
+    module: the chunk module whose ``PLANS`` fn launches through (default: ours; experiments/host_ab.py passes an
+    earlier version)."""
     if module is None:
         from .hybrid_attention import chunk as module
 
     real = module.PLANS.start
-    stamp: list[float] = []
+    stamps: list[float] = []
 
     def start(key, stream):
         inner = real(key, stream)
 
         def launch(*args):
-            if not stamp:
-                stamp.append(time.perf_counter())
+            stamps.append(time.perf_counter())
             return inner(*args)
 
         launch.done = inner.done
@@ -181,21 +182,34 @@ def first_launch_samples(fn, reps: int, module=None) -> list[float]:
     try:
         for _ in range(reps):
             sync()  # (an idle queue, as for cuda_samples' host time)
-            stamp.clear()
+            stamps.clear()
             t0 = time.perf_counter()
             fn()
-            if not stamp:
+            if not stamps:
                 raise RuntimeError("fn() launched no kernel through chunk.PLANS")
-            got.append((stamp[0] - t0) * 1e6)
+            got.append([(t - t0) * 1e6 for t in stamps])
     finally:
         module.PLANS.start = real
         sync()
     return got
 
 
+def first_launch_samples(fn, reps: int, module=None) -> list[float]:
+    """Host microseconds from calling fn() to its first kernel launch, one sample a call (``launch_samples``)."""
+    return [s[0] for s in launch_samples(fn, reps, module)]
+
+
 def first_launch_us(fn, reps: int = 50) -> float:
     """Median of ``first_launch_samples`` over reps calls after 3 not kept."""
     return statistics.median(first_launch_samples(fn, reps + 3)[3:])
+
+
+def launch_us(fn, reps: int = 50) -> tuple[float, float | None]:
+    """Medians over reps calls (after 3 not kept) of the host microseconds to fn()'s first and second launches (None
+    for the second where a call launches once)."""
+    got = launch_samples(fn, reps + 3)[3:]
+    second = [s[1] for s in got if len(s) > 1]
+    return statistics.median(s[0] for s in got), statistics.median(second) if len(second) == len(got) else None
 
 
 def peak_gib(fn) -> float:
@@ -896,7 +910,7 @@ def measure(name, build, T, reps, do_bwd=True, queued=False):
             if queued:
                 row["fwd_queued_ms"] = cuda_time_queued(fwd, reps)
                 if name == "hybrid (ours)":
-                    row["fwd_first_launch_us"] = first_launch_us(fwd)
+                    row["fwd_first_launch_us"], row["fwd_second_launch_us"] = launch_us(fwd)
         if do_bwd:
             row["fwd_bwd_ms"], row["fwd_bwd_host_ms"] = cuda_time(step, reps)
             if queued:
@@ -1047,7 +1061,7 @@ def main(argv=None):
         print("\nQueued: each call timed with the GPU kept busy before it (the host's work before the first launch "
               "hidden, as inside a model)")
         print("| T | op | fwd ms, per call / queued | fwd+bwd ms, per call / queued | fwd+bwd queued / (SWA+LA) "
-              "| host us to first launch |")
+              "| host us to the forward's first / second launch |")
         print("|---|---|---|---|---|---|")
         for T in table_ts:
             at = {r["op"]: r for r in rows if r["T"] == T and "skipped" not in r}
@@ -1059,7 +1073,7 @@ def main(argv=None):
                          and r["op"] == "hybrid (ours)" else None)
                 print(f"| {T} | {r['op']} | {fmt(r.get('fwd_ms'))} / {fmt(r.get('fwd_queued_ms'))} | "
                       f"{fmt(r.get('fwd_bwd_ms'))} / {fmt(r.get('fwd_bwd_queued_ms'))} | {fmt(ratio, 2)} | "
-                      f"{fmt(r.get('fwd_first_launch_us'), 0)} |")
+                      f"{fmt(r.get('fwd_first_launch_us'), 0)} / {fmt(r.get('fwd_second_launch_us'), 0)} |")
     if result.get("tune"):
         print("\n| T | variant | fwd ms | fwd+bwd ms | host ms fwd+bwd | peak GiB |")
         print("|---|---|---|---|---|---|")

@@ -116,6 +116,15 @@ def test_first_launch_us_times_the_host_work_before_the_first_launch_only(monkey
     assert chunk.PLANS.start is fake_start  # the wrapper is gone
     with pytest.raises(RuntimeError, match="launched no kernel"):
         bench.first_launch_us(lambda: None, reps=1)
+    # launch_us: the second launch ~20 ms after the first
+    first, second = bench.launch_us(op, reps=2)
+    assert 2_500 < first < 15_000 and 22_000 < second < first + 40_000, (first, second)
+    assert chunk.PLANS.start is fake_start
+
+    def once():
+        chunk.PLANS.start(None, None)("kernel a")
+
+    assert bench.launch_us(once, reps=1)[1] is None
 
 
 def _pick_variant():
