@@ -2121,6 +2121,15 @@ def _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, lin, scale, eps, g
     return r
 
 
+@functools.lru_cache(maxsize=256)
+def _output_geometry(B: int, T: int, H: int, G: int, D: int, Dv: int, F: int, lin: int, window: int) -> tuple:
+    """(BD, BDV, BF, ndw, BV, grid) of a forward's output kernel: the padded head dims, the slots of the local linear
+    blocks (``_ndw``), the Dv block and the grid. Cached like ``_state_geometry``."""
+    BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
+    BV = min(OUT_BV, BDV)
+    return BD, BDV, BF, _ndw(lin, window), BV, _grid(_cdiv(T, BT), B, H, G, BDV // BV)
+
+
 def _output(r: _Prelude, B: int, T: int, H: int, D: int, G: int, Dv: int, window, softmax, lin, scale, eps):
     """The forward's output kernel (or the fused forward) launched, its buffers (o, M, ZD, the blocks kept for the
     backward) into ``r``."""
@@ -2128,20 +2137,18 @@ def _output(r: _Prelude, B: int, T: int, H: int, D: int, G: int, Dv: int, window
     fwd_p, fwd_lin, launch = r.fwd_p, r.fwd_lin, r.launch
     big, NT, fused, hs, zs = r.big, r.NT, r.fused, r.hs, r.zs
     Hkv = H // G
-    BD, BDV, BF = _p2(D), _p2(Dv), _p2(F)
+    BD, BDV, BF, ndw, BV, grid = _output_geometry(B, T, H, G, D, Dv, F, lin, window)
     dev = q.device
     o = torch.empty(B, T, H, Dv, device=dev, dtype=v.dtype)
     M = torch.empty(B * H, T, device=dev, dtype=torch.float32)
     ZD = torch.empty(B * H, T, device=dev, dtype=torch.float32)
     if not lin:
         hs = zs = M  # dummies when there is no linear term
-    ndw = _ndw(lin, window)
     # p0's window blocks and the arg maxes for the softmax side and the key side, the local linear blocks for the
     # key side: [BT, BT] blocks in the dtype of q
     pb = torch.empty(B * H, NT, BT, BT, device=dev, dtype=q.dtype) if fwd_p else M
     arg = torch.empty(B * H, T, device=dev, dtype=torch.int32) if fwd_p else M
     lb = torch.empty(B * H, NT, ndw, BT, BT, device=dev, dtype=q.dtype) if fwd_lin else M
-    BV = min(OUT_BV, BDV)
 
     def rest(*scalars, **switches):  # the launch's arguments after the tensors, bound only when it is not
         # replayed (its strides and constexprs took ~20 us of host time a call when they were bound every call)
@@ -2167,8 +2174,7 @@ def _output(r: _Prelude, B: int, T: int, H: int, D: int, G: int, Dv: int, window
             ZPREC="ieee" if q.dtype == torch.float32 else "tf32x3", NTHREADS=32 * options["num_warps"], **options,
         ))  # fmt: skip
     else:
-        launch(_fwd_kernel, _grid(NT, B, H, G, BDV // BV),
-               (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, pb, arg, lb),
+        launch(_fwd_kernel, grid, (q, k, v, q_feat_t, k_feat_t, gam, hs, zs, o, M, ZD, pb, arg, lb),
                lambda: rest(GROUP=GROUP_HEADS, **_options("fwd", big, q.dtype)))
     launch.done()
     r.o, r.M, r.ZD, r.hs, r.zs, r.pb, r.arg, r.lb = o, M, ZD, hs, zs, pb, arg, lb
@@ -2483,7 +2489,7 @@ def hybrid_attention_chunk(
 class _SettingsModule(types.ModuleType):
     """This module's class: assigning any of its names (``chunk.REV_SEG = 128``, monkeypatch, the benchmark's
     variants) drops the cached settings object of the plan keys (``_switches``) and the geometry caches built from
-    the settings (``_state_geometry``). LAUNCH and MAXNREG are read-only mappings, so that a setting cannot change in place unseen: assign a
+    the settings (``_state_geometry``, ``_output_geometry``). LAUNCH and MAXNREG are read-only mappings, so that a setting cannot change in place unseen: assign a
     new dict (kept as a read-only copy)."""
 
     def __setattr__(self, name, value):
@@ -2493,6 +2499,7 @@ class _SettingsModule(types.ModuleType):
         if name != "_SW":
             super().__setattr__("_SW", None)
             _state_geometry.cache_clear()
+            _output_geometry.cache_clear()
 
 
 sys.modules[__name__].__class__ = _SettingsModule

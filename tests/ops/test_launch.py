@@ -266,3 +266,18 @@ def test_state_geometry_cache_follows_the_settings(monkeypatch):
     assert chunk._state_geometry(T, 128, 128, False, False)[4:] == (4, -(-NS // 2 // 4))
     monkeypatch.setattr(chunk, "STATE_BF", 32)
     assert chunk._state_geometry(T, 128, 128, False, False)[3] == 4 * (128 // chunk.STATE_BV)
+
+
+def test_output_geometry_cache_follows_the_settings(monkeypatch):
+    """The output kernel's geometry (padded dims, Dv block, grid) is cached per shape: a setting assigned afterwards
+    (the grid's head grouping, the Dv block) must not be answered from the cache."""
+    from linearize.kernels.hybrid_attention import chunk
+
+    monkeypatch.setattr(chunk, "GROUP_HEADS", True)
+    BD, BDV, BF, ndw, BV, grid = chunk._output_geometry(2, 64 * 10, 8, 4, 96, 128, 64, 1, 64)
+    assert (BD, BDV, BF, BV) == (128, 128, 64, min(chunk.OUT_BV, 128))
+    assert ndw == chunk._ndw(1, 64) and grid == (10 * 4, 128 // BV, 2 * 8 // 4)
+    monkeypatch.setattr(chunk, "GROUP_HEADS", False)
+    assert chunk._output_geometry(2, 64 * 10, 8, 4, 96, 128, 64, 1, 64)[5] == (10, 128 // BV, 16)
+    monkeypatch.setattr(chunk, "OUT_BV", 64)
+    assert chunk._output_geometry(2, 64 * 10, 8, 4, 96, 128, 64, 1, 64)[4:] == (64, (10, 2, 16))
