@@ -9,7 +9,8 @@ rounds (session 13 compared 9fb3ed1 with b356f63 this way).
 Both versions run the same inputs (bench.py's Mistral-7B attention shapes); their outputs must be bit-identical (the
 kernels are the same source, only the Python around them differs). Per version and T: the no-grad forward's CUDA and
 host time (``bench.cuda_samples``), forward+backward likewise, and the host microseconds from the call to the first
-kernel launch and to the second (the forward's output kernel). Each row is the median over all rounds; the order of the versions flips every round. Prints a table;
+kernel launch and to the second (the forward's output kernel). Each row is the median over all rounds; the order of
+the versions flips every round. Prints a table;
 writes JSON.
 """
 

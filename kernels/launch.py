@@ -9,8 +9,9 @@ launch's compiled kernel, grid and non-tensor arguments; later calls hand the te
 
 The key is the caller's promise: equal keys mean equal grids, scalars, constexprs and launch sequence, and tensors of
 the same alignment class on the same kind of device (a replay hands the launcher the tensors' addresses, which it
-does not check the way it checks a tensor's). Callers put every input's shape and strides in it and leave plans off (``key=None``) for
-inputs whose addresses are not 16-byte aligned, under the interpreter and while launch hooks (profilers) are set.
+does not check the way it checks a tensor's). Callers put every input's shape and strides in it and leave plans off
+(``key=None``) for inputs whose addresses are not 16-byte aligned, under the interpreter and while launch hooks
+(profilers) are set.
 
 A launch site reads ``launch(fn, grid, tensors, rest)``: ``tensors`` are the kernel's leading tensor arguments and
 ``rest()`` returns ``(scalars, meta)``, the remaining positional arguments and the keyword ones (constexprs and

@@ -359,9 +359,9 @@ SIDE_STATE_BLOCKS = (128, 128)
 # (96 KB) fit two an SM, 5 (160 KB) one. H200, batch 2, interleaved, 3 rounds (session 23,
 # kernels/bench_tune_h200_session23_batch2.*): forward 1.753 against 1.857 ms at 32K, 0.478 against 0.500 at 8K;
 # forward+backward the same (6.964 / 6.975, 1.825 / 1.850). At batch 1, 2K and 8K, 3 and 5 stages time alike.
-LAUNCH = types.MappingProxyType({"state": (4, 5), "state_wide": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3),
-          "bwd_q": (4, 1), "bwd_kv": (4, 1), "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2),
-          "delta_totals": (8, 2)})
+LAUNCH = types.MappingProxyType({
+    "state": (4, 5), "state_wide": (4, 3), "side_state": (8, 3), "fwd": (4, 2), "fwd_fused": (4, 3), "bwd_q": (4, 1),
+    "bwd_kv": (4, 1), "bwd_kf": (4, 1), "bwd_kfdv": (4, 1), "delta": (4, 1), "bwd_rev": (4, 2), "delta_totals": (8, 2)})
 # fp32 inputs at these head dims: IEEE fp32 dots are FMA code, not tensor-core code; at 4 warps ptxas reports 63-162 KB
 # of spills a thread and compiling the kernels takes minutes (479 s for all of them on a 2-core host), at 8 warps
 # 9-76 KB and 154 s. fp32 is the path of correctness checks, not of speed: 8 warps, 1 stage everywhere.
@@ -2088,9 +2088,9 @@ def _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, lin, scale, eps, g
     """The forward's launches: the state pass, then the output kernel. ``hybrid_attention_chunk`` calls it before the
     autograd Function, whose apply (~9 us of host time a call on the 2-core CPU of the tests, for a Function of these
     13 arguments that does nothing) would otherwise stand between the two launches while the GPU runs the state pass,
-    and before the first while the GPU waits; the Function's forward then saves what the backward needs. While torch.compile traces
-    the op, the Function's forward calls it. Nothing here enters autograd's graph: copies of the inputs are
-    detached, the buffers are fresh."""
+    and before the first while the GPU waits; the Function's forward then saves what the backward needs. While
+    torch.compile traces the op, the Function's forward calls it. Nothing here enters autograd's graph: copies of the
+    inputs are detached, the buffers are fresh."""
     B, T, H, D = q.shape
     G = H // k.shape[2]
     Dv = v.shape[-1]
@@ -2480,7 +2480,7 @@ def hybrid_attention_chunk(
         q_feat is not None and (q_feat.requires_grad or k_feat.requires_grad)) or (
         gamma is not None and gamma.requires_grad))
     pre = None
-    if not torch.compiler.is_compiling():  # the state pass launched before the autograd Function's overhead
+    if not torch.compiler.is_compiling():  # both launches before the autograd Function's overhead
         pre = _prelude(q, k, v, q_feat, k_feat, gamma, window, softmax, _LINEAR_CODE[linear], scale, eps, grad)
     return HybridAttentionFunction.apply(q, k, v, q_feat, k_feat, gamma, window, softmax, linear, scale, eps, grad,
                                          pre)
@@ -2489,8 +2489,8 @@ def hybrid_attention_chunk(
 class _SettingsModule(types.ModuleType):
     """This module's class: assigning any of its names (``chunk.REV_SEG = 128``, monkeypatch, the benchmark's
     variants) drops the cached settings object of the plan keys (``_switches``) and the geometry caches built from
-    the settings (``_state_geometry``, ``_output_geometry``). LAUNCH and MAXNREG are read-only mappings, so that a setting cannot change in place unseen: assign a
-    new dict (kept as a read-only copy)."""
+    the settings (``_state_geometry``, ``_output_geometry``). LAUNCH and MAXNREG are read-only mappings, so that a
+    setting cannot change in place unseen: assign a new dict (kept as a read-only copy)."""
 
     def __setattr__(self, name, value):
         if name in ("LAUNCH", "MAXNREG") and isinstance(value, dict):
