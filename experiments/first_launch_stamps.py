@@ -17,7 +17,7 @@ which the GPU waits for if the host reaches it after the state pass's ~0.22 ms a
 If ``sleep kernel + sync`` reads as ``gpu wait``, the lone call's extra time is the host's state after a wait, not
 the op's work.
 
-    python experiments/first_launch_stamps.py [--T 32768] [--json FILE]
+    python experiments/first_launch_stamps.py [--T 32768] [--grad] [--json FILE]
 
 Needs a CUDA device (run it through the device tool). Prints a table of median microseconds from the call to each
 stamp; --json writes it.
@@ -26,6 +26,7 @@ stamp; --json writes it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -49,11 +50,13 @@ def stamped(call, before, fake: bool, reps: int = 200, skip: int = 20) -> dict[s
     an unwritten buffer)."""
     stamps: dict[str, float] = {}
     saved = {name: getattr(chunk, name) for name in ("supported", "_prelude", "_plan_key", "chunk_states")}
-    real_start = chunk.PLANS.start
+
+    def stamp(name):  # (the first time a call reaches the mark)
+        stamps.setdefault(name, time.perf_counter())
 
     def at_entry(name, fn):
         def wrapped(*a, **kw):
-            stamps.setdefault(name, time.perf_counter())
+            stamp(name)
             return fn(*a, **kw)
 
         return wrapped
@@ -61,43 +64,34 @@ def stamped(call, before, fake: bool, reps: int = 200, skip: int = 20) -> dict[s
     def at_exit(name, fn):
         def wrapped(*a, **kw):
             out = fn(*a, **kw)
-            stamps.setdefault(name, time.perf_counter())
+            stamp(name)
             return out
 
         return wrapped
 
-    def start(key, stream):
-        inner = real_start(key, stream)
-        stamps.setdefault("PLANS.start done", time.perf_counter())
-
-        def launch(*args):
-            stamps.setdefault("second launch" if "first launch" in stamps else "first launch", time.perf_counter())
-            if not fake:
-                return inner(*args)
-
-        launch.done = (lambda: None) if fake else inner.done
-        return launch
+    def launched():
+        stamp("second launch" if "first launch" in stamps else "first launch")
 
     chunk.supported = at_entry("supported", saved["supported"])
     chunk._prelude = at_entry("_prelude", saved["_prelude"])
     chunk._plan_key = at_exit("_plan_key done", saved["_plan_key"])
     chunk.chunk_states = at_entry("chunk_states", saved["chunk_states"])
-    chunk.PLANS.start = start
     rows: dict[str, list[float]] = {m: [] for m in MARKS}
+    started = functools.partial(stamp, "PLANS.start done")
     try:
-        for i in range(reps + skip):
-            before()
-            stamps.clear()
-            t0 = time.perf_counter()
-            call()
-            stamps["return"] = time.perf_counter()
-            if i >= skip:
-                for m in MARKS:
-                    rows[m].append((stamps[m] - t0) * 1e6)
+        with bench.stamped_launches(launched, chunk, on_start=started, fake=fake):
+            for i in range(reps + skip):
+                before()
+                stamps.clear()
+                t0 = time.perf_counter()
+                call()
+                stamps["return"] = time.perf_counter()
+                if i >= skip:
+                    for m in MARKS:
+                        rows[m].append((stamps[m] - t0) * 1e6)
     finally:
         for name, fn in saved.items():
             setattr(chunk, name, fn)
-        chunk.PLANS.start = real_start
         torch.cuda.synchronize()
     return {m: statistics.median(v) for m, v in rows.items()}
 
@@ -107,6 +101,9 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--json")
+    ap.add_argument("--grad", action="store_true",
+                    help="the forward with gradients wanted (it writes the backward's blocks); default: under "
+                         "torch.no_grad(), as the benchmark's forward row is timed")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
@@ -114,9 +111,10 @@ def main(argv=None):
     for x in (q, k, v, qf, kf, gamma):
         x.requires_grad_()
 
-    def fwd():  # the benchmark's forward: inputs that want gradients, so it stores the backward's blocks
-        return chunk.hybrid_attention_chunk(q, k, v, qf, kf, gamma, window=bench.WINDOW, softmax=True,
-                                            linear="outside")
+    def fwd():  # the benchmark's forward: inputs that want gradients, timed under torch.no_grad() unless --grad
+        with torch.set_grad_enabled(args.grad):
+            return chunk.hybrid_attention_chunk(q, k, v, qf, kf, gamma, window=bench.WINDOW, softmax=True,
+                                                linear="outside")
 
     for _ in range(5):
         fwd()
@@ -134,14 +132,15 @@ def main(argv=None):
         "back to back": (lambda: None, True),
     }
     table = {name: stamped(fwd, before, fake, args.reps) for name, (before, fake) in conditions.items()}
-    print(f"\n{torch.cuda.get_device_name()} | T={args.T} | median host us from the call to each stamp")
+    mode = "with gradients" if args.grad else "no grad"
+    print(f"\n{torch.cuda.get_device_name()} | T={args.T} | forward {mode} | median host us from the call to each stamp")
     print("| condition | " + " | ".join(MARKS) + " |")
     print("|---" * (len(MARKS) + 1) + "|")
     for name, row in table.items():
         print(f"| {name} | " + " | ".join(f"{row[m]:.1f}" for m in MARKS) + " |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"header": bench.header(), "T": args.T, "us": table}, fh, indent=1)
+            json.dump({"header": bench.header(), "T": args.T, "grad": args.grad, "us": table}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ the rest, and times one launch by path (Triton's, the bare launcher); --host-pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -150,6 +151,36 @@ def cuda_time_queued(fn, reps: int, lead_ms: float = 3.0) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def stamped_launches(on_launch, module=None, on_start=None, fake: bool = False):
+    """Inside the block every launch the op makes through ``module.PLANS`` (default: ours) calls ``on_launch()`` just
+    before it, and ``on_start()`` runs as each call's ``PLANS.start`` returns. fake: the launches are skipped (nothing
+    runs on the GPU; the op's outputs are unwritten buffers), for timing the host path alone."""
+    if module is None:
+        from .hybrid_attention import chunk as module
+
+    real = module.PLANS.start
+
+    def start(key, stream):
+        inner = real(key, stream)
+        if on_start is not None:
+            on_start()
+
+        def launch(*args):
+            on_launch()
+            if not fake:
+                return inner(*args)
+
+        launch.done = (lambda: None) if fake else inner.done
+        return launch
+
+    module.PLANS.start = start
+    try:
+        yield
+    finally:
+        module.PLANS.start = real
+
+
 def launch_samples(fn, reps: int, module=None) -> list[list[float]]:
     """Host microseconds from calling fn() (the hybrid op, forward or forward+backward) to each of its kernel
     launches, one list a call, each call from an idle queue: Python, input checks, the plan key and the allocations
@@ -157,39 +188,24 @@ def launch_samples(fn, reps: int, module=None) -> list[list[float]]:
     second launch is its output kernel, which the GPU waits for if the host reaches it after the state pass ends).
     module: the chunk module whose ``PLANS`` fn launches through (default: ours; experiments/host_ab.py passes an
     earlier version)."""
-    if module is None:
-        from .hybrid_attention import chunk as module
-
-    real = module.PLANS.start
     stamps: list[float] = []
-
-    def start(key, stream):
-        inner = real(key, stream)
-
-        def launch(*args):
-            stamps.append(time.perf_counter())
-            return inner(*args)
-
-        launch.done = inner.done
-        return launch
 
     def sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     got = []
-    module.PLANS.start = start
     try:
-        for _ in range(reps):
-            sync()  # (an idle queue, as for cuda_samples' host time)
-            stamps.clear()
-            t0 = time.perf_counter()
-            fn()
-            if not stamps:
-                raise RuntimeError("fn() launched no kernel through chunk.PLANS")
-            got.append([(t - t0) * 1e6 for t in stamps])
+        with stamped_launches(lambda: stamps.append(time.perf_counter()), module):
+            for _ in range(reps):
+                sync()  # (an idle queue, as for cuda_samples' host time)
+                stamps.clear()
+                t0 = time.perf_counter()
+                fn()
+                if not stamps:
+                    raise RuntimeError("fn() launched no kernel through chunk.PLANS")
+                got.append([(t - t0) * 1e6 for t in stamps])
     finally:
-        module.PLANS.start = real
         sync()
     return got
 

@@ -81,11 +81,9 @@ def test_tune_rejects_unknown_variants(stand_ins):
         bench.tune([64], reps=3, variants=["nope"])
 
 
-def test_first_launch_us_times_the_host_work_before_the_first_launch_only(monkeypatch):
-    """first_launch_us wraps chunk.PLANS.start: a call that works ~3 ms before its first launch and ~20 ms after it
-    must read ~3 ms; the wrapper passes the launches through and is removed afterwards."""
-    import time
-
+def _fake_plans(monkeypatch):
+    """chunk.PLANS.start replaced by one whose launchers record their arguments (and "done") in a list: (the list,
+    the replacement)."""
     from linearize.kernels.hybrid_attention import chunk
 
     launched = []
@@ -101,6 +99,17 @@ def test_first_launch_us_times_the_host_work_before_the_first_launch_only(monkey
         return Launcher()
 
     monkeypatch.setattr(chunk.PLANS, "start", fake_start)
+    return launched, fake_start
+
+
+def test_first_launch_us_times_the_host_work_before_the_first_launch_only(monkeypatch):
+    """first_launch_us wraps chunk.PLANS.start: a call that works ~3 ms before its first launch and ~20 ms after it
+    must read ~3 ms; the wrapper passes the launches through and is removed afterwards."""
+    import time
+
+    from linearize.kernels.hybrid_attention import chunk
+
+    launched, fake_start = _fake_plans(monkeypatch)
 
     def op():
         time.sleep(0.003)
@@ -126,6 +135,30 @@ def test_first_launch_us_times_the_host_work_before_the_first_launch_only(monkey
 
     assert bench.launch_us(once, reps=1)[1] is None
 
+
+def test_stamped_launches_fake_skips_the_launches_and_stamps_each_start(monkeypatch):
+    """stamped_launches(fake=True): every launch calls on_launch and none reaches the plan's launcher (done() too),
+    on_start runs once a PLANS.start; without fake the launches go through; PLANS.start is restored after a raise."""
+    from linearize.kernels.hybrid_attention import chunk
+
+    launched, fake_start = _fake_plans(monkeypatch)
+    events = []
+
+    def op():
+        launch = chunk.PLANS.start(None, None)
+        launch("a")
+        launch("b")
+        launch.done()
+
+    with bench.stamped_launches(lambda: events.append("launch"), on_start=lambda: events.append("start"), fake=True):
+        op()
+    assert events == ["start", "launch", "launch"] and launched == []
+    with bench.stamped_launches(lambda: events.append("launch")):
+        op()
+    assert launched == [("a",), ("b",), "done"]
+    with pytest.raises(RuntimeError, match="inside"), bench.stamped_launches(lambda: None):
+        raise RuntimeError("inside")
+    assert chunk.PLANS.start is fake_start
 
 def _pick_variant():
     """experiments/pick_variant.py as a module (experiments/ is not a package)."""
