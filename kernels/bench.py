@@ -15,7 +15,9 @@ Peak GiB is the peak of memory allocated during one forward+backward beyond what
 is the time the call takes to return on the CPU (when it is close to the CUDA time, launching is the bottleneck).
 With --queued every op is timed a second way, with a sleep kernel queued before each call's start event so that the
 host's work before its first launch overlaps it (as inside a model, whose earlier layers keep the queue full), and our
-op's host time to its first launch is recorded; the table of those prints last.
+op's host time to its first launch is recorded; the table of those prints after the main one. Then the peers beside
+DESIGN.md's anchors (``ANCHORS``; which timing reads nearer each) and the targets of DESIGN.md section 8 judged on
+this run, per call and queued (the JSON's "anchors" and "targets").
 
     python -m linearize.kernels.bench --T 8192 32768 --tune --profile --out $OUT/bench_tune.json
 
@@ -946,6 +948,111 @@ def measure(name, build, T, reps, do_bwd=True, queued=False):
     return row
 
 
+# DESIGN.md section 8's anchors: one H100 run, 2026-11-27, median ms, (forward, forward+backward). The targets'
+# milliseconds are 3x below the two peers' sums at 32K ((0.67 + 2.49) / 3 = 1.05, (2.89 + 9.26) / 3 = 4.05)
+ANCHORS = {
+    "sdpa": {2048: (0.086, 0.40), 8192: (0.98, 4.04), 32768: (14.6, 54.6)},
+    "flex_swa": {2048: (0.052, 0.66), 8192: (0.18, 0.73), 32768: (0.67, 2.89)},
+    "fla_chunk_la": {2048: (0.34, 1.88), 8192: (0.65, 2.41), 32768: (2.49, 9.26)},
+}
+METHODS = {"per call": "", "queued": "_queued"}  # the table's two timings, by the suffix of their keys
+
+
+def anchor_rows(rows) -> list[dict]:
+    """The peers' times of this run beside DESIGN.md's anchors (``ANCHORS``): per call and queued (where timed), each
+    as a ratio to its anchor, and the method that reads nearer the anchor (the smaller |log ratio|)."""
+    out = []
+    for r in rows:
+        anchor = ANCHORS.get(r["op"], {}).get(r["T"])
+        if anchor is None or "skipped" in r:
+            continue
+        for part, ms in zip(("fwd", "fwd_bwd"), anchor):
+            row = {"op": r["op"], "T": r["T"], "part": part, "anchor_ms": ms}
+            for method, suffix in METHODS.items():
+                got = r.get(f"{part}{suffix}_ms")
+                row[f"{method}_ms"], row[f"{method}_vs_anchor"] = got, None if got is None else got / ms
+            ratios = {m: row[f"{m}_vs_anchor"] for m in METHODS if row[f"{m}_vs_anchor"] is not None}
+            row["nearer"] = min(ratios, key=lambda m: abs(math.log(ratios[m]))) if len(ratios) > 1 else None
+            out.append(row)
+    return out
+
+
+def targets(rows) -> list[dict]:
+    """DESIGN.md section 8's kernel targets judged on this run's table, per call and queued (where timed): one row a
+    target, with each method's value (a string) and whether it is met (both None where the table lacks a time it
+    needs: a T not timed, a peer skipped, no queued timing)."""
+    at = {(r["op"], r["T"]): r for r in rows if "skipped" not in r}
+    ours = "hybrid (ours)"
+
+    def ms(op, T, part, suffix):
+        return at.get((op, T), {}).get(f"{part}{suffix}_ms")
+
+    def at_most(T, part, limit):
+        def judge(sx):
+            x = ms(ours, T, part, sx)
+            return None if x is None else (f"{x:.3f} ms", x <= limit)
+        return judge
+
+    def vs_peers(part):  # flex SWA + fla LA over ours at 32K
+        def judge(sx):
+            x = [ms(op, 32768, part, sx) for op in ("flex_swa", "fla_chunk_la", ours)]
+            return None if None in x else (f"{(x[0] + x[1]) / x[2]:.2f}x", x[0] + x[1] >= 3.0 * x[2])
+        return judge
+
+    def vs_sdpa(Ts, bound):  # ours over SDPA, forward and forward+backward at each T
+        def judge(sx):
+            x = [(ms(ours, T, p, sx), ms("sdpa", T, p, sx)) for T in Ts for p in ("fwd", "fwd_bwd")]
+            if not x or any(None in pair for pair in x):
+                return None
+            r = [o / q for o, q in x]
+            return " / ".join(f"{v:.2f}" for v in r), max(r) <= bound
+        return judge
+
+    def linear(sx):  # peak GiB a token: the largest over the smallest, over the table's T (peak is not timed)
+        per = [r["peak_gib"] / T for (op, T), r in at.items() if op == ours and r.get("peak_gib")]
+        if sx or len(per) < 2:
+            return None
+        return f"{max(per) / min(per):.2f}", max(per) / min(per) <= 1.25
+
+    long_ts = sorted(T for op, T in at if op == ours and T >= 8192)
+    checks = {
+        "T=32K forward <= 1.0 ms": at_most(32768, "fwd", 1.0),
+        "T=32K forward+backward <= 4 ms": at_most(32768, "fwd_bwd", 4.0),
+        "T=32K >= 3x faster than flex SWA + fla LA, forward": vs_peers("fwd"),
+        "T=32K >= 3x faster than flex SWA + fla LA, forward+backward": vs_peers("fwd_bwd"),
+        f"faster than full SDPA from T=8K (ours / SDPA, fwd / fwd+bwd at T={long_ts})": vs_sdpa(long_ts, 1.0),
+        "within 2x of SDPA at T=2K (ours / SDPA, fwd / fwd+bwd)": vs_sdpa([2048], 2.0),
+        "memory linear in T (peak GiB a token, largest / smallest over the T, <= 1.25)": linear,
+    }
+    out = []
+    for name, judge in checks.items():
+        row = {"target": name}
+        for method, suffix in METHODS.items():
+            got = judge(suffix)
+            row[f"{method}_value"], row[f"{method}_met"] = got if got is not None else (None, None)
+        out.append(row)
+    return out
+
+
+def print_anchors(anchors: list[dict], judged: list[dict]) -> None:
+    """The peers against DESIGN.md's anchors, then the targets, as markdown tables."""
+    print("\nThe peers against DESIGN.md's anchors (H100, 2026-11-27): ms, and the ratio to the anchor")
+    print("| T | op | part | anchor | per call | queued | nearer the anchor |")
+    print("|---|---|---|---|---|---|---|")
+    for r in anchors:
+        cells = [f"{fmt(r[f'{m}_ms'])} ({fmt(r[f'{m}_vs_anchor'], 2)})" if r[f"{m}_ms"] is not None else "-"
+                 for m in METHODS]
+        print(f"| {r['T']} | {r['op']} | {r['part']} | {r['anchor_ms']} | " + " | ".join(cells)
+              + f" | {r['nearer'] or '-'} |")
+    print("\nTargets (DESIGN.md section 8) in this run")
+    print("| target | per call | queued |")
+    print("|---|---|---|")
+    verdict = {True: "met", False: "NOT met"}
+    for r in judged:
+        cells = [f"{r[f'{m}_value']}: {verdict[r[f'{m}_met']]}" if r[f"{m}_met"] is not None else "-"
+                 for m in METHODS]
+        print(f"| {r['target']} | " + " | ".join(cells) + " |")
+
 def naive_fits(T: int, bwd: bool) -> bool:
     """The naive reference holds ~6 fp32 [B, H, T, T] tensors in the forward (about twice that with backward)."""
     need = (12 if bwd else 6) * B * H * T * T * 4
@@ -1043,6 +1150,8 @@ def main(argv=None):
     result = {"header": info, "shapes": dict(B=B, H=H, Hkv=HKV, d=D, features=FEAT, window=WINDOW, dtype="bf16"),
               "check": {"T": args.check_T, "rel_rms_err": checks, "ok": ok}, "reps": args.reps, "rows": rows,
               "kernel_config": kernel_config()}
+    if rows:
+        result["anchors"], result["targets"] = anchor_rows(rows), targets(rows)
     if args.tune:
         result["tune"] = tune(args.T, args.reps, args.variants, args.rounds)
     if args.profile:
@@ -1090,6 +1199,8 @@ def main(argv=None):
                 print(f"| {T} | {r['op']} | {fmt(r.get('fwd_ms'))} / {fmt(r.get('fwd_queued_ms'))} | "
                       f"{fmt(r.get('fwd_bwd_ms'))} / {fmt(r.get('fwd_bwd_queued_ms'))} | {fmt(ratio, 2)} | "
                       f"{fmt(r.get('fwd_first_launch_us'), 0)} / {fmt(r.get('fwd_second_launch_us'), 0)} |")
+    if result.get("anchors"):
+        print_anchors(result["anchors"], result["targets"])
     if result.get("tune"):
         print("\n| T | variant | fwd ms | fwd+bwd ms | host ms fwd+bwd | peak GiB |")
         print("|---|---|---|---|---|---|")

@@ -260,3 +260,68 @@ def test_stream_probe_times_both_streams_of_the_backward(monkeypatch):
     assert row["calls"] == 4
     assert 0 < row["side_ms"] <= row["end_ms"] and 0 < row["main_ms"] <= row["end_ms"]
     assert chunk.STREAM_PROBE is None
+
+
+def _table(ours32_fwd=(1.01, 0.95), peak32=2.0):
+    """Rows as ``bench.main`` makes them at T = 2K, 8K and 32K (per call and queued), the op's 32K forward and peak
+    as given; the peers at DESIGN.md's anchors per call, 10% faster queued."""
+    rows = []
+    for T in (2048, 8192, 32768):
+        ours = {"op": "hybrid (ours)", "T": T, "fwd_ms": 0.2 * T / 8192, "fwd_queued_ms": 0.15 * T / 8192,
+                "fwd_bwd_ms": 0.9 * T / 8192, "fwd_bwd_queued_ms": 0.8 * T / 8192, "peak_gib": 0.5 * T / 8192}
+        if T == 32768:
+            ours["fwd_ms"], ours["fwd_queued_ms"] = ours32_fwd
+            ours["peak_gib"] = peak32
+        rows.append(ours)
+        for op, anchors in bench.ANCHORS.items():
+            f, fb = anchors[T]
+            rows.append({"op": op, "T": T, "fwd_ms": f, "fwd_queued_ms": 0.9 * f, "fwd_bwd_ms": fb,
+                         "fwd_bwd_queued_ms": 0.9 * fb})
+        rows.append({"op": "naive", "T": T, "skipped": "--no-naive"})
+    return rows
+
+
+def test_targets_judge_each_method_against_design_section_8(capsys):
+    """targets(): the 32K forward at 1.01 ms per call is over 1.0 and at 0.95 queued is under; the ratios to the peers
+    are (0.67 + 2.49) / 1.01 and (0.9 (0.67 + 2.49)) / 0.95; a quadratic peak is not linear; a table without 32K
+    or without queued times leaves those targets undecided (None), not met or failed."""
+    judged = {r["target"]: r for r in bench.targets(_table())}
+    fwd = judged["T=32K forward <= 1.0 ms"]
+    assert (fwd["per call_met"], fwd["queued_met"]) == (False, True)
+    assert (fwd["per call_value"], fwd["queued_value"]) == ("1.010 ms", "0.950 ms")
+    ratio = judged["T=32K >= 3x faster than flex SWA + fla LA, forward"]
+    assert ratio["per call_value"] == f"{(0.67 + 2.49) / 1.01:.2f}x" and ratio["per call_met"] is True
+    assert ratio["queued_value"] == f"{0.9 * (0.67 + 2.49) / 0.95:.2f}x" and ratio["queued_met"] is False
+    sdpa2k = next(r for name, r in judged.items() if name.startswith("within 2x of SDPA"))
+    assert sdpa2k["per call_met"] is True  # 0.05 / 0.086 and 0.225 / 0.40
+    mem = next(r for name, r in judged.items() if name.startswith("memory linear"))
+    assert mem["per call_met"] is True and mem["queued_met"] is None
+    quadratic = next(r for r in bench.targets(_table(peak32=8.0)) if r["target"].startswith("memory linear"))
+    assert quadratic["per call_met"] is False and quadratic["per call_value"] == "4.00"
+    # only 2K and 8K, per call only: the 32K targets undecided
+    short = [r for r in _table() if r["T"] < 32768]
+    for r in short:
+        for key in [k for k in r if "queued" in k]:
+            del r[key]
+    judged = {r["target"]: r for r in bench.targets(short)}
+    assert judged["T=32K forward <= 1.0 ms"]["per call_met"] is None
+    assert all(r["queued_met"] is None for r in judged.values())
+    assert next(r for n, r in judged.items() if n.startswith("within 2x"))["per call_met"] is True
+    bench.print_anchors(bench.anchor_rows(_table()), bench.targets(_table()))
+    out = capsys.readouterr().out
+    assert "| T=32K forward <= 1.0 ms | 1.010 ms: NOT met | 0.950 ms: met |" in out
+    assert "| 32768 | flex_swa | fwd | 0.67 | 0.670 (1.00) | 0.603 (0.90) | per call |" in out
+
+
+def test_anchor_rows_name_the_method_nearer_the_anchor():
+    """anchor_rows(): per call at the anchor and queued 10% below it: per call is nearer, ratios 1.0 and 0.9; a peer
+    timed 1% under the anchor queued and 20% over it per call reads nearer queued; skipped rows and ours are left out."""
+    rows = _table()
+    got = bench.anchor_rows(rows)
+    assert len(got) == 3 * 3 * 2 and {r["op"] for r in got} == set(bench.ANCHORS)
+    assert all(r["nearer"] == "per call" and r["per call_vs_anchor"] == 1.0 for r in got)
+    assert all(abs(r["queued_vs_anchor"] - 0.9) < 1e-12 for r in got)
+    flex = next(r for r in rows if r["op"] == "flex_swa" and r["T"] == 32768)
+    flex["fwd_ms"], flex["fwd_queued_ms"] = 0.67 * 1.2, 0.67 * 0.99
+    row = next(r for r in bench.anchor_rows(rows) if r["op"] == "flex_swa" and r["T"] == 32768 and r["part"] == "fwd")
+    assert row["nearer"] == "queued"
