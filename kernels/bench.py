@@ -212,22 +212,17 @@ def launch_samples(fn, reps: int, module=None) -> list[list[float]]:
     return got
 
 
-def first_launch_samples(fn, reps: int, module=None) -> list[float]:
-    """Host microseconds from calling fn() to its first kernel launch, one sample a call (``launch_samples``)."""
-    return [s[0] for s in launch_samples(fn, reps, module)]
-
-
-def first_launch_us(fn, reps: int = 50) -> float:
-    """Median of ``first_launch_samples`` over reps calls after 3 not kept."""
-    return statistics.median(first_launch_samples(fn, reps + 3)[3:])
-
-
 def launch_us(fn, reps: int = 50) -> tuple[float, float | None]:
     """Medians over reps calls (after 3 not kept) of the host microseconds to fn()'s first and second launches (None
     for the second where a call launches once)."""
     got = launch_samples(fn, reps + 3)[3:]
     second = [s[1] for s in got if len(s) > 1]
     return statistics.median(s[0] for s in got), statistics.median(second) if len(second) == len(got) else None
+
+
+def first_launch_us(fn, reps: int = 50) -> float:
+    """The first of ``launch_us``: the median host microseconds to fn()'s first launch."""
+    return launch_us(fn, reps)[0]
 
 
 def peak_gib(fn) -> float:
@@ -1052,6 +1047,7 @@ def print_anchors(anchors: list[dict], judged: list[dict]) -> None:
         cells = [f"{r[f'{m}_value']}: {verdict[r[f'{m}_met']]}" if r[f"{m}_met"] is not None else "-"
                  for m in METHODS]
         print(f"| {r['target']} | " + " | ".join(cells) + " |")
+
 
 def naive_fits(T: int, bwd: bool) -> bool:
     """The naive reference holds ~6 fp32 [B, H, T, T] tensors in the forward (about twice that with backward)."""
